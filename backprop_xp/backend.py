@@ -1,0 +1,158 @@
+"""Choosing the array module ``xp``: NumPy on the CPU or CuPy on a CUDA GPU.
+
+The rest of the library never asks "am I on a GPU?". It is handed one array
+module, ``xp``, chosen here once, and writes ``xp.matmul``, ``xp.exp`` and so on.
+NumPy and CuPy share that API, so the same forward/backward/update code runs on
+both. CuPy is imported lazily, only when asked for, so that importing
+``backprop_xp`` works on a machine without CuPy or without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("backprop_xp")
+
+BACKENDS = ("auto", "numpy", "cupy")
+DTYPES = ("float32", "float64")
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot work on this machine (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An array module and how it was chosen.
+
+    Attributes
+    ----------
+    name : {"numpy", "cupy"}
+        The backend actually in use.
+    xp : module
+        ``numpy`` or ``cupy``.
+    reason : str
+        One line saying why this backend was chosen (shown by ``auto``).
+    """
+
+    name: str
+    xp: ModuleType
+    reason: str
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.name == "cupy"
+
+
+def _import_cupy() -> ModuleType:
+    """Import CuPy and check that it can run a kernel; raise BackendError saying why not."""
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendError(
+            "backend 'cupy' needs CuPy, which is not installed "
+            "(pip install 'backprop-xp[cuda12]' or 'backprop-xp[cuda13]')"
+        ) from exc
+    except Exception as exc:  # a broken install (missing CUDA libraries) fails here
+        raise BackendError(f"backend 'cupy': CuPy is installed but fails to import: {exc}") from exc
+    try:
+        n_devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        raise BackendError(f"backend 'cupy': no usable CUDA device ({_one_line(exc)})") from exc
+    if n_devices < 1:
+        raise BackendError("backend 'cupy': CuPy is installed but there is no CUDA device")
+    try:
+        driver = cupy.cuda.runtime.driverGetVersion()
+        runtime = cupy.cuda.runtime.runtimeGetVersion()
+    except Exception as exc:
+        raise BackendError(f"backend 'cupy': cannot query the CUDA driver ({_one_line(exc)})") from exc
+    if driver < runtime:
+        raise BackendError(
+            f"backend 'cupy': the CUDA driver is too old (driver supports CUDA {_cuda_version(driver)}, "
+            f"CuPy was built for CUDA {_cuda_version(runtime)}); update the driver or install a matching cupy"
+        )
+    try:  # the first real allocation and launch: catches a device that exists but cannot be used
+        (cupy.arange(4, dtype=cupy.float32) * 2).sum().item()
+    except Exception as exc:
+        raise BackendError(f"backend 'cupy': the CUDA device cannot run a kernel ({_one_line(exc)})") from exc
+    return cupy
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def get_backend(name: str = "numpy") -> Backend:
+    """Return the backend called ``name``.
+
+    Parameters
+    ----------
+    name : {"numpy", "cupy", "auto"}
+        ``"auto"`` picks CuPy when it imports and a CUDA device is usable, else
+        NumPy, and logs which it picked and why (``Backend.reason``).
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not one of the three.
+    BackendError
+        ``"cupy"`` was asked for and cannot work; the message says why.
+    """
+    if isinstance(name, Backend):
+        return name
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "numpy":
+        return Backend("numpy", np, "asked for numpy")
+    if name == "cupy":
+        return Backend("cupy", _import_cupy(), "asked for cupy")
+    try:
+        backend = Backend("cupy", _import_cupy(), "auto: CuPy imports and a CUDA device is usable")
+    except BackendError as exc:
+        backend = Backend("numpy", np, f"auto: using numpy because {exc}")
+    log.info("backend: %s (%s)", backend.name, backend.reason)
+    return backend
+
+
+def resolve_dtype(dtype: Any) -> np.dtype:
+    """Return ``float32`` or ``float64`` as a NumPy dtype; anything else is a ValueError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: choose float32 or float64")
+    return dt
+
+
+def array_module(a: Any) -> ModuleType:
+    """The array module an array belongs to (NumPy for anything that is not a CuPy array)."""
+    module = type(a).__module__
+    if module.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """A NumPy copy (or view) of ``a``, whichever backend it lives on."""
+    if array_module(a) is np:
+        return np.asarray(a)
+    return a.get()
+
+
+def synchronize(xp: ModuleType) -> None:
+    """Wait for the device to finish queued work (a no-op on NumPy); used only around timings."""
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()

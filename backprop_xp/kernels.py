@@ -1,0 +1,142 @@
+"""The elementwise building blocks of the network: activations and softmax + cross-entropy.
+
+Every function here is written once against the array module of its arguments
+(NumPy or CuPy), works in place on buffers the caller owns, and is the
+reference the tests check everything else against. The fused CUDA versions of
+the same operations (one kernel launch each) live beside these in
+``kernels_cuda.py`` and are compared with these functions by the GPU tests.
+
+Why in place: the training step reuses the same few buffers every step, so the
+hot loop allocates nothing of size batch x hidden (see ``model.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .backend import array_module
+
+ACTIVATIONS = ("relu", "sigmoid", "tanh")
+
+
+# --------------------------------------------------------------------------- activations
+# a = f(z), computed in place. The derivative f'(z) is written in terms of the
+# output a = f(z), which the backward pass already has, so the forward pass
+# need not keep z1 alive: relu' = [a > 0], sigmoid' = a(1 - a), tanh' = 1 - a².
+
+
+def activation_forward_(z: Any, activation: str) -> Any:
+    """Overwrite ``z`` with ``f(z)`` and return it."""
+    xp = array_module(z)
+    if activation == "relu":
+        return xp.maximum(z, 0, out=z)
+    if activation == "sigmoid":
+        # 1 / (1 + exp(-z)); exp(-z) may overflow to inf for z << 0, which gives
+        # exactly 0, the right limit, so no clipping is needed.
+        with np.errstate(over="ignore"):
+            xp.negative(z, out=z)
+            xp.exp(z, out=z)
+        z += 1
+        return xp.reciprocal(z, out=z)
+    if activation == "tanh":
+        return xp.tanh(z, out=z)
+    raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+
+
+def activation_derivative(a: Any, activation: str, out: Any) -> Any:
+    """``f'(z)`` from the activation's output ``a = f(z)``, written into ``out``."""
+    xp = array_module(a)
+    if activation == "relu":
+        return xp.greater(a, 0, out=out)  # the subgradient at 0 is taken as 0, like PyTorch
+    if activation == "sigmoid":
+        xp.subtract(1, a, out=out)
+        return xp.multiply(out, a, out=out)
+    if activation == "tanh":
+        xp.multiply(a, a, out=out)
+        return xp.subtract(1, out, out=out)
+    raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+
+
+# --------------------------------------------------------------------------- softmax + cross-entropy
+
+
+def check_labels(labels: Any, n_rows: int, n_classes: int) -> None:
+    """Raise ValueError unless ``labels`` is ``n_rows`` integers in ``[0, n_classes)``.
+
+    A label out of range must never wrap around (NumPy's negative indexing would
+    silently pick another class) or read past the end of a row.
+    """
+    if labels.ndim != 1 or labels.shape[0] != n_rows:
+        raise ValueError(f"labels must have shape ({n_rows},), got {tuple(labels.shape)}")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if n_rows == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= n_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"label {bad} is outside [0, {n_classes}) for {n_classes} classes")
+
+
+def softmax_cross_entropy_(logits: Any, labels: Any, out: Any) -> Any:
+    """Mean cross-entropy of ``softmax(logits)`` against ``labels``, and its gradient.
+
+    Writes ``δ2 = (ŷ − y) / B`` into ``out`` (which may be ``logits`` itself) and
+    returns the loss ``mean_b −log ŷ_b[label_b]`` as a 0-d array on the same
+    backend, so that a GPU caller does not wait for the device. Labels are
+    trusted here; ``softmax_cross_entropy`` checks them.
+
+    Stable for any finite logits: subtracting each row's max makes every
+    exponent <= 0, and the log-probability of the label is taken as
+    ``(z_y − max) − log Σ exp(z − max)`` instead of ``log`` of a probability
+    that may have underflowed to 0.
+    """
+    xp = array_module(logits)
+    batch = logits.shape[0]
+    rows = xp.arange(batch)
+    xp.subtract(logits, logits.max(axis=1, keepdims=True), out=out)  # z − max(z) <= 0
+    label_logit = out[rows, labels]  # z_y − max, taken before exp overwrites it
+    xp.exp(out, out=out)
+    row_sum = out.sum(axis=1, keepdims=True)
+    loss = (xp.log(row_sum[:, 0]) - label_logit).mean()  # −log ŷ_y = log Σ exp − (z_y − max)
+    out /= row_sum  # ŷ = softmax(z)
+    out[rows, labels] -= 1  # ŷ − y, y one-hot
+    out *= 1.0 / batch  # mean over the batch
+    return loss
+
+
+def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[float, Any]:
+    """Mean softmax cross-entropy and its gradient with respect to the logits.
+
+    Parameters
+    ----------
+    logits : array of shape (B, K), float32 or float64, NumPy or CuPy
+        Unnormalised scores ``z2``.
+    labels : integer array of shape (B,)
+        Classes in ``[0, K)``; converted to the backend of ``logits``.
+
+    Returns
+    -------
+    loss : float
+        ``mean_b −log softmax(z_b)[label_b]``.
+    dlogits : array like ``logits``
+        ``(softmax(z) − onehot(labels)) / B``; ``logits`` is left unchanged.
+
+    Raises
+    ------
+    ValueError
+        Logits that are not a 2-D float array, or labels of the wrong shape,
+        type or range.
+    """
+    xp = array_module(logits)
+    if logits.ndim != 2 or logits.dtype.kind != "f":
+        raise ValueError(f"logits must be a 2-D float array, got shape {tuple(logits.shape)} dtype {logits.dtype}")
+    labels = xp.asarray(labels)
+    check_labels(labels, logits.shape[0], logits.shape[1])
+    if logits.shape[0] == 0:
+        raise ValueError("softmax_cross_entropy needs at least one row")
+    dlogits = xp.empty_like(logits)
+    loss = softmax_cross_entropy_(logits, labels, out=dlogits)
+    return float(loss), dlogits

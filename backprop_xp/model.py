@@ -1,0 +1,330 @@
+"""The network: one hidden layer, forward and backward passes derived by hand.
+
+For a batch ``x`` of shape ``(B, n_inputs)`` (one example per row)::
+
+    z1 = x W1ᵀ + b1          a1 = f(z1)
+    z2 = a1 W2ᵀ + b2         ŷ  = softmax(z2)
+    L  = mean_b −Σ_k y_k log ŷ_k                      (y one-hot of the labels)
+
+and, by the chain rule::
+
+    δ2 = (ŷ − y) / B         ∂L/∂W2 = δ2ᵀ a1     ∂L/∂b2 = Σ_b δ2
+    δ1 = δ2 W2 ⊙ f'(z1)      ∂L/∂W1 = δ1ᵀ x      ∂L/∂b1 = Σ_b δ1
+
+``MLP.backprop`` is exactly these lines, written against the array module
+``xp`` (NumPy or CuPy) into buffers allocated once per batch size, so the
+training loop allocates nothing large per step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from .backend import get_backend, resolve_dtype, to_numpy
+from .files import atomic_savez
+from .kernels import ACTIVATIONS, activation_derivative, activation_forward_, check_labels, softmax_cross_entropy_
+
+PARAM_NAMES = ("W1", "b1", "W2", "b2")
+# Rows of a batch pushed through the network at once by predict/evaluate: big
+# enough to keep BLAS busy, small enough to bound memory (4096 x 800 x 4 B = 13 MB).
+EVAL_CHUNK = 4096
+
+
+class _Workspace:
+    """Activations and deltas for one batch size, reused every step."""
+
+    def __init__(self, xp: Any, batch: int, n_hidden: int, n_outputs: int, dtype: np.dtype) -> None:
+        self.a1 = xp.empty((batch, n_hidden), dtype)  # holds z1, then a1 = f(z1) in place
+        self.z2 = xp.empty((batch, n_outputs), dtype)
+        self.delta2 = xp.empty((batch, n_outputs), dtype)
+        self.delta1 = xp.empty((batch, n_hidden), dtype)
+        self.fprime = xp.empty((batch, n_hidden), dtype)  # f'(z1)
+
+
+class MLP:
+    """A fully connected network with one hidden layer and a softmax output.
+
+    Parameters
+    ----------
+    n_inputs, n_hidden, n_outputs : int
+        Layer sizes (784, for example, 128, 10 for MNIST).
+    activation : {"relu", "sigmoid", "tanh"}, default "relu"
+        The hidden layer's ``f``.
+    backend : {"numpy", "cupy", "auto"}, default "numpy"
+        Where the arrays live; see ``backprop_xp.get_backend``.
+    dtype : {"float32", "float64"}, default "float32"
+        Every parameter, activation and gradient has this dtype.
+    seed : int, default 0
+        Seeds the initialisation. The same seed gives the same parameters on
+        every backend (they are drawn with NumPy, then copied).
+
+    Attributes
+    ----------
+    params : dict of str to array
+        ``"W1"`` ``(n_hidden, n_inputs)``, ``"b1"`` ``(n_hidden,)``, ``"W2"``
+        ``(n_outputs, n_hidden)``, ``"b2"`` ``(n_outputs,)``: views into
+        ``flat_params``, so in-place edits (``m.params["W1"][...] = w``) change
+        the model.
+    grads : dict of str to array
+        The same keys and shapes, views into ``flat_grads``; filled by ``backprop``.
+    xp : module
+        ``numpy`` or ``cupy``.
+
+    Notes
+    -----
+    Initialisation: He (normal, variance 2/fan_in) for ReLU, Glorot (uniform,
+    variance 2/(fan_in+fan_out)) for sigmoid and tanh; biases zero.
+    """
+
+    def __init__(
+        self,
+        n_inputs: int,
+        n_hidden: int,
+        n_outputs: int,
+        *,
+        activation: str = "relu",
+        backend: str = "numpy",
+        dtype: str = "float32",
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("n_inputs", n_inputs), ("n_hidden", n_hidden), ("n_outputs", n_outputs)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if n_outputs < 2:
+            raise ValueError(f"n_outputs must be at least 2 for a softmax, got {n_outputs}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        self.backend = get_backend(backend)
+        self.xp = self.backend.xp
+        self.dtype = resolve_dtype(dtype)
+        self.n_inputs, self.n_hidden, self.n_outputs = int(n_inputs), int(n_hidden), int(n_outputs)
+        self.activation = activation
+        self.seed = int(seed)
+
+        shapes = {
+            "W1": (self.n_hidden, self.n_inputs),
+            "b1": (self.n_hidden,),
+            "W2": (self.n_outputs, self.n_hidden),
+            "b2": (self.n_outputs,),
+        }
+        # One flat buffer for all parameters (and one for all gradients): the
+        # optimizer updates everything with a few whole-buffer operations.
+        self.flat_params, self.params = _flat_buffer(self.xp, shapes, self.dtype)
+        self.flat_grads, self.grads = _flat_buffer(self.xp, shapes, self.dtype)
+        self.flat_params[...] = 0
+        self.flat_grads[...] = 0
+        for name, value in _initial_params(shapes, activation, self.seed).items():
+            self.params[name][...] = self.xp.asarray(value.astype(self.dtype))
+        self._workspaces: dict[int, _Workspace] = {}
+
+    # ------------------------------------------------------------------ config
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments (backend as the one actually in use)."""
+        return {
+            "n_inputs": self.n_inputs,
+            "n_hidden": self.n_hidden,
+            "n_outputs": self.n_outputs,
+            "activation": self.activation,
+            "backend": self.backend.name,
+            "dtype": self.dtype.name,
+            "seed": self.seed,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"MLP({self.n_inputs}, {self.n_hidden}, {self.n_outputs}, activation={self.activation!r}, "
+            f"backend={self.backend.name!r}, dtype={self.dtype.name!r})"
+        )
+
+    # ------------------------------------------------------------------ the math
+    def _workspace(self, batch: int) -> _Workspace:
+        ws = self._workspaces.get(batch)
+        if ws is None:
+            if len(self._workspaces) >= 4:  # a training run uses two sizes (full and last batch)
+                self._workspaces.clear()
+            ws = _Workspace(self.xp, batch, self.n_hidden, self.n_outputs, self.dtype)
+            self._workspaces[batch] = ws
+        return ws
+
+    def _forward_into(self, x: Any, ws: _Workspace) -> None:
+        """z1 = x W1ᵀ + b1, a1 = f(z1), z2 = a1 W2ᵀ + b2, into the workspace."""
+        xp, p = self.xp, self.params
+        xp.matmul(x, p["W1"].T, out=ws.a1)
+        ws.a1 += p["b1"]
+        activation_forward_(ws.a1, self.activation)
+        xp.matmul(ws.a1, p["W2"].T, out=ws.z2)
+        ws.z2 += p["b2"]
+
+    def backprop(self, x: Any, labels: Any) -> tuple[Any, Any]:
+        """One forward and backward pass; fills ``grads`` in place.
+
+        The training loop's hot path: ``x`` must already be a C-contiguous
+        array of this model's backend and dtype, and ``labels`` integers of the
+        same backend already checked to be in range (``loss_and_grads`` is the
+        checked, convenient form).
+
+        Returns
+        -------
+        loss : 0-d array
+            Mean cross-entropy over the batch, left on the device.
+        n_correct : 0-d array
+            How many rows the forward pass classified correctly.
+        """
+        xp, p, g = self.xp, self.params, self.grads
+        ws = self._workspace(x.shape[0])
+        self._forward_into(x, ws)
+        n_correct = xp.count_nonzero(ws.z2.argmax(axis=1) == labels)
+        loss = softmax_cross_entropy_(ws.z2, labels, out=ws.delta2)  # δ2 = (ŷ − y) / B
+        xp.matmul(ws.delta2.T, ws.a1, out=g["W2"])  # ∂L/∂W2 = δ2ᵀ a1
+        ws.delta2.sum(axis=0, out=g["b2"])  # ∂L/∂b2 = Σ_b δ2
+        xp.matmul(ws.delta2, p["W2"], out=ws.delta1)
+        ws.delta1 *= activation_derivative(ws.a1, self.activation, out=ws.fprime)  # δ1 = δ2 W2 ⊙ f'(z1)
+        xp.matmul(ws.delta1.T, x, out=g["W1"])  # ∂L/∂W1 = δ1ᵀ x
+        ws.delta1.sum(axis=0, out=g["b1"])  # ∂L/∂b1 = Σ_b δ1
+        return loss, n_correct
+
+    # ------------------------------------------------------------------ public API
+    def as_input(self, x: Any) -> Any:
+        """``x`` as a C-contiguous ``(B, n_inputs)`` array of this model's backend and dtype."""
+        xp = self.xp
+        if xp is np:
+            x = to_numpy(x)
+        x = xp.ascontiguousarray(xp.asarray(x, dtype=self.dtype))
+        if x.ndim != 2 or x.shape[1] != self.n_inputs:
+            raise ValueError(f"x must have shape (batch, {self.n_inputs}), got {tuple(x.shape)}")
+        return x
+
+    def as_labels(self, labels: Any, n_rows: int) -> Any:
+        """``labels`` as integers of this model's backend, checked to be in ``[0, n_outputs)``."""
+        xp = self.xp
+        if xp is np:
+            labels = to_numpy(labels)
+        labels = xp.asarray(labels)
+        check_labels(labels, n_rows, self.n_outputs)
+        return labels.astype(xp.int64, copy=False)
+
+    def loss_and_grads(self, x: Any, labels: Any) -> tuple[float, dict[str, Any]]:
+        """Mean cross-entropy on a batch and its gradient for every parameter.
+
+        Parameters
+        ----------
+        x : array of shape (B, n_inputs)
+            NumPy or this model's backend; converted to the model's dtype.
+        labels : integer array of shape (B,)
+            Classes in ``[0, n_outputs)``.
+
+        Returns
+        -------
+        loss : float
+        grads : dict
+            ``"W1"``, ``"b1"``, ``"W2"``, ``"b2"``: fresh arrays with the
+            parameters' shapes and dtype (copies; ``self.grads`` holds the same).
+        """
+        x = self.as_input(x)
+        if x.shape[0] == 0:
+            raise ValueError("loss_and_grads needs at least one example")
+        labels = self.as_labels(labels, x.shape[0])
+        loss, _ = self.backprop(x, labels)
+        return float(loss), {name: grad.copy() for name, grad in self.grads.items()}
+
+    def logits(self, x: Any) -> Any:
+        """``z2`` for every row of ``x``, computed in chunks of ``EVAL_CHUNK`` rows."""
+        x = self.as_input(x)
+        out = self.xp.empty((x.shape[0], self.n_outputs), self.dtype)
+        for start in range(0, x.shape[0], EVAL_CHUNK):
+            chunk = x[start : start + EVAL_CHUNK]
+            ws = self._workspace(chunk.shape[0])
+            self._forward_into(chunk, ws)
+            out[start : start + chunk.shape[0]] = ws.z2
+        return out
+
+    def predict_proba(self, x: Any) -> Any:
+        """Class probabilities ``ŷ = softmax(z2)``, shape ``(B, n_outputs)``, rows summing to 1."""
+        xp = self.xp
+        z = self.logits(x)
+        z -= z.max(axis=1, keepdims=True)
+        xp.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return z
+
+    def predict(self, x: Any) -> Any:
+        """The most probable class of each row, as integers of the model's backend."""
+        return self.logits(x).argmax(axis=1)
+
+    # ------------------------------------------------------------------ saving
+    def save(self, path: str | os.PathLike, **extra: Any) -> None:
+        """Write parameters and config to an ``.npz`` file, atomically.
+
+        ``extra`` arrays or scalars (a training state, say) are stored beside
+        them. Everything is plain arrays, so ``numpy.load(path,
+        allow_pickle=False)`` reads it.
+        """
+        arrays = {name: to_numpy(value) for name, value in self.params.items()}
+        arrays.update({f"config.{key}": np.asarray(value) for key, value in self.config.items()})
+        arrays.update({key: np.asarray(value) for key, value in extra.items()})
+        atomic_savez(path, arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, backend: str | None = None) -> "MLP":
+        """Read a model written by ``save``; ``backend`` overrides the saved one."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                config = {key[len("config.") :]: f[key].item() for key in f.files if key.startswith("config.")}
+                params = {name: f[name] for name in PARAM_NAMES if name in f.files}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: not a model file written by backprop-xp ({exc})") from exc
+        missing = [key for key in ("n_inputs", "n_hidden", "n_outputs", "activation", "dtype") if key not in config]
+        missing += [name for name in PARAM_NAMES if name not in params]
+        if missing:
+            raise ValueError(f"{path}: not a backprop-xp model file (missing {', '.join(missing)})")
+        model = cls(
+            int(config["n_inputs"]),
+            int(config["n_hidden"]),
+            int(config["n_outputs"]),
+            activation=str(config["activation"]),
+            backend=backend or str(config.get("backend", "numpy")),
+            dtype=str(config["dtype"]),
+            seed=int(config.get("seed", 0)),
+        )
+        for name, value in params.items():
+            if value.shape != model.params[name].shape:
+                raise ValueError(f"{path}: {name} has shape {value.shape}, expected {model.params[name].shape}")
+            model.params[name][...] = model.xp.asarray(value)
+        return model
+
+
+def _flat_buffer(xp: Any, shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> tuple[Any, dict[str, Any]]:
+    """One array holding every named shape, and C-contiguous views into it.
+
+    Each view starts on a 64-byte boundary so BLAS sees aligned matrices.
+    """
+    align = max(1, 64 // dtype.itemsize)
+    offsets, total = {}, 0
+    for name, shape in shapes.items():
+        offsets[name] = total
+        total += -(-math.prod(shape) // align) * align
+    flat = xp.empty(total, dtype)
+    views = {name: flat[offsets[name] : offsets[name] + math.prod(shape)].reshape(shape) for name, shape in shapes.items()}
+    return flat, views
+
+
+def _initial_params(shapes: dict[str, tuple[int, ...]], activation: str, seed: int) -> dict[str, np.ndarray]:
+    """He (ReLU) or Glorot (sigmoid, tanh) weights and zero biases, drawn in float64 with NumPy."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in shapes.items():
+        if name.startswith("b"):
+            params[name] = np.zeros(shape)
+            continue
+        fan_out, fan_in = shape
+        if activation == "relu":
+            params[name] = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
+        else:
+            limit = math.sqrt(6.0 / (fan_in + fan_out))
+            params[name] = rng.uniform(-limit, limit, size=shape)
+    return params
