@@ -127,7 +127,7 @@ def get_backend(name: str = "numpy") -> Backend:
 def resolve_dtype(dtype: Any) -> np.dtype:
     """Return ``float32`` or ``float64`` as a NumPy dtype; anything else is a ValueError."""
     try:
-        dt = np.dtype(dtype)
+        dt = None if dtype is None else np.dtype(dtype)  # np.dtype(None) would mean float64
     except TypeError:
         dt = None
     if dt is None or dt.name not in DTYPES:

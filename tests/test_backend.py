@@ -1,0 +1,82 @@
+"""Choosing NumPy or CuPy: auto, clear errors where CuPy cannot work, no eager CuPy import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import backprop_xp as bx
+from backprop_xp.backend import BackendError, get_backend, resolve_dtype
+
+
+def fake_cupy(device_count=1, driver=12040, runtime=12020, count_error=None):
+    """A stand-in module with the few CuPy runtime calls the backend makes."""
+
+    def get_device_count():
+        if count_error is not None:
+            raise count_error
+        return device_count
+
+    runtime_api = types.SimpleNamespace(
+        getDeviceCount=get_device_count, driverGetVersion=lambda: driver, runtimeGetVersion=lambda: runtime
+    )
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime_api), arange=np.arange, float32=np.float32)
+
+
+def test_numpy_backend():
+    backend = get_backend("numpy")
+    assert backend.xp is np and backend.name == "numpy" and not backend.is_gpu
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'gpu': choose one of auto, numpy, cupy"):
+        get_backend("gpu")
+
+
+@pytest.mark.parametrize("module, message", [
+    (None, "CuPy, which is not installed"),
+    (fake_cupy(device_count=0), "no CUDA device"),
+    (fake_cupy(count_error=RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")), "no usable CUDA device"),
+    (fake_cupy(driver=11080, runtime=12020), r"driver is too old \(driver supports CUDA 11.8, CuPy was built for CUDA 12.2\)"),
+])
+def test_cupy_that_cannot_work_says_why(monkeypatch, module, message):
+    monkeypatch.setitem(sys.modules, "cupy", module)  # None makes `import cupy` raise ImportError
+    with pytest.raises(BackendError, match=message):
+        get_backend("cupy")
+    auto = get_backend("auto")
+    assert auto.name == "numpy" and auto.xp is np
+    assert "auto: using numpy because" in auto.reason
+    assert message.split(" (")[0].replace("\\", "") in auto.reason
+
+
+def test_auto_picks_a_working_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    backend = get_backend("auto")
+    assert backend.name == "cupy" and backend.is_gpu
+
+
+def test_mlp_reports_the_backend_it_uses(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    m = bx.MLP(4, 3, 2, backend="auto")
+    assert m.backend.name == "numpy" and m.config["backend"] == "numpy"
+
+
+def test_import_does_not_import_cupy():
+    code = "import sys, backprop_xp; m = backprop_xp.MLP(4, 3, 2); print('cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", np.float32, np.dtype("float64")])
+def test_supported_dtypes(dtype):
+    assert resolve_dtype(dtype).name in ("float32", "float64")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int32", "bogus", None])
+def test_unsupported_dtypes(dtype):
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        resolve_dtype(dtype)
