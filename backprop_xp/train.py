@@ -1,0 +1,581 @@
+"""Training: the epoch loop, learning-rate schedules, evaluation, checkpoints, resume, divergence.
+
+One training step is ``model.backprop`` then ``optimizer.step()`` (``make_step``);
+one epoch is that step over every minibatch (``run_epoch``); a run is epochs
+with a learning-rate schedule, an evaluation after each, a checkpoint after
+each, and the files a person looks at afterwards (``train``).
+
+Two rules shape the loop:
+
+* No host synchronisation per step. The loss and the number of correct
+  predictions of every step stay on the device in two small arrays (one slot
+  per step) and are read back once per epoch. On a GPU the Python loop can
+  run ahead of the device; on the CPU it costs two scalar stores per step.
+* Bit-exact resume on NumPy. A checkpoint holds the parameters, the momentum
+  buffer, the epoch reached, the config and the metrics so far; the shuffling
+  order depends only on (seed, epoch) and the learning rate only on
+  (epoch, epochs, lr). So "k epochs, stop, resume to N" ends with exactly the
+  parameters of "N epochs straight".
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .backend import BACKENDS, DTYPES, array_module, synchronize, to_numpy
+from .files import atomic_write
+from .kernels import ACTIVATIONS
+
+CHECKPOINT = "checkpoint.npz"
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+MODEL = "model.npz"
+PICTURES = ("curves.png", "confusion.png", "misclassified.png", "weights.png")
+DIVERGED_EXIT_CODE = 3
+
+
+# --------------------------------------------------------------------------- schedules
+# Plain functions of (epoch, total epochs, base lr); epoch counts from 0. The
+# rate is set once per epoch, so it depends on nothing a resume could lose.
+
+
+def constant_lr(epoch: int, epochs: int, lr: float) -> float:
+    """The same rate every epoch.
+
+    >>> constant_lr(7, 10, 0.1)
+    0.1
+    """
+    return lr
+
+
+def step_lr(epoch: int, epochs: int, lr: float) -> float:
+    """Divide the rate by 10 after half the epochs and again after three quarters.
+
+    >>> [round(step_lr(e, 4, 0.1), 6) for e in range(4)]
+    [0.1, 0.1, 0.01, 0.001]
+    """
+    return lr * 0.1 ** ((epoch >= epochs / 2) + (epoch >= epochs * 3 / 4))
+
+
+def cosine_lr(epoch: int, epochs: int, lr: float) -> float:
+    """Half a cosine from ``lr`` at the first epoch towards 0 after the last.
+
+    >>> [round(cosine_lr(e, 4, 1.0), 4) for e in range(4)]
+    [1.0, 0.8536, 0.5, 0.1464]
+    """
+    return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+SCHEDULES: dict[str, Callable[[int, int, float], float]] = {
+    "constant": constant_lr,
+    "step": step_lr,
+    "cosine": cosine_lr,
+}
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the ``train`` command's flags).
+
+    The defaults are the measured default recipe: 784-512-10 with ReLU, SGD
+    with momentum 0.9, batch 128, learning rate 0.1 decayed by a
+    cosine over 10 epochs. See the README's "Results" for its accuracy and time.
+    """
+
+    hidden: int = 512
+    activation: str = "relu"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    val_size: int = 0
+    train_size: int = 0  # 0 = every training image; otherwise the first N (quick experiments, tests)
+    seed: int = 0
+    dtype: str = "float32"
+    backend: str = "auto"
+    data_dir: str | None = None
+
+    # settings that change the arithmetic; a resume must not change them
+    MATH_FIELDS = (
+        "hidden", "activation", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+        "lr_schedule", "val_size", "train_size", "seed", "dtype",
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that cannot work."""
+
+        def positive_int(name: str, minimum: int = 1) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise ValueError(f"{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+
+        positive_int("hidden")
+        positive_int("epochs")
+        positive_int("batch_size")
+        positive_int("val_size", 0)
+        positive_int("train_size", 0)
+        positive_int("seed", 0)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
+        for name, allowed in (
+            ("activation", ACTIVATIONS),
+            ("lr_schedule", tuple(SCHEDULES)),
+            ("dtype", DTYPES),
+            ("backend", BACKENDS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config from a dict, ignoring keys that are not settings (backend_used, versions...)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# --------------------------------------------------------------------------- one step, one epoch
+
+
+def make_step(model: Any, optimizer: Any, *, graphs: bool = True) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """The training step ``step(xb, yb) -> (loss, n_correct)`` for this model's backend.
+
+    Both results are 0-d arrays left on the device (no synchronisation). On
+    NumPy the step is ``model.backprop`` then ``optimizer.step()``; on CuPy it
+    is the fused, optionally CUDA-graph-captured step of ``gpu_step.py``. This
+    is the one place the training loop looks at the backend.
+    """
+    if model.xp is np:
+        backprop, update = model.backprop, optimizer.step
+
+        def step(xb: Any, yb: Any) -> tuple[Any, Any]:
+            loss, n_correct = backprop(xb, yb)
+            update()
+            return loss, n_correct
+
+        return step
+    from .gpu_step import make_gpu_step  # imported only on CuPy: the CPU path never needs it
+
+    return make_gpu_step(model, optimizer, graphs=graphs)
+
+
+class EpochSums(NamedTuple):
+    """What one pass over the minibatches adds up to (host numbers)."""
+
+    loss_sum: float  # Σ over steps of (mean batch loss × batch size); NaN if any step diverged
+    n_correct: int
+    n_samples: int
+    first_bad_step: int | None  # index of the first step whose loss was NaN or infinite
+
+
+def run_epoch(
+    step: Callable[[Any, Any], tuple[Any, Any]],
+    batches: Any,
+    epoch: int,
+    *,
+    progress: Callable[[int, float], None] | None = None,
+    progress_every: int = 20,
+) -> EpochSums:
+    """Run ``step`` over every minibatch of ``batches.epoch(epoch)``; read the sums once, at the end.
+
+    Each step's loss and correct count are stored into a slot of two small
+    device arrays (no host synchronisation); they are copied to the host
+    after the last step, which is also what makes the epoch's wall time
+    honest on a GPU. ``progress(n_samples, running_loss)`` is called every
+    ``progress_every`` steps (that call does read one loss from the device).
+    """
+    n_steps = len(batches)
+    sizes = np.zeros(n_steps, np.int64)
+    losses = corrects = None
+    done, since = 0, 0
+    for i, (xb, yb) in enumerate(batches.epoch(epoch)):
+        loss, n_correct = step(xb, yb)
+        if losses is None:  # allocated on the step's backend, once per epoch
+            xp = array_module(xb)
+            losses = xp.zeros(n_steps, xp.float64)
+            corrects = xp.zeros(n_steps, xp.int64)
+        losses[i] = loss
+        corrects[i] = n_correct
+        sizes[i] = xb.shape[0]
+        done = i + 1
+        if progress is not None and done % progress_every == 0:
+            progress(int(sizes[since:done].sum()), float(losses[i]))
+            since = done
+    if losses is None:
+        return EpochSums(0.0, 0, 0, None)
+    loss_host = to_numpy(losses[:done])  # the epoch's one device-to-host copy
+    n_correct = int(to_numpy(corrects[:done]).sum())
+    if progress is not None and since < done:
+        progress(int(sizes[since:done].sum()), float(loss_host[-1]))
+    bad = np.flatnonzero(~np.isfinite(loss_host))
+    loss_sum = float(loss_host @ sizes[:done].astype(np.float64))
+    return EpochSums(loss_sum, n_correct, int(sizes[:done].sum()), int(bad[0]) if bad.size else None)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model: Any, x: Any, labels: Any) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, labels)``, in large batches.
+
+    ``x`` and ``labels`` may already live on the model's backend (the training
+    loop copies the test set there once); the logits come from ``model.logits``.
+    """
+    xp = model.xp
+    z = model.logits(x)
+    labels = xp.asarray(labels)
+    n = z.shape[0]
+    if n == 0:
+        raise ValueError("evaluate needs at least one example")
+    z -= z.max(axis=1, keepdims=True)
+    label_logit = z[xp.arange(n), labels]
+    log_sum = xp.log(xp.exp(z).sum(axis=1))
+    loss = float((log_sum - label_logit).sum(dtype=xp.float64)) / n
+    accuracy = int(xp.count_nonzero(z.argmax(axis=1) == labels)) / n
+    return loss, accuracy
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int = 10) -> np.ndarray:
+    """Counts ``C[true, predicted]``.
+
+    >>> confusion_matrix(np.array([0, 1, 1]), np.array([0, 1, 0]), 2)
+    array([[1, 0],
+           [1, 1]])
+    """
+    labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
+    return np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and step."""
+
+    def __init__(self, epoch: int, step: int, lr: float, out_dir: str) -> None:
+        self.epoch, self.step, self.lr, self.out_dir = epoch, step, lr, out_dir
+        super().__init__(
+            f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {step} "
+            f"(learning rate {lr:g}); try a smaller --lr (e.g. {lr / 10:g}). "
+            f"The last good checkpoint is kept in {os.path.join(out_dir, CHECKPOINT)}"
+        )
+
+
+def environment(backend: Any) -> dict[str, Any]:
+    """Versions and machine: what a reader needs to compare two runs' timings."""
+    from . import __version__
+
+    info = {
+        "backprop_xp": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    if backend.is_gpu:
+        xp = backend.xp
+        info["cupy"] = xp.__version__
+        try:
+            props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+            info["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        except Exception:  # a name is nice to have, never worth failing a run for
+            pass
+    return info
+
+
+def default_out_dir(config: TrainConfig, root: str = "runs") -> str:
+    """A new folder name under ``runs/``: date, time and the network size."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(root, f"{stamp}-h{config.hidden}")
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def read_checkpoint(out_dir: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config and metrics saved in ``out_dir/checkpoint.npz``; ValueError naming the file if unreadable."""
+    path = os.path.join(out_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from (is {out_dir} the --out folder of a run?)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            config = json.loads(str(f["train.config"]))
+            metrics = json.loads(str(f["train.metrics"]))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a backprop-xp checkpoint ({exc})") from exc
+    return TrainConfig.from_dict(config), metrics
+
+
+def _write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
+    with atomic_write(out_dir / METRICS_JSON) as f:
+        json.dump(metrics, f, indent=2)
+        f.write("\n")
+    rows = metrics["epochs"]
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns or ["epoch"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(out_dir / METRICS_CSV) as f:
+        f.write(text.getvalue())
+
+
+def _save_checkpoint(out_dir: Path, model: Any, optimizer: Any, epochs_done: int, config: dict, metrics: dict) -> None:
+    velocity = optimizer.velocity
+    model.save(
+        out_dir / CHECKPOINT,
+        **{
+            "train.epochs_done": np.int64(epochs_done),
+            "train.velocity": to_numpy(velocity) if velocity is not None else np.zeros(0, model.dtype),
+            "train.config": json.dumps(config),
+            "train.metrics": json.dumps(metrics),
+        },
+    )
+
+
+def _progress_bar(enabled: bool, total: int, epoch: int, epochs: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="img", unit_scale=True, leave=False, dynamic_ncols=True)
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    echo: Callable[[str], None] | None = print,
+    progress: bool | None = None,
+    pictures: bool = True,
+) -> dict[str, Any]:
+    """Train a network as ``config`` says, writing everything into ``out_dir``; return the metrics.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Every setting. With ``resume=True`` it must agree with the checkpoint's
+        settings (``MATH_FIELDS``), else ValueError.
+    out_dir : path
+        Receives ``metrics.json``, ``metrics.csv``, ``checkpoint.npz`` (every
+        epoch), ``model.npz`` and the pictures (at the end).
+    resume : bool
+        Continue from ``out_dir/checkpoint.npz``.
+    echo : callable or None
+        Where the per-epoch lines go (None: nowhere).
+    progress : bool or None
+        Show a progress bar; None means "when stderr is a terminal".
+    pictures : bool
+        Draw the four PNG files at the end.
+
+    Raises
+    ------
+    Diverged
+        The loss became NaN or infinite (metrics.json then says so, and the
+        last good checkpoint is kept).
+    """
+    from .backend import get_backend
+    from .data import Minibatches, load_mnist, train_val_split
+    from .model import MLP
+    from .optim import SGD
+
+    config.validate()
+    out = Path(out_dir)
+    say = echo or (lambda line: None)
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    if resume:
+        saved, metrics = read_checkpoint(out)
+        conflicts = [
+            f"{name.replace('_', '-')} {getattr(config, name)!r} (the run has {getattr(saved, name)!r})"
+            for name in TrainConfig.MATH_FIELDS
+            if getattr(config, name) != getattr(saved, name)
+        ]
+        if conflicts:
+            raise ValueError(f"cannot resume {out}: different settings: {'; '.join(conflicts)}")
+    elif (out / CHECKPOINT).exists():
+        raise ValueError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
+
+    backend = get_backend(config.backend)
+    xp = backend.xp
+    x_train, y_train, x_test, y_test = load_mnist(config.data_dir)
+    if config.train_size:
+        if config.train_size > len(x_train):
+            raise ValueError(f"train-size {config.train_size} is more than the {len(x_train)} training images")
+        x_train, y_train = x_train[: config.train_size], y_train[: config.train_size]
+    x_val = y_val = None
+    if config.val_size:
+        if config.val_size >= len(x_train):
+            raise ValueError(f"val-size {config.val_size} leaves no training images (there are {len(x_train)})")
+        x_train, y_train, x_val, y_val = train_val_split(x_train, y_train, config.val_size, seed=config.seed)
+
+    if resume:
+        model = MLP.load(out / CHECKPOINT, backend=backend.name)
+    else:
+        model = MLP(784, config.hidden, 10, activation=config.activation, backend=backend.name, dtype=config.dtype, seed=config.seed)
+    optimizer = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if resume:
+        epochs_done = _restore_state(out / CHECKPOINT, model, optimizer)
+    else:
+        epochs_done = 0
+        out.mkdir(parents=True, exist_ok=True)
+        run_config = config.to_dict()
+        run_config.update(
+            backend_used=backend.name,
+            backend_reason=backend.reason,
+            n_train=int(len(x_train)),
+            n_val=int(len(x_val)) if x_val is not None else 0,
+            n_test=int(len(x_test)),
+            environment=environment(backend),
+        )
+        metrics = {"config": run_config, "status": "running", "epochs": []}
+    metrics["config"]["backend_used"] = backend.name  # a resume may move a run to another backend
+    metrics["status"] = "running"
+    metrics["epochs"] = metrics["epochs"][:epochs_done]
+
+    batches = Minibatches(x_train, y_train, config.batch_size, xp=xp, seed=config.seed)
+    test_x, test_y = model.as_input(x_test), xp.asarray(y_test)  # on the device once, not every epoch
+    val = (model.as_input(x_val), xp.asarray(y_val)) if x_val is not None else None
+    step = make_step(model, optimizer)
+    schedule = SCHEDULES[config.lr_schedule]
+    if epochs_done == 0:
+        say(
+            f"training 784-{config.hidden}-10 ({config.activation}) on {len(x_train)} images with {backend.name} "
+            f"({backend.reason}); {config.epochs} epochs, batch {config.batch_size}, lr {config.lr:g} "
+            f"({config.lr_schedule}), momentum {config.momentum:g}; writing to {out}"
+        )
+    else:
+        say(f"resuming {out} after epoch {epochs_done} of {config.epochs}")
+
+    for epoch in range(epochs_done, config.epochs):
+        optimizer.lr = schedule(epoch, config.epochs, config.lr)
+        bar = _progress_bar(progress, len(x_train), epoch + 1, config.epochs)
+        report = None
+        if bar is not None:
+
+            def report(n: int, loss: float, bar: Any = bar) -> None:
+                bar.update(n)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+        synchronize(xp)
+        start = time.perf_counter()
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught below, by name
+            sums = run_epoch(step, batches, epoch, progress=report)
+        seconds = time.perf_counter() - start  # run_epoch ends by reading the device: synchronised
+        if bar is not None:
+            bar.close()
+        if sums.first_bad_step is not None:
+            metrics["status"] = "diverged"
+            metrics["diverged"] = {"epoch": epoch + 1, "step": sums.first_bad_step + 1, "lr": optimizer.lr}
+            _write_metrics(out, metrics)
+            raise Diverged(epoch + 1, sums.first_bad_step + 1, optimizer.lr, str(out))
+
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": optimizer.lr,
+            "train_loss": sums.loss_sum / sums.n_samples,
+            "train_accuracy": sums.n_correct / sums.n_samples,
+        }
+        if val is not None:
+            row["val_loss"], row["val_accuracy"] = evaluate(model, *val)
+        row["test_loss"], row["test_accuracy"] = evaluate(model, test_x, test_y)
+        row["seconds"] = seconds
+        row["samples_per_second"] = sums.n_samples / seconds if seconds > 0 else float("inf")
+        metrics["epochs"].append(row)
+        _save_checkpoint(out, model, optimizer, epoch + 1, metrics["config"], metrics)
+        _write_metrics(out, metrics)
+        shown = "val" if val is not None else "test"
+        say(
+            f"epoch {epoch + 1:3d}/{config.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+            f"{shown} loss {row[shown + '_loss']:.4f} acc {row[shown + '_accuracy']:.4f}  {seconds:.1f} s"
+        )
+
+    metrics["status"] = "finished"
+    final = metrics["epochs"][-1] if metrics["epochs"] else {}
+    metrics["final"] = {
+        "test_loss": final.get("test_loss"),
+        "test_accuracy": final.get("test_accuracy"),
+        "train_seconds": sum(r["seconds"] for r in metrics["epochs"]),
+    }
+    model.save(out / MODEL, **{"train.config": json.dumps(metrics["config"])})
+    if pictures:
+        draw_run_pictures(out, model, metrics, x_test, y_test)
+    _write_metrics(out, metrics)
+    if val is not None:
+        say(f"test accuracy {final['test_accuracy']:.4f}")
+    say(f"wrote {out / MODEL} and the pictures in {out}")
+    return metrics
+
+
+def _restore_state(path: Path, model: Any, optimizer: Any) -> int:
+    """Put the checkpoint's momentum buffer into ``optimizer``; return the epochs already done."""
+    with np.load(path, allow_pickle=False) as f:
+        epochs_done = int(f["train.epochs_done"])
+        velocity = f["train.velocity"]
+    if optimizer.velocity is not None:
+        if velocity.shape != optimizer.velocity.shape:
+            raise ValueError(f"{path}: momentum buffer has shape {velocity.shape}, expected {optimizer.velocity.shape}")
+        optimizer.velocity[...] = model.xp.asarray(velocity)
+    return epochs_done
+
+
+def draw_run_pictures(out: Path, model: Any, metrics: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray) -> None:
+    """curves.png, confusion.png, misclassified.png and weights.png for a finished run."""
+    from . import plots
+
+    proba = to_numpy(model.predict_proba(x_test))
+    predicted = proba.argmax(axis=1)
+    plots.training_curves(metrics["epochs"], out / "curves.png", title=_run_title(metrics["config"]))
+    accuracy = float((predicted == y_test).mean())
+    plots.confusion_plot(confusion_matrix(y_test, predicted), out / "confusion.png", title=f"Test confusion matrix (accuracy {accuracy:.2%})")
+    plots.mistakes_grid(x_test, y_test, proba, out / "misclassified.png")
+    plots.weight_grid(to_numpy(model.params["W1"]), out / "weights.png")
+
+
+def _run_title(config: dict[str, Any]) -> str:
+    return (
+        f"784-{config['hidden']}-10 {config['activation']}, batch {config['batch_size']}, "
+        f"lr {config['lr']:g} ({config['lr_schedule']}), momentum {config['momentum']:g}"
+    )
+
+
+def load_metrics(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``out_dir/metrics.json`` as a dict, or None if there is none (a run not started)."""
+    path = Path(out_dir) / METRICS_JSON
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        return json.load(f)
