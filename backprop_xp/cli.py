@@ -1,29 +1,124 @@
 """The command line: ``backprop-xp`` or ``python -m backprop_xp``.
 
-Each subcommand is a parser-building function and a handler. Bad arguments end
-with a one-line message and exit code 2 (argparse's convention); errors the
-user can fix (a missing data folder, a malformed file) print one line, no
-traceback, and exit 1.
+Commands: ``train``, ``evaluate``, ``predict``, ``sweep``, ``show-data``. Each is
+a parser-building function and a handler. Bad arguments end with a one-line
+message and exit code 2 (argparse's convention); errors the user can fix (a
+malformed file, a backend that cannot run here) print one line, no traceback,
+and exit 1; a training run whose loss became NaN or infinite exits 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import __version__
+from .backend import BACKENDS, DTYPES, BackendError
+from .kernels import ACTIVATIONS
+from .train import DIVERGED_EXIT_CODE, SCHEDULES, TrainConfig
 
 
 class UserError(Exception):
     """An error the user can fix; printed as one line without a traceback."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+DATA_HELP = "folder with the four MNIST IDX files (default: $BACKPROP_XP_DATA, else the download cache)"
+
+
+# --------------------------------------------------------------------------- argument types
+# Each raises ArgumentTypeError, which argparse turns into "argument --x: <message>", exit 2.
+
+
+def _number(kind: Callable[[str], Any], text: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def count(text: str) -> int:
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def momentum_float(text: str) -> float:
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
+    return value
+
+
+def existing_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"folder {text!r} does not exist")
+    return text
+
+
+def choice_of(allowed: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+def list_of(parse: Callable[[str], Any]) -> Callable[[str], list]:
+    """A comma-separated list, each item checked by ``parse`` (for ``sweep``)."""
+
+    def parse_list(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        values = [parse(item) for item in items]
+        return list(dict.fromkeys(values))  # repeated values would train the same run twice
+
+    return parse_list
+
+
 def _add_show_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show-data", help="draw sample digits and print the class counts")
-    p.add_argument("--data-dir", help="folder with the four MNIST IDX files (default: $BACKPROP_XP_DATA or the cache)")
+    p.add_argument("--data-dir", type=existing_dir, help=DATA_HELP)
     p.add_argument("--out", default="digits.png", help="PNG file to write (default: digits.png)")
     p.add_argument("--count", type=int, default=40, help="how many training digits to draw (default: 40)")
     p.set_defaults(handler=_cmd_show_data)
@@ -45,13 +140,264 @@ def _cmd_show_data(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _defaults() -> TrainConfig:
+    return TrainConfig()
+
+
+def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
+    """The training settings, shared by ``train`` and ``sweep`` (which takes lists for some).
+
+    Every default is None here, so that a handler can tell a flag the user gave
+    from one left alone (``--resume`` refuses changed settings); the real
+    defaults come from ``TrainConfig``.
+    """
+    d = _defaults()
+    many = (lambda parse: list_of(parse)) if lists else (lambda parse: parse)
+    each = " (comma-separated list)" if lists else ""
+    p.add_argument("--data-dir", type=existing_dir, help=DATA_HELP)
+    p.add_argument("--backend", type=choice_of(BACKENDS), help=f"numpy (CPU), cupy (CUDA GPU) or auto: cupy when usable (default: {d.backend})")
+    p.add_argument("--hidden", type=many(positive_int), metavar="N", help=f"hidden units{each} (default: {d.hidden})")
+    p.add_argument("--activation", type=many(choice_of(ACTIVATIONS)), help=f"{', '.join(ACTIVATIONS)}{each} (default: {d.activation})")
+    p.add_argument("--epochs", type=positive_int, help=f"passes over the training set (default: {d.epochs})")
+    p.add_argument("--batch-size", type=many(positive_int), metavar="B", help=f"images per step{each} (default: {d.batch_size})")
+    p.add_argument("--lr", type=many(positive_float), metavar="LR", help=f"learning rate, > 0{each} (default: {d.lr:g})")
+    p.add_argument("--momentum", type=many(momentum_float), metavar="M", help=f"SGD momentum in [0, 1){each} (default: {d.momentum:g})")
+    p.add_argument("--weight-decay", type=many(nonnegative_float), metavar="WD", help=f"L2 weight decay{each} (default: {d.weight_decay:g})")
+    p.add_argument(
+        "--lr-schedule", type=many(choice_of(tuple(SCHEDULES))),
+        help=f"constant; step: /10 after 1/2 and 3/4 of the epochs; cosine: half a cosine to 0{each} (default: {d.lr_schedule})",
+    )  # fmt: skip
+    p.add_argument("--val-size", type=count, metavar="N", help="hold out N training images for validation, shown each epoch instead of test (default: 0)")
+    p.add_argument("--train-size", type=count, metavar="N", help="train on the first N training images only; 0 = all (default: 0)")
+    p.add_argument("--seed", type=count, help=f"seeds the initial weights and the shuffling (default: {d.seed})")
+    p.add_argument("--dtype", type=choice_of(DTYPES), help=f"float32 or float64 (default: {d.dtype})")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    d = _defaults()
+    p = sub.add_parser(
+        "train",
+        help="train a network and write metrics, checkpoints, the model and pictures",
+        description=(
+            f"Train 784-N-10 on MNIST. The defaults (784-{d.hidden}-10, {d.epochs} epochs, batch {d.batch_size}, "
+            f"lr {d.lr:g} with a {d.lr_schedule} schedule, momentum {d.momentum:g}) reach about 98.2%% test accuracy "
+            "in about a minute on a 2-core CPU. Exit codes: 0 done, 1 an error, 2 bad arguments, "
+            f"{DIVERGED_EXIT_CODE} the loss became NaN or infinite."
+        ),
+    )
+    _add_model_flags(p, lists=False)
+    p.add_argument("--out", metavar="DIR", help="folder for metrics, checkpoint, model and pictures (default: a new folder under runs/)")
+    p.add_argument("--resume", metavar="DIR", type=existing_dir, help="continue the run in DIR from its last checkpoint; its saved settings are used")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import Diverged, default_out_dir, read_checkpoint, train
+
+    given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
+    if args.resume:
+        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise UserError(f"--out {args.out} and --resume {args.resume} differ: a resumed run stays in its folder")
+        saved, _ = read_checkpoint(args.resume)
+        config = dataclasses.replace(saved, **given)  # train() refuses changed math settings, naming them
+        out = args.resume
+    else:
+        config = TrainConfig(**given)
+        config.validate()
+        out = args.out or default_out_dir(config)
+    try:
+        train(config, out, resume=bool(args.resume), echo=None if args.quiet else print, progress=None if not args.quiet else False)
+    except Diverged as exc:
+        print(f"backprop-xp: error: {exc}", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a saved model")
+    p.add_argument("model", metavar="MODEL.npz", help="a model.npz (or checkpoint.npz) written by train")
+    p.add_argument("--data-dir", type=existing_dir, help=DATA_HELP)
+    p.add_argument("--backend", type=choice_of(BACKENDS), default="auto", help="where to run it (default: auto)")
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def _load_model(path: str, backend: str) -> Any:
+    from .model import MLP
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such model file")
+    model = MLP.load(path, backend=backend)
+    if model.n_inputs != 784 or model.n_outputs != 10:
+        raise UserError(f"{path}: a {model.n_inputs}-{model.n_hidden}-{model.n_outputs} network, not an MNIST one (784 inputs, 10 classes)")
+    return model
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .backend import to_numpy
+    from .data import load_mnist
+    from .train import confusion_matrix, evaluate
+
+    model = _load_model(args.model, args.backend)
+    _, _, x_test, y_test = load_mnist(args.data_dir)
+    loss, accuracy = evaluate(model, x_test, y_test)
+    predicted = to_numpy(model.predict(x_test))
+    counts = confusion_matrix(y_test, predicted)
+    print(f"model {args.model}: 784-{model.n_hidden}-10 {model.activation}, {model.dtype.name}, on {model.backend.name}")
+    print(f"test accuracy {100 * accuracy:.2f}%  ({int(np.trace(counts))} of {len(y_test)}), test loss {loss:.4f}")
+    print()
+    print("per-class accuracy (%):")
+    print("  class    " + " ".join(f"{k:>6d}" for k in range(10)))
+    print("  accuracy " + " ".join(f"{100 * counts[k, k] / max(counts[k].sum(), 1):6.2f}" for k in range(10)))
+    print()
+    print("confusion matrix (rows: true class, columns: predicted class):")
+    print("  true\\pred " + " ".join(f"{k:>5d}" for k in range(10)))
+    for k in range(10):
+        print(f"  {k:>9d} " + " ".join(f"{c:>5d}" for c in counts[k]))
+    return 0
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="classify PNG images of digits with a saved model (top 3 classes)",
+        description=(
+            "Classify grayscale PNG images (colour is converted to gray). Images larger than 28x28 are resized to "
+            "28x28. MNIST digits are white on black: an image with a light border (a dark digit on light paper) "
+            "is inverted first. Prints the top 3 classes with their probabilities; an unreadable file gets an "
+            "error line and the other files are still classified (exit code 1 if any failed)."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL.npz", help="a model.npz written by train")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="PNG files")
+    p.add_argument("--backend", type=choice_of(BACKENDS), default="numpy", help="where to run it (default: numpy)")
+    p.set_defaults(handler=_cmd_predict)
+
+
+def read_digit(path: str) -> tuple[np.ndarray, bool]:
+    """A PNG as 784 float32 values in [0, 1], white digit on black; and whether it was inverted.
+
+    Raises UserError naming the file when it is not a readable image or is
+    smaller than 28x28.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            gray = image.convert("L")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable image ({exc})") from None
+    width, height = gray.size
+    if width < 28 or height < 28:
+        raise UserError(f"{path}: image is {width}x{height}, smaller than 28x28")
+    if (width, height) != (28, 28):
+        gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
+    pixels = np.asarray(gray, dtype=np.float32) / 255.0
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    inverted = bool(border.mean() > 0.5)  # light background: a dark digit on paper
+    if inverted:
+        pixels = 1.0 - pixels
+    return pixels.reshape(784), inverted
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .backend import to_numpy
+
+    model = _load_model(args.model, args.backend)
+    failed = 0
+    for path in args.images:
+        try:
+            pixels, inverted = read_digit(path)
+        except UserError as exc:
+            print(f"backprop-xp: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        proba = to_numpy(model.predict_proba(pixels[None, :]))[0]
+        top = np.argsort(-proba, kind="stable")[:3]
+        guesses = ", ".join(f"{k} ({100 * proba[k]:.1f}%)" for k in top)
+        print(f"{path}: {guesses}" + ("  [inverted: dark digit on light background]" if inverted else ""))
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="train every combination of settings (comma-separated lists) and compare them",
+        description=(
+            "Train every combination of the listed settings, each run in its own sub-folder of --out (as train "
+            "would write it), and write sweep.csv, sweep.md (sorted by test accuracy) and sweep.png. On the CPU "
+            "--jobs runs train in parallel processes; on a GPU runs go one after another. A failed or diverged "
+            "run is recorded and the sweep goes on; running the same sweep into the same folder again skips the "
+            "runs already finished (and resumes interrupted ones)."
+        ),
+    )
+    _add_model_flags(p, lists=True)
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs trained at once on the CPU (default: 1)")
+    p.add_argument("--out", metavar="DIR", help="folder for the sweep (default: a new folder under sweeps/)")
+    p.set_defaults(handler=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import time
+
+    from .backend import get_backend
+    from .sweep import SWEPT, grid, run_name, run_sweep
+
+    given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
+    options = {name: given.pop(name) for name in SWEPT if name in given}
+    base = TrainConfig(**given)
+    backend = get_backend(base.backend)  # resolved once here, so that workers do not each probe CUDA
+    base.backend = backend.name
+    d = base.to_dict()
+    configs = grid(d, {name: options.get(name, [d[name]]) for name in SWEPT})
+    for config in configs:
+        TrainConfig.from_dict(config).validate()
+    varied = [name for name in SWEPT if len(options.get(name, [])) > 1]
+    names = [run_name(config, varied) for config in configs]
+    out = args.out or os.path.join("sweeps", time.strftime("%Y%m%d-%H%M%S"))
+    jobs = 1 if backend.is_gpu else min(args.jobs, len(configs))
+    print(f"sweep: {len(configs)} runs of {base.epochs} epochs on {backend.name} ({jobs} at a time) into {out}")
+    summaries = run_sweep(configs, names, out, jobs=jobs, title=f"Sweep: {len(configs)} runs, {base.epochs} epochs, {backend.name}")
+    bad = [s for s in summaries if s["status"] != "finished"]
+    print(f"wrote {os.path.join(out, 'sweep.md')}, sweep.csv and sweep.png; {len(summaries) - len(bad)} finished, {len(bad)} failed or diverged")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="backprop-xp",
         description="Train a one-hidden-layer network on MNIST with hand-derived backpropagation (NumPy or CuPy).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_sweep(sub)
     _add_show_data(sub)
     return parser
 
@@ -64,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
-    except (UserError, FileNotFoundError, ValueError) as exc:
+    except (UserError, FileNotFoundError, ValueError, BackendError) as exc:
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

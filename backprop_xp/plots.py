@@ -61,7 +61,9 @@ def digit_grid(
         raise ValueError(f"images must be square, got {images.shape[1]} values per image")
     columns = min(columns, n)
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows + (0.4 if suptitle else 0)), squeeze=False)
+    row_height = 1.2 + 0.15 * max((str(t).count("\n") + 1 for t in titles), default=0)
+    height = row_height * rows + (0.5 if suptitle else 0)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, height), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -74,6 +76,132 @@ def digit_grid(
             ax.imshow(image, cmap=cmap)
         if i < len(titles):
             ax.set_title(titles[i], fontsize=8)
-    if suptitle:
-        fig.suptitle(suptitle)
+    if suptitle:  # a fixed gap in inches above the grid, whatever the number of rows
+        fig.subplots_adjust(top=1 - 0.5 / height)
+        fig.suptitle(suptitle, y=1 - 0.1 / height, va="top")
+    save_figure(fig, path)
+
+
+def training_curves(rows: Sequence[dict], path: str | os.PathLike, *, title: str | None = None) -> None:
+    """Loss and accuracy against epoch, train and test (and validation if present), side by side.
+
+    ``rows`` are the ``epochs`` of a run's ``metrics.json``.
+    """
+    plt = _pyplot()
+    if not rows:
+        raise ValueError("training_curves needs at least one epoch")
+    epochs = [row["epoch"] for row in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    styles = {"train": dict(color="tab:blue"), "val": dict(color="tab:green", ls=":"), "test": dict(color="tab:orange", ls="--")}
+    for split, style in styles.items():
+        if f"{split}_loss" not in rows[0]:
+            continue
+        marker = "o" if len(rows) <= 30 else None
+        ax_loss.plot(epochs, [row[f"{split}_loss"] for row in rows], marker=marker, ms=3, label=split, **style)
+        ax_acc.plot(epochs, [100 * row[f"{split}_accuracy"] for row in rows], marker=marker, ms=3, label=split, **style)
+    ax_loss.set_yscale("log")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss (log scale)", title="Loss")
+    best = max(rows, key=lambda row: row["test_accuracy"])
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Accuracy (final test {100 * rows[-1]['test_accuracy']:.2f}%)")
+    ax_acc.annotate(
+        f"best test {100 * best['test_accuracy']:.2f}%", (best["epoch"], 100 * best["test_accuracy"]),
+        xytext=(0, -18), textcoords="offset points", ha="center", fontsize=8, color="tab:orange",
+    )  # fmt: skip
+    for ax in (ax_loss, ax_acc):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def confusion_plot(counts: np.ndarray, path: str | os.PathLike, *, title: str = "Confusion matrix") -> None:
+    """A confusion matrix ``counts[true, predicted]`` with every count written in its cell.
+
+    Colours show the share of each true class (row), so a rare class's mistakes
+    are as visible as a frequent one's; the diagonal is drawn in its own colour
+    map so that the mistakes are not washed out by it.
+    """
+    plt = _pyplot()
+    counts = np.asarray(counts)
+    k = counts.shape[0]
+    share = 100 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    off = np.where(np.eye(k, dtype=bool), np.nan, share)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    image = ax.imshow(off, cmap="Reds", vmin=0, vmax=max(float(np.nanmax(off)) if k > 1 else 0, 1e-9))
+    ax.imshow(np.where(np.eye(k, dtype=bool), share, np.nan), cmap="Blues", vmin=0, vmax=100)
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j] or i == j:
+                dark = (i == j and share[i, j] > 50) or (i != j and off[i, j] > 0.6 * np.nanmax(off))
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted class", ylabel="true class", title=title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class (mistakes, off the diagonal)")
+    save_figure(fig, path)
+
+
+def mistakes_grid(
+    images: np.ndarray, labels: np.ndarray, proba: np.ndarray, path: str | os.PathLike, *, count: int = 40
+) -> None:
+    """The ``count`` most confident mistakes: images whose wrong prediction had the highest probability."""
+    predicted = proba.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    if wrong.size == 0:  # a perfect model still gets a picture, saying so
+        digit_grid(images[:1], ["no mistakes"], path, suptitle="No misclassified test images")
+        return
+    worst = wrong[np.argsort(-proba[wrong, predicted[wrong]], kind="stable")][:count]
+    titles = [f"true {labels[i]}, said {predicted[i]}\n({100 * proba[i, predicted[i]]:.0f}%)" for i in worst]
+    digit_grid(
+        images[worst], titles, path,
+        suptitle=f"The {len(worst)} most confident of {wrong.size} test mistakes (true label, prediction, its probability)",
+    )  # fmt: skip
+
+
+def weight_grid(w1: np.ndarray, path: str | os.PathLike, *, count: int = 100) -> None:
+    """The first ``count`` rows of ``W1`` drawn as 28x28 pictures (red positive, blue negative)."""
+    w1 = np.asarray(w1)
+    shown = w1[:count]
+    digit_grid(
+        shown, [], path,
+        suptitle=f"Input weights of hidden units 0-{len(shown) - 1} of {len(w1)} (red > 0, blue < 0)",
+        cmap="RdBu_r", symmetric=True,
+    )  # fmt: skip
+
+
+def sweep_plot(runs: Sequence[dict], path: str | os.PathLike, *, title: str = "Sweep") -> None:
+    """Test accuracy against epoch for every run, and against cumulative training time.
+
+    ``runs`` are dicts with ``name`` and ``epochs`` (a run's metrics rows).
+    """
+    plt = _pyplot()
+    runs = [run for run in runs if run.get("epochs")]
+    if not runs:
+        raise ValueError("sweep_plot needs at least one run with a finished epoch")
+    fig, (ax_epoch, ax_time) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    cmap = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+    ranked = sorted(runs, key=lambda run: -run["epochs"][-1]["test_accuracy"])
+    for k, run in enumerate(ranked):
+        rows = run["epochs"]
+        acc = [100 * row["test_accuracy"] for row in rows]
+        elapsed = np.cumsum([row["seconds"] for row in rows])
+        color = cmap(k % cmap.N)
+        ax_epoch.plot([row["epoch"] for row in rows], acc, marker="o", ms=3, color=color, label=f"{run['name']} ({acc[-1]:.2f}%)")
+        ax_time.plot(elapsed, acc, marker="o", ms=3, color=color)
+    finals = [100 * run["epochs"][-1]["test_accuracy"] for run in runs]
+    lowest = min(min(100 * r["test_accuracy"] for r in run["epochs"]) for run in runs)
+    # Zoom on the good runs: a run that failed to learn would squash them into a line.
+    low = max(lowest - 0.5, max(finals) - 5.0)
+    ax_epoch.set_ylim(low, min(100.0, max(finals) + 0.5))
+    cut = f" (below {low:.1f}% off the chart)" if low > lowest else ""
+    ax_epoch.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy by epoch" + cut)
+    ax_time.set(xlabel="training time (s, evaluation excluded)", title="Test accuracy against training time")
+    ax_time.set_xscale("log")
+    for ax in (ax_epoch, ax_time):
+        ax.grid(True, alpha=0.3)
+    ax_epoch.xaxis.get_major_locator().set_params(integer=True)
+    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, title="run (final test accuracy)")
+    fig.suptitle(title)
+    fig.tight_layout()
     save_figure(fig, path)

@@ -1,0 +1,272 @@
+"""Sweeps: train every combination of some settings, each run in its own folder, and compare.
+
+The unit of work is ``run_one(config, out_dir) -> summary``: a top-level,
+picklable function that trains one run exactly as the ``train`` command does
+(same files in its folder) and never raises, so a failed or diverged run is
+recorded and the sweep goes on. ``run_sweep`` hands these to a pool of
+processes on the CPU (or runs them one after another on a GPU, which one run
+already fills); a distributed scheduler could submit the same function.
+
+After every finished run the sweep's tables and picture are rewritten
+(atomically), so an interrupted sweep loses nothing, and running the same
+sweep again into the same folder skips the runs already finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import multiprocessing
+import os
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from .files import atomic_write
+from .train import TrainConfig, load_metrics
+
+# Settings a sweep may vary (each given as a comma-separated list on the command line).
+SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule")
+_SHORT = {"hidden": "h", "lr": "lr", "batch_size": "b", "activation": "", "momentum": "m", "weight_decay": "wd", "lr_schedule": ""}
+DONE = ("finished", "diverged")  # a deterministic run that diverged would diverge again: not retried
+SUMMARY_FIELDS = (
+    "name", "status", "test_accuracy", "best_test_accuracy", "test_loss", "train_loss", "epochs_done",
+    "seconds_per_epoch", "train_seconds", *SWEPT, "epochs", "seed", "backend_used", "error",
+)  # fmt: skip
+
+
+def grid(base: dict[str, Any], options: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of ``options`` on top of ``base``, in a stable order.
+
+    >>> [(c["hidden"], c["lr"]) for c in grid({"epochs": 1}, {"hidden": [32, 64], "lr": [0.1]})]
+    [(32, 0.1), (64, 0.1)]
+    """
+    keys = list(options)
+    return [{**base, **dict(zip(keys, values))} for values in itertools.product(*(options[k] for k in keys))]
+
+
+def run_name(config: dict[str, Any], varied: Sequence[str]) -> str:
+    """A folder name saying what differs: always hidden size, lr and batch, plus what else varies.
+
+    >>> run_name({"hidden": 128, "lr": 0.1, "batch_size": 32, "activation": "tanh"}, ["activation"])
+    'h128-lr0.1-b32-tanh'
+    """
+    shown = ["hidden", "lr", "batch_size"] + [k for k in SWEPT if k in varied and k not in ("hidden", "lr", "batch_size")]
+    return "-".join(f"{_SHORT[k]}{config[k]:g}" if isinstance(config[k], float) else f"{_SHORT[k]}{config[k]}" for k in shown)
+
+
+def summarize(name: str, config: dict[str, Any], metrics: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
+    """One row of sweep.csv from a run's metrics (None when the run never wrote any)."""
+    rows = (metrics or {}).get("epochs", [])
+    status = (metrics or {}).get("status", "failed")
+    if error:
+        status = "failed" if status != "diverged" else status
+    summary: dict[str, Any] = {"name": name, "status": status, "epochs_done": len(rows), "error": error}
+    summary.update({k: config.get(k) for k in (*SWEPT, "epochs", "seed")})
+    summary["backend_used"] = (metrics or {}).get("config", {}).get("backend_used", "")
+    if rows:
+        last = rows[-1]
+        seconds = sum(row["seconds"] for row in rows)
+        summary.update(
+            test_accuracy=last["test_accuracy"],
+            best_test_accuracy=max(row["test_accuracy"] for row in rows),
+            test_loss=last["test_loss"],
+            train_loss=last["train_loss"],
+            seconds_per_epoch=seconds / len(rows),
+            train_seconds=seconds,
+        )
+    if status == "diverged" and not error:
+        d = metrics.get("diverged", {})
+        summary["error"] = f"diverged at epoch {d.get('epoch')}, step {d.get('step')}"
+    return summary
+
+
+def _finished(config: dict[str, Any], out_dir: str) -> dict[str, Any] | None:
+    """The run's metrics if ``out_dir`` holds this very run, already done; else None."""
+    try:
+        metrics = load_metrics(out_dir)
+    except (OSError, ValueError):
+        return None
+    if not metrics or metrics.get("status") not in DONE:
+        return None
+    saved = metrics.get("config", {})
+    if any(saved.get(k) != config.get(k) for k in TrainConfig.MATH_FIELDS):
+        return None
+    return metrics
+
+
+def run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """Train one run of a sweep into ``out_dir`` (as ``train --out`` would); return its summary.
+
+    Never raises: a divergence or an error becomes ``status`` "diverged" or
+    "failed" with the message in ``error`` (and the traceback in
+    ``out_dir/error.txt``). A run already finished in ``out_dir`` is not
+    trained again; a run interrupted there is resumed from its checkpoint.
+    """
+    from .train import CHECKPOINT, Diverged, read_checkpoint, train
+
+    name = os.path.basename(os.path.normpath(out_dir))
+    done = _finished(config, out_dir)
+    if done is not None:
+        return {**summarize(name, config, done), "skipped": True}
+    os.makedirs(out_dir, exist_ok=True)
+    error = ""
+    with open(os.path.join(out_dir, "train.log"), "a") as log:
+
+        def echo(line: str) -> None:
+            log.write(line + "\n")
+            log.flush()
+
+        try:
+            cfg = TrainConfig.from_dict(config)
+            resume = os.path.exists(os.path.join(out_dir, CHECKPOINT))
+            if resume:
+                saved, _ = read_checkpoint(out_dir)
+                resume = all(getattr(saved, k) == getattr(cfg, k) for k in TrainConfig.MATH_FIELDS)
+                if not resume:  # a stale run with other settings: start over
+                    os.remove(os.path.join(out_dir, CHECKPOINT))
+            train(cfg, out_dir, resume=resume, echo=echo, progress=False)
+        except Diverged as exc:
+            error = str(exc)
+            echo(error)
+        except Exception as exc:  # recorded, never fatal to the sweep
+            error = f"{type(exc).__name__}: {exc}"
+            echo(error)
+            with open(os.path.join(out_dir, "error.txt"), "w") as f:
+                f.write(traceback.format_exc())
+    try:
+        metrics = load_metrics(out_dir)
+    except (OSError, ValueError):
+        metrics = None
+    return {**summarize(name, config, metrics, error), "skipped": False}
+
+
+def write_tables(out: Path, summaries: list[dict[str, Any]], *, title: str = "Sweep") -> None:
+    """sweep.csv (every run), sweep.md (sorted by final test accuracy) and sweep.png, atomically."""
+    from . import plots
+
+    ranked = sorted(summaries, key=lambda s: (s.get("test_accuracy") is None, -(s.get("test_accuracy") or 0.0)))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(ranked)
+    with atomic_write(out / "sweep.csv") as f:
+        f.write(text.getvalue())
+    with atomic_write(out / "sweep.md") as f:
+        f.write(markdown_table(ranked))
+    runs = []
+    for s in ranked:
+        metrics = load_metrics(out / s["name"]) if s.get("epochs_done") else None
+        if metrics and metrics.get("epochs"):
+            runs.append({"name": s["name"], "epochs": metrics["epochs"]})
+    if runs:
+        plots.sweep_plot(runs, out / "sweep.png", title=title)
+
+
+def markdown_table(ranked: list[dict[str, Any]]) -> str:
+    """The sweep as a Markdown table, best final test accuracy first.
+
+    >>> print(markdown_table([{"name": "h8-lr0.1-b32", "status": "finished", "hidden": 8, "lr": 0.1,
+    ...     "batch_size": 32, "activation": "relu", "momentum": 0.9, "weight_decay": 0.0, "epochs_done": 1,
+    ...     "test_accuracy": 0.9, "best_test_accuracy": 0.9, "seconds_per_epoch": 1.25, "train_seconds": 1.25}]))
+    | run | hidden | lr | batch | activation | momentum | weight decay | epochs | test acc. (%) | best (%) | s/epoch | status |
+    | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |
+    | h8-lr0.1-b32 | 8 | 0.1 | 32 | relu | 0.9 | 0 | 1 | 90.00 | 90.00 | 1.25 | finished |
+    <BLANKLINE>
+    """
+    header = "| run | hidden | lr | batch | activation | momentum | weight decay | epochs | test acc. (%) | best (%) | s/epoch | status |\n"
+    header += "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n"
+
+    def pct(v: Any) -> str:
+        return f"{100 * v:.2f}" if v is not None else "–"
+
+    lines = []
+    for s in ranked:
+        status = s["status"] if not s.get("error") or s["status"] == "finished" else f"{s['status']}: {s['error']}"
+        status = status.replace("|", "/").replace("\n", " ")[:120]
+        spe = s.get("seconds_per_epoch")
+        lines.append(
+            f"| {s['name']} | {s['hidden']} | {s['lr']:g} | {s['batch_size']} | {s['activation']} | {s['momentum']:g} | "
+            f"{s['weight_decay']:g} | {s.get('epochs_done', 0)} | {pct(s.get('test_accuracy'))} | "
+            f"{pct(s.get('best_test_accuracy'))} | {f'{spe:.2f}' if spe is not None else '–'} | {status} |"
+        )
+    return header + "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int) -> Iterator[None]:
+    """Give processes started inside this block ``n`` BLAS/OpenMP threads each.
+
+    A spawned worker reads these variables when it first imports NumPy, so
+    setting them here (and restoring them after) caps the threads of every
+    worker without touching this process's already loaded BLAS.
+    """
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+    old = {k: os.environ.get(k) for k in names}
+    os.environ.update({k: str(n) for k in names})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_sweep(
+    configs: list[dict[str, Any]],
+    names: list[str],
+    out: str | os.PathLike,
+    *,
+    jobs: int = 1,
+    echo: Callable[[str], None] = print,
+    title: str = "Sweep",
+) -> list[dict[str, Any]]:
+    """Train every config into ``out/<name>``; rewrite the tables after each run; return the summaries.
+
+    ``jobs > 1`` trains that many runs at once in spawned processes (CPU only:
+    the caller passes 1 for a GPU), each with ``cores // jobs`` BLAS threads.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, dict[str, Any]] = {}
+    todo = []
+    for config, name in zip(configs, names):
+        done = _finished(config, str(out / name))
+        if done is not None:
+            summaries[name] = summarize(name, config, done)
+            echo(f"[{len(summaries)}/{len(configs)}] {name}: already {done['status']}, skipped")
+        else:
+            todo.append((config, name))
+    if summaries:
+        write_tables(out, list(summaries.values()), title=title)
+
+    def finished(summary: dict[str, Any]) -> None:
+        summaries[summary["name"]] = summary
+        acc = summary.get("test_accuracy")
+        detail = f"test accuracy {100 * acc:.2f}%, {summary['seconds_per_epoch']:.1f} s/epoch" if acc is not None else ""
+        if summary["status"] != "finished":
+            detail = f"{summary['status']}: {summary['error']}" + (f" ({detail})" if detail else "")
+        echo(f"[{len(summaries)}/{len(configs)}] {summary['name']}: {detail}")
+        write_tables(out, list(summaries.values()), title=title)
+
+    if jobs <= 1 or len(todo) <= 1:
+        for config, name in todo:
+            finished(run_one(config, str(out / name)))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with _blas_threads(threads), ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_one, config, str(out / name)): (config, name) for config, name in todo}
+            for future in as_completed(futures):
+                config, name = futures[future]
+                try:
+                    summary = future.result()
+                except Exception as exc:  # the worker process itself died (killed, out of memory)
+                    summary = summarize(name, config, load_metrics(out / name), f"worker process failed: {exc}")
+                finished(summary)
+    return [summaries[name] for name in names if name in summaries]
