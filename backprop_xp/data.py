@@ -288,16 +288,16 @@ def download_file(
         bar = stack.enter_context(_progress_bar(total, dest.name, progress))
         out = stack.enter_context(atomic_write(dest, "wb"))  # innermost: closed (renamed or deleted) first
         received = 0
-        while chunk := response.read(_CHUNK):
-            out.write(chunk)
-            hasher.update(chunk)
-            received += len(chunk)
-            bar.update(len(chunk))
-        if total is not None and received != total:
-            raise DataFormatError(f"{url}: the server announced {total} bytes and sent {received}")
         try:
+            while chunk := response.read(_CHUNK):
+                out.write(chunk)
+                hasher.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+            if total is not None and received != total:
+                raise DataFormatError(f"{url}: the server announced {total} bytes and sent {received}")
             got = hasher.hexdigest()
-        except zlib.error as exc:
+        except zlib.error as exc:  # an HTML error page served as 200, a cut stream, garbage
             raise DataFormatError(f"{url}: not a complete gzip file ({exc})") from None
         if sha256 is not None and got != sha256.lower():
             raise ChecksumError(
@@ -352,19 +352,22 @@ def fetch_mnist(
     for name in FILES.values():
         if find_file(folder, name) is not None:
             continue
-        failures: list[tuple[str, BaseException]] = []
-        for base in mirrors:
+        failures = []
+        for i, base in enumerate(mirrors):
             url = base.rstrip("/") + "/" + name + ".gz"
             try:
                 download_file(url, folder / f"{name}.gz", sha256[name], timeout=timeout, progress=progress)
                 break
             except (urllib.error.URLError, http.client.HTTPException, OSError, DataFormatError) as exc:
-                failures.append((url, exc))
-                print(f"backprop-xp: {url} failed: {exc}; trying the next mirror", file=sys.stderr)
+                reason = str(exc) or type(exc).__name__
+                failures.append((exc, reason if url in reason else f"{url}: {reason}"))
+                if i + 1 < len(mirrors):
+                    print(f"backprop-xp: {failures[-1][1]}; trying the next mirror", file=sys.stderr)
         else:
-            listing = "; ".join(f"{url}: {exc or type(exc).__name__}" for url, exc in failures)
-            error = ChecksumError if any(isinstance(e, ChecksumError) for _, e in failures) else DownloadError
-            raise error(
+            listing = "; ".join(reason for _, reason in failures)
+            if any(isinstance(exc, ChecksumError) for exc, _ in failures):
+                raise ChecksumError(f"no mirror delivered an intact {name} ({listing})")
+            raise DownloadError(
                 f"could not download {name} into {folder} from any mirror ({listing}). Offline? Put the four "
                 "MNIST files in a folder and pass data_dir / --data-dir or set BACKPROP_XP_DATA"
             )
