@@ -279,10 +279,15 @@ class Diverged(RuntimeError):
 
     def __init__(self, epoch: int, step: int, lr: float, out_dir: str) -> None:
         self.epoch, self.step, self.lr, self.out_dir = epoch, step, lr, out_dir
+        checkpoint = os.path.join(out_dir, CHECKPOINT)
+        kept = (
+            f"the last good checkpoint is kept in {checkpoint}"
+            if os.path.exists(checkpoint)
+            else "no epoch had finished, so there is no checkpoint"
+        )
         super().__init__(
             f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {step} "
-            f"(learning rate {lr:g}); try a smaller --lr (e.g. {lr / 10:g}). "
-            f"The last good checkpoint is kept in {os.path.join(out_dir, CHECKPOINT)}"
+            f"(learning rate {lr:g}); try a smaller --lr (e.g. {lr / 10:g}); {kept}"
         )
 
 
@@ -380,6 +385,7 @@ def train(
     echo: Callable[[str], None] | None = print,
     progress: bool | None = None,
     pictures: bool = True,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train a network as ``config`` says, writing everything into ``out_dir``; return the metrics.
 
@@ -399,6 +405,10 @@ def train(
         Show a progress bar; None means "when stderr is a terminal".
     pictures : bool
         Draw the four PNG files at the end.
+    stop_after : int or None
+        Stop (as if interrupted) once this many epochs are done; the
+        checkpoint lets ``resume=True`` finish the run. The returned metrics
+        then have status "stopped".
 
     Raises
     ------
@@ -466,7 +476,7 @@ def train(
     metrics["status"] = "running"
     metrics["epochs"] = metrics["epochs"][:epochs_done]
 
-    batches = Minibatches(x_train, y_train, config.batch_size, xp=xp, seed=config.seed)
+    batches = Minibatches(x_train, y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype)
     test_x, test_y = model.as_input(x_test), xp.asarray(y_test)  # on the device once, not every epoch
     val = (model.as_input(x_val), xp.asarray(y_val)) if x_val is not None else None
     step = make_step(model, optimizer)
@@ -480,7 +490,8 @@ def train(
     else:
         say(f"resuming {out} after epoch {epochs_done} of {config.epochs}")
 
-    for epoch in range(epochs_done, config.epochs):
+    last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
+    for epoch in range(epochs_done, last_epoch):
         optimizer.lr = schedule(epoch, config.epochs, config.lr)
         bar = _progress_bar(progress, len(x_train), epoch + 1, config.epochs)
         report = None
@@ -520,9 +531,14 @@ def train(
         shown = "val" if val is not None else "test"
         say(
             f"epoch {epoch + 1:3d}/{config.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
-            f"{shown} loss {row[shown + '_loss']:.4f} acc {row[shown + '_accuracy']:.4f}  {seconds:.1f} s"
+            f"{shown} loss {row[shown + '_loss']:.4f} acc {row[shown + '_accuracy']:.4f}  {seconds:.2f} s"
         )
 
+    if last_epoch < config.epochs:
+        metrics["status"] = "stopped"
+        _write_metrics(out, metrics)
+        say(f"stopped after epoch {last_epoch}; continue with --resume {out}")
+        return metrics
     metrics["status"] = "finished"
     final = metrics["epochs"][-1] if metrics["epochs"] else {}
     metrics["final"] = {

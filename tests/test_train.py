@@ -1,0 +1,199 @@
+"""The training loop: schedules, the epoch sums, evaluation, a real run, resume, divergence."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from backprop_xp import MLP, SGD
+from backprop_xp.data import Minibatches
+from backprop_xp.train import (
+    CHECKPOINT,
+    SCHEDULES,
+    Diverged,
+    TrainConfig,
+    confusion_matrix,
+    cosine_lr,
+    evaluate,
+    make_step,
+    run_epoch,
+    step_lr,
+    train,
+)
+
+# Small runs on real data: a few thousand images, a small hidden layer.
+SMALL = dict(hidden=32, train_size=3000, epochs=3, batch_size=100, backend="numpy")
+
+
+def test_schedules_start_at_the_base_rate_and_never_grow():
+    for name, schedule in SCHEDULES.items():
+        rates = [schedule(e, 10, 0.2) for e in range(10)]
+        assert rates[0] == 0.2, name
+        assert all(b <= a for a, b in zip(rates, rates[1:])), name
+        assert all(r > 0 for r in rates), name
+    assert cosine_lr(5, 10, 0.2) == pytest.approx(0.1)
+    assert [step_lr(e, 8, 1.0) for e in (3, 4, 5, 6, 7)] == pytest.approx([1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+class _ListBatches:
+    """Batches given as a list, the same every epoch (what run_epoch needs of Minibatches)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def epoch(self, epoch):
+        return iter(self.batches)
+
+
+def test_run_epoch_weights_losses_by_batch_size_and_finds_the_first_bad_step():
+    sizes = [4, 4, 2]
+    batches = _ListBatches([(np.zeros((n, 3), np.float32), np.zeros(n, np.int64)) for n in sizes])
+    losses = iter([np.float32(1.0), np.float32(2.0), np.float32(4.0)])
+    sums = run_epoch(lambda xb, yb: (next(losses), xb.shape[0] - 1), batches, 0)
+    assert sums.loss_sum == 4 * 1.0 + 4 * 2.0 + 2 * 4.0
+    assert (sums.n_correct, sums.n_samples, sums.first_bad_step) == (3 + 3 + 1, 10, None)
+
+    seen = []
+    losses = iter([np.float32(1.0), np.float32(np.inf), np.float32(np.nan)])
+    sums = run_epoch(lambda xb, yb: (next(losses), 0), batches, 0, progress=lambda n, loss: seen.append(n), progress_every=2)
+    assert sums.first_bad_step == 1
+    assert math.isnan(sums.loss_sum)
+    assert sum(seen) == 10  # the progress callback saw every sample once
+
+
+def test_make_step_on_numpy_is_backprop_then_the_update(mnist):
+    x, y = mnist[0][:256], mnist[1][:256]
+    a, b = MLP(784, 16, 10, seed=1), MLP(784, 16, 10, seed=1)
+    opt_a, opt_b = SGD(a, 0.1, momentum=0.9), SGD(b, 0.1, momentum=0.9)
+    step = make_step(a, opt_a)
+    for start in (0, 128):
+        xb, yb = x[start : start + 128], y[start : start + 128]
+        loss, n_correct = step(xb, yb)
+        want_loss, want_correct = b.backprop(xb, yb)
+        opt_b.step()
+        assert float(loss) == float(want_loss) and int(n_correct) == int(want_correct)
+    assert np.array_equal(a.flat_params, b.flat_params)
+
+
+def test_run_epoch_trains_through_minibatches(mnist):
+    x, y = mnist[0][:2000], mnist[1][:2000]
+    model = MLP(784, 32, 10, seed=0)
+    step = make_step(model, SGD(model, 0.05, momentum=0.9))
+    batches = Minibatches(x, y, 64, seed=0)
+    first = run_epoch(step, batches, 0)
+    second = run_epoch(step, batches, 1)
+    assert first.n_samples == second.n_samples == 2000
+    assert second.loss_sum < first.loss_sum  # it learns
+    assert 0 <= first.n_correct <= 2000
+
+
+def test_evaluate_matches_a_direct_computation(mnist):
+    x, y = mnist[2][:500], mnist[3][:500]
+    model = MLP(784, 20, 10, seed=3)
+    loss, accuracy = evaluate(model, x, y)
+    z = model.logits(x).astype(np.float64)
+    log_p = z - z.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    assert loss == pytest.approx(-log_p[np.arange(500), y].mean(), rel=1e-5)
+    assert accuracy == np.mean(z.argmax(axis=1) == y)
+
+
+def test_confusion_matrix_counts_every_pair():
+    counts = confusion_matrix(np.array([0, 0, 2, 1]), np.array([0, 2, 2, 1]), 3)
+    assert counts.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 1]]
+    assert counts.sum() == 4
+
+
+def test_config_validation_names_the_setting():
+    for bad, name in [
+        (dict(hidden=0), "hidden"),
+        (dict(lr=-1.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(batch_size=0), "batch-size"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(lr_schedule="linear"), "lr-schedule"),
+        (dict(backend="tpu"), "backend"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**bad).validate()
+
+
+def test_a_real_run_learns_and_writes_every_file(mnist_dir, mnist, tmp_path):
+    # The CI smoke run: 10,000 training images, one epoch, over 90% test accuracy.
+    config = TrainConfig(hidden=128, train_size=10_000, epochs=1, batch_size=32, lr=0.05, lr_schedule="constant",
+                         backend="numpy", data_dir=str(mnist_dir))  # fmt: skip
+    lines = []
+    metrics = train(config, tmp_path, echo=lines.append, progress=False)
+    row = metrics["epochs"][-1]
+    assert row["test_accuracy"] > 0.90
+    assert metrics["status"] == "finished" and len(metrics["epochs"]) == 1
+
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["config"]["hidden"] == 128 and saved["config"]["backend_used"] == "numpy"
+    assert saved["config"]["environment"]["numpy"] == np.__version__
+    assert set(saved["epochs"][0]) >= {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"}
+    assert saved["epochs"][0]["seconds"] > 0
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["test_accuracy"]) == row["test_accuracy"]
+
+    with np.load(tmp_path / "model.npz", allow_pickle=False) as f:
+        assert f["W1"].shape == (128, 784) and f["W1"].dtype == np.float32
+    model = MLP.load(tmp_path / "model.npz")
+    assert evaluate(model, mnist[2], mnist[3]) == (row["test_loss"], row["test_accuracy"])
+
+    from PIL import Image
+
+    for name in ("curves.png", "confusion.png", "misclassified.png", "weights.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and min(image.size) > 200, name
+    assert any(line.startswith("epoch   1/1") for line in lines)
+
+
+def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(mnist_dir, tmp_path):
+    config = TrainConfig(**SMALL, momentum=0.9, weight_decay=1e-4, val_size=300, data_dir=str(mnist_dir))
+    straight = train(config, tmp_path / "straight", echo=None, pictures=False)
+    stopped = train(config, tmp_path / "resumed", echo=None, pictures=False, stop_after=1)
+    assert stopped["status"] == "stopped" and len(stopped["epochs"]) == 1
+    resumed = train(config, tmp_path / "resumed", resume=True, echo=None, pictures=False)
+    with np.load(tmp_path / "straight/model.npz") as a, np.load(tmp_path / "resumed/model.npz") as b:
+        for name in ("W1", "b1", "W2", "b2"):
+            assert np.array_equal(a[name], b[name]), name
+    assert [r["train_loss"] for r in straight["epochs"]] == [r["train_loss"] for r in resumed["epochs"]]
+
+
+def test_resume_refuses_changed_settings_and_a_new_run_refuses_an_old_folder(mnist_dir, tmp_path):
+    config = TrainConfig(**SMALL, data_dir=str(mnist_dir))
+    train(config, tmp_path, echo=None, pictures=False, stop_after=1)
+    changed = TrainConfig(**{**SMALL, "lr": 0.5}, data_dir=str(mnist_dir))
+    with pytest.raises(ValueError, match=r"different settings: lr 0.5 \(the run has 0.1\)"):
+        train(changed, tmp_path, resume=True, echo=None)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(config, tmp_path, echo=None)
+
+
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch):
+    # A rate that explodes in the second epoch: the first epoch's checkpoint must survive.
+    monkeypatch.setitem(SCHEDULES, "constant", lambda epoch, epochs, lr: lr if epoch == 0 else 1e12)
+    config = TrainConfig(**SMALL, lr_schedule="constant", data_dir=str(mnist_dir))
+    with pytest.raises(Diverged) as info:
+        train(config, tmp_path, echo=None, pictures=False)
+    assert (info.value.epoch, info.value.lr) == (2, 1e12)
+    assert 1 <= info.value.step <= 30
+    message = str(info.value)
+    assert "epoch 2, step" in message and "smaller --lr" in message and CHECKPOINT in message
+
+    with np.load(tmp_path / CHECKPOINT, allow_pickle=False) as f:
+        assert int(f["train.epochs_done"]) == 1
+        assert all(np.isfinite(f[name]).all() for name in ("W1", "b1", "W2", "b2"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["diverged"]["epoch"] == 2
+    assert len(metrics["epochs"]) == 1
+    assert not (tmp_path / "model.npz").exists()
