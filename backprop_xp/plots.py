@@ -159,15 +159,39 @@ def mistakes_grid(
     )  # fmt: skip
 
 
-def weight_grid(w1: np.ndarray, path: str | os.PathLike, *, count: int = 100) -> None:
-    """The first ``count`` rows of ``W1`` drawn as 28x28 pictures (red positive, blue negative)."""
-    w1 = np.asarray(w1)
+def weight_grid(w1: np.ndarray, path: str | os.PathLike, *, count: int = 100, columns: int = 10) -> None:
+    """The first ``count`` rows of ``W1`` drawn as 28x28 pictures (red positive, blue negative).
+
+    The tiles are laid into one mosaic image (one ``imshow``, fast for
+    hundreds of units), each scaled by its own largest absolute weight so that
+    every unit's pattern is visible whatever its overall size.
+    """
+    plt = _pyplot()
+    w1 = np.asarray(w1, dtype=np.float64)
     shown = w1[:count]
-    digit_grid(
-        shown, [], path,
-        suptitle=f"Input weights of hidden units 0-{len(shown) - 1} of {len(w1)} (red > 0, blue < 0)",
-        cmap="RdBu_r", symmetric=True,
-    )  # fmt: skip
+    n = shown.shape[0]
+    side = math.isqrt(shown.shape[1])
+    if n == 0 or side * side != shown.shape[1]:
+        raise ValueError(f"weight_grid needs rows of a square number of values, got shape {w1.shape}")
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    gap = 2
+    mosaic = np.full((rows * (side + gap) - gap, columns * (side + gap) - gap), np.nan)
+    for i, w in enumerate(shown):
+        r, c = divmod(i, columns)
+        limit = float(np.abs(w).max()) or 1.0
+        mosaic[r * (side + gap) : r * (side + gap) + side, c * (side + gap) : c * (side + gap) + side] = (
+            w.reshape(side, side) / limit
+        )
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")  # the gaps between tiles
+    fig, ax = plt.subplots(figsize=(1.0 * columns, 1.0 * rows + 0.5))
+    ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(
+        f"Input weights of hidden units 0-{n - 1} of {len(w1)}, row by row\n"
+        "(each unit scaled to its own largest weight; red > 0, blue < 0)"
+    )
+    save_figure(fig, path)
 
 
 def sweep_plot(runs: Sequence[dict], path: str | os.PathLike, *, title: str = "Sweep") -> None:

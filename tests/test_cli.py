@@ -1,0 +1,159 @@
+"""The command line: bad arguments, train -> evaluate -> predict, resume and divergence exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from backprop_xp import MLP
+from backprop_xp.backend import to_numpy
+from backprop_xp.cli import main
+
+QUICK = ["--hidden", "32", "--train-size", "2000", "--epochs", "2", "--batch-size", "100", "--backend", "numpy"]
+
+
+def _fails_with_usage_error(argv, capsys, fragment):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.count("\n") == 1, err  # one line, no usage block, no traceback
+    assert fragment in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--hidden", "0"], "--hidden: must be an integer >= 1, got 0"),
+        (["train", "--hidden", "ten"], "--hidden: 'ten' is not an integer"),
+        (["train", "--lr", "-1"], "--lr: must be > 0, got -1"),
+        (["train", "--lr", "nan"], "--lr: must be a finite number"),
+        (["train", "--batch-size", "0"], "--batch-size: must be an integer >= 1, got 0"),
+        (["train", "--epochs", "0"], "--epochs: must be an integer >= 1"),
+        (["train", "--momentum", "1"], "--momentum: must be in [0, 1)"),
+        (["train", "--weight-decay", "-0.1"], "--weight-decay: must be >= 0"),
+        (["train", "--data-dir", "/no/such/folder"], "--data-dir: folder '/no/such/folder' does not exist"),
+        (["train", "--backend", "tpu"], "--backend: 'tpu' is not one of auto, numpy, cupy"),
+        (["train", "--activation", "gelu"], "--activation: 'gelu' is not one of relu, sigmoid, tanh"),
+        (["train", "--lr-schedule", "linear"], "--lr-schedule: 'linear' is not one of constant, step, cosine"),
+        (["train", "--dtype", "float16"], "--dtype: 'float16' is not one of float32, float64"),
+        (["train", "--resume", "/no/such/run"], "--resume: folder '/no/such/run' does not exist"),
+        (["sweep", "--lr", "0.1,-1"], "--lr: must be > 0, got -1"),
+        (["sweep", "--hidden", "32,,0"], "--hidden: must be an integer >= 1, got 0"),
+        (["sweep", "--jobs", "0"], "--jobs: must be an integer >= 1"),
+        (["train", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_code_2(argv, fragment, capsys):
+    _fails_with_usage_error(argv, capsys, fragment)
+
+
+def test_the_module_runs_as_a_program():
+    ok = subprocess.run([sys.executable, "-m", "backprop_xp", "train", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "--lr-schedule" in ok.stdout and "--resume" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "backprop_xp", "train", "--hidden", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "backprop-xp train: error: argument --hidden: must be an integer >= 1, got 0 (see backprop-xp train --help)"
+
+
+def test_an_unusable_cupy_backend_is_a_one_line_error(mnist_dir, capsys):
+    from backprop_xp.backend import BackendError, get_backend
+
+    try:
+        get_backend("cupy")
+    except BackendError:
+        pass
+    else:
+        pytest.skip("CuPy works here: nothing to refuse")
+    assert main(["train", "--backend", "cupy", "--data-dir", str(mnist_dir), "--quiet", "--out", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("backprop-xp: error: backend 'cupy'") and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_dir, tmp_path_factory):
+    """One small run through the command line, shared by the tests below."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *QUICK, "--data-dir", str(mnist_dir), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_train_writes_its_folder(trained):
+    for name in ("metrics.json", "metrics.csv", "model.npz", "checkpoint.npz", "curves.png", "confusion.png",
+                 "misclassified.png", "weights.png"):  # fmt: skip
+        assert (trained / name).stat().st_size > 0, name
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and [r["epoch"] for r in metrics["epochs"]] == [1, 2]
+    assert metrics["config"]["hidden"] == 32 and metrics["config"]["lr"] == 0.1  # the flag and a default
+
+
+def test_evaluate_prints_accuracy_per_class_and_the_confusion_matrix(trained, mnist_dir, mnist, capsys):
+    assert main(["evaluate", str(trained / "model.npz"), "--data-dir", str(mnist_dir), "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    model = MLP.load(trained / "model.npz")
+    predicted = to_numpy(model.predict(mnist[2]))
+    right = int((predicted == mnist[3]).sum())
+    assert f"test accuracy {100 * right / 10_000:.2f}%  ({right} of 10000)" in out
+    assert "per-class accuracy" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    counts = np.array([[int(v) for v in row[1:]] for row in rows[-10:]])
+    assert counts.shape == (10, 10) and counts.sum() == 10_000 and np.trace(counts) == right
+
+
+def test_evaluate_a_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope.npz")]) == 1
+    assert "nope.npz: no such model file" in capsys.readouterr().err
+
+
+def test_predict_classifies_images_and_reports_the_unreadable_ones(trained, mnist, tmp_path, capsys):
+    from PIL import Image
+
+    model = MLP.load(trained / "model.npz")
+    digits = mnist[2][:2]
+    expected = to_numpy(model.predict_proba(digits))
+    white_on_black = tmp_path / "digit0.png"
+    Image.fromarray((digits[0].reshape(28, 28) * 255).round().astype(np.uint8)).save(white_on_black)
+    # The second digit as a person would draw it: dark on light, larger, in colour.
+    paper = (255 - (digits[1].reshape(28, 28) * 255).round()).astype(np.uint8)
+    dark_on_light = tmp_path / "digit1.png"
+    Image.fromarray(np.kron(paper, np.ones((3, 3), np.uint8))).convert("RGB").save(dark_on_light)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    too_small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(too_small)
+
+    code = main(["predict", str(trained / "model.npz"), str(not_an_image), str(white_on_black),
+                 str(tmp_path / "missing.png"), str(too_small), str(dark_on_light)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1  # some files failed, the others were still classified
+    lines = captured.out.splitlines()
+    assert len(lines) == 2
+    top3 = np.argsort(-expected[0])[:3]
+    assert lines[0] == f"{white_on_black}: " + ", ".join(f"{k} ({100 * expected[0][k]:.1f}%)" for k in top3)
+    assert lines[1].startswith(f"{dark_on_light}: {expected[1].argmax()} (") and "[inverted" in lines[1]
+    err = captured.err
+    assert "notes.png: not a readable image" in err
+    assert "missing.png: no such file" in err
+    assert "small.png: image is 12x10, smaller than 28x28" in err
+
+
+def test_resume_through_the_command_line(trained, mnist_dir, tmp_path, capsys):
+    # Changed settings are refused, naming them; a finished run resumes to itself.
+    assert main(["train", "--resume", str(trained), "--lr", "0.5"]) == 1
+    assert "different settings: lr 0.5 (the run has 0.1)" in capsys.readouterr().err
+    assert main(["train", *QUICK, "--data-dir", str(mnist_dir), "--out", str(trained), "--quiet"]) == 1
+    assert f"resume it with --resume {trained}" in capsys.readouterr().err
+    assert main(["train", "--resume", str(trained), "--out", str(tmp_path)]) == 1
+    assert "a resumed run stays in its folder" in capsys.readouterr().err
+
+
+def test_divergence_exits_3_naming_epoch_and_step(mnist_dir, tmp_path, capsys):
+    argv = ["train", *QUICK, "--lr", "1e9", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "diverged" in err and "at epoch 1, step " in err and "try a smaller --lr (e.g. 1e+08)" in err
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
