@@ -150,7 +150,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             return _read_idx_stream(f, path, gzipped)
         except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
             # A damaged gzip stream: wrong CRC, cut short, or garbage inside.
-            raise DataFormatError(f"{path}: corrupt gzip data ({exc or type(exc).__name__})") from None
+            raise DataFormatError(f"{path}: truncated or corrupt gzip data ({exc or type(exc).__name__})") from None
 
 
 def _read_idx_stream(f, path: Path, gzipped: bool) -> np.ndarray:
@@ -189,7 +189,10 @@ def _read_idx_stream(f, path: Path, gzipped: bool) -> np.ndarray:
             f"{path}: over-long: more bytes than the header's shape {shape} of {dtype.name} "
             f"({expected} bytes of values) accounts for{extra}"
         )
-    values = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    try:
+        values = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    except ValueError:  # e.g. a zero size beside sizes whose product overflows: NumPy cannot hold the shape
+        raise DataFormatError(f"{path}: the header's shape {shape} is not a shape NumPy can hold") from None
     # Native byte order (CuPy and most code expect it); a no-op for one-byte types.
     return values if dtype.itemsize == 1 else values.astype(dtype.newbyteorder("="))
 

@@ -100,6 +100,8 @@ def _raises(path, *phrases):
         ("l", gzip.compress(VALID), ["wrong magic", "looks gzip-compressed"]),
         ("m.gz", gzip.compress(VALID)[:-6], ["corrupt gzip data"]),  # the CRC trailer cut off
         ("n", b"", ["too short"]),
+        # Zero values, but sizes whose product overflows: found by the bit-flip fuzz test.
+        ("o", bytes([0, 0, 8, 4, 0, 0, 0, 0]) + b"\xff\xff\xff\xf0" * 3, ["not a shape NumPy can hold"]),
     ],
 )
 def test_read_idx_rejects_malformed_files_naming_file_and_problem(tmp_path, name, content, phrases):
