@@ -30,6 +30,10 @@ Nothing here waits for the device: the returned ``loss`` and ``n_correct``
 are 0-d device arrays. They are this batch size's output buffers, overwritten
 by the next step of the same size, so copy or accumulate them on the device
 before calling ``step`` again (``train.run_epoch`` does: ``losses[i] = loss``).
+The step also keeps running totals on the device, added by the output-layer
+kernel itself (no extra launch): ``step.sums()`` gives ``(Σ batch loss ×
+batch size, Σ correct, number of samples)`` since the last
+``step.reset_sums()``, for a loop that reads them once per epoch.
 
 The first step of each batch size always runs eagerly (it compiles the
 kernels and lets cuBLAS allocate its workspace outside any capture); the
@@ -81,7 +85,7 @@ class _Buffers:
         self.z2 = xp.empty((batch, k), dt)  # a1 W2ᵀ, without b2 (the softmax kernel adds it)
         self.delta2 = xp.empty((batch, k), dt)
         self.delta1 = xp.empty((batch, h), dt)
-        self.ones = xp.ones(batch, dt)  # ∂L/∂b1 = onesᵀ δ1
+        self.ones = xp.ones((1, batch), dt)  # ∂L/∂b1 = onesᵀ δ1, as a (1, B) x (B, H) product
         self.loss = xp.zeros((), dt)
         self.n_correct = xp.zeros((), xp.int64)
         self.scratch = kc.XentScratch(xp, batch, k, dt)
@@ -131,6 +135,9 @@ class GpuStep:
         self._hyper = cupy.zeros(3, model.dtype)  # [lr, momentum, weight decay] on the device
         self._hyper_host: tuple[float, float, float] | None = None
         self._velocity = optimizer.velocity
+        self._loss_sum = cupy.zeros((), cupy.float64)  # running totals, added to by every step
+        self._correct_sum = cupy.zeros((), cupy.int64)
+        self._n_samples = 0
         self._buffers: dict[int, _Buffers] = {}
         self._capture_stream: Any = None
 
@@ -150,6 +157,7 @@ class GpuStep:
         self._refresh_hyper()
         buf = self._buffers_for(batch)
         buf.seen += 1
+        self._n_samples += batch
         if self.mode == "eager" or buf.seen == 1:
             self._launch(x if x.flags.c_contiguous else xp.ascontiguousarray(x), labels, buf)
             return buf.loss, buf.n_correct
@@ -169,13 +177,32 @@ class GpuStep:
         xp.matmul(x, p["W1"].T, out=buf.a1)
         kc.bias_activation_(buf.a1, p["b1"], act)
         xp.matmul(buf.a1, p["W2"].T, out=buf.z2)
-        kc.softmax_xent_step(buf.z2, p["b2"], labels, buf.delta2, g["b2"], buf.loss, buf.n_correct, buf.scratch)
+        kc.softmax_xent_step(
+            buf.z2, p["b2"], labels, buf.delta2, g["b2"], buf.loss, buf.n_correct, buf.scratch,
+            self._loss_sum, self._correct_sum,
+        )
         xp.matmul(buf.delta2.T, buf.a1, out=g["W2"])
         xp.matmul(buf.delta2, p["W2"], out=buf.delta1)
         kc.activation_backward_(buf.a1, buf.delta1, act)
         xp.matmul(buf.delta1.T, x, out=g["W1"])
-        xp.matmul(buf.ones, buf.delta1, out=g["b1"])
+        xp.matmul(buf.ones, buf.delta1, out=g["b1"][None, :])
         kc.sgd_momentum_(model.flat_params, model.flat_grads, self.optimizer.velocity, self._hyper)
+
+    # ------------------------------------------------------------------ running totals
+    def sums(self) -> tuple[Any, Any, int]:
+        """``(loss_sum, n_correct, n_samples)`` since the last ``reset_sums``.
+
+        ``loss_sum`` (0-d float64) is Σ over steps of the mean batch loss times
+        the batch size and ``n_correct`` (0-d int64) the correctly classified
+        rows, both still on the device; ``n_samples`` is a host int.
+        """
+        return self._loss_sum, self._correct_sum, self._n_samples
+
+    def reset_sums(self) -> None:
+        """Zero the running totals (a stream-ordered memset; no synchronisation)."""
+        self._loss_sum.fill(0)
+        self._correct_sum.fill(0)
+        self._n_samples = 0
 
     # ------------------------------------------------------------------ state kept in step with the optimizer
     def _refresh_hyper(self) -> None:

@@ -161,7 +161,8 @@ __device__ T block_sum(T v, T* scratch) {  // the whole block's sum, valid in th
 template <typename T>
 __device__ void xent_step(const T* z, const T* bias, const long long* labels, int batch, int n_classes,
                           T inv_batch, T* delta, T* bias_grad, T* loss, long long* n_correct,
-                          T* partial_sums, long long* partial_correct, unsigned int* blocks_done) {
+                          T* partial_sums, long long* partial_correct, unsigned int* blocks_done,
+                          double* loss_sum, long long* correct_sum) {
     __shared__ T scratch[32];
     __shared__ long long scratch_ll[32];
     __shared__ bool is_last;
@@ -192,29 +193,36 @@ __device__ void xent_step(const T* z, const T* bias, const long long* labels, in
     for (int j = threadIdx.x; j <= n_classes; j += blockDim.x) {  // column j of the partials, blocks in order
         T total = T(0);
         for (int b = 0; b < gridDim.x; ++b) total += partial_sums[(long long)b * (n_classes + 1) + j];
-        if (j == 0) *loss = total / T(batch);
-        else bias_grad[j - 1] = total;
+        if (j == 0) {
+            *loss = total / T(batch);
+            if (loss_sum) *loss_sum += (double)total;  // running sums for the epoch, if asked for
+        } else {
+            bias_grad[j - 1] = total;
+        }
     }
     if (threadIdx.x == 0) {
         long long total = 0;
         for (int b = 0; b < gridDim.x; ++b) total += partial_correct[b];
         *n_correct = total;
+        if (correct_sum) *correct_sum += total;
         *blocks_done = 0u;  // ready for the next launch (or graph replay)
     }
 }
 
 extern "C" __global__ void xent_step_float(const float* z, const float* bias, const long long* labels, int batch,
         int n_classes, float inv_batch, float* delta, float* bias_grad, float* loss, long long* n_correct,
-        float* partial_sums, long long* partial_correct, unsigned int* blocks_done) {
+        float* partial_sums, long long* partial_correct, unsigned int* blocks_done,
+        double* loss_sum, long long* correct_sum) {
     xent_step<float>(z, bias, labels, batch, n_classes, inv_batch, delta, bias_grad, loss, n_correct,
-                     partial_sums, partial_correct, blocks_done);
+                     partial_sums, partial_correct, blocks_done, loss_sum, correct_sum);
 }
 
 extern "C" __global__ void xent_step_double(const double* z, const double* bias, const long long* labels, int batch,
         int n_classes, double inv_batch, double* delta, double* bias_grad, double* loss, long long* n_correct,
-        double* partial_sums, long long* partial_correct, unsigned int* blocks_done) {
+        double* partial_sums, long long* partial_correct, unsigned int* blocks_done,
+        double* loss_sum, long long* correct_sum) {
     xent_step<double>(z, bias, labels, batch, n_classes, inv_batch, delta, bias_grad, loss, n_correct,
-                      partial_sums, partial_correct, blocks_done);
+                      partial_sums, partial_correct, blocks_done, loss_sum, correct_sum);
 }
 """
 )
@@ -334,15 +342,27 @@ class XentScratch:
 
 
 def softmax_xent_step(
-    z: Any, bias: Any, labels: Any, delta: Any, bias_grad: Any, loss: Any, n_correct: Any, scratch: XentScratch
+    z: Any,
+    bias: Any,
+    labels: Any,
+    delta: Any,
+    bias_grad: Any,
+    loss: Any,
+    n_correct: Any,
+    scratch: XentScratch,
+    loss_sum: Any | None = None,
+    correct_sum: Any | None = None,
 ) -> None:
     """The output layer of a training step in one launch.
 
     From ``z = a1 W2ᵀ`` (C-contiguous (B, K), bias not yet added), ``bias``
     (K,) and int64 ``labels`` (B,), writes ``delta = (softmax(z + bias) −
     onehot) / B``, ``bias_grad = Σ_b delta`` (K,), ``loss`` (0-d, the mean)
-    and ``n_correct`` (0-d int64, rows whose argmax is the label). Nothing is
-    read back to the host. The NumPy twin is ``softmax_xent_step_reference``.
+    and ``n_correct`` (0-d int64, rows whose argmax is the label). If given,
+    ``loss_sum`` (0-d float64) grows by the batch's summed loss and
+    ``correct_sum`` (0-d int64) by ``n_correct``: an epoch's running totals at
+    no extra launch. Nothing is read back to the host. The NumPy twin is
+    ``softmax_xent_step_reference``.
     """
     batch, n_classes = z.shape
     kernel = _xent_step_kernel(z.dtype.name)
@@ -353,6 +373,8 @@ def softmax_xent_step(
             z, bias, labels, np.int32(batch), np.int32(n_classes), z.dtype.type(1.0 / batch),
             delta, bias_grad, loss, n_correct,
             scratch.partial_sums, scratch.partial_correct, scratch.blocks_done,
+            np.uint64(0) if loss_sum is None else loss_sum,
+            np.uint64(0) if correct_sum is None else correct_sum,
         ),
     )
 

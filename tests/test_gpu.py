@@ -1,0 +1,455 @@
+"""The CuPy path against NumPy: every public function, every fused kernel, the fused and graph steps.
+
+Every test here needs CuPy and a usable CUDA device (the ``cupy`` fixture
+skips with the reason otherwise). The NumPy side is always the reference:
+the same inputs go through ``kernels.py``/``model.py``/``optim.py`` on the
+CPU and through the kernels of ``kernels_cuda.py`` on the device.
+
+Tolerances: kernels doing the same IEEE operations in the same order
+(ReLU, the activation derivatives, the SGD update, compiled with
+``--fmad=false``) must match bit for bit; anything with ``exp``/``log``/``tanh``
+or a matrix product (different summation order in cuBLAS) matches to a few
+float32 ulps, checked with ``rtol`` 1e-5 (float32) or 1e-12 (float64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import backprop_xp as bx
+from backprop_xp import kernels as k
+from backprop_xp import kernels_cuda as kc
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = ["float32", "float64"]
+RTOL = {"float32": 1e-5, "float64": 1e-12}
+
+
+def close(actual, expected, dtype, rtol=None, atol_scale=1.0):
+    """assert_allclose on host copies, with an absolute floor scaled to the values' size."""
+    actual, expected = bx.to_numpy(actual), bx.to_numpy(expected)
+    rtol = RTOL[dtype] if rtol is None else rtol
+    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale * atol_scale)
+
+
+def random_logits(rng, batch, n_classes, dtype, spread=5.0):
+    z = rng.normal(0, spread, size=(batch, n_classes)).astype(dtype)
+    z[0, :] = 80.0  # a row whose exp() would overflow float32 without the max shift
+    z[-1, 3] = -90.0
+    return z
+
+
+# --------------------------------------------------------------------------- fused kernels vs their NumPy twins
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 37, 300])
+def test_softmax_cross_entropy_fused_matches_numpy(cupy, dtype, batch):
+    rng = np.random.default_rng(batch)
+    z = random_logits(rng, batch, 10, dtype)
+    y = rng.integers(0, 10, batch)
+    expected_d = np.empty_like(z)
+    expected_loss = k.softmax_cross_entropy_(z, y, out=expected_d)
+    z_dev = cupy.asarray(z)
+    d_dev = cupy.empty_like(z_dev)
+    loss = kc.softmax_cross_entropy_fused(z_dev, cupy.asarray(y), out=d_dev)
+    assert isinstance(loss, cupy.ndarray) and loss.shape == ()  # stays on the device
+    close(loss, expected_loss, dtype)
+    close(d_dev, expected_d, dtype)
+    np.testing.assert_array_equal(z_dev.get(), z)  # logits untouched when out is another array
+
+
+def test_softmax_fused_in_place_and_other_class_counts(cupy):
+    rng = np.random.default_rng(1)
+    z = random_logits(rng, 20, 3, "float32")
+    y = rng.integers(0, 3, 20)
+    expected_d = np.empty_like(z)
+    expected_loss = k.softmax_cross_entropy_(z, y, out=expected_d)
+    z_dev = cupy.asarray(z)
+    loss = kc.softmax_cross_entropy_fused(z_dev, cupy.asarray(y), out=z_dev)
+    close(loss, expected_loss, "float32")
+    close(z_dev, expected_d, "float32")
+
+
+def test_softmax_fused_bad_label_gives_nan_not_a_wild_read(cupy):
+    """The kernel never indexes with a bad label: that row (and the mean) become NaN, other rows are exact."""
+    rng = np.random.default_rng(2)
+    z = random_logits(rng, 6, 10, "float32")
+    y = np.array([1, -1, 10, 2**40, 3, 9])
+    d_dev = cupy.empty((6, 10), cupy.float32)
+    loss = kc.softmax_cross_entropy_fused(cupy.asarray(z), cupy.asarray(y), out=d_dev)
+    d = d_dev.get()
+    assert np.isnan(float(loss))
+    assert np.isnan(d[1:4]).all()
+    good = [0, 4, 5]
+    expected_d = np.empty((3, 10), np.float32)
+    k.softmax_cross_entropy_(z[good], y[good], out=expected_d)
+    close(d[good] * 3 / 6, expected_d, "float32")  # the kernel divides by the full batch of 6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_softmax_cross_entropy_cupy_equals_numpy(cupy, dtype):
+    rng = np.random.default_rng(3)
+    z = random_logits(rng, 50, 10, dtype)
+    y = rng.integers(0, 10, 50)
+    loss_np, d_np = bx.softmax_cross_entropy(z, y)
+    loss_cp, d_cp = bx.softmax_cross_entropy(cupy.asarray(z), cupy.asarray(y))
+    assert isinstance(loss_cp, float) and isinstance(d_cp, cupy.ndarray)
+    close(loss_cp, loss_np, dtype)
+    close(d_cp, d_np, dtype)
+    with pytest.raises(ValueError, match="label 10"):
+        bx.softmax_cross_entropy(cupy.asarray(z), cupy.asarray(np.full(50, 10)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_bias_activation_matches_twin(cupy, activation, dtype):
+    rng = np.random.default_rng(4)
+    z = rng.normal(0, 3, size=(33, 70)).astype(dtype)
+    z[0, :5] = [0.0, -0.0, 50.0, -50.0, -200.0]
+    b = rng.normal(0, 1, size=70).astype(dtype)
+    b[:5] = 0
+    expected = kc.bias_activation_reference(z.copy(), b, activation)
+    got = kc.bias_activation_(cupy.asarray(z), cupy.asarray(b), activation)
+    if activation == "relu":  # an add and a compare: exact
+        np.testing.assert_array_equal(got.get(), expected)
+    else:
+        close(got, expected, dtype)
+    assert np.isfinite(got.get()).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_activation_backward_matches_twin_exactly(cupy, activation, dtype):
+    rng = np.random.default_rng(5)
+    z = rng.normal(0, 2, size=(40, 64)).astype(dtype)
+    a = k.activation_forward_(z, activation)
+    a[0, 0] = 0  # the ReLU kink: derivative taken as 0
+    delta = rng.normal(0, 1, size=a.shape).astype(dtype)
+    expected = kc.activation_backward_reference(a, delta.copy(), activation)
+    got = kc.activation_backward_(cupy.asarray(a), cupy.asarray(delta), activation)
+    np.testing.assert_array_equal(got.get(), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-3)])
+def test_sgd_kernel_is_bit_identical_to_numpy(cupy, dtype, momentum, weight_decay):
+    rng = np.random.default_rng(6)
+    w, g, v = (rng.normal(0, 1, 1000).astype(dtype) for _ in range(3))
+    lr = 0.037
+    velocity = v.copy() if momentum else None
+    expected_w = kc.sgd_momentum_reference(w.copy(), g, velocity, lr, momentum, weight_decay)
+    w_dev, v_dev = cupy.asarray(w), cupy.asarray(v) if momentum else None
+    hyper = cupy.asarray(np.array([lr, momentum, weight_decay], dtype))
+    kc.sgd_momentum_(w_dev, cupy.asarray(g), v_dev, hyper)
+    np.testing.assert_array_equal(w_dev.get(), expected_w)
+    if momentum:
+        np.testing.assert_array_equal(v_dev.get(), velocity)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 37, 256, 257, 1000, 4096])
+def test_xent_step_kernel_matches_twin(cupy, dtype, batch):
+    """One block and many (the last-block reduction), run twice (the counter must reset itself)."""
+    rng = np.random.default_rng(batch)
+    z = random_logits(rng, batch, 10, dtype)
+    b = rng.normal(0, 1, 10).astype(dtype)
+    y = rng.integers(0, 10, batch)
+    z[-1] = 0  # a tie: argmax is the first maximum, as in NumPy
+    y[-1] = 0
+    exp_delta, exp_bias_grad, exp_loss, exp_correct = kc.softmax_xent_step_reference(z, b, y)
+    z_dev, b_dev, y_dev = cupy.asarray(z), cupy.asarray(b), cupy.asarray(y)
+    scratch = kc.XentScratch(cupy, batch, 10, dtype)
+    for _ in range(2):
+        delta, bias_grad = cupy.full((batch, 10), np.nan, dtype), cupy.full(10, np.nan, dtype)
+        loss, correct = cupy.full((), np.nan, dtype), cupy.full((), -1, cupy.int64)
+        kc.softmax_xent_step(z_dev, b_dev, y_dev, delta, bias_grad, loss, correct, scratch)
+        close(delta, exp_delta, dtype)
+        close(bias_grad, exp_bias_grad, dtype, atol_scale=10)
+        close(loss, exp_loss, dtype)
+        assert int(correct) == int(exp_correct)
+        assert int(scratch.blocks_done[0]) == 0
+
+
+def test_xent_step_bad_label_poisons_the_loss(cupy):
+    z = cupy.zeros((300, 10), cupy.float32)
+    y = cupy.zeros(300, cupy.int64)
+    y[299] = 10
+    delta, bias_grad = cupy.empty((300, 10), cupy.float32), cupy.empty(10, cupy.float32)
+    loss, correct = cupy.empty((), cupy.float32), cupy.empty((), cupy.int64)
+    kc.softmax_xent_step(z, cupy.zeros(10, cupy.float32), y, delta, bias_grad, loss, correct, kc.XentScratch(cupy, 300, 10, "float32"))
+    assert np.isnan(float(loss)) and np.isnan(delta[299].get()).all() and np.isfinite(delta[:299].get()).all()
+
+
+# --------------------------------------------------------------------------- public API: CuPy equals NumPy
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_mlp_public_functions_cupy_equal_numpy(cupy, activation, dtype):
+    rng = np.random.default_rng(7)
+    x = rng.random((70, 784)).astype(dtype)
+    y = rng.integers(0, 10, 70)
+    m_np = bx.MLP(784, 48, 10, activation=activation, backend="numpy", dtype=dtype, seed=3)
+    m_cp = bx.MLP(784, 48, 10, activation=activation, backend="cupy", dtype=dtype, seed=3)
+    for name in m_np.params:
+        np.testing.assert_array_equal(m_cp.params[name].get(), m_np.params[name])
+    loss_np, grads_np = m_np.loss_and_grads(x, y)
+    loss_cp, grads_cp = m_cp.loss_and_grads(x, y)  # a NumPy x is copied to the device
+    close(loss_cp, loss_np, dtype)
+    for name in grads_np:
+        close(grads_cp[name], grads_np[name], dtype, atol_scale=10)
+    close(m_cp.predict_proba(x), m_np.predict_proba(x), dtype)
+    np.testing.assert_array_equal(m_cp.predict(cupy.asarray(x)).get(), m_np.predict(x))
+    with pytest.raises(ValueError, match="label"):
+        m_cp.loss_and_grads(x, np.full(70, 11))
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 1e-3)])
+def test_sgd_step_cupy_equals_numpy(cupy, momentum, weight_decay):
+    rng = np.random.default_rng(8)
+    x = rng.random((64, 784)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
+    models = [bx.MLP(784, 32, 10, backend=b, seed=1) for b in ("numpy", "cupy")]
+    opts = [bx.SGD(m, lr=0.05, momentum=momentum, weight_decay=weight_decay) for m in models]
+    for _ in range(3):
+        for m, opt in zip(models, opts):
+            m.loss_and_grads(x, y)
+            opt.step()
+    for name in models[0].params:
+        close(models[1].params[name], models[0].params[name], "float32", rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- the fused step and the graph step
+
+
+def _batches(x, y, sizes):
+    """Views at moving offsets into one buffer, as Minibatches serves them (last one partial)."""
+    start = 0
+    for size in sizes:
+        yield x[start : start + size], y[start : start + size]
+        start += size
+
+
+def _reference_run(activation, dtype, momentum, weight_decay, x, y, sizes, lrs):
+    """The generic NumPy path: model.backprop then optimizer.step, batch by batch."""
+    m = bx.MLP(784, 64, 10, activation=activation, backend="numpy", dtype=dtype, seed=5)
+    opt = bx.SGD(m, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+    history = []
+    for i, (xb, yb) in enumerate(_batches(x, y, sizes)):
+        opt.lr = lrs[i]
+        loss, n_correct = m.backprop(xb, yb)
+        opt.step()
+        history.append((float(loss), int(n_correct)))
+    return m, opt, history
+
+
+def _fused_run(cupy, graphs, activation, dtype, momentum, weight_decay, x, y, sizes, lrs, prepare=None):
+    from backprop_xp.gpu_step import make_gpu_step
+
+    m = bx.MLP(784, 64, 10, activation=activation, backend="cupy", dtype=dtype, seed=5)
+    opt = bx.SGD(m, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+    notices = []
+    step = make_gpu_step(m, opt, graphs=graphs)
+    step._notice = notices.append
+    if prepare is not None:
+        prepare(step)
+    x_dev, y_dev = cupy.asarray(x), cupy.asarray(y)
+    history = []
+    for i, (xb, yb) in enumerate(_batches(x_dev, y_dev, sizes)):
+        opt.lr = lrs[i]
+        loss, n_correct = step(xb, yb)
+        assert isinstance(loss, cupy.ndarray) and loss.shape == () and n_correct.dtype == cupy.int64
+        history.append((float(loss), int(n_correct)))  # copies now: the buffers are reused by the next step
+    return m, step, history, notices
+
+
+# Full batches of 50 with a partial batch of 17 between them (a new size, eager first, then a graph), and a
+# learning-rate change after a graph was captured.
+SIZES = [50, 50, 50, 17, 50, 17, 50, 17, 50]
+LRS = [0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.02, 0.02, 0.02]
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize(
+    "activation, dtype, momentum, weight_decay",
+    [
+        ("relu", "float32", 0.9, 0.0),
+        ("relu", "float64", 0.9, 5e-4),
+        ("sigmoid", "float64", 0.0, 0.0),
+        ("tanh", "float64", 0.5, 1e-3),
+    ],
+)
+def test_fused_step_follows_the_reference(cupy, graphs, activation, dtype, momentum, weight_decay):
+    rng = np.random.default_rng(9)
+    n = sum(SIZES)
+    x = rng.random((n, 784)).astype(dtype)
+    y = rng.integers(0, 10, n)
+    ref, ref_opt, ref_history = _reference_run(activation, dtype, momentum, weight_decay, x, y, SIZES, LRS)
+    got, step, history, notices = _fused_run(cupy, graphs, activation, dtype, momentum, weight_decay, x, y, SIZES, LRS)
+    rtol = 2e-4 if dtype == "float32" else 1e-9  # nine steps of float32 rounding through cuBLAS
+    for (loss, correct), (ref_loss, ref_correct) in zip(history, ref_history):
+        np.testing.assert_allclose(loss, ref_loss, rtol=rtol)
+        assert correct == ref_correct
+    for name in ref.params:
+        close(got.params[name], ref.params[name], dtype, rtol=rtol)
+    if momentum:
+        close(step.optimizer.velocity, ref_opt.velocity, dtype, rtol=rtol)
+    assert notices == [] and step.capture_error is None, notices
+    # the running totals the kernel keeps on the device, read once
+    loss_sum, correct_sum, n_samples = step.sums()
+    assert n_samples == sum(SIZES)
+    np.testing.assert_allclose(float(loss_sum), sum(loss * size for (loss, _), size in zip(ref_history, SIZES)), rtol=rtol)
+    assert int(correct_sum) == sum(correct for _, correct in ref_history)
+    step.reset_sums()
+    assert float(step.sums()[0]) == 0 and int(step.sums()[1]) == 0 and step.sums()[2] == 0
+
+
+def test_graph_step_is_really_captured_and_equals_eager(cupy):
+    """The graph path: a graph per batch size after its first (eager) step, replays equal eager launches."""
+    rng = np.random.default_rng(10)
+    n = sum(SIZES)
+    x = rng.random((n, 784)).astype(np.float32)
+    y = rng.integers(0, 10, n)
+    eager, _, eager_history, _ = _fused_run(cupy, False, "relu", "float32", 0.9, 0.0, x, y, SIZES, LRS)
+    graph, step, graph_history, notices = _fused_run(cupy, True, "relu", "float32", 0.9, 0.0, x, y, SIZES, LRS)
+    assert step.mode == "graphs" and step.capture_error is None, f"capture failed: {step.capture_error} {notices}"
+    assert {size for size, buf in step._buffers.items() if buf.graph is not None} == {50, 17}
+    np.testing.assert_allclose(np.array(graph_history), np.array(eager_history), rtol=1e-6)
+    for name in eager.params:
+        close(graph.params[name], eager.params[name], "float32", rtol=1e-6)
+
+
+class _RefusingStream:
+    """A real stream whose begin_capture fails, as on a CuPy that refuses cuBLAS under capture."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        return self.stream.__enter__()
+
+    def __exit__(self, *exc):
+        return self.stream.__exit__(*exc)
+
+    def begin_capture(self, *args, **kwargs):
+        raise NotImplementedError("capture refused (simulated)")
+
+
+def test_graph_step_falls_back_to_eager_with_one_notice(cupy):
+    """When capture fails, the step says so once and goes on eagerly, still correct."""
+
+    def refuse(step):
+        step._capture_stream = _RefusingStream(cupy.cuda.Stream(non_blocking=True))
+
+    rng = np.random.default_rng(11)
+    n = sum(SIZES)
+    x = rng.random((n, 784)).astype(np.float64)
+    y = rng.integers(0, 10, n)
+    ref, _, ref_history = _reference_run("relu", "float64", 0.9, 0.0, x, y, SIZES, LRS)
+    got, step, history, notices = _fused_run(cupy, True, "relu", "float64", 0.9, 0.0, x, y, SIZES, LRS, prepare=refuse)
+    assert step.mode == "eager" and "simulated" in step.capture_error
+    assert len(notices) == 1 and "running the fused step eagerly" in notices[0]
+    np.testing.assert_allclose(np.array(history), np.array(ref_history), rtol=1e-9)
+    for name in ref.params:
+        close(got.params[name], ref.params[name], "float64", rtol=1e-9)
+
+
+def test_graph_step_follows_a_new_velocity_array(cupy):
+    """Replacing optimizer.velocity (a restored checkpoint, say) re-captures instead of updating the old one."""
+    from backprop_xp.gpu_step import make_gpu_step
+
+    rng = np.random.default_rng(12)
+    x = cupy.asarray(rng.random((40, 784)).astype(np.float32))
+    y = cupy.asarray(rng.integers(0, 10, 40))
+    m = bx.MLP(784, 16, 10, backend="cupy")
+    opt = bx.SGD(m, lr=0.1, momentum=0.9)
+    step = make_gpu_step(m, opt)
+    for _ in range(3):
+        step(x, y)
+    old = opt.velocity
+    opt.velocity = cupy.zeros_like(old)
+    step(x, y)
+    assert float(cupy.abs(opt.velocity).sum()) > 0  # the new array was updated...
+    before = old.copy()
+    step(x, y)
+    np.testing.assert_array_equal(old.get(), before.get())  # ...and the old one is left alone
+
+
+def test_step_rejects_wrong_inputs_with_a_clear_message(cupy):
+    from backprop_xp.gpu_step import make_gpu_step
+
+    m = bx.MLP(784, 16, 10, backend="cupy")
+    step = make_gpu_step(m, bx.SGD(m, lr=0.1))
+    x = cupy.zeros((8, 784), cupy.float32)
+    with pytest.raises(ValueError, match="784"):
+        step(cupy.zeros((8, 783), cupy.float32), cupy.zeros(8, cupy.int64))
+    with pytest.raises(ValueError, match="float32"):
+        step(x.astype(cupy.float64), cupy.zeros(8, cupy.int64))
+    with pytest.raises(ValueError, match="int64"):
+        step(x, cupy.zeros(8, cupy.int32))
+    with pytest.raises(ValueError, match="CuPy"):
+        step(np.zeros((8, 784), np.float32), np.zeros(8, np.int64))
+    with pytest.raises(ValueError, match="CuPy model"):
+        make_gpu_step(bx.MLP(784, 16, 10), None)
+
+
+# --------------------------------------------------------------------------- no host synchronisation
+
+
+HOLD_SOURCE = r"""
+extern "C" __global__ void hold(volatile const int* release, int* outcome, long long max_cycles) {
+    // Spin until the host writes release[0] (mapped pinned memory) or the time limit passes.
+    long long start = clock64();
+    while (release[0] == 0) {
+        if (clock64() - start > max_cycles) { outcome[0] = 2; return; }
+    }
+    outcome[0] = 1;
+}
+"""
+
+
+def test_step_loop_never_waits_for_the_device(cupy):
+    """Steps are enqueued while the device is held busy; the host releases it only afterwards.
+
+    A kernel on the same stream spins until the host writes a flag into pinned
+    memory. If any step call waited for the device (a ``.get()``, an ``item()``,
+    a synchronising copy), it would wait for that kernel, which waits for the
+    host: the kernel then gives up after its time limit and reports it. This
+    tests the graph replays (after their capture), a learning-rate change and
+    the eager fused step; it is a causal test, not a timing one.
+    """
+    from backprop_xp.gpu_step import make_gpu_step
+
+    rng = np.random.default_rng(13)
+    x = cupy.asarray(rng.random((700, 784)).astype(np.float32))
+    y = cupy.asarray(rng.integers(0, 10, 700))
+    m = bx.MLP(784, 64, 10, backend="cupy")
+    opt = bx.SGD(m, lr=0.1, momentum=0.9)
+    graph_step, eager_step = make_gpu_step(m, opt, graphs=True), make_gpu_step(m, opt, graphs=False)
+    for step in (graph_step, eager_step):  # first steps (compile, allocate, capture) happen before the hold
+        for i in range(2):
+            step(x[i * 100 : (i + 1) * 100], y[i * 100 : (i + 1) * 100])
+    cupy.cuda.get_current_stream().synchronize()
+
+    pinned = cupy.cuda.alloc_pinned_memory(8)
+    release = np.frombuffer(pinned, np.int32, 2)
+    release[:] = 0
+    outcome = cupy.zeros(1, cupy.int32)
+    hold = cupy.RawKernel(HOLD_SOURCE, "hold")
+    # gives up after 2e10 cycles: about 10 s at 2 GHz (clock64 counts SM cycles)
+    hold((1,), (1,), (np.uint64(pinned.ptr), outcome, np.int64(20_000_000_000)))
+    losses = cupy.zeros(6, cupy.float32)
+    for i in range(6):
+        if i == 3:
+            opt.lr = 0.05
+        step = graph_step if i % 2 == 0 else eager_step
+        loss, _ = step(x[i * 100 : (i + 1) * 100], y[i * 100 : (i + 1) * 100])
+        losses[i] = loss
+    release[0] = 1  # only now may the device go on
+    cupy.cuda.get_current_stream().synchronize()
+    assert int(outcome[0]) == 1, "a step call waited for the device (the hold kernel timed out)"
+    assert np.isfinite(losses.get()).all()
