@@ -418,6 +418,8 @@ def load_mnist(
     ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally
     ``.gz``). Those are checked by structure, not by hash, so any image
     classification set in this layout (Fashion-MNIST, say) loads the same way.
+    Files reach the cache only through ``fetch_mnist``, which renames each into
+    place after its SHA-256 matched: the cache holds nothing unverified.
 
     Parameters
     ----------
