@@ -131,8 +131,8 @@ def run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
                     os.remove(os.path.join(out_dir, CHECKPOINT))
             train(cfg, out_dir, resume=resume, echo=echo, progress=False)
         except Diverged as exc:
-            error = str(exc)
-            echo(error)
+            echo(str(exc))
+            error = f"diverged at epoch {exc.epoch}, step {exc.step} (lr {exc.lr:g})"
         except Exception as exc:  # recorded, never fatal to the sweep
             error = f"{type(exc).__name__}: {exc}"
             echo(error)
