@@ -207,7 +207,8 @@ def run_epoch(
     device arrays (no host synchronisation); they are copied to the host
     after the last step, which is also what makes the epoch's wall time
     honest on a GPU. ``progress(n_samples, running_loss)`` is called every
-    ``progress_every`` steps (that call does read one loss from the device).
+    ``progress_every`` steps with the mean loss of those steps (that call does
+    read from the device, so it is only made when a progress bar is shown).
     """
     n_steps = len(batches)
     sizes = np.zeros(n_steps, np.int64)
@@ -224,14 +225,14 @@ def run_epoch(
         sizes[i] = xb.shape[0]
         done = i + 1
         if progress is not None and done % progress_every == 0:
-            progress(int(sizes[since:done].sum()), float(losses[i]))
+            progress(int(sizes[since:done].sum()), float(losses[since:done].mean()))
             since = done
     if losses is None:
         return EpochSums(0.0, 0, 0, None)
     loss_host = to_numpy(losses[:done])  # the epoch's one device-to-host copy
     n_correct = int(to_numpy(corrects[:done]).sum())
     if progress is not None and since < done:
-        progress(int(sizes[since:done].sum()), float(loss_host[-1]))
+        progress(int(sizes[since:done].sum()), float(loss_host[since:].mean()))
     bad = np.flatnonzero(~np.isfinite(loss_host))
     loss_sum = float(loss_host @ sizes[:done].astype(np.float64))
     return EpochSums(loss_sum, n_correct, int(sizes[:done].sum()), int(bad[0]) if bad.size else None)

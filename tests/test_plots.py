@@ -1,0 +1,51 @@
+"""Pictures: each function writes a readable PNG, and refuses input it cannot draw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backprop_xp import plots
+
+ROWS = [
+    {"epoch": e, "train_loss": 1 / e, "train_accuracy": 0.9 + e / 100, "test_loss": 1.2 / e,
+     "test_accuracy": 0.88 + e / 100, "val_loss": 1.1 / e, "val_accuracy": 0.89 + e / 100, "seconds": 1.0}
+    for e in (1, 2, 3)
+]  # fmt: skip
+
+
+def _png_size(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_every_picture_is_a_png(tmp_path):
+    rng = np.random.default_rng(0)
+    plots.training_curves(ROWS, tmp_path / "curves.png", title="t")
+    plots.confusion_plot(rng.integers(0, 50, (10, 10)), tmp_path / "confusion.png")
+    images, labels = rng.random((30, 784)), rng.integers(0, 10, 30)
+    proba = rng.dirichlet(np.ones(10), 30)
+    plots.mistakes_grid(images, labels, proba, tmp_path / "mistakes.png", count=12)
+    plots.weight_grid(rng.normal(size=(37, 784)), tmp_path / "weights.png")
+    plots.sweep_plot([{"name": "a", "epochs": ROWS}, {"name": "b", "epochs": ROWS[:1]}], tmp_path / "sweep.png")
+    for name in ("curves", "confusion", "mistakes", "weights", "sweep"):
+        width, height = _png_size(tmp_path / f"{name}.png")
+        assert width > 300 and height > 200, name
+
+
+def test_a_model_without_mistakes_still_gets_a_picture(tmp_path):
+    labels = np.arange(10)
+    plots.mistakes_grid(np.zeros((10, 784)), labels, np.eye(10), tmp_path / "none.png")
+    assert _png_size(tmp_path / "none.png")
+
+
+def test_nothing_to_draw_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="at least one epoch"):
+        plots.training_curves([], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="at least one run"):
+        plots.sweep_plot([{"name": "failed", "epochs": []}], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="square"):
+        plots.weight_grid(np.zeros((3, 10)), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
