@@ -10,7 +10,7 @@ choose with ``backend=``. Quick start::
 """
 
 from .backend import Backend, BackendError, get_backend, to_numpy
-from .data import DataFormatError, load_mnist
+from .data import DataFormatError, Minibatches, load_mnist
 from .kernels import softmax_cross_entropy
 from .model import MLP
 from .optim import SGD, sgd_update
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MLP",
+    "Minibatches",
     "SGD",
     "Backend",
     "BackendError",
