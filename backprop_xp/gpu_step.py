@@ -250,8 +250,9 @@ class GpuStep:
                     graph = stream.end_capture()
                 except Exception as exc:  # noqa: BLE001
                     error = error or _one_line(exc)
-            if error is None:  # instantiate and upload now, on the stream replays use, not inside the first replay
-                graph.upload(cupy.cuda.get_current_stream())
+            upload = getattr(graph, "upload", None)  # CuPy >= 13; older ones upload on first launch
+            if error is None and upload is not None:  # instantiate and upload now, not inside the first replay
+                upload(cupy.cuda.get_current_stream())
         except Exception as exc:  # noqa: BLE001 - any failure means "no graph here"; the reason is reported
             error = error or _one_line(exc)
         if error is not None:

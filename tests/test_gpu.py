@@ -87,7 +87,7 @@ def test_softmax_fused_bad_label_gives_nan_not_a_wild_read(cupy):
     good = [0, 4, 5]
     expected_d = np.empty((3, 10), np.float32)
     k.softmax_cross_entropy_(z[good], y[good], out=expected_d)
-    close(d[good] * 3 / 6, expected_d, "float32")  # the kernel divides by the full batch of 6
+    close(d[good] * 6 / 3, expected_d, "float32")  # the kernel divides by the full batch of 6, the reference by 3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -158,7 +158,7 @@ def test_xent_step_kernel_matches_twin(cupy, dtype, batch):
     z = random_logits(rng, batch, 10, dtype)
     b = rng.normal(0, 1, 10).astype(dtype)
     y = rng.integers(0, 10, batch)
-    z[-1] = 0  # a tie: argmax is the first maximum, as in NumPy
+    z[-1] = -b  # z + b = 0 exactly: a ten-way tie, and argmax is the first maximum, as in NumPy
     y[-1] = 0
     exp_delta, exp_bias_grad, exp_loss, exp_correct = kc.softmax_xent_step_reference(z, b, y)
     z_dev, b_dev, y_dev = cupy.asarray(z), cupy.asarray(b), cupy.asarray(y)
