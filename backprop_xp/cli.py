@@ -220,6 +220,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except Diverged as exc:
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
+    except KeyboardInterrupt:
+        print(f"backprop-xp: interrupted; the last finished epoch is saved: continue with --resume {out}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -410,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
-    except (UserError, FileNotFoundError, ValueError, BackendError) as exc:
+    except (UserError, OSError, ValueError, BackendError) as exc:  # OSError: FileNotFoundError, a full disk...
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -583,10 +583,13 @@ def draw_run_pictures(out: Path, model: Any, metrics: dict[str, Any], x_test: np
 
 
 def _run_title(config: dict[str, Any]) -> str:
-    return (
+    title = (
         f"784-{config['hidden']}-10 {config['activation']}, batch {config['batch_size']}, "
         f"lr {config['lr']:g} ({config['lr_schedule']}), momentum {config['momentum']:g}"
     )
+    if config.get("weight_decay"):
+        title += f", weight decay {config['weight_decay']:g}"
+    return title + f" ({config.get('backend_used', config['backend'])})"
 
 
 def load_metrics(out_dir: str | os.PathLike) -> dict[str, Any] | None:
