@@ -27,11 +27,22 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh")
 # need not keep z1 alive: relu' = [a > 0], sigmoid' = a(1 - a), tanh' = 1 - a².
 
 
-def activation_forward_(z: Any, activation: str) -> Any:
-    """Overwrite ``z`` with ``f(z)`` and return it."""
+def activation_forward_(z: Any, activation: str, fprime: Any = None) -> Any:
+    """Overwrite ``z`` with ``f(z)`` and return it; also write ``f'(z)`` into ``fprime`` if given.
+
+    The training step passes ``fprime``: the backward pass needs ``f'(z1)``, and
+    for ReLU the forward pass gets it for free. ``a = z ⊙ [z > 0]`` computes the
+    mask the backward pass multiplies by anyway, and ``greater`` + ``multiply``
+    is cheaper than NumPy's NaN-aware ``maximum`` on data of random sign
+    (measured in ``bench/NOTES.md``). The other activations derive ``f'`` from
+    ``a`` afterwards, as ``activation_derivative`` does.
+    """
     xp = array_module(z)
     if activation == "relu":
-        return xp.maximum(z, 0, out=z)
+        if fprime is None:
+            return xp.maximum(z, 0, out=z)
+        xp.greater(z, 0, out=fprime)  # relu'(z) = [z > 0]
+        return xp.multiply(z, fprime, out=z)  # relu(z) = z ⊙ [z > 0]
     if activation == "sigmoid":
         # 1 / (1 + exp(-z)); exp(-z) may overflow to inf for z << 0, which gives
         # exactly 0, the right limit, so no clipping is needed.
@@ -39,10 +50,14 @@ def activation_forward_(z: Any, activation: str) -> Any:
             xp.negative(z, out=z)
             xp.exp(z, out=z)
         z += 1
-        return xp.reciprocal(z, out=z)
-    if activation == "tanh":
-        return xp.tanh(z, out=z)
-    raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        xp.reciprocal(z, out=z)
+    elif activation == "tanh":
+        xp.tanh(z, out=z)
+    else:
+        raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+    if fprime is not None:
+        activation_derivative(z, activation, out=fprime)
+    return z
 
 
 def activation_derivative(a: Any, activation: str, out: Any) -> Any:
@@ -80,30 +95,36 @@ def check_labels(labels: Any, n_rows: int, n_classes: int) -> None:
         raise ValueError(f"label {bad} is outside [0, {n_classes}) for {n_classes} classes")
 
 
-def softmax_cross_entropy_(logits: Any, labels: Any, out: Any) -> Any:
+def softmax_cross_entropy_(logits: Any, labels: Any, out: Any, *, rows: Any = None) -> Any:
     """Mean cross-entropy of ``softmax(logits)`` against ``labels``, and its gradient.
 
     Writes ``δ2 = (ŷ − y) / B`` into ``out`` (which may be ``logits`` itself) and
     returns the loss ``mean_b −log ŷ_b[label_b]`` as a 0-d array on the same
     backend, so that a GPU caller does not wait for the device. Labels are
-    trusted here; ``softmax_cross_entropy`` checks them.
+    trusted here; ``softmax_cross_entropy`` checks them. ``rows`` may pass a
+    cached ``arange(B)`` (the training step keeps one per batch size).
 
     Stable for any finite logits: subtracting each row's max makes every
     exponent <= 0, and the log-probability of the label is taken as
     ``(z_y − max) − log Σ exp(z − max)`` instead of ``log`` of a probability
     that may have underflowed to 0.
+
+    Any memory layout works. The model passes ``(B, K)`` views of ``(K, B)``
+    buffers: the per-row reductions over K = 10 classes then run along the
+    long contiguous axis, several times faster in NumPy than ten-element rows.
     """
     xp = array_module(logits)
     batch = logits.shape[0]
-    rows = xp.arange(batch)
+    if rows is None:
+        rows = xp.arange(batch)
     xp.subtract(logits, logits.max(axis=1, keepdims=True), out=out)  # z − max(z) <= 0
     label_logit = out[rows, labels]  # z_y − max, taken before exp overwrites it
     xp.exp(out, out=out)
     row_sum = out.sum(axis=1, keepdims=True)
-    loss = (xp.log(row_sum[:, 0]) - label_logit).mean()  # −log ŷ_y = log Σ exp − (z_y − max)
-    out /= row_sum  # ŷ = softmax(z)
-    out[rows, labels] -= 1  # ŷ − y, y one-hot
-    out *= 1.0 / batch  # mean over the batch
+    loss = (xp.log(row_sum[:, 0]) - label_logit).sum() / batch  # −log ŷ_y = log Σ exp − (z_y − max)
+    row_sum *= batch  # one division gives ŷ / B, the mean over the batch
+    out /= row_sum  # ŷ / B, ŷ = softmax(z)
+    out[rows, labels] -= 1.0 / batch  # (ŷ − y) / B, y one-hot
     return loss
 
 

@@ -13,8 +13,11 @@ from typing import Any
 from .backend import array_module
 
 
-def sgd_update(w: Any, grad: Any, lr: float) -> Any:
+def sgd_update(w: Any, grad: Any, lr: float, *, scratch: Any = None) -> Any:
     """The gradient-descent update ``w ← w − η ∂L/∂w``, in place; returns ``w``.
+
+    ``scratch``, an array like ``w``, receives ``η ∂L/∂w`` on the way, so that
+    the update allocates nothing (the optimizer keeps one for every step).
 
     The lab report's scalar example: a neuron ``y = w x`` with squared error
     ``L = (target − y)²``, so ``∂L/∂w = −2 (target − w x) x``. With ``x = 2``,
@@ -28,7 +31,7 @@ def sgd_update(w: Any, grad: Any, lr: float) -> Any:
     array([3.16])
     """
     xp = array_module(w)
-    w -= xp.multiply(grad, lr, dtype=w.dtype)
+    w -= xp.multiply(grad, lr, dtype=w.dtype, out=scratch)
     return w
 
 
@@ -67,6 +70,9 @@ class SGD:
         self.weight_decay = float(weight_decay)
         xp = model.xp
         self.velocity = xp.zeros_like(model.flat_params) if momentum else None
+        # Room for η v (and λ w): with it a step is four in-place passes over
+        # the parameters and allocates nothing.
+        self._scratch = xp.empty_like(model.flat_params)
 
     def step(self) -> None:
         """Apply one update from the gradients currently in ``model.flat_grads``.
@@ -75,11 +81,11 @@ class SGD:
         by the next backward pass anyway).
         """
         xp = self.model.xp
-        w, g = self.model.flat_params, self.model.flat_grads
+        w, g, scratch = self.model.flat_params, self.model.flat_grads, self._scratch
         if self.weight_decay:
-            g += xp.multiply(w, self.weight_decay, dtype=w.dtype)
+            g += xp.multiply(w, self.weight_decay, dtype=w.dtype, out=scratch)  # g ← ∂L/∂w + λ w
         if self.velocity is not None:
             self.velocity *= self.momentum
-            self.velocity += g
+            self.velocity += g  # v ← μ v + g
             g = self.velocity
-        sgd_update(w, g, self.lr)
+        sgd_update(w, g, self.lr, scratch=scratch)  # w ← w − η v
