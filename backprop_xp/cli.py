@@ -174,6 +174,10 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
     )  # fmt: skip
     p.add_argument("--val-size", type=count, metavar="N", help="hold out N training images for validation, shown each epoch instead of test (default: 0)")
     p.add_argument("--train-size", type=count, metavar="N", help="train on the first N training images only; 0 = all (default: 0)")
+    p.add_argument(
+        "--augment", action="store_true", default=None,
+        help="distort the training images afresh every epoch: random shifts, small rotations and scalings, elastic distortions",
+    )  # fmt: skip
     p.add_argument("--seed", type=count, help=f"seeds the initial weights and the shuffling (default: {d.seed})")
     p.add_argument("--dtype", type=choice_of(DTYPES), metavar="{" + ",".join(DTYPES) + "}", help=f"float32 or float64 (default: {d.dtype})")
 

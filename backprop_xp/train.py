@@ -109,6 +109,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     val_size: int = 0
     train_size: int = 0  # 0 = every training image; otherwise the first N (quick experiments, tests)
+    augment: bool = False  # distort the training images afresh every epoch (augment.py)
     seed: int = 0
     dtype: str = "float32"
     backend: str = "auto"
@@ -117,7 +118,7 @@ class TrainConfig:
     # settings that change the arithmetic; a resume must not change them
     MATH_FIELDS = (
         "hidden", "activation", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-        "lr_schedule", "val_size", "train_size", "seed", "dtype",
+        "lr_schedule", "val_size", "train_size", "augment", "seed", "dtype",
     )  # fmt: skip
 
     def validate(self) -> None:
@@ -136,6 +137,8 @@ class TrainConfig:
         positive_int("seed", 0)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"augment must be true or false, got {self.augment!r}")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -478,6 +481,8 @@ def train(
     metrics["epochs"] = metrics["epochs"][:epochs_done]
 
     batches = Minibatches(x_train, y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype)
+    if config.augment:  # each epoch's distorted copy is written here, then served by a fresh Minibatches
+        x_distorted = np.empty_like(x_train)
     test_x, test_y = model.as_input(x_test), xp.asarray(y_test)  # on the device once, not every epoch
     val = (model.as_input(x_val), xp.asarray(y_val)) if x_val is not None else None
     step = make_step(model, optimizer)
@@ -486,7 +491,7 @@ def train(
         say(
             f"training 784-{config.hidden}-10 ({config.activation}) on {len(x_train)} images with {backend.name} "
             f"({backend.reason}); {config.epochs} epochs, batch {config.batch_size}, lr {config.lr:g} "
-            f"({config.lr_schedule}), momentum {config.momentum:g}; writing to {out}"
+            f"({config.lr_schedule}), momentum {config.momentum:g}{', augmented' if config.augment else ''}; writing to {out}"
         )
     else:
         say(f"resuming {out} after epoch {epochs_done} of {config.epochs}")
@@ -494,6 +499,14 @@ def train(
     last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
     for epoch in range(epochs_done, last_epoch):
         optimizer.lr = schedule(epoch, config.epochs, config.lr)
+        augment_seconds = 0.0
+        if config.augment:
+            from .augment import distort
+
+            start = time.perf_counter()
+            distort(x_train, np.random.default_rng([config.seed, epoch, 1]), out=x_distorted)
+            batches = Minibatches(x_distorted, y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype)
+            augment_seconds = time.perf_counter() - start
         bar = _progress_bar(progress, len(x_train), epoch + 1, config.epochs)
         report = None
         if bar is not None:
@@ -525,6 +538,8 @@ def train(
             row["val_loss"], row["val_accuracy"] = evaluate(model, *val)
         row["test_loss"], row["test_accuracy"] = evaluate(model, test_x, test_y)
         row["seconds"] = seconds
+        if config.augment:
+            row["augment_seconds"] = augment_seconds  # distorting the images, on the CPU, not in "seconds"
         row["samples_per_second"] = sums.n_samples / seconds if seconds > 0 else float("inf")
         metrics["epochs"].append(row)
         _save_checkpoint(out, model, optimizer, epoch + 1, metrics["config"], metrics)
@@ -533,6 +548,7 @@ def train(
         say(
             f"epoch {epoch + 1:3d}/{config.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
             f"{shown} loss {row[shown + '_loss']:.4f} acc {row[shown + '_accuracy']:.4f}  {seconds:.2f} s"
+            + (f" (+{augment_seconds:.1f} s distorting)" if config.augment else "")
         )
 
     if last_epoch < config.epochs:
@@ -589,6 +605,8 @@ def _run_title(config: dict[str, Any]) -> str:
     )
     if config.get("weight_decay"):
         title += f", weight decay {config['weight_decay']:g}"
+    if config.get("augment"):
+        title += ", augmented"
     return title + f" ({config.get('backend_used', config['backend'])})"
 
 
