@@ -285,8 +285,8 @@ def _check_activation(activation: str) -> None:
 def softmax_cross_entropy_fused(logits: Any, labels: Any, out: Any) -> Any:
     """Mean softmax cross-entropy of ``logits`` (CuPy, (B, K)) and its gradient, in one kernel launch.
 
-    Writes ``(softmax(logits) − onehot(labels)) / B`` into ``out`` (C-contiguous,
-    like ``logits``; may be ``logits`` itself) and returns the mean loss as a
+    Writes ``(softmax(logits) − onehot(labels)) / B`` into ``out`` (same shape
+    and dtype, any layout; may be ``logits`` itself) and returns the mean loss as a
     0-d device array. ``labels`` must be int64 of shape (B,); a label outside
     ``[0, K)`` gives NaN for that row (and so for the loss) instead of a read
     out of bounds. The NumPy twin is ``kernels.softmax_cross_entropy_``.
@@ -294,12 +294,16 @@ def softmax_cross_entropy_fused(logits: Any, labels: Any, out: Any) -> Any:
     import cupy
 
     batch, n_classes = logits.shape
-    logits = cupy.ascontiguousarray(logits)
-    if not out.flags.c_contiguous or out.shape != logits.shape or out.dtype != logits.dtype:
-        raise ValueError(f"out must be a C-contiguous {logits.dtype} array of shape {logits.shape}")
+    if out.shape != logits.shape or out.dtype != logits.dtype:
+        raise ValueError(f"out must be a {logits.dtype} array of shape {logits.shape}, got {out.dtype} {out.shape}")
+    # The kernel walks rows as contiguous K-element runs; other layouts go through a copy.
+    rows_in = cupy.ascontiguousarray(logits)
+    rows_out = out if out.flags.c_contiguous else cupy.empty(logits.shape, logits.dtype)
     row_loss = cupy.empty(batch, logits.dtype)
     inv_batch = logits.dtype.type(1.0 / batch)
-    _elementwise("softmax_xent_rows")(logits, labels, np.int32(n_classes), inv_batch, out, row_loss)
+    _elementwise("softmax_xent_rows")(rows_in, labels, np.int32(n_classes), inv_batch, rows_out, row_loss)
+    if rows_out is not out:
+        out[...] = rows_out
     return row_loss.mean()
 
 

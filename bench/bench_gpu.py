@@ -99,6 +99,8 @@ def ours(cp: Any, x: Any, y: Any, hidden: int, batch: int, mode: str, tf32: bool
         loss_sum, correct_sum = cp.zeros((), cp.float64), cp.zeros((), cp.int64)
 
         def run_epoch(epoch: int) -> Any:
+            loss_sum.fill(0)
+            correct_sum.fill(0)
             perm = cp.random.permutation(n)
             cp.take(x, perm, axis=0, out=xs)
             cp.take(y, perm, axis=0, out=ys)
@@ -328,9 +330,12 @@ def main(argv: list[str] | None = None) -> int:
                     row[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 finally:
                     if name == "xp_graphs_tf32":
-                        from backprop_xp.gpu_step import set_tf32
+                        try:
+                            from backprop_xp.gpu_step import set_tf32
 
-                        set_tf32(False)
+                            set_tf32(False)
+                        except Exception as exc:  # noqa: BLE001
+                            row[name]["tf32_reset_error"] = f"{type(exc).__name__}: {exc}"
                 if "ms" in row[name]:
                     row[name]["samples_per_s"] = x.shape[0] / (row[name]["ms"] / 1000)
             torch_ms = row.get("torch", {}).get("ms")
@@ -395,10 +400,14 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"{r['hidden']:>6} {r['batch']:>5} | "
             + " ".join(f"{_cell(r.get(n)):>14}" for n in names)
-            + f" | {speed if speed is None else f'{speed:.2f}x':>12} {over if over is None else f'{over:.2f}x':>12} {sps if sps is None else f'{sps / 1e6:.2f}':>11}"
+            + f" | {_ratio(speed):>12} {_ratio(over):>12} {'-' if sps is None else f'{sps / 1e6:.2f}':>11}"
         )
     lines.append("targets: " + "; ".join(f"{k} = {_fmt(v['value'])} ({v['target']}: {'met' if v['met'] else 'not met' if v['met'] is False else 'n/a'})" for k, v in report["targets"].items()))
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def _fmt(value: Any) -> str:

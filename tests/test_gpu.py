@@ -38,7 +38,7 @@ def close(actual, expected, dtype, rtol=None, atol_scale=1.0):
 def random_logits(rng, batch, n_classes, dtype, spread=5.0):
     z = rng.normal(0, spread, size=(batch, n_classes)).astype(dtype)
     z[0, :] = 80.0  # a row whose exp() would overflow float32 without the max shift
-    z[-1, 3] = -90.0
+    z[-1, -1] = -90.0
     return z
 
 
@@ -100,6 +100,10 @@ def test_public_softmax_cross_entropy_cupy_equals_numpy(cupy, dtype):
     assert isinstance(loss_cp, float) and isinstance(d_cp, cupy.ndarray)
     close(loss_cp, loss_np, dtype)
     close(d_cp, d_np, dtype)
+    z_fortran = cupy.asfortranarray(cupy.asarray(z))  # a (B, K) view of a (K, B) buffer, as the model keeps z2
+    loss_f, d_f = bx.softmax_cross_entropy(z_fortran, cupy.asarray(y))
+    close(loss_f, loss_np, dtype)
+    close(d_f, d_np, dtype)
     with pytest.raises(ValueError, match="label 10"):
         bx.softmax_cross_entropy(cupy.asarray(z), cupy.asarray(np.full(50, 10)))
 
@@ -136,18 +140,26 @@ def test_activation_backward_matches_twin_exactly(cupy, activation, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-3)])
-def test_sgd_kernel_is_bit_identical_to_numpy(cupy, dtype, momentum, weight_decay):
+def test_sgd_kernel_is_bit_identical_to_optim_sgd(cupy, dtype, momentum, weight_decay):
+    """The update kernel against optim.SGD.step itself (and its twin), on the same flat buffers."""
     rng = np.random.default_rng(6)
-    w, g, v = (rng.normal(0, 1, 1000).astype(dtype) for _ in range(3))
-    lr = 0.037
-    velocity = v.copy() if momentum else None
-    expected_w = kc.sgd_momentum_reference(w.copy(), g, velocity, lr, momentum, weight_decay)
-    w_dev, v_dev = cupy.asarray(w), cupy.asarray(v) if momentum else None
-    hyper = cupy.asarray(np.array([lr, momentum, weight_decay], dtype))
-    kc.sgd_momentum_(w_dev, cupy.asarray(g), v_dev, hyper)
-    np.testing.assert_array_equal(w_dev.get(), expected_w)
+    model = bx.MLP(30, 20, 10, backend="numpy", dtype=dtype)
+    opt = bx.SGD(model, lr=0.037, momentum=momentum, weight_decay=weight_decay)
+    n = model.flat_params.size
+    w, g, v = (rng.normal(0, 1, n).astype(dtype) for _ in range(3))
+    model.flat_params[...], model.flat_grads[...] = w, g
     if momentum:
-        np.testing.assert_array_equal(v_dev.get(), velocity)
+        opt.velocity[...] = v
+    opt.step()
+    twin_v = v.copy() if momentum else None
+    twin_w = kc.sgd_momentum_reference(w.copy(), g, twin_v, opt.lr, momentum, weight_decay)
+    np.testing.assert_array_equal(twin_w, model.flat_params)
+    w_dev, v_dev = cupy.asarray(w), cupy.asarray(v) if momentum else None
+    hyper = cupy.asarray(np.array([opt.lr, momentum, weight_decay], dtype))
+    kc.sgd_momentum_(w_dev, cupy.asarray(g), v_dev, hyper)
+    np.testing.assert_array_equal(w_dev.get(), model.flat_params)
+    if momentum:
+        np.testing.assert_array_equal(v_dev.get(), opt.velocity)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -430,9 +442,17 @@ def test_step_loop_never_waits_for_the_device(cupy):
     m = bx.MLP(784, 64, 10, backend="cupy")
     opt = bx.SGD(m, lr=0.1, momentum=0.9)
     graph_step, eager_step = make_gpu_step(m, opt, graphs=True), make_gpu_step(m, opt, graphs=False)
-    for step in (graph_step, eager_step):  # first steps (compile, allocate, capture) happen before the hold
+    losses = cupy.zeros(6, cupy.float32)
+    # First steps (compile, allocate, capture) happen before the hold, and every kernel the loop
+    # below uses is launched once here: with CUDA's lazy module loading, the first launch of a
+    # kernel may wait for the device, which would deadlock against the hold kernel.
+    for step in (graph_step, eager_step):
         for i in range(2):
-            step(x[i * 100 : (i + 1) * 100], y[i * 100 : (i + 1) * 100])
+            loss, _ = step(x[i * 100 : (i + 1) * 100], y[i * 100 : (i + 1) * 100])
+            losses[i] = loss
+    opt.lr = 0.07
+    graph_step(x[:100], y[:100])
+    eager_step(x[:100], y[:100])
     cupy.cuda.get_current_stream().synchronize()
 
     pinned = cupy.cuda.alloc_pinned_memory(8)
@@ -442,7 +462,6 @@ def test_step_loop_never_waits_for_the_device(cupy):
     hold = cupy.RawKernel(HOLD_SOURCE, "hold")
     # gives up after 2e10 cycles: about 10 s at 2 GHz (clock64 counts SM cycles)
     hold((1,), (1,), (np.uint64(pinned.ptr), outcome, np.int64(20_000_000_000)))
-    losses = cupy.zeros(6, cupy.float32)
     for i in range(6):
         if i == 3:
             opt.lr = 0.05
