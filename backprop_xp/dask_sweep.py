@@ -1,0 +1,357 @@
+"""Sweeps on a Dask cluster: the runs of ``sweep``, each trained on whichever worker is free.
+
+A sweep is many independent runs, so spreading it over several machines needs
+no new job runner: Dask's distributed scheduler hands each run
+(``sweep.run_one``, the same function a local sweep calls) to a worker, and
+the client here collects the summaries as they finish and rewrites
+sweep.csv/sweep.md/sweep.png after each one, exactly as ``run_sweep`` does.
+
+Choices, and why:
+
+* Outputs go to a shared filesystem. Every worker writes its run into
+  ``out/<name>`` itself, so ``out`` must be a folder that every worker sees at
+  the same path (NFS, a cluster filesystem, or one machine). That keeps a run's
+  folder identical to what ``train`` writes, lets a run interrupted by a dying
+  worker be resumed from its checkpoint by another worker, and lets the
+  client read each run's metrics for the tables. Before submitting anything
+  the client checks that every worker sees ``out``, and says which do not.
+* A run whose worker dies is retried once elsewhere, then recorded as failed.
+  Worker deaths are counted by the scheduler: a task whose worker died while
+  it was assigned there ``allowed-failures + 1`` times ends as KilledWorker.
+  The local cluster is started with ``allowed-failures`` 1; a scheduler
+  started by hand should be too
+  (``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=1 dask scheduler``; Dask's
+  default, 3, retries a run three times), and the sweep says so when it is
+  not. A run that raised on its worker (``run_one`` itself never raises, so
+  this is the worker's environment: a path it cannot write, a package it
+  lacks) is resubmitted once by the client, preferring the other workers.
+* At most as many runs are submitted at a time as the workers have threads.
+  The scheduler counts a death against every task assigned to the dead
+  worker, even those only waiting there; with one run per worker thread, a
+  crash only counts against the run that was training, and a worker that
+  joins mid-sweep gets the next run.
+* The local cluster (``--scheduler local``) gives each worker process
+  ``cores // workers`` BLAS threads, like ``run_sweep`` does for its processes.
+
+A worker uses the backend its config asks for on its own machine: with
+``backend="auto"`` a worker with a GPU trains there. One worker per GPU:
+``CUDA_VISIBLE_DEVICES=0 dask worker tcp://host:8786 --nworkers 1 --nthreads 1``,
+then the same with 1, 2, ... (see the README).
+
+``distributed`` is an optional dependency (``pip install 'backprop-xp[dask]'``),
+imported only inside the functions here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .files import atomic_write
+from .sweep import _blas_threads, _finished, run_one, summarize, write_tables
+from .train import load_metrics
+
+MISSING = "--scheduler needs the optional dependency 'distributed': pip install 'backprop-xp[dask]'"
+ALLOWED_FAILURES = 1  # worker deaths a run survives: retried once elsewhere, then recorded as failed
+
+
+def require_distributed() -> Any:
+    """The ``distributed`` module, or ModuleNotFoundError saying how to install it."""
+    try:
+        import distributed
+    except ImportError:  # also when sys.modules["distributed"] is None
+        raise ModuleNotFoundError(MISSING, name="distributed") from None
+    return distributed
+
+
+class WorkerRunError(Exception):
+    """A run raised on a worker (its environment, not the training): which worker, and what."""
+
+    def __init__(self, worker: str, message: str) -> None:
+        super().__init__(worker, message)
+        self.worker = worker
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message} (on worker {self.worker})"
+
+
+def _run_on_worker(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """``run_one`` on a Dask worker; the summary says which worker trained it."""
+    from distributed import get_worker
+
+    where = get_worker().address
+    try:
+        summary = run_one(config, out_dir)
+    except Exception as exc:  # outside run_one's own net: the folder could not be made or written
+        raise WorkerRunError(where, f"{type(exc).__name__}: {exc}") from None
+    return {**summary, "worker": where}
+
+
+def _sees(marker: str) -> tuple[bool, str]:
+    """On a worker: whether it sees the client's marker file, and its backprop_xp version."""
+    from . import __version__
+
+    return os.path.exists(marker), __version__
+
+
+@contextlib.contextmanager
+def _environ_kept() -> Iterator[None]:
+    """Undo every change to ``os.environ`` made inside the block.
+
+    A local cluster's nannies live in this process and set variables here
+    before spawning each worker (BLAS threads, PYTHONHASHSEED...); they should
+    not outlive the cluster.
+    """
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def connect(scheduler: str, *, workers: int = 1, timeout: float = 30.0) -> Iterator[Any]:
+    """A ``distributed.Client`` for ``scheduler``: an address, or "local" for a new local cluster.
+
+    Parameters
+    ----------
+    scheduler : str
+        ``tcp://host:port`` of a running ``dask scheduler``, or "local" to
+        start a ``LocalCluster`` on this machine for the duration of the block.
+    workers : int
+        Worker processes of the local cluster (one thread each); ignored for
+        an address.
+    timeout : float
+        Seconds to wait for the scheduler to answer.
+
+    Raises
+    ------
+    ModuleNotFoundError
+        ``distributed`` is not installed (the message says how to install it).
+    ConnectionError
+        Nothing answered at the address.
+    """
+    distributed = require_distributed()
+    if scheduler != "local":
+        try:
+            client = distributed.Client(scheduler, timeout=timeout)
+        except OSError as exc:  # TimeoutError, refused connection, unknown host
+            raise ConnectionError(f"cannot reach the Dask scheduler at {scheduler!r}: {exc}") from None
+        with client:
+            yield client
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with _environ_kept(), _blas_threads(threads):  # read by each nanny before it spawns its worker
+        cluster = distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            # any free port for the scheduler's HTTP endpoints, which it starts even without a dashboard
+            scheduler_kwargs={"allowed_failures": ALLOWED_FAILURES, "dashboard_address": "127.0.0.1:0"},
+        )
+        with cluster, distributed.Client(cluster, timeout=timeout) as client:
+            yield client
+
+
+def _check_workers(client: Any, out: Path, *, wait: float, echo: Callable[[str], None]) -> None:
+    """Wait for a worker; make sure every worker can run backprop_xp and sees ``out``."""
+    from . import __version__
+
+    try:
+        client.wait_for_workers(1, timeout=wait)
+    except TimeoutError:
+        raise TimeoutError(
+            f"no Dask worker joined the scheduler at {client.scheduler.address} within {wait:g} s; "
+            f"start some with: dask worker {client.scheduler.address} --nthreads 1"
+        ) from None
+    marker = out / f".dask-check-{uuid.uuid4().hex}"
+    with atomic_write(marker) as f:
+        f.write("written by the sweep's client; every worker must see this file\n")
+    try:
+        answers = client.run(_sees, str(marker), on_error="return")
+    finally:
+        marker.unlink()
+    broken = {w: a for w, a in answers.items() if isinstance(a, BaseException)}
+    if broken:
+        worker, exc = next(iter(broken.items()))
+        raise ValueError(
+            f"Dask worker {worker} cannot run backprop_xp ({type(exc).__name__}: {exc}); "
+            "install backprop-xp on every worker"
+        )
+    blind = sorted(w for w, (seen, _) in answers.items() if not seen)
+    if blind:
+        raise ValueError(
+            f"Dask worker{'s' if len(blind) > 1 else ''} {', '.join(blind)} cannot see {out}: the sweep's folder "
+            "must be on a filesystem every worker shares, at the same path"
+        )
+    others = sorted({v for _, v in answers.values()} - {__version__})
+    if others:
+        echo(f"note: some workers have backprop_xp {', '.join(others)}, this client {__version__}")
+    try:
+        allowed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
+    except Exception:  # a scheduler that refuses to run code: nothing to report
+        allowed = ALLOWED_FAILURES
+    if allowed != ALLOWED_FAILURES:
+        echo(
+            f"note: this scheduler retries a run whose worker died {allowed} time(s), not once; start it with "
+            f"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES={ALLOWED_FAILURES} to retry once"
+        )
+
+
+def _pending(
+    configs: list[dict[str, Any]], names: list[str], out: Path, echo: Callable[[str], None], title: str
+) -> tuple[dict[str, dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    """Summaries of the runs already done in ``out`` (tables rewritten), and the runs still to train.
+
+    The same steps as the start of ``sweep.run_sweep``.
+    """
+    summaries: dict[str, dict[str, Any]] = {}
+    todo = []
+    for config, name in zip(configs, names):
+        done = _finished(config, str(out / name))
+        if done is not None:
+            summaries[name] = summarize(name, config, done)
+            echo(f"[{len(summaries)}/{len(configs)}] {name}: already {done['status']}, skipped")
+        else:
+            todo.append((config, name))
+    if summaries:
+        write_tables(out, list(summaries.values()), title=title)
+    return summaries, todo
+
+
+def _record(
+    summaries: dict[str, dict[str, Any]], summary: dict[str, Any], total: int, out: Path,
+    echo: Callable[[str], None], title: str,
+) -> None:  # fmt: skip
+    """Keep a finished run's summary, say how it went, rewrite the tables (as ``run_sweep`` does)."""
+    summaries[summary["name"]] = summary
+    acc = summary.get("test_accuracy")
+    detail = f"test accuracy {100 * acc:.2f}%, {summary['seconds_per_epoch']:.1f} s/epoch" if acc is not None else ""
+    if summary["status"] != "finished":
+        detail = f"{summary['status']}: {summary['error']}" + (f" ({detail})" if detail else "")
+    where = f" [{summary['worker']}]" if summary.get("worker") else ""
+    echo(f"[{len(summaries)}/{total}] {summary['name']}: {detail}{where}")
+    write_tables(out, list(summaries.values()), title=title)
+
+
+def sweep_with_client(
+    client: Any,
+    configs: list[dict[str, Any]],
+    names: list[str],
+    out: str | os.PathLike,
+    *,
+    echo: Callable[[str], None] = print,
+    title: str = "Sweep",
+    wait_for_workers: float = 60.0,
+) -> list[dict[str, Any]]:
+    """Train every config into ``out/<name>`` on the workers of ``client``; return the summaries.
+
+    Like ``sweep.run_sweep``: runs already finished in ``out`` are skipped,
+    interrupted ones resume from their checkpoint, and sweep.csv, sweep.md and
+    sweep.png are rewritten after every run. Each task's key starts with its
+    run's name (what the Dask dashboard shows). Use this with a cluster made
+    elsewhere (dask-jobqueue, Kubernetes...); ``run_sweep_dask`` connects first.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Connected to the scheduler whose workers train the runs.
+    configs, names : lists
+        One ``TrainConfig`` dict and one folder name per run.
+    out : path
+        The sweep's folder; every worker must see it at the same path.
+    echo : callable
+        Where the one-line progress reports go.
+    title : str
+        Title of sweep.png.
+    wait_for_workers : float
+        Seconds to wait for a first worker before giving up (TimeoutError).
+
+    Raises
+    ------
+    ValueError
+        A worker cannot see ``out`` or cannot import backprop_xp.
+    """
+    from distributed import KilledWorker, as_completed
+
+    out = Path(out).resolve()  # workers have their own working folders: only absolute paths mean the same
+    out.mkdir(parents=True, exist_ok=True)
+    configs = [{**c, "data_dir": os.path.abspath(c["data_dir"])} if c.get("data_dir") else c for c in configs]
+    summaries, todo = _pending(configs, names, out, echo, title)
+    if not todo:
+        return [summaries[name] for name in names if name in summaries]
+    _check_workers(client, out, wait=wait_for_workers, echo=echo)
+
+    queue = deque(todo)
+    running: dict[str, tuple[dict[str, Any], str, int]] = {}  # task key -> (config, name, attempt)
+    futures = as_completed()
+
+    def submit(config: dict[str, Any], name: str, attempt: int, avoid: str | None = None) -> None:
+        elsewhere = [w for w in client.nthreads() if w != avoid] if avoid else []
+        placement = {"workers": elsewhere, "allow_other_workers": True} if elsewhere else {}  # a preference only
+        key = f"{name}-{attempt}-{uuid.uuid4().hex[:8]}"
+        future = client.submit(_run_on_worker, config, str(out / name), key=key, pure=False, **placement)
+        running[future.key] = (config, name, attempt)
+        futures.add(future)
+
+    def fill() -> None:
+        slots = max(1, sum(client.nthreads().values()))
+        while queue and futures.count() < slots:
+            submit(*queue.popleft(), attempt=1)
+
+    fill()
+    for future in futures:
+        config, name, attempt = running.pop(future.key)
+        try:
+            summary = future.result()
+        except KilledWorker as exc:  # the scheduler already retried it after the first death
+            tries = exc.allowed_failures + 1
+            message = f"KilledWorker: {tries} workers died while it was assigned to them (last {exc.last_worker.address})"
+            summary = summarize(name, config, load_metrics(out / name), message)
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, WorkerRunError) else f"{type(exc).__name__}: {exc}"
+            if attempt == 1:
+                echo(f"{name}: {error}; retrying elsewhere")
+                submit(config, name, 2, avoid=getattr(exc, "worker", None))
+                continue
+            summary = summarize(name, config, load_metrics(out / name), error)
+        future.release()
+        if summary.get("epochs_done") and load_metrics(out / name) is None:  # a worker that joined later
+            summary = {**summary, "status": "failed", "error": f"trained on {summary.get('worker')}, but {out / name} is empty here: not a shared filesystem"}  # fmt: skip
+        _record(summaries, summary, len(configs), out, echo, title)
+        fill()
+    return [summaries[name] for name in names if name in summaries]
+
+
+def run_sweep_dask(
+    configs: list[dict[str, Any]],
+    names: list[str],
+    out: str | os.PathLike,
+    *,
+    scheduler: str,
+    jobs: int = 1,
+    echo: Callable[[str], None] = print,
+    title: str = "Sweep",
+    timeout: float = 30.0,
+) -> list[dict[str, Any]]:
+    """``sweep.run_sweep`` on a Dask cluster: connect to ``scheduler`` and train every run there.
+
+    ``scheduler`` is ``tcp://host:port`` of a running ``dask scheduler``, or
+    "local" to start ``jobs`` worker processes on this machine. See
+    ``sweep_with_client`` for the rest; ModuleNotFoundError (with the pip
+    command) when ``distributed`` is missing, ConnectionError when nothing
+    answers at the address.
+    """
+    with connect(scheduler, workers=jobs, timeout=timeout) as client:
+        n = len(client.nthreads())
+        echo(f"dask: scheduler {client.scheduler.address}, {n} worker{'s' if n != 1 else ''} now")
+        return sweep_with_client(client, configs, names, out, echo=echo, title=title)
