@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -208,3 +209,45 @@ def test_a_scheduler_that_does_not_answer_is_a_one_line_connection_error(distrib
     with pytest.raises(ConnectionError, match=r"cannot reach the Dask scheduler at 'tcp://127.0.0.1:1'"):
         run_sweep_dask([config], ["a"], tmp_path / "sweep", scheduler="tcp://127.0.0.1:1", timeout=1)
     assert not (tmp_path / "sweep").exists()
+
+
+# --------------------------------------------------------------------------- the command line
+# These run once ``sweep`` has its ``--scheduler`` flag (a change to cli.py); until then they skip.
+
+
+def _cli_has_scheduler() -> bool:
+    from backprop_xp.cli import build_parser
+
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return "--scheduler" in commands.choices["sweep"].format_help()
+
+
+needs_flag = pytest.mark.skipif(not _cli_has_scheduler(), reason="sweep has no --scheduler flag yet (cli.py)")
+
+
+@needs_flag
+@pytest.mark.slow
+def test_sweep_on_a_local_dask_cluster_from_the_command_line(distributed, tmp_path, mnist_dir, capsys):
+    from backprop_xp.cli import main
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--hidden", "8,16", "--epochs", "1", "--train-size", "2000", "--batch-size", "100",
+            "--backend", "numpy", "--data-dir", str(mnist_dir), "--scheduler", "local", "--jobs", "2",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 runs of 1 epochs (backend numpy) on 2 local Dask workers" in printed
+    assert "2 finished, 0 failed or diverged" in printed
+    rows = _rows(out)
+    assert set(rows) == {"h8-lr0.1-b100", "h16-lr0.1-b100"} and {r["status"] for r in rows.values()} == {"finished"}
+    assert all(float(r["test_accuracy"]) > 0.5 for r in rows.values())
+
+
+@needs_flag
+def test_the_command_line_without_distributed_is_one_line_saying_what_to_install(monkeypatch, tmp_path, capsys):
+    from backprop_xp.cli import main
+
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    assert main(["sweep", "--hidden", "8", "--epochs", "1", "--scheduler", "local", "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert err == "backprop-xp: error: --scheduler needs the optional dependency 'distributed': pip install 'backprop-xp[dask]'\n"
