@@ -112,6 +112,11 @@ class GpuStep:
         kernels one by one (the "eager" fused step).
     notice : callable, default: print to stderr
         Where the one-line "graph capture failed, running eagerly" goes.
+    graph_max_batch : int or None, default None
+        Batch sizes above this run eagerly even with ``graphs=True``: at large
+        batches the GPU work outlasts the host's launches anyway, and the
+        graph's input copy (``B × n_inputs`` values) is pure overhead. None:
+        graphs at every size (``bench/bench_gpu.py`` measures both modes).
 
     Attributes
     ----------
@@ -121,7 +126,15 @@ class GpuStep:
         Why capture failed, if it did.
     """
 
-    def __init__(self, model: Any, optimizer: Any, *, graphs: bool = True, notice: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Any,
+        *,
+        graphs: bool = True,
+        notice: Callable[[str], None] | None = None,
+        graph_max_batch: int | None = None,
+    ) -> None:
         import cupy
 
         if model.xp is not cupy:
@@ -130,6 +143,7 @@ class GpuStep:
             raise ValueError("the optimizer belongs to another model")
         self.model, self.optimizer, self.xp = model, optimizer, cupy
         self.mode = "graphs" if graphs else "eager"
+        self.graph_max_batch = graph_max_batch
         self.capture_error: str | None = None
         self._notice = notice or (lambda line: print(line, file=sys.stderr))
         self._hyper = cupy.zeros(3, model.dtype)  # [lr, momentum, weight decay] on the device
@@ -158,7 +172,7 @@ class GpuStep:
         buf = self._buffers_for(batch)
         buf.seen += 1
         self._n_samples += batch
-        if self.mode == "eager" or buf.seen == 1:
+        if self.mode == "eager" or buf.seen == 1 or (self.graph_max_batch is not None and batch > self.graph_max_batch):
             self._launch(x if x.flags.c_contiguous else xp.ascontiguousarray(x), labels, buf)
             return buf.loss, buf.n_correct
         if buf.graph is None and not self._capture(buf):
@@ -281,7 +295,9 @@ def _copy_into(dst: Any, src: Any, stream: Any) -> None:
         dst[...] = src
 
 
-def make_gpu_step(model: Any, optimizer: Any, *, graphs: bool = True, tf32: bool | None = None) -> GpuStep:
+def make_gpu_step(
+    model: Any, optimizer: Any, *, graphs: bool = True, tf32: bool | None = None, graph_max_batch: int | None = None
+) -> GpuStep:
     """The fused training step for a CuPy ``model`` and its ``optimizer``.
 
     Parameters
@@ -294,6 +310,8 @@ def make_gpu_step(model: Any, optimizer: Any, *, graphs: bool = True, tf32: bool
     tf32 : bool or None, default None
         Set TF32 matrix products on or off first (see ``set_tf32``); None
         leaves the current setting.
+    graph_max_batch : int or None, default None
+        Larger batches run eagerly (see ``GpuStep``).
 
     Returns
     -------
@@ -303,4 +321,4 @@ def make_gpu_step(model: Any, optimizer: Any, *, graphs: bool = True, tf32: bool
     """
     if tf32 is not None:
         set_tf32(tf32)
-    return GpuStep(model, optimizer, graphs=graphs)
+    return GpuStep(model, optimizer, graphs=graphs, graph_max_batch=graph_max_batch)

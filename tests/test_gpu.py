@@ -335,6 +335,23 @@ def test_graph_step_is_really_captured_and_equals_eager(cupy):
         close(graph.params[name], eager.params[name], "float32", rtol=1e-6)
 
 
+def test_graph_max_batch_leaves_large_batches_eager(cupy):
+    rng = np.random.default_rng(14)
+    n = sum(SIZES)
+    x = rng.random((n, 784)).astype(np.float64)
+    y = rng.integers(0, 10, n)
+
+    def limit(step):
+        step.graph_max_batch = 20
+
+    ref, _, ref_history = _reference_run("relu", "float64", 0.9, 0.0, x, y, SIZES, LRS)
+    got, step, history, _ = _fused_run(cupy, True, "relu", "float64", 0.9, 0.0, x, y, SIZES, LRS, prepare=limit)
+    assert step._buffers[50].graph is None and step._buffers[17].graph is not None
+    np.testing.assert_allclose(np.array(history), np.array(ref_history), rtol=1e-9)
+    for name in ref.params:
+        close(got.params[name], ref.params[name], "float64", rtol=1e-9)
+
+
 class _RefusingStream:
     """A real stream whose begin_capture fails, as on a CuPy that refuses cuBLAS under capture."""
 
