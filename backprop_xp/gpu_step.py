@@ -161,7 +161,7 @@ class GpuStep:
         batch = x.shape[0]
         if x.ndim != 2 or x.shape[1] != model.n_inputs or x.dtype != model.dtype or batch == 0:
             raise ValueError(
-                f"step: x must be a non-empty ({'batch'}, {model.n_inputs}) {model.dtype} array, "
+                f"step: x must be a non-empty (batch, {model.n_inputs}) {model.dtype} array, "
                 f"got shape {tuple(x.shape)} dtype {x.dtype}"
             )
         if labels.shape != (batch,) or labels.dtype != np.int64:
