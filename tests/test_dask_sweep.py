@@ -152,6 +152,40 @@ def test_a_run_that_raises_on_its_worker_is_retried_on_another_then_recorded_as_
     assert _rows(out)["blocked"]["status"] == "failed"
 
 
+def test_a_worker_that_does_not_see_the_sweep_folder_stops_the_sweep_before_any_run(
+    distributed, scheduler_address, tmp_path
+):
+    # A third worker in its own mount namespace, with an empty tmpfs over this test's folder: a machine
+    # without the shared filesystem.
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
+    out = tmp_path / "sweep"
+    script = 'mount -t tmpfs none "$0" && exec "$@"'
+    log = open(tmp_path / "blind.log", "w")
+    blind = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(tmp_path), sys.executable, "-m",
+         "dask", "worker", scheduler_address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--name", "blind"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        with distributed.Client(scheduler_address, timeout=30) as client:
+            client.wait_for_workers(3, timeout=90)
+            [address] = [w for w, info in client.scheduler_info()["workers"].items() if info["name"] == "blind"]
+            config = TrainConfig(hidden=8, epochs=1, backend="numpy").to_dict()
+            with pytest.raises(ValueError) as error:
+                run_sweep_dask([config], ["a"], out, scheduler=scheduler_address, echo=lambda line: None)
+            assert str(error.value) == (
+                f"Dask worker {address} cannot see {out}: the sweep's folder must be on a filesystem every worker "
+                "shares, at the same path"
+            )
+            assert sorted(os.listdir(out)) == []  # nothing submitted, nothing written, the marker removed
+    finally:
+        os.killpg(blind.pid, signal.SIGTERM)
+        blind.wait(timeout=30)
+        log.close()
+
+
 @pytest.mark.slow
 def test_a_run_whose_workers_keep_dying_is_retried_once_then_recorded_as_failed_and_the_sweep_goes_on(
     distributed, tmp_path, mnist_dir
