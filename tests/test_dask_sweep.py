@@ -230,6 +230,18 @@ def test_a_run_whose_workers_keep_dying_is_retried_once_then_recorded_as_failed_
     assert any(line.startswith("[2/2]") for line in lines)
 
 
+def test_a_cluster_without_workers_is_a_clear_timeout_not_a_hang(distributed, tmp_path):
+    config = TrainConfig(hidden=8, epochs=1, backend="numpy").to_dict()
+    with distributed.LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None,
+                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster:  # fmt: skip
+        with distributed.Client(cluster) as client, pytest.raises(TimeoutError) as error:
+            sweep_with_client(client, [config], ["a"], tmp_path / "sweep", echo=lambda line: None, wait_for_workers=0.5)
+    assert str(error.value) == (
+        f"no Dask worker joined the scheduler at {cluster.scheduler_address} within 0.5 s; "
+        f"start some with: dask worker {cluster.scheduler_address} --nthreads 1"
+    )
+
+
 def test_without_distributed_the_error_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "distributed", None)  # what an environment without the extra sees
     config = TrainConfig(hidden=8, epochs=1).to_dict()
