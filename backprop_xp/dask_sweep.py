@@ -326,7 +326,8 @@ def sweep_with_client(
             summary = summarize(name, config, load_metrics(out / name), error)
         future.release()
         if summary.get("epochs_done") and load_metrics(out / name) is None:  # a worker that joined later
-            summary = {**summary, "status": "failed", "error": f"trained on {summary.get('worker')}, but {out / name} is empty here: not a shared filesystem"}  # fmt: skip
+            error = f"trained on {summary.get('worker')}, but {out / name} is empty here: not a shared filesystem"
+            summary = {**summary, "status": "failed", "error": error}
         _record(summaries, summary, len(configs), out, echo, title)
         fill()
     return [summaries[name] for name in names if name in summaries]
