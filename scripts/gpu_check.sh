@@ -25,6 +25,7 @@ export BACKPROP_XP_DATA="$DATA"
 export MPLBACKEND=Agg
 export PYTHONDONTWRITEBYTECODE=1
 PY=${PYTHON:-python}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
 
 if command -v timeout >/dev/null 2>&1; then LIMIT=(timeout -k 5); else LIMIT=(); fi
 PARTS=()     # "name|status|seconds|note"
@@ -55,7 +56,7 @@ run_part() {
     echo "--- $name: $status ($(( $(date +%s) - t0 )) s) $note"
 }
 
-PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
+PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
 
 # 0. what we are running on
 run_part env 60 bash -c "nvidia-smi -L 2>&1 | head -n 4; $PY - <<'EOF'
@@ -96,7 +97,10 @@ run_part cli 90 "$PY" -m backprop_xp train --backend cupy --data-dir "$DATA" --h
 # 6. the benchmark, with whatever is left of the time budget
 left=$(( TOTAL_BUDGET - $(elapsed) - 15 ))
 [ $left -lt 30 ] && left=30
-run_part bench $(( left + 30 )) "$PY" bench/bench_gpu.py --data "$DATA" --tf32 --budget-s "$left" --out "$RESULTS/bench_gpu.json"
+# (GPU_CHECK_BENCH_ARGS adds options, e.g. "--hidden 128 --batch 128 4096" to rerun a subset)
+# shellcheck disable=SC2086
+run_part bench $(( left + 30 )) "$PY" bench/bench_gpu.py --data "$DATA" --tf32 --budget-s "$left" \
+    --out "$RESULTS/bench_gpu.json" ${GPU_CHECK_BENCH_ARGS:-}
 
 # ---------------------------------------------------------------------------- summary (last)
 "$PY" - "$RESULTS" "$(elapsed)" "${PARTS[@]}" <<'EOF'
