@@ -172,11 +172,12 @@ class GpuStep:
         buf = self._buffers_for(batch)
         buf.seen += 1
         self._n_samples += batch
-        if self.mode == "eager" or buf.seen == 1 or (self.graph_max_batch is not None and batch > self.graph_max_batch):
-            self._launch(x if x.flags.c_contiguous else xp.ascontiguousarray(x), labels, buf)
-            return buf.loss, buf.n_correct
-        if buf.graph is None and not self._capture(buf):
-            self._launch(x if x.flags.c_contiguous else xp.ascontiguousarray(x), labels, buf)
+        eager = self.mode == "eager" or buf.seen == 1 or (self.graph_max_batch is not None and batch > self.graph_max_batch)
+        if eager or (buf.graph is None and not self._capture(buf)):
+            # the kernels and cuBLAS take raw pointers: rows must be contiguous (Minibatches' are)
+            x = x if x.flags.c_contiguous else xp.ascontiguousarray(x)
+            labels = labels if labels.flags.c_contiguous else xp.ascontiguousarray(labels)
+            self._launch(x, labels, buf)
             return buf.loss, buf.n_correct
         stream = xp.cuda.get_current_stream()
         _copy_into(buf.x, x, stream)

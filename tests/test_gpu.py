@@ -426,6 +426,24 @@ def test_step_rejects_wrong_inputs_with_a_clear_message(cupy):
         make_gpu_step(bx.MLP(784, 16, 10), None)
 
 
+def test_step_accepts_strided_views(cupy):
+    """Every other row and label (not contiguous) give the same step as their contiguous copies."""
+    from backprop_xp.gpu_step import make_gpu_step
+
+    rng = np.random.default_rng(15)
+    x = cupy.asarray(rng.random((60, 784)).astype(np.float64))
+    y = cupy.asarray(rng.integers(0, 10, 60))
+    results = []
+    for xb, yb in ((x[::2], y[::2]), (cupy.ascontiguousarray(x[::2]), cupy.ascontiguousarray(y[::2]))):
+        m = bx.MLP(784, 16, 10, backend="cupy", dtype="float64")
+        step = make_gpu_step(m, bx.SGD(m, lr=0.1, momentum=0.9))
+        for _ in range(3):  # eager, capture + replay, replay
+            loss, n_correct = step(xb, yb)
+        results.append((float(loss), int(n_correct), m.flat_params.get()))
+    assert results[0][:2] == results[1][:2]
+    np.testing.assert_array_equal(results[0][2], results[1][2])
+
+
 # --------------------------------------------------------------------------- no host synchronisation
 
 
