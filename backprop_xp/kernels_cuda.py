@@ -40,8 +40,8 @@ XENT_BLOCK = 256
 # --------------------------------------------------------------------------- CUDA sources
 # One device function per idea, shared by the kernels below through their preambles.
 
-# f(z) and f'(z) written from a = f(z), exactly as kernels.activation_forward_ and
-# kernels.activation_derivative compute them (same operations in the same order).
+# f(z) and f'(z) written from a = f(z), with the same values as kernels.activation_forward_ and
+# kernels.activation_derivative (and, for the derivatives, the same operations in the same order).
 ACTIVATION_SOURCES = {
     "relu": """
 template <typename T> __device__ __forceinline__ T act_forward(T z) { return z < T(0) ? T(0) : z; }
