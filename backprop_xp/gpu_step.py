@@ -47,6 +47,7 @@ imported; ``backend.py`` sets it.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -275,6 +276,8 @@ class GpuStep:
         if graph is None:
             self.mode = "eager"
             self.capture_error = error or "capture returned no graph"
+            if os.environ.get("CUPY_EXPERIMENTAL_CUDA_LIB_GRAPH_CAPTURE") != "1":
+                self.capture_error += "; CUPY_EXPERIMENTAL_CUDA_LIB_GRAPH_CAPTURE=1 was not set before CuPy was imported"
             for other in self._buffers.values():
                 other.graph = other.graph_pool = None
             self._notice(f"backprop-xp: CUDA graph capture failed ({self.capture_error}); running the fused step eagerly")
