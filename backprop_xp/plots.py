@@ -204,15 +204,17 @@ def sweep_plot(runs: Sequence[dict], path: str | os.PathLike, *, title: str = "S
     if not runs:
         raise ValueError("sweep_plot needs at least one run with a finished epoch")
     fig, (ax_epoch, ax_time) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    cmap = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+    colors = plt.get_cmap("tab10").colors
+    # Ten distinct colours, then the same ten dashed, then dotted...: best runs first.
+    styles = [(colors[k % 10], ("-", "--", ":", "-.")[(k // 10) % 4]) for k in range(len(runs))]
     ranked = sorted(runs, key=lambda run: -run["epochs"][-1]["test_accuracy"])
-    for k, run in enumerate(ranked):
+    for (color, ls), run in zip(styles, ranked):
         rows = run["epochs"]
         acc = [100 * row["test_accuracy"] for row in rows]
         elapsed = np.cumsum([row["seconds"] for row in rows])
-        color = cmap(k % cmap.N)
-        ax_epoch.plot([row["epoch"] for row in rows], acc, marker="o", ms=3, color=color, label=f"{run['name']} ({acc[-1]:.2f}%)")
-        ax_time.plot(elapsed, acc, marker="o", ms=3, color=color)
+        style = dict(marker="o", ms=3, color=color, ls=ls)
+        ax_epoch.plot([row["epoch"] for row in rows], acc, label=f"{run['name']} ({acc[-1]:.2f}%)", **style)
+        ax_time.plot(elapsed, acc, **style)
     finals = [100 * run["epochs"][-1]["test_accuracy"] for run in runs]
     lowest = min(min(100 * r["test_accuracy"] for r in run["epochs"]) for run in runs)
     # Zoom on the good runs: a run that failed to learn would squash them into a line.
@@ -222,6 +224,11 @@ def sweep_plot(runs: Sequence[dict], path: str | os.PathLike, *, title: str = "S
     ax_epoch.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy by epoch" + cut)
     ax_time.set(xlabel="training time (s, evaluation excluded)", title="Test accuracy against training time")
     ax_time.set_xscale("log")
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax_time.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax_time.xaxis.set_major_formatter(ScalarFormatter())
+    ax_time.xaxis.set_minor_formatter(plt.NullFormatter())
     for ax in (ax_epoch, ax_time):
         ax.grid(True, alpha=0.3)
     ax_epoch.xaxis.get_major_locator().set_params(integer=True)
