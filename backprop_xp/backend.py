@@ -10,6 +10,7 @@ both. CuPy is imported lazily, only when asked for, so that importing
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -51,6 +52,8 @@ class Backend:
 
 def _import_cupy() -> ModuleType:
     """Import CuPy and check that it can run a kernel; raise BackendError saying why not."""
+    # cuBLAS calls under CUDA-graph capture (gpu_step.py) need this before CuPy is imported.
+    os.environ.setdefault("CUPY_EXPERIMENTAL_CUDA_LIB_GRAPH_CAPTURE", "1")
     try:
         import cupy
     except ImportError as exc:
