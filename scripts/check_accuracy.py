@@ -1,7 +1,8 @@
 """The documented accuracy runs: does each recipe reach its target? (README, "Results")
 
-    python scripts/check_accuracy.py --data-dir ../shared/mnist            # both recipes
+    python scripts/check_accuracy.py --data-dir ../shared/mnist            # default and best recipes
     python scripts/check_accuracy.py --data-dir ../shared/mnist --only default
+    python scripts/check_accuracy.py --data-dir ../shared/mnist --only augment   # the >= 99% stretch
 
 Each recipe is the exact ``train`` command line the README shows, run as a
 subprocess (so the wall time is what a user sees), into ``--out/<recipe>``. A
@@ -25,7 +26,10 @@ from pathlib import Path
 RECIPES = {
     "default": (0.980, []),
     "best": (0.984, ["--hidden", "800", "--epochs", "30", "--lr", "0.1", "--momentum", "0.9", "--weight-decay", "2e-4"]),
+    # the stretch goal, run only when asked for (--only augment): about an hour on a busy 2-core CPU
+    "augment": (0.990, ["--hidden", "800", "--epochs", "50", "--lr", "0.1", "--momentum", "0.9", "--augment"]),
 }
+DEFAULT_RECIPES = ["default", "best"]
 
 
 def main() -> int:
@@ -37,7 +41,7 @@ def main() -> int:
     args = parser.parse_args()
 
     failed = []
-    for name in args.only or list(RECIPES):
+    for name in args.only or DEFAULT_RECIPES:
         target, flags = RECIPES[name]
         out = Path(args.out) / name
         command = [sys.executable, "-m", "backprop_xp", "train", "--data-dir", args.data_dir, "--backend", args.backend,
