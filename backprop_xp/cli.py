@@ -361,6 +361,11 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_flags(p, lists=True)
     p.add_argument("--jobs", type=positive_int, default=1, help="runs trained at once on the CPU (default: 1)")
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS",
+        help="train the runs on a Dask cluster instead: tcp://host:port of a running dask scheduler, or 'local' "
+        "for --jobs worker processes here (needs the optional dependency 'distributed'; see dask_sweep.py)",
+    )  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="folder for the sweep (default: a new folder under sweeps/)")
     p.set_defaults(handler=_cmd_sweep)
 
@@ -383,9 +388,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     varied = [name for name in SWEPT if len(options.get(name, [])) > 1]
     names = [run_name(config, varied) for config in configs]
     out = args.out or os.path.join("sweeps", time.strftime("%Y%m%d-%H%M%S"))
-    jobs = 1 if backend.is_gpu else min(args.jobs, len(configs))
-    print(f"sweep: {len(configs)} runs of {base.epochs} epochs on {backend.name} ({jobs} at a time) into {out}")
-    summaries = run_sweep(configs, names, out, jobs=jobs, title=f"Sweep: {len(configs)} runs, {base.epochs} epochs, {backend.name}")
+    title = f"Sweep: {len(configs)} runs, {base.epochs} epochs, {backend.name}"
+    if args.scheduler:
+        from .dask_sweep import run_sweep_dask
+
+        print(f"sweep: {len(configs)} runs of {base.epochs} epochs on the Dask scheduler {args.scheduler} into {out}")
+        try:
+            summaries = run_sweep_dask(configs, names, out, scheduler=args.scheduler, jobs=args.jobs, title=title)
+        except ModuleNotFoundError as exc:
+            raise UserError(str(exc)) from None
+    else:
+        jobs = 1 if backend.is_gpu else min(args.jobs, len(configs))
+        print(f"sweep: {len(configs)} runs of {base.epochs} epochs on {backend.name} ({jobs} at a time) into {out}")
+        summaries = run_sweep(configs, names, out, jobs=jobs, title=title)
     bad = [s for s in summaries if s["status"] != "finished"]
     print(f"wrote {os.path.join(out, 'sweep.md')}, sweep.csv and sweep.png; {len(summaries) - len(bad)} finished, {len(bad)} failed or diverged")
     return 0
