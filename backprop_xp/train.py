@@ -480,9 +480,10 @@ def train(
     metrics["status"] = "running"
     metrics["epochs"] = metrics["epochs"][:epochs_done]
 
-    batches = Minibatches(x_train, y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype)
     if config.augment:  # each epoch's distorted copy is written here, then served by a fresh Minibatches
         x_distorted = np.empty_like(x_train)
+    else:
+        batches = Minibatches(x_train, y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype)
     test_x, test_y = model.as_input(x_test), xp.asarray(y_test)  # on the device once, not every epoch
     val = (model.as_input(x_val), xp.asarray(y_val)) if x_val is not None else None
     step = make_step(model, optimizer)
