@@ -164,6 +164,8 @@ class MLP:
         xp, p = self.xp, self.params
         xp.matmul(x, p["W1"].T, out=ws.a1)
         ws.a1 += p["b1"]
+        # ReLU always goes through its mask: z ⊙ [z > 0] is cheaper than NumPy's maximum.
+        keep_fprime = keep_fprime or self.activation == "relu"
         activation_forward_(ws.a1, self.activation, fprime=ws.fprime if keep_fprime else None)
         xp.matmul(p["W2"], ws.a1.T, out=ws.z2.T)  # z2ᵀ = W2 a1ᵀ: z2 = a1 W2ᵀ into its (K, B) buffer
         ws.z2 += p["b2"]

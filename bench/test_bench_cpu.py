@@ -96,11 +96,13 @@ def test_ours_and_torch_predict_alike_from_the_same_start(epoch_data):
 
 
 @pytest.mark.parametrize("hidden, batch", SHAPES, ids=IDS)
-def test_gemm_bound(benchmark, hidden, batch, quick):
+def test_gemm_bound(benchmark, hidden, batch, epoch_data, quick):
     bound = w.GemmBound(hidden, batch)
-    benchmark.extra_info["samples_per_round"] = batch
+    batches = _fixed_batches(epoch_data, batch, quick)
+    benchmark.extra_info["samples_per_round"] = len(batches) * batch
     benchmark.group = f"step h{hidden} b{batch}"
-    benchmark(bound.step)
+    benchmark(w.run_all(lambda xb, yb: bound.step(xb), batches))
+    bound.x = batches[-1][0]
     # The five products are the step's: check one against its definition.
     np.testing.assert_allclose(bound.g1, bound.delta1.T @ bound.x, rtol=1e-4)
 

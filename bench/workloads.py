@@ -205,30 +205,44 @@ class GemmBound:
         self.g1 = np.empty((hidden, N_INPUTS), f32)
         self.g2 = np.empty((N_OUTPUTS, hidden), f32)
 
-    def forward(self) -> None:
-        np.matmul(self.x, self.w1.T, out=self.a1)
+    def forward(self, x: np.ndarray | None = None) -> None:
+        """The forward products on ``x`` (a batch of the run's data; default: a fixed one)."""
+        x = self.x if x is None else x
+        np.matmul(x, self.w1.T, out=self.a1)
         np.matmul(self.a1, self.w2.T, out=self.z2)
 
-    def step(self) -> None:
-        np.matmul(self.x, self.w1.T, out=self.a1)
+    def step(self, x: np.ndarray | None = None) -> None:
+        """The five products of a training step on ``x``.
+
+        Timed over the same batches as the step itself, so that the bound pays
+        the same cache misses on fresh input rows as the step does.
+        """
+        x = self.x if x is None else x
+        np.matmul(x, self.w1.T, out=self.a1)
         np.matmul(self.a1, self.w2.T, out=self.z2)
         np.matmul(self.delta2.T, self.a1, out=self.g2)
         np.matmul(self.delta2, self.w2, out=self.delta1)
-        np.matmul(self.delta1.T, self.x, out=self.g1)
+        np.matmul(self.delta1.T, x, out=self.g1)
 
 
 # --------------------------------------------------------------------------- timing
 
 
-def seconds_per_call(fn: Callable[[], Any], *, min_seconds: float = 0.2, min_calls: int = 3) -> float:
-    """Wall time of one call of ``fn``: the median over as many calls as fit in ``min_seconds``."""
+def seconds_per_call(
+    fn: Callable[[], Any], *, min_seconds: float = 0.2, min_calls: int = 3, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Time of one call of ``fn``: the median over as many calls as fit in ``min_seconds`` (wall time).
+
+    ``clock`` is ``time.perf_counter`` (wall time) or ``time.thread_time``
+    (CPU time of this thread: immune to other processes, valid with one thread).
+    """
     fn()  # warm up: buffers, caches, thread pools
     times = []
     start_all = time.perf_counter()
     while len(times) < min_calls or time.perf_counter() - start_all < min_seconds:
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return float(np.median(times))
 
 
