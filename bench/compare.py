@@ -123,6 +123,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if removed:
         print(f"compare.py: removed {', '.join(removed)} from its own environment and its workers' (see the docstring)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = _output_names(out, args.clock)
+
+    def write(rows, elapsed, complete):
+        # Rewritten after every shape, so that a run cut short still leaves what it measured.
+        result = {
+            "command": "python bench/compare.py " + " ".join(sys.argv[1:]),
+            "clock": args.clock,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": round(elapsed, 1),
+            "complete": complete,
+            "samples_per_epoch": args.samples,
+            "rounds": args.rounds,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "machine": machine,
+            "rows": rows,
+            "targets": _targets(rows),
+        }
+        with atomic_write(json_path) as f:
+            json.dump(result, f, indent=1)
+        with atomic_write(md_path) as f:
+            f.write(_markdown(result))
+        return result
+
     workers = {who: _Worker(who, args) for who in ("ours", "torch")}
     try:
         machine = {**workers["ours"].info, **workers["torch"].info, "openblas_env_removed": removed}
@@ -134,29 +159,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows.extend(_measure_shape(workers, hidden, batch, args, np))
                 for row in rows[-3:]:
                     print(_format_row(row), flush=True)
+                write(rows, time.perf_counter() - started, complete=False)
         elapsed = time.perf_counter() - started
+        result = write(rows, elapsed, complete=True)
     finally:
         for worker in workers.values():
             worker.close()
 
-    result = {
-        "command": "python bench/compare.py " + " ".join(sys.argv[1:]),
-        "clock": args.clock,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "seconds": round(elapsed, 1),
-        "samples_per_epoch": args.samples,
-        "rounds": args.rounds,
-        "machine": machine,
-        "rows": rows,
-        "targets": _targets(rows),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = _output_names(out, args.clock)
-    with atomic_write(json_path) as f:
-        json.dump(result, f, indent=1)
-    with atomic_write(md_path) as f:
-        f.write(_markdown(result))
     print()
     print(_table(rows))
     for target in result["targets"]:
@@ -184,7 +193,12 @@ class _Worker:
         self.who, self._json = who, json
         command = [sys.executable, os.path.abspath(__file__), "--worker", who, "--samples", str(args.samples),
                    "--threads", str(args.threads), "--clock", args.clock, "--keep-openblas-env"]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        # The BLAS thread count is also set through the environment, which the
+        # worker's BLAS reads when it loads: that works without threadpoolctl.
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env
+        )
         self.info = self.ask({"job": "info"})
 
     def ask(self, request: dict):
@@ -207,10 +221,13 @@ def _worker(args) -> int:
     import platform
 
     import numpy as np
-    from threadpoolctl import threadpool_info, threadpool_limits
 
     import workloads as w
 
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:  # the environment variables set by the parent still apply
+        threadpool_info, threadpool_limits = (lambda: []), (lambda *a, **k: None)
     threadpool_limits(args.threads, user_api="blas")
     if args.worker == "torch":
         import torch
@@ -219,7 +236,7 @@ def _worker(args) -> int:
         info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                 "torch_blas": _torch_blas(torch)}  # fmt: skip
     else:
-        blas = next((i for i in threadpool_info() if i["user_api"] == "blas"), {})
+        blas = next((i for i in threadpool_info() if i["user_api"] == "blas"), {"internal_api": "(install threadpoolctl)"})
         info = {
             "cpu": _cpu_name(),
             "cores": os.cpu_count(),
@@ -407,9 +424,11 @@ def _table(rows) -> str:
 def _markdown(result) -> str:
     m = result["machine"]
     removed = ", ".join(m["openblas_env_removed"]) or "none were set"
+    load = result.get("load_average")
     lines = [
         "# CPU benchmark: backprop-xp against PyTorch",
         "",
+        *([] if result.get("complete", True) else ["**Incomplete: the run was cut short; these are the shapes it finished.**", ""]),
         f"Written by `{result['command'].strip()}` on {result['date']} ({result['seconds']:.0f} s). "
         "Reproduce with `python bench/compare.py`; `bench/NOTES.md` says how each number is measured and what changed.",
         "",
@@ -418,6 +437,7 @@ def _markdown(result) -> str:
         f"- PyTorch {m['torch']} ({m['torch_threads']} threads, matrix products by {m['torch_blas']})",
         f"- our training loop: {m['train_loop']}",
         f"- OpenBLAS variables removed from the benchmark's own environment: {removed}",
+        f"- machine load average (1, 5, 15 min) at the end: {', '.join(f'{v:.1f}' for v in load) if load else '?'}",
         f"- float32; epoch = {result['samples_per_epoch']:,} MNIST-shaped examples; median of {result['rounds']} "
         "interleaved rounds; ratio = PyTorch time / our time (median of the per-round ratios, min-max in brackets)",
         "- of bound = the time of the step's five matrix products alone (same shapes, same BLAS) / our time",
