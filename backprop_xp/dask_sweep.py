@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write
-from .sweep import _blas_threads, _finished, run_one, summarize, write_tables
+from .sweep import _blas_threads, pending_runs, record_run, run_one, summarize
 from .train import load_metrics
 
 MISSING = "--scheduler needs the optional dependency 'distributed': pip install 'backprop-xp[dask]'"
@@ -207,42 +207,6 @@ def _check_workers(client: Any, out: Path, *, wait: float, echo: Callable[[str],
         )
 
 
-def _pending(
-    configs: list[dict[str, Any]], names: list[str], out: Path, echo: Callable[[str], None], title: str
-) -> tuple[dict[str, dict[str, Any]], list[tuple[dict[str, Any], str]]]:
-    """Summaries of the runs already done in ``out`` (tables rewritten), and the runs still to train.
-
-    The same steps as the start of ``sweep.run_sweep``.
-    """
-    summaries: dict[str, dict[str, Any]] = {}
-    todo = []
-    for config, name in zip(configs, names):
-        done = _finished(config, str(out / name))
-        if done is not None:
-            summaries[name] = summarize(name, config, done)
-            echo(f"[{len(summaries)}/{len(configs)}] {name}: already {done['status']}, skipped")
-        else:
-            todo.append((config, name))
-    if summaries:
-        write_tables(out, list(summaries.values()), title=title)
-    return summaries, todo
-
-
-def _record(
-    summaries: dict[str, dict[str, Any]], summary: dict[str, Any], total: int, out: Path,
-    echo: Callable[[str], None], title: str,
-) -> None:  # fmt: skip
-    """Keep a finished run's summary, say how it went, rewrite the tables (as ``run_sweep`` does)."""
-    summaries[summary["name"]] = summary
-    acc = summary.get("test_accuracy")
-    detail = f"test accuracy {100 * acc:.2f}%, {summary['seconds_per_epoch']:.1f} s/epoch" if acc is not None else ""
-    if summary["status"] != "finished":
-        detail = f"{summary['status']}: {summary['error']}" + (f" ({detail})" if detail else "")
-    where = f" [{summary['worker']}]" if summary.get("worker") else ""
-    echo(f"[{len(summaries)}/{total}] {summary['name']}: {detail}{where}")
-    write_tables(out, list(summaries.values()), title=title)
-
-
 def sweep_with_client(
     client: Any,
     configs: list[dict[str, Any]],
@@ -286,7 +250,7 @@ def sweep_with_client(
     out = Path(out).resolve()  # workers have their own working folders: only absolute paths mean the same
     out.mkdir(parents=True, exist_ok=True)
     configs = [{**c, "data_dir": os.path.abspath(c["data_dir"])} if c.get("data_dir") else c for c in configs]
-    summaries, todo = _pending(configs, names, out, echo, title)
+    summaries, todo = pending_runs(configs, names, out, echo=echo, title=title)
     if not todo:
         return [summaries[name] for name in names if name in summaries]
     _check_workers(client, out, wait=wait_for_workers, echo=echo)
@@ -328,7 +292,7 @@ def sweep_with_client(
         if summary.get("epochs_done") and load_metrics(out / name) is None:  # a worker that joined later
             error = f"trained on {summary.get('worker')}, but {out / name} is empty here: not a shared filesystem"
             summary = {**summary, "status": "failed", "error": error}
-        _record(summaries, summary, len(configs), out, echo, title)
+        record_run(summaries, summary, len(configs), out, echo=echo, title=title)
         fill()
     return [summaries[name] for name in names if name in summaries]
 

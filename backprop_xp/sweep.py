@@ -218,6 +218,39 @@ def _blas_threads(n: int) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def pending_runs(
+    configs: list[dict[str, Any]], names: list[str], out: Path, *, echo: Callable[[str], None], title: str
+) -> tuple[dict[str, dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    """Summaries of the runs already done in ``out`` (tables rewritten), and the (config, name) runs still to train."""
+    summaries: dict[str, dict[str, Any]] = {}
+    todo = []
+    for config, name in zip(configs, names):
+        done = _finished(config, str(out / name))
+        if done is not None:
+            summaries[name] = summarize(name, config, done)
+            echo(f"[{len(summaries)}/{len(configs)}] {name}: already {done['status']}, skipped")
+        else:
+            todo.append((config, name))
+    if summaries:
+        write_tables(out, list(summaries.values()), title=title)
+    return summaries, todo
+
+
+def record_run(
+    summaries: dict[str, dict[str, Any]], summary: dict[str, Any], total: int, out: Path, *,
+    echo: Callable[[str], None], title: str,
+) -> None:  # fmt: skip
+    """Keep a finished run's summary, say how it went (and on which worker, if any), rewrite the tables."""
+    summaries[summary["name"]] = summary
+    acc = summary.get("test_accuracy")
+    detail = f"test accuracy {100 * acc:.2f}%, {summary['seconds_per_epoch']:.1f} s/epoch" if acc is not None else ""
+    if summary["status"] != "finished":
+        detail = f"{summary['status']}: {summary['error']}" + (f" ({detail})" if detail else "")
+    where = f" [{summary['worker']}]" if summary.get("worker") else ""
+    echo(f"[{len(summaries)}/{total}] {summary['name']}: {detail}{where}")
+    write_tables(out, list(summaries.values()), title=title)
+
+
 def run_sweep(
     configs: list[dict[str, Any]],
     names: list[str],
@@ -234,26 +267,10 @@ def run_sweep(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summaries: dict[str, dict[str, Any]] = {}
-    todo = []
-    for config, name in zip(configs, names):
-        done = _finished(config, str(out / name))
-        if done is not None:
-            summaries[name] = summarize(name, config, done)
-            echo(f"[{len(summaries)}/{len(configs)}] {name}: already {done['status']}, skipped")
-        else:
-            todo.append((config, name))
-    if summaries:
-        write_tables(out, list(summaries.values()), title=title)
+    summaries, todo = pending_runs(configs, names, out, echo=echo, title=title)
 
     def finished(summary: dict[str, Any]) -> None:
-        summaries[summary["name"]] = summary
-        acc = summary.get("test_accuracy")
-        detail = f"test accuracy {100 * acc:.2f}%, {summary['seconds_per_epoch']:.1f} s/epoch" if acc is not None else ""
-        if summary["status"] != "finished":
-            detail = f"{summary['status']}: {summary['error']}" + (f" ({detail})" if detail else "")
-        echo(f"[{len(summaries)}/{len(configs)}] {summary['name']}: {detail}")
-        write_tables(out, list(summaries.values()), title=title)
+        record_run(summaries, summary, len(configs), out, echo=echo, title=title)
 
     if jobs <= 1 or len(todo) <= 1:
         for config, name in todo:

@@ -110,6 +110,7 @@ class TrainConfig:
     val_size: int = 0
     train_size: int = 0  # 0 = every training image; otherwise the first N (quick experiments, tests)
     augment: bool = False  # distort the training images afresh every epoch (augment.py)
+    tf32: bool = False  # TF32 tensor-core matrix products on a GPU (gpu_step.set_tf32); no effect on NumPy
     seed: int = 0
     dtype: str = "float32"
     backend: str = "auto"
@@ -118,7 +119,7 @@ class TrainConfig:
     # settings that change the arithmetic; a resume must not change them
     MATH_FIELDS = (
         "hidden", "activation", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-        "lr_schedule", "val_size", "train_size", "augment", "seed", "dtype",
+        "lr_schedule", "val_size", "train_size", "augment", "tf32", "seed", "dtype",
     )  # fmt: skip
 
     def validate(self) -> None:
@@ -137,8 +138,9 @@ class TrainConfig:
         positive_int("seed", 0)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not isinstance(self.augment, bool):
-            raise ValueError(f"augment must be true or false, got {self.augment!r}")
+        for name in ("augment", "tf32"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -165,13 +167,16 @@ class TrainConfig:
 # --------------------------------------------------------------------------- one step, one epoch
 
 
-def make_step(model: Any, optimizer: Any, *, graphs: bool = True) -> Callable[[Any, Any], tuple[Any, Any]]:
+def make_step(
+    model: Any, optimizer: Any, *, graphs: bool = True, tf32: bool = False
+) -> Callable[[Any, Any], tuple[Any, Any]]:
     """The training step ``step(xb, yb) -> (loss, n_correct)`` for this model's backend.
 
     Both results are 0-d arrays left on the device (no synchronisation). On
     NumPy the step is ``model.backprop`` then ``optimizer.step()``; on CuPy it
-    is the fused, optionally CUDA-graph-captured step of ``gpu_step.py``. This
-    is the one place the training loop looks at the backend.
+    is the fused, optionally CUDA-graph-captured step of ``gpu_step.py``, with
+    TF32 matrix products if ``tf32``. This is the one place the training loop
+    looks at the backend.
     """
     if model.xp is np:
         backprop, update = model.backprop, optimizer.step
@@ -184,7 +189,7 @@ def make_step(model: Any, optimizer: Any, *, graphs: bool = True) -> Callable[[A
         return step
     from .gpu_step import make_gpu_step  # imported only on CuPy: the CPU path never needs it
 
-    return make_gpu_step(model, optimizer, graphs=graphs)
+    return make_gpu_step(model, optimizer, graphs=graphs, tf32=tf32)
 
 
 class EpochSums(NamedTuple):
@@ -486,7 +491,7 @@ def train(
         batches = Minibatches(x_train, y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype)
     test_x, test_y = model.as_input(x_test), xp.asarray(y_test)  # on the device once, not every epoch
     val = (model.as_input(x_val), xp.asarray(y_val)) if x_val is not None else None
-    step = make_step(model, optimizer)
+    step = make_step(model, optimizer, tf32=config.tf32)
     schedule = SCHEDULES[config.lr_schedule]
     if epochs_done == 0:
         say(
