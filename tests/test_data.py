@@ -482,8 +482,27 @@ def test_standardizer_on_real_mnist_uses_training_statistics(mnist):
 
 
 def _epoch_arrays(batches, epoch):
-    pairs = list(batches.epoch(epoch))
+    """Every batch of an epoch, each checked to be a C-contiguous view and copied as it comes
+    (a batch lives in one of two reused buffers, valid until the batch after next)."""
+    pairs = []
+    for xb, yb in batches.epoch(epoch):
+        assert xb.flags.c_contiguous and yb.flags.c_contiguous
+        pairs.append((xb.copy(), yb.copy()))
     return np.concatenate([xb for xb, _ in pairs]), np.concatenate([yb for _, yb in pairs]), pairs
+
+
+def test_minibatches_reuse_two_batch_buffers_and_keep_the_previous_batch_intact():
+    x, y = _indexed(103)
+    batches = Minibatches(x, y, 10, seed=3)
+    it = batches.epoch(0)
+    previous = next(it)
+    saved = previous[1].copy()
+    for current in it:
+        np.testing.assert_array_equal(previous[1][: len(saved)], saved)  # not yet overwritten
+        assert not np.shares_memory(current[0], previous[0])
+        previous, saved = current, current[1].copy()
+    # No shuffled copy of the data set: the buffers hold two batches, not 103 rows.
+    assert sum(b.nbytes for b in batches._x_buffers) == 2 * 10 * x.shape[1] * 4
 
 
 def test_minibatches_cover_every_sample_once_in_the_epoch_order():
@@ -494,8 +513,7 @@ def test_minibatches_cover_every_sample_once_in_the_epoch_order():
     assert [len(yb) for _, yb in pairs] == [10] * 10 + [3]
     np.testing.assert_array_equal(ys, epoch_permutation(7, 2, 103))
     np.testing.assert_array_equal(xs[:, 0], ys)  # x rows travel with their labels
-    for xb, yb in pairs:  # every batch a C-contiguous float32/int64 view, still valid after the epoch
-        assert xb.flags.c_contiguous and yb.flags.c_contiguous
+    for xb, yb in pairs:  # every batch float32/int64, rows travelling with their labels
         assert xb.dtype == np.float32 and yb.dtype == np.int64
         np.testing.assert_array_equal(xb[:, 1], yb)
 
@@ -510,7 +528,7 @@ def test_minibatch_order_depends_only_on_seed_and_epoch():
     np.testing.assert_array_equal(_epoch_arrays(first, 0)[1], order[0])  # and epochs can be revisited
     assert _epoch_arrays(Minibatches(x, y, 8, seed=2), 0)[1].tolist() != order[0].tolist()
     np.testing.assert_array_equal(_epoch_arrays(Minibatches(x, y, 25, seed=1), 1)[1], order[1])  # any batch size
-    np.testing.assert_array_equal(np.concatenate([yb for _, yb in first(5)]), order[5])  # __call__
+    np.testing.assert_array_equal(np.concatenate([yb.copy() for _, yb in first(5)]), order[5])  # __call__
 
 
 @settings(max_examples=60, deadline=None)
@@ -528,8 +546,8 @@ def test_minibatches_property(n, batch_size, seed, epoch):
 def test_minibatches_in_order_without_shuffle_are_views():
     x, y = _indexed(25)
     batches = Minibatches(x, y, 10, shuffle=False)
-    xs, ys, pairs = _epoch_arrays(batches, 3)
-    np.testing.assert_array_equal(ys, np.arange(25))
+    pairs = list(batches.epoch(3))
+    np.testing.assert_array_equal(np.concatenate([yb for _, yb in pairs]), np.arange(25))
     assert all(np.shares_memory(xb, x) for xb, _ in pairs)
 
 
