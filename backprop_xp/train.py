@@ -208,6 +208,7 @@ def run_epoch(
     *,
     progress: Callable[[int, float], None] | None = None,
     progress_every: int = 20,
+    stop_at_nonfinite: bool = False,
 ) -> EpochSums:
     """Run ``step`` over every minibatch of ``batches.epoch(epoch)``; read the sums once, at the end.
 
@@ -217,6 +218,10 @@ def run_epoch(
     honest on a GPU. ``progress(n_samples, running_loss)`` is called every
     ``progress_every`` steps with the mean loss of those steps (that call does
     read from the device, so it is only made when a progress bar is shown).
+    With ``stop_at_nonfinite`` the epoch ends at the first step whose loss is
+    NaN or infinite; that check reads each loss, so it is for the CPU, where
+    the loss is already on the host (on a GPU it would wait for the device
+    every step, and the check happens once, at the end of the epoch).
     """
     n_steps = len(batches)
     sizes = np.zeros(n_steps, np.int64)
@@ -232,6 +237,8 @@ def run_epoch(
         corrects[i] = n_correct
         sizes[i] = xb.shape[0]
         done = i + 1
+        if stop_at_nonfinite and not math.isfinite(loss):
+            break
         if progress is not None and done % progress_every == 0:
             progress(int(sizes[since:done].sum()), float(losses[since:done].mean()))
             since = done
@@ -524,7 +531,7 @@ def train(
         synchronize(xp)
         start = time.perf_counter()
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught below, by name
-            sums = run_epoch(step, batches, epoch, progress=report)
+            sums = run_epoch(step, batches, epoch, progress=report, stop_at_nonfinite=xp is np)
         seconds = time.perf_counter() - start  # run_epoch ends by reading the device: synchronised
         if bar is not None:
             bar.close()

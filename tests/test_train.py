@@ -197,3 +197,19 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_dir, 
     assert metrics["status"] == "diverged" and metrics["diverged"]["epoch"] == 2
     assert len(metrics["epochs"]) == 1
     assert not (tmp_path / "model.npz").exists()
+
+
+def test_run_epoch_on_the_cpu_stops_at_the_first_nonfinite_loss():
+    x, y = np.zeros((50, 3), np.float32), np.zeros(50, np.int64)
+    losses = [0.5, 0.25, float("nan"), 0.125, 0.1]
+    calls = []
+
+    def step(xb, yb):
+        calls.append(len(yb))
+        return np.float32(losses[len(calls) - 1]), np.int64(len(yb))
+
+    sums = run_epoch(step, Minibatches(x, y, 10, seed=0), 0, stop_at_nonfinite=True)
+    assert len(calls) == 3 and sums.first_bad_step == 2 and sums.n_samples == 30
+    calls.clear()
+    sums = run_epoch(step, Minibatches(x, y, 10, seed=0), 0)  # as on a GPU: checked once, at the end
+    assert len(calls) == 5 and sums.first_bad_step == 2 and sums.n_correct == 50
