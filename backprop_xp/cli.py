@@ -120,7 +120,7 @@ def _add_show_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show-data", help="draw sample digits and print the class counts")
     p.add_argument("--data-dir", type=existing_dir, help=DATA_HELP)
     p.add_argument("--out", default="digits.png", help="PNG file to write (default: digits.png)")
-    p.add_argument("--count", type=int, default=40, help="how many training digits to draw (default: 40)")
+    p.add_argument("--count", type=positive_int, default=40, help="how many training digits to draw (default: 40)")
     p.set_defaults(handler=_cmd_show_data)
 
 
@@ -128,8 +128,6 @@ def _cmd_show_data(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .plots import digit_grid
 
-    if args.count < 1:
-        raise UserError(f"--count must be >= 1, got {args.count}")
     x_train, y_train, x_test, y_test = load_mnist(args.data_dir)
     for name, y in (("train", y_train), ("test", y_test)):
         counts = np.bincount(y, minlength=10)
@@ -311,6 +309,10 @@ def read_digit(path: str) -> tuple[np.ndarray, bool]:
     try:
         with Image.open(path) as image:
             image.load()
+            if "A" in image.getbands() or "transparency" in image.info:
+                # Drawing programs save ink on a transparent background: put it on white
+                # paper first (convert("L") alone would drop alpha and see all black).
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
             gray = image.convert("L")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None

@@ -10,10 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from typing import IO, Any
 
 import numpy as np
+
+# The process's umask, read once: os.umask can only be read by setting it, which
+# must not happen while other threads may be creating files.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -31,12 +37,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
         raise ValueError(f"atomic_write writes whole files; mode {mode!r} is not supported")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    # mkstemp creates the file private (0600); give it the mode a plain open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist") from None
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); give it a plain open()'s mode
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
@@ -52,3 +58,22 @@ def atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None
     """``numpy.savez`` into ``path`` atomically (``path`` is used exactly as given)."""
     with atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
+
+
+def read_npz(path: str | os.PathLike, what: str = "an .npz file") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (read with ``allow_pickle=False``).
+
+    Anything unreadable (missing, truncated, not a zip, a lone ``.npy``) is a
+    ValueError (FileNotFoundError when missing) naming the file and ``what``
+    it should have been, never a traceback from inside ``zipfile``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array, not named arrays")
+        with f:
+            return {key: f[key] for key in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: not {what} ({exc})") from exc

@@ -18,10 +18,11 @@ float32 rounding), in 10 launches instead of about 25::
 With ``graphs=True`` these launches are captured once per batch size into a
 CUDA graph and replayed: one ``cudaGraphLaunch`` per step instead of ten
 kernel launches from Python. The graph reads its input from static buffers:
-``xb`` and ``yb`` are views into a per-epoch shuffled array whose address
-changes every step, and cuBLAS bakes pointers into the graph, so each step
+cuBLAS bakes pointers into the graph, and ``xb`` and ``yb`` may be any
+caller's arrays (``Minibatches`` alternates between two buffers), so each step
 first copies them in (two device-to-device ``cudaMemcpyAsync``; ~0.4 MB at
-batch 128, a microsecond or so on a modern GPU). The learning rate, momentum
+batch 128, a microsecond or so on a modern GPU). Capturing one graph per
+``Minibatches`` buffer would save that copy: a lead for tuning on a GPU. The learning rate, momentum
 and weight decay live in a small device array, refreshed (by a kernel, never a
 host copy) only when ``optimizer`` changes them, so a schedule needs no
 recapture.

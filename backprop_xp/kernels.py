@@ -95,6 +95,15 @@ def check_labels(labels: Any, n_rows: int, n_classes: int) -> None:
         raise ValueError(f"label {bad} is outside [0, {n_classes}) for {n_classes} classes")
 
 
+def softmax_(z: Any) -> Any:
+    """Overwrite ``z`` with ``ŷ = softmax(z)`` row by row (max-subtracted: no overflow); return it."""
+    xp = array_module(z)
+    z -= z.max(axis=1, keepdims=True)
+    xp.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
 def softmax_cross_entropy_(logits: Any, labels: Any, out: Any, *, rows: Any = None) -> Any:
     """Mean cross-entropy of ``softmax(logits)`` against ``labels``, and its gradient.
 

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from .backend import get_backend, resolve_dtype, to_numpy
-from .files import atomic_savez
-from .kernels import ACTIVATIONS, activation_forward_, check_labels, softmax_cross_entropy_
+from .files import atomic_savez, read_npz
+from .kernels import ACTIVATIONS, activation_forward_, check_labels, softmax_, softmax_cross_entropy_
 
 PARAM_NAMES = ("W1", "b1", "W2", "b2")
 # Rows of a batch pushed through the network at once by predict/evaluate: big
@@ -43,14 +43,15 @@ class _Workspace:
     which NumPy does several times faster. The math does not see the layout.
     """
 
-    def __init__(self, xp: Any, batch: int, n_hidden: int, n_outputs: int, dtype: np.dtype) -> None:
+    def __init__(self, xp: Any, batch: int, n_hidden: int, n_outputs: int, dtype: np.dtype, *, training: bool) -> None:
         self.a1 = xp.empty((batch, n_hidden), dtype)  # holds z1, then a1 = f(z1) in place
         self.fprime = xp.empty((batch, n_hidden), dtype)  # f'(z1), written by the forward pass
-        self.delta1 = xp.empty((batch, n_hidden), dtype)
         self.z2 = xp.empty((n_outputs, batch), dtype).T  # (B, K), stored transposed
-        self.delta2 = xp.empty((n_outputs, batch), dtype).T  # (B, K), stored transposed
-        self.ones = xp.ones(batch, dtype)  # Σ_b v = 1ᵀ v, a matrix-vector product for BLAS
-        self.rows = xp.arange(batch)  # the row index of each label, for the softmax
+        if training:  # the backward pass's buffers; evaluation needs none of them
+            self.delta1 = xp.empty((batch, n_hidden), dtype)
+            self.delta2 = xp.empty((n_outputs, batch), dtype).T  # (B, K), stored transposed
+            self.ones = xp.ones(batch, dtype)  # Σ_b v = 1ᵀ v, a matrix-vector product for BLAS
+            self.rows = xp.arange(batch)  # the row index of each label, for the softmax
 
 
 class MLP:
@@ -128,6 +129,7 @@ class MLP:
         for name, value in _initial_params(shapes, activation, self.seed).items():
             self.params[name][...] = self.xp.asarray(value.astype(self.dtype))
         self._workspaces: dict[int, _Workspace] = {}
+        self._eval_workspaces: dict[int, _Workspace] = {}
 
     # ------------------------------------------------------------------ config
     @property
@@ -150,13 +152,16 @@ class MLP:
         )
 
     # ------------------------------------------------------------------ the math
-    def _workspace(self, batch: int) -> _Workspace:
-        ws = self._workspaces.get(batch)
+    def _workspace(self, batch: int, *, training: bool = True) -> _Workspace:
+        # Training and evaluation keep separate caches, so that evaluating (in
+        # chunks of other sizes) never evicts the training step's buffers.
+        cache = self._workspaces if training else self._eval_workspaces
+        ws = cache.get(batch)
         if ws is None:
-            if len(self._workspaces) >= 4:  # a training run uses two sizes (full and last batch)
-                self._workspaces.clear()
-            ws = _Workspace(self.xp, batch, self.n_hidden, self.n_outputs, self.dtype)
-            self._workspaces[batch] = ws
+            if len(cache) >= 4:  # training uses two sizes (full and last batch), evaluation a few chunks
+                cache.clear()
+            ws = _Workspace(self.xp, batch, self.n_hidden, self.n_outputs, self.dtype, training=training)
+            cache[batch] = ws
         return ws
 
     def _forward_into(self, x: Any, ws: _Workspace, *, keep_fprime: bool = False) -> None:
@@ -248,19 +253,14 @@ class MLP:
         out = self.xp.empty((x.shape[0], self.n_outputs), self.dtype)
         for start in range(0, x.shape[0], EVAL_CHUNK):
             chunk = x[start : start + EVAL_CHUNK]
-            ws = self._workspace(chunk.shape[0])
+            ws = self._workspace(chunk.shape[0], training=False)
             self._forward_into(chunk, ws)
             out[start : start + chunk.shape[0]] = ws.z2
         return out
 
     def predict_proba(self, x: Any) -> Any:
         """Class probabilities ``ŷ = softmax(z2)``, shape ``(B, n_outputs)``, rows summing to 1."""
-        xp = self.xp
-        z = self.logits(x)
-        z -= z.max(axis=1, keepdims=True)
-        xp.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        return z
+        return softmax_(self.logits(x))
 
     def predict(self, x: Any) -> Any:
         """The most probable class of each row, as integers of the model's backend."""
@@ -280,14 +280,15 @@ class MLP:
         atomic_savez(path, arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, backend: str | None = None) -> "MLP":
-        """Read a model written by ``save``; ``backend`` overrides the saved one."""
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                config = {key[len("config.") :]: f[key].item() for key in f.files if key.startswith("config.")}
-                params = {name: f[name] for name in PARAM_NAMES if name in f.files}
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: not a model file written by backprop-xp ({exc})") from exc
+    def load(cls, path: str | os.PathLike, *, backend: str = "numpy") -> "MLP":
+        """Read a model written by ``save`` onto ``backend`` (NumPy unless asked).
+
+        A model trained on a GPU loads anywhere; pass ``backend="auto"`` or
+        ``"cupy"`` to put it on a GPU.
+        """
+        arrays = read_npz(path, "a model file written by backprop-xp")
+        config = {key[len("config.") :]: value.item() for key, value in arrays.items() if key.startswith("config.")}
+        params = {name: arrays[name] for name in PARAM_NAMES if name in arrays}
         missing = [key for key in ("n_inputs", "n_hidden", "n_outputs", "activation", "dtype") if key not in config]
         missing += [name for name in PARAM_NAMES if name not in params]
         if missing:
@@ -297,7 +298,7 @@ class MLP:
             int(config["n_hidden"]),
             int(config["n_outputs"]),
             activation=str(config["activation"]),
-            backend=backend or str(config.get("backend", "numpy")),
+            backend=backend,
             dtype=str(config["dtype"]),
             seed=int(config.get("seed", 0)),
         )

@@ -8,6 +8,7 @@ launches on the GPU.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .backend import array_module
@@ -58,12 +59,12 @@ class SGD:
     """
 
     def __init__(self, model: Any, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        if not lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {lr}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"learning rate must be a finite number > 0, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight decay must be a finite number >= 0, got {weight_decay}")
         self.model = model
         self.lr = float(lr)
         self.momentum = float(momentum)
@@ -85,7 +86,7 @@ class SGD:
         if self.weight_decay:
             g += xp.multiply(w, self.weight_decay, dtype=w.dtype, out=scratch)  # g ← ∂L/∂w + λ w
         if self.velocity is not None:
-            self.velocity *= self.momentum
+            xp.multiply(self.velocity, self.momentum, dtype=w.dtype, out=self.velocity)  # a float64 μ must not widen the pass
             self.velocity += g  # v ← μ v + g
             g = self.velocity
         sgd_update(w, g, self.lr, scratch=scratch)  # w ← w − η v

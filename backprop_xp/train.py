@@ -37,14 +37,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .backend import BACKENDS, DTYPES, array_module, synchronize, to_numpy
-from .files import atomic_write
-from .kernels import ACTIVATIONS
+from .files import atomic_write, read_npz
+from .kernels import ACTIVATIONS, softmax_cross_entropy_
 
 CHECKPOINT = "checkpoint.npz"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 MODEL = "model.npz"
-PICTURES = ("curves.png", "confusion.png", "misclassified.png", "weights.png")
 DIVERGED_EXIT_CODE = 3
 
 
@@ -268,11 +267,8 @@ def evaluate(model: Any, x: Any, labels: Any) -> tuple[float, float]:
     n = z.shape[0]
     if n == 0:
         raise ValueError("evaluate needs at least one example")
-    z -= z.max(axis=1, keepdims=True)
-    label_logit = z[xp.arange(n), labels]
-    log_sum = xp.log(xp.exp(z).sum(axis=1))
-    loss = float((log_sum - label_logit).sum(dtype=xp.float64)) / n
     accuracy = int(xp.count_nonzero(z.argmax(axis=1) == labels)) / n
+    loss = float(softmax_cross_entropy_(z, labels, out=z))  # the training step's own loss (z is scratch now)
     return loss, accuracy
 
 
@@ -347,12 +343,12 @@ def read_checkpoint(out_dir: str | os.PathLike) -> tuple[TrainConfig, dict[str, 
     path = os.path.join(out_dir, CHECKPOINT)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no checkpoint to resume from (is {out_dir} the --out folder of a run?)")
+    arrays = read_npz(path, "a backprop-xp checkpoint")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            config = json.loads(str(f["train.config"]))
-            metrics = json.loads(str(f["train.metrics"]))
-    except (OSError, KeyError, ValueError) as exc:
-        raise ValueError(f"{path}: not a backprop-xp checkpoint ({exc})") from exc
+        config = json.loads(str(arrays["train.config"]))
+        metrics = json.loads(str(arrays["train.metrics"]))
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a backprop-xp checkpoint (no readable {exc})") from exc
     return TrainConfig.from_dict(config), metrics
 
 
@@ -588,9 +584,11 @@ def train(
 
 def _restore_state(path: Path, model: Any, optimizer: Any) -> int:
     """Put the checkpoint's momentum buffer into ``optimizer``; return the epochs already done."""
-    with np.load(path, allow_pickle=False) as f:
-        epochs_done = int(f["train.epochs_done"])
-        velocity = f["train.velocity"]
+    arrays = read_npz(path, "a backprop-xp checkpoint")
+    try:
+        epochs_done, velocity = int(arrays["train.epochs_done"]), arrays["train.velocity"]
+    except KeyError as exc:
+        raise ValueError(f"{path}: not a backprop-xp checkpoint (no {exc})") from exc
     if optimizer.velocity is not None:
         if velocity.shape != optimizer.velocity.shape:
             raise ValueError(f"{path}: momentum buffer has shape {velocity.shape}, expected {optimizer.velocity.shape}")

@@ -141,6 +141,34 @@ def test_predict_classifies_images_and_reports_the_unreadable_ones(trained, mnis
     assert "small.png: image is 12x10, smaller than 28x28" in err
 
 
+def test_predict_reads_dark_ink_on_a_transparent_background(trained, mnist, tmp_path, capsys):
+    from PIL import Image
+
+    model = MLP.load(trained / "model.npz")
+    digit = mnist[2][0]
+    expected = to_numpy(model.predict_proba(digit[None, :]))[0]
+    # What drawing programs export: black ink whose coverage is in the alpha channel.
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., 3] = (digit.reshape(28, 28) * 255).round().astype(np.uint8)
+    path = tmp_path / "drawn.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    assert main(["predict", str(trained / "model.npz"), str(path)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{path}: {expected.argmax()} (") and "[inverted" in line
+
+
+def test_a_truncated_model_file_is_a_one_line_error(trained, tmp_path, capsys):
+    broken = tmp_path / "model.npz"
+    broken.write_bytes((trained / "model.npz").read_bytes()[:1000])
+    assert main(["evaluate", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.npz: not a model file written by backprop-xp" in err
+    np.save(tmp_path / "lone.npy", np.zeros(3))
+    (tmp_path / "lone.npy").rename(tmp_path / "lone.npz")
+    assert main(["predict", str(tmp_path / "lone.npz"), "x.png"]) == 1
+    assert "lone.npz: not a model file written by backprop-xp (it holds a single array" in capsys.readouterr().err
+
+
 def test_resume_through_the_command_line(trained, mnist_dir, tmp_path, capsys):
     # Changed settings are refused, naming them; a finished run resumes to itself.
     assert main(["train", "--resume", str(trained), "--lr", "0.5"]) == 1

@@ -66,15 +66,28 @@ def test_float64_input_does_not_widen_a_float32_model():
 
 
 def test_float64_learning_rate_and_numpy_scalars_do_not_widen():
-    """Hyperparameters arrive as Python or NumPy float64 scalars (schedules compute them)."""
+    """Hyperparameters arrive as Python or NumPy float64 scalars (schedules compute them).
+
+    The update must still be float32 arithmetic, not float64 arithmetic cast
+    back (twice the memory traffic, and other rounding): it must equal, bit for
+    bit, the same formulas computed with float32 scalars.
+    """
     m = bx.MLP(784, 16, 10, dtype="float32")
     opt = bx.SGD(m, lr=0.1, momentum=0.9, weight_decay=1e-4)
     x, y = batch()
     m.backprop(x, y)
-    opt.lr = np.float64(0.05)
-    opt.momentum = np.float64(0.8)
+    opt.step()  # a non-zero velocity
+    m.backprop(x, y)
+    w, v, g = m.flat_params.copy(), opt.velocity.copy(), m.flat_grads.copy()
+    lr, mu, wd = np.float32(0.05), np.float32(0.8), np.float32(1e-4)
+    g += w * wd
+    v = v * mu + g
+    expected = w - v * lr
+    opt.lr, opt.momentum, opt.weight_decay = np.float64(0.05), np.float64(0.8), np.float64(1e-4)
     opt.step()
     assert m.flat_params.dtype == np.float32 and opt.velocity.dtype == np.float32
+    np.testing.assert_array_equal(opt.velocity, v)
+    np.testing.assert_array_equal(m.flat_params, expected)
 
 
 def test_float64_model_stays_float64():

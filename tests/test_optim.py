@@ -45,11 +45,13 @@ def test_learning_rate_can_change_between_steps():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"lr": 0}, "learning rate must be > 0"),
-    ({"lr": -1}, "learning rate must be > 0"),
-    ({"lr": float("nan")}, "learning rate must be > 0"),
+    ({"lr": 0}, "learning rate must be a finite number > 0"),
+    ({"lr": -1}, "learning rate must be a finite number > 0"),
+    ({"lr": float("nan")}, "learning rate must be a finite number > 0"),
+    ({"lr": float("inf")}, "learning rate must be a finite number > 0"),
     ({"lr": 0.1, "momentum": 1.0}, r"momentum must be in \[0, 1\)"),
-    ({"lr": 0.1, "weight_decay": -1e-4}, "weight decay must be >= 0"),
+    ({"lr": 0.1, "weight_decay": -1e-4}, "weight decay must be a finite number >= 0"),
+    ({"lr": 0.1, "weight_decay": float("inf")}, "weight decay must be a finite number >= 0"),
 ])
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
