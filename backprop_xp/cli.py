@@ -53,39 +53,23 @@ def _number(kind: Callable[[str], Any], text: str) -> Any:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+def _checked(kind: Callable[[str], Any], ok: Callable[[Any], bool], requirement: str) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)`` that must satisfy ``ok``, else "must be <requirement>, got <value>"."""
+
+    def parse(text: str) -> Any:
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value:g}")
+        return value
+
+    return parse
 
 
-def count(text: str) -> int:
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(float, text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
-    return value
-
-
-def momentum_float(text: str) -> float:
-    value = _number(float, text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+count = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: v > 0, "> 0")
+nonnegative_float = _checked(float, lambda v: v >= 0, ">= 0")
+momentum_float = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def existing_dir(text: str) -> str:
