@@ -10,7 +10,6 @@ both. CuPy is imported lazily, only when asked for, so that importing
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -52,8 +51,6 @@ class Backend:
 
 def _import_cupy() -> ModuleType:
     """Import CuPy and check that it can run a kernel; raise BackendError saying why not."""
-    # cuBLAS calls under CUDA-graph capture (gpu_step.py) need this before CuPy is imported.
-    os.environ.setdefault("CUPY_EXPERIMENTAL_CUDA_LIB_GRAPH_CAPTURE", "1")
     try:
         import cupy
     except ImportError as exc:
@@ -74,16 +71,42 @@ def _import_cupy() -> ModuleType:
         runtime = cupy.cuda.runtime.runtimeGetVersion()
     except Exception as exc:
         raise BackendError(f"backend 'cupy': cannot query the CUDA driver ({_one_line(exc)})") from exc
-    if driver < runtime:
-        raise BackendError(
-            f"backend 'cupy': the CUDA driver is too old (driver supports CUDA {_cuda_version(driver)}, "
-            f"CuPy was built for CUDA {_cuda_version(runtime)}); update the driver or install a matching cupy"
-        )
+    problem = cuda_version_problem(driver, runtime)
+    if problem is not None:
+        raise BackendError(f"backend 'cupy': {problem}")
     try:  # the first real allocation and launch: catches a device that exists but cannot be used
         (cupy.arange(4, dtype=cupy.float32) * 2).sum().item()
     except Exception as exc:
         raise BackendError(f"backend 'cupy': the CUDA device cannot run a kernel ({_one_line(exc)})") from exc
+    try:  # the training step's matrix products go through cuBLAS via nvmath-python (cublas.py)
+        from nvmath.bindings import cublas  # noqa: F401
+    except ImportError as exc:
+        raise BackendError(
+            "backend 'cupy' needs nvmath-python for the training step's cuBLAS calls, which is not installed "
+            "(pip install 'backprop-xp[cuda12]' or 'backprop-xp[cuda13]')"
+        ) from exc
     return cupy
+
+
+def cuda_version_problem(driver: int, runtime: int) -> str | None:
+    """Why a CUDA runtime cannot work on a driver, or None when it can.
+
+    Versions are CUDA's integers (13020 is 13.2). CUDA's minor-version
+    compatibility lets every 13.x runtime run on any 13.x driver (pip wheels
+    track the newest minor, drivers lag behind), so only a lower *major*
+    version is refused; a kernel launch afterwards is the real test.
+
+    >>> cuda_version_problem(13000, 13020) is None   # 13.2 runtime on a 13.0 driver: fine
+    True
+    >>> cuda_version_problem(12080, 13000)
+    'the CUDA driver is too old (driver supports CUDA 12.8, CuPy was built for CUDA 13.0); update the driver or install cupy-cuda12x'
+    """
+    if driver // 1000 >= runtime // 1000:
+        return None
+    return (
+        f"the CUDA driver is too old (driver supports CUDA {_cuda_version(driver)}, CuPy was built for "
+        f"CUDA {_cuda_version(runtime)}); update the driver or install cupy-cuda{driver // 1000}x"
+    )
 
 
 def _cuda_version(v: int) -> str:

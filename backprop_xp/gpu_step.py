@@ -1,31 +1,47 @@
-"""The GPU training step: fused kernels, no host round-trips, and a CUDA graph of the whole step.
+"""The GPU training step: fused kernels, cuBLAS on a handle of its own, and a CUDA graph of the whole step.
 
 ``make_gpu_step(model, optimizer)`` returns ``step(xb, yb) -> (loss, n_correct)``
 doing exactly ``model.backprop(xb, yb)`` then ``optimizer.step()`` (up to
-float32 rounding), in 10 launches instead of about 25::
+float32 rounding), in four launches where the output layer fits the fused
+kernel (``kernels_cuda.output_layer_fits``: K ≤ 32 classes and W2 in shared
+memory, H up to about 5,600 in float32)::
 
-    z1 = x W1ᵀ                     cuBLAS
-    a1 = f(z1 + b1)                bias_activation_        (kernels_cuda.py)
-    z2 = a1 W2ᵀ                    cuBLAS
-    δ2, loss, n_correct, ∂L/∂b2    softmax_xent_step       (one launch, + b2 folded in)
-    ∂L/∂W2 = δ2ᵀ a1                cuBLAS
-    δ1 = δ2 W2                     cuBLAS
-    δ1 ⊙= f'(z1)                   activation_backward_
-    ∂L/∂W1 = δ1ᵀ x                 cuBLAS
-    ∂L/∂b1 = 1ᵀ δ1                 cuBLAS (a product with a ones vector: no reduction kernel)
-    w, v ← SGD(w, v, g)            sgd_momentum_           (every parameter at once: one flat buffer)
+    z1 = x W1ᵀ                                   cuBLAS
+    a1 = f(z1 + b1), z2, softmax, loss,          output_layer_step   (kernels_cuda.py)
+      δ2, δ1 = δ2 W2 ⊙ f'(z1),
+      ∂L/∂W2 = δ2ᵀ a1, ∂L/∂b2, ∂L/∂b1
+    ∂L/∂W1 = δ1ᵀ x                               cuBLAS
+    w, v ← SGD(w, v, g)                          sgd_momentum_       (every parameter: one flat buffer)
 
-With ``graphs=True`` these launches are captured once per batch size into a
-CUDA graph and replayed: one ``cudaGraphLaunch`` per step instead of ten
-kernel launches from Python. The graph reads its input from static buffers:
-cuBLAS bakes pointers into the graph, and ``xb`` and ``yb`` may be any
-caller's arrays (``Minibatches`` alternates between two buffers), so each step
-first copies them in (two device-to-device ``cudaMemcpyAsync``; ~0.4 MB at
-batch 128, a microsecond or so on a modern GPU). Capturing one graph per
-``Minibatches`` buffer would save that copy: a lead for tuning on a GPU. The learning rate, momentum
-and weight decay live in a small device array, refreshed (by a kernel, never a
-host copy) only when ``optimizer`` changes them, so a schedule needs no
-recapture.
+and otherwise in nine, with cuBLAS for the output layer's products::
+
+    z1 = x W1ᵀ              cuBLAS
+    a1 = f(z1 + b1)         bias_activation_
+    z2 = a1 W2ᵀ             cuBLAS
+    δ2, loss, ∂L/∂b2, ...   softmax_xent_step    (+ b2 folded in)
+    ∂L/∂W2 = δ2ᵀ a1         cuBLAS (as an H×10 product: the 10×H one was measured 12x slower)
+    δ1 = δ2 W2              cuBLAS
+    δ1 ⊙= f'(z1)            activation_backward_
+    ∂L/∂W1 = δ1ᵀ x          cuBLAS
+    ∂L/∂b1 = 1ᵀ δ1          cuBLAS (a product with a ones vector: no reduction kernel)
+    w, v ← SGD(w, v, g)     sgd_momentum_
+
+Every matrix product goes through a cuBLAS handle the step owns
+(``cublas.Blas``, over nvmath-python's bindings), never through
+``cupy.matmul``: CuPy refuses cuBLAS calls while a stream is captured, and
+the handle's stream and workspace are set before each capture begins.
+
+With ``graphs=True`` the launches are captured into a CUDA graph and
+replayed: one ``cudaGraphLaunch`` per step. A graph reads its input from
+fixed addresses, so there is one graph per (batch size, input buffer):
+``Minibatches`` gathers every batch into one of two buffers, in turn, so a
+training run captures two graphs per batch size and never copies its input
+again. Inputs at addresses not seen before run eagerly once the
+``GRAPHS_PER_SIZE`` graphs of that size exist. The first step of each batch
+size always runs eagerly (it compiles the kernels and lets cuBLAS settle
+outside any capture). The learning rate, momentum and weight decay live in a
+small device array, refreshed (by a kernel, never a host copy) only when
+``optimizer`` changes them, so a schedule needs no recapture.
 
 Nothing here waits for the device: the returned ``loss`` and ``n_correct``
 are 0-d device arrays. They are this batch size's output buffers, overwritten
@@ -36,39 +52,35 @@ kernel itself (no extra launch): ``step.sums()`` gives ``(Σ batch loss ×
 batch size, Σ correct, number of samples)`` since the last
 ``step.reset_sums()``, for a loop that reads them once per epoch.
 
-The first step of each batch size always runs eagerly (it compiles the
-kernels and lets cuBLAS allocate its workspace outside any capture); the
-graph is captured on the second. If capture fails (an old CuPy that refuses
-cuBLAS calls under capture, say) the step says so in one line and stays
-eager. CuPy only allows cuBLAS under capture when
-``CUPY_EXPERIMENTAL_CUDA_LIB_GRAPH_CAPTURE=1`` was set before CuPy was
-imported; ``backend.py`` sets it.
+If capture fails, the step says so in one line and stays eager
+(``mode == "eager"``, ``capture_error`` says why); ``scripts/gpu_check.sh``
+and the GPU tests fail on a real GPU when that happens.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from typing import Any, Callable
 
 import numpy as np
 
 from . import kernels_cuda as kc
-
-log = logging.getLogger("backprop_xp")
+from .cublas import Blas
 
 # How many batch sizes keep buffers (and graphs): a training run uses two, the
 # full batch and the epoch's last, partial one.
 MAX_SIZES = 4
+# Graphs per batch size, one per input buffer: Minibatches alternates two.
+GRAPHS_PER_SIZE = 2
 
 
 def set_tf32(enabled: bool) -> None:
-    """Let float32 matrix products use TF32 tensor cores (about 10 mantissa bits) or not.
+    """Let CuPy's own float32 matrix products (evaluation, ``MLP.backprop``) use TF32 tensor cores or not.
 
     Global to CuPy (``cupy._core.set_compute_type``, what ``CUPY_TF32=1``
-    does); graphs captured afterwards use the new setting, so call it before
-    training. Off by default: TF32 changes results in the 4th digit.
+    does). The training step's products follow its own ``tf32`` argument
+    (its cuBLAS handle's math mode). Off by default: TF32 changes results in
+    the 4th digit.
     """
     import cupy
     from cupy._core import _routines_linalg as linalg
@@ -78,25 +90,26 @@ def set_tf32(enabled: bool) -> None:
 
 
 class _Buffers:
-    """Everything one batch size needs on the device, allocated once."""
+    """Everything one batch size needs on the device, allocated once, and its graphs."""
 
-    def __init__(self, xp: Any, model: Any, batch: int) -> None:
+    def __init__(self, xp: Any, model: Any, batch: int, fused: bool) -> None:
         dt, h, k = model.dtype, model.n_hidden, model.n_outputs
         self.batch = batch
         self.a1 = xp.empty((batch, h), dt)  # z1, then a1 = f(z1 + b1) in place
-        self.z2 = xp.empty((batch, k), dt)  # a1 W2ᵀ, without b2 (the softmax kernel adds it)
         self.delta2 = xp.empty((batch, k), dt)
         self.delta1 = xp.empty((batch, h), dt)
-        self.ones = xp.ones((1, batch), dt)  # ∂L/∂b1 = onesᵀ δ1, as a (1, B) x (B, H) product
         self.loss = xp.zeros((), dt)
         self.n_correct = xp.zeros((), xp.int64)
-        self.scratch = kc.XentScratch(xp, batch, k, dt)
-        # the graph's inputs (copied into before each replay)
-        self.x = xp.zeros((batch, model.n_inputs), dt)
-        self.y = xp.zeros(batch, xp.int64)
+        if fused:
+            self.output = kc.OutputLayerScratch(xp, batch, h, k, dt)
+        else:  # the cuBLAS output layer's extra buffers
+            self.output = None
+            self.z2 = xp.empty((batch, k), dt)  # a1 W2ᵀ, without b2 (the softmax kernel adds it)
+            self.ones = xp.ones((1, batch), dt)  # ∂L/∂b1 = onesᵀ δ1, as a (1, B) x (B, H) product
+            self.xent = kc.XentScratch(xp, batch, k, dt)
         self.seen = 0  # steps run at this size
-        self.graph: Any = None
-        self.graph_pool: Any = None  # memory any temporaries of the captured work came from
+        # (x address, labels address) -> (graph, the memory pool of anything allocated inside the capture)
+        self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
 
 
 class GpuStep:
@@ -110,22 +123,31 @@ class GpuStep:
         Its optimizer; ``lr``, ``momentum`` and ``weight_decay`` are read at
         every step, so changes take effect at the next one.
     graphs : bool, default True
-        Capture and replay a CUDA graph per batch size; False launches the
-        kernels one by one (the "eager" fused step).
+        Capture and replay CUDA graphs; False launches the kernels one by one
+        (the "eager" fused step).
+    fused : bool or None, default None
+        Use the fused output-layer kernel: None where the shape fits it,
+        False never (the cuBLAS output layer), True always (ValueError if it
+        does not fit).
+    tf32 : bool, default False
+        Let the step's float32 matrix products use TF32 tensor cores.
     notice : callable, default: print to stderr
         Where the one-line "graph capture failed, running eagerly" goes.
     graph_max_batch : int or None, default None
-        Batch sizes above this run eagerly even with ``graphs=True``: at large
-        batches the GPU work outlasts the host's launches anyway, and the
-        graph's input copy (``B × n_inputs`` values) is pure overhead. None:
-        graphs at every size (``bench/bench_gpu.py`` measures both modes).
+        Batch sizes above this run eagerly even with ``graphs=True`` (at
+        large batches the GPU work outlasts the host's launches anyway). None:
+        graphs at every size.
 
     Attributes
     ----------
     mode : {"graphs", "eager"}
         What the step does now ("eager" after a failed capture).
+    fused : bool
+        Whether every batch size so far ran the fused output-layer kernel.
     capture_error : str or None
         Why capture failed, if it did.
+    n_captures, n_replays : int
+        Graphs captured and graph launches so far (the benchmark and the tests read them).
     """
 
     def __init__(
@@ -134,6 +156,8 @@ class GpuStep:
         optimizer: Any,
         *,
         graphs: bool = True,
+        fused: bool | None = None,
+        tf32: bool = False,
         notice: Callable[[str], None] | None = None,
         graph_max_batch: int | None = None,
     ) -> None:
@@ -145,8 +169,13 @@ class GpuStep:
             raise ValueError("the optimizer belongs to another model")
         self.model, self.optimizer, self.xp = model, optimizer, cupy
         self.mode = "graphs" if graphs else "eager"
+        self._fused_choice = fused
+        runtime = cupy.cuda.runtime
+        self._shared_limit = runtime.deviceGetAttribute(97, runtime.getDevice())  # cudaDevAttrMaxSharedMemoryPerBlockOptin
         self.graph_max_batch = graph_max_batch
         self.capture_error: str | None = None
+        self.n_captures = self.n_replays = 0
+        self.blas = Blas(cupy, tf32=tf32)
         self._notice = notice or (lambda line: print(line, file=sys.stderr))
         self._hyper = cupy.zeros(3, model.dtype)  # [lr, momentum, weight decay] on the device
         self._hyper_host: tuple[float, float, float] | None = None
@@ -167,43 +196,70 @@ class GpuStep:
                 f"got shape {tuple(x.shape)} dtype {x.dtype}"
             )
         if labels.shape != (batch,) or labels.dtype != np.int64:
-            raise ValueError(f"step: labels must be int64 of shape ({batch},), got shape {tuple(labels.shape)} dtype {labels.dtype}")
+            raise ValueError(
+                f"step: labels must be int64 of shape ({batch},), got shape {tuple(labels.shape)} dtype {labels.dtype}"
+            )
         if not isinstance(x, xp.ndarray) or not isinstance(labels, xp.ndarray):
             raise ValueError("step: x and labels must be CuPy arrays already on the device")
         self._refresh_hyper()
         buf = self._buffers_for(batch)
         buf.seen += 1
         self._n_samples += batch
-        eager = self.mode == "eager" or buf.seen == 1 or (self.graph_max_batch is not None and batch > self.graph_max_batch)
-        if eager or (buf.graph is None and not self._capture(buf)):
-            # the kernels and cuBLAS take raw pointers: rows must be contiguous (Minibatches' are)
-            x = x if x.flags.c_contiguous else xp.ascontiguousarray(x)
-            labels = labels if labels.flags.c_contiguous else xp.ascontiguousarray(labels)
-            self._launch(x, labels, buf)
-            return buf.loss, buf.n_correct
         stream = xp.cuda.get_current_stream()
-        _copy_into(buf.x, x, stream)
-        _copy_into(buf.y, labels, stream)
-        buf.graph.launch(stream)
+        graph = self._graph_for(buf, x, labels) if buf.seen > 1 else None
+        if graph is not None:
+            graph.launch(stream)
+            self.n_replays += 1
+            return buf.loss, buf.n_correct
+        # the kernels and cuBLAS take raw pointers: rows must be contiguous (Minibatches' are)
+        x = x if x.flags.c_contiguous else xp.ascontiguousarray(x)
+        labels = labels if labels.flags.c_contiguous else xp.ascontiguousarray(labels)
+        self.blas.use_stream(stream.ptr)
+        self._launch(x, labels, buf)
         return buf.loss, buf.n_correct
 
     def _launch(self, x: Any, labels: Any, buf: _Buffers) -> None:
-        """The ten launches of one step, on the current stream (captured or not)."""
-        xp, model, act = self.xp, self.model, self.model.activation
-        p, g = model.params, model.grads
-        xp.matmul(x, p["W1"].T, out=buf.a1)
-        kc.bias_activation_(buf.a1, p["b1"], act)
-        xp.matmul(buf.a1, p["W2"].T, out=buf.z2)
-        kc.softmax_xent_step(
-            buf.z2, p["b2"], labels, buf.delta2, g["b2"], buf.loss, buf.n_correct, buf.scratch,
-            self._loss_sum, self._correct_sum,
-        )
-        xp.matmul(buf.delta2.T, buf.a1, out=g["W2"])
-        xp.matmul(buf.delta2, p["W2"], out=buf.delta1)
-        kc.activation_backward_(buf.a1, buf.delta1, act)
-        xp.matmul(buf.delta1.T, x, out=g["W1"])
-        xp.matmul(buf.ones, buf.delta1, out=g["b1"][None, :])
-        kc.sgd_momentum_(model.flat_params, model.flat_grads, self.optimizer.velocity, self._hyper)
+        """The launches of one step, on the current stream (captured or not)."""
+        for _, launch in self.launches(x, labels, buf):
+            launch()
+
+    def launches(self, x: Any, labels: Any, buf: _Buffers) -> list[tuple[str, Callable[[], Any]]]:
+        """The step as named launches, in order (``bench/gpu_launches.py`` times each one alone)."""
+        blas, p, g, act = self.blas, self.model.params, self.model.grads, self.model.activation
+        first = [("z1 = x W1ᵀ (cuBLAS)", lambda: blas.matmul(x, p["W1"], buf.a1, transpose_b=True))]
+        if buf.output is not None:  # the whole output layer, and f(z1 + b1), in one kernel
+            output_layer = [
+                ("a1 = f(z1 + b1) ... ∂L/∂W2, ∂L/∂b2, δ1, ∂L/∂b1 (output_layer_step)", lambda: kc.output_layer_step(
+                    buf.a1, labels, p, g, buf.delta2, buf.delta1, buf.loss, buf.n_correct, buf.output, act,
+                    self._loss_sum, self._correct_sum,
+                )),
+            ]  # fmt: skip
+        else:
+            output_layer = [
+                ("a1 = f(z1 + b1) (bias_activation_)", lambda: kc.bias_activation_(buf.a1, p["b1"], act)),
+                ("z2 = a1 W2ᵀ (cuBLAS)", lambda: blas.matmul(buf.a1, p["W2"], buf.z2, transpose_b=True)),
+                ("δ2, loss, ∂L/∂b2 (softmax_xent_step)", lambda: kc.softmax_xent_step(
+                    buf.z2, p["b2"], labels, buf.delta2, g["b2"], buf.loss, buf.n_correct, buf.xent,
+                    self._loss_sum, self._correct_sum,
+                )),
+                ("∂L/∂W2 = δ2ᵀ a1 (cuBLAS)", lambda: blas.matmul(buf.delta2, buf.a1, g["W2"], transpose_a=True)),
+                ("δ1 = δ2 W2 (cuBLAS)", lambda: blas.matmul(buf.delta2, p["W2"], buf.delta1)),
+                ("δ1 ⊙= f'(z1) (activation_backward_)", lambda: kc.activation_backward_(buf.a1, buf.delta1, act)),
+                ("∂L/∂b1 = 1ᵀ δ1 (cuBLAS)", lambda: blas.matmul(buf.ones, buf.delta1, g["b1"][None, :])),
+            ]  # fmt: skip
+        last = [
+            ("∂L/∂W1 = δ1ᵀ x (cuBLAS)", lambda: blas.matmul(buf.delta1, x, g["W1"], transpose_a=True)),
+            ("w, v ← SGD (sgd_momentum_)", lambda: kc.sgd_momentum_(
+                self.model.flat_params, self.model.flat_grads, self.optimizer.velocity, self._hyper
+            )),
+        ]  # fmt: skip
+        return first + output_layer + last
+
+    @property
+    def fused(self) -> bool:
+        if not self._buffers:
+            return self._fused_choice is not False
+        return all(buf.output is not None for buf in self._buffers.values())
 
     # ------------------------------------------------------------------ running totals
     def sums(self) -> tuple[Any, Any, int]:
@@ -227,7 +283,8 @@ class GpuStep:
         if opt.velocity is not self._velocity:  # a new velocity array: graphs hold the old pointer
             self._velocity = opt.velocity
             for buf in self._buffers.values():
-                buf.graph, buf.graph_pool, buf.seen = None, None, 0
+                buf.graphs.clear()
+                buf.seen = 0
         hyper = (float(opt.lr), float(opt.momentum), float(opt.weight_decay))
         if hyper != self._hyper_host:
             # Three scalar fills (kernel launches with the value as an argument):
@@ -239,14 +296,36 @@ class GpuStep:
     def _buffers_for(self, batch: int) -> _Buffers:
         buf = self._buffers.get(batch)
         if buf is None:
+            model = self.model
+            fits = kc.output_layer_fits(batch, model.n_hidden, model.n_outputs, model.dtype, self._shared_limit)
+            if self._fused_choice is True and not fits:
+                raise ValueError(
+                    f"the fused output layer does not fit {model.n_outputs} classes x {model.n_hidden} hidden units "
+                    f"at batch {batch} in {self._shared_limit} bytes of shared memory; use fused=None"
+                )
+            fused = fits and self._fused_choice is not False
             if len(self._buffers) >= MAX_SIZES:
                 self._buffers.clear()
-            buf = self._buffers[batch] = _Buffers(self.xp, self.model, batch)
+            buf = self._buffers[batch] = _Buffers(self.xp, model, batch, fused)
         return buf
 
-    # ------------------------------------------------------------------ CUDA graph
-    def _capture(self, buf: _Buffers) -> bool:
-        """Capture ``_launch`` on the static buffers into ``buf.graph``; on failure switch to eager."""
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graph_for(self, buf: _Buffers, x: Any, labels: Any) -> Any:
+        """The graph for these inputs' addresses (captured now if new and room is left), or None: run eagerly."""
+        if self.mode != "graphs" or (self.graph_max_batch is not None and buf.batch > self.graph_max_batch):
+            return None
+        if not (x.flags.c_contiguous and labels.flags.c_contiguous):
+            return None
+        key = (x.data.ptr, labels.data.ptr)
+        entry = buf.graphs.get(key)
+        if entry is None:
+            if len(buf.graphs) >= GRAPHS_PER_SIZE or not self._capture(buf, x, labels):
+                return None
+            entry = buf.graphs[key]
+        return entry[0]
+
+    def _capture(self, buf: _Buffers, x: Any, labels: Any) -> bool:
+        """Capture ``_launch`` on these inputs into ``buf.graphs``; on failure switch to eager and say so once."""
         cupy = self.xp
         if self._capture_stream is None:
             self._capture_stream = cupy.cuda.Stream(non_blocking=True)  # capture needs a non-default stream
@@ -257,33 +336,30 @@ class GpuStep:
         pool = cupy.cuda.MemoryPool()
         graph, error = None, None
         try:
+            self.blas.use_stream(stream.ptr)  # before the capture begins: cuBLAS may not be reconfigured inside it
             with cupy.cuda.using_allocator(pool.malloc), stream:
                 stream.begin_capture()
                 try:
-                    self._launch(buf.x, buf.y, buf)
+                    self._launch(x, labels, buf)
                 except Exception as exc:  # noqa: BLE001 - reported below; the capture must still be ended
                     error = _one_line(exc)
                 try:
                     graph = stream.end_capture()
                 except Exception as exc:  # noqa: BLE001
                     error = error or _one_line(exc)
-            upload = getattr(graph, "upload", None)  # CuPy >= 13; older ones upload on first launch
-            if error is None and upload is not None:  # instantiate and upload now, not inside the first replay
-                upload(cupy.cuda.get_current_stream())
+            if error is None and graph is not None:  # instantiate and upload now, not inside the first replay
+                graph.upload(cupy.cuda.get_current_stream())
         except Exception as exc:  # noqa: BLE001 - any failure means "no graph here"; the reason is reported
             error = error or _one_line(exc)
-        if error is not None:
-            graph = None
-        if graph is None:
+        if error is not None or graph is None:
             self.mode = "eager"
             self.capture_error = error or "capture returned no graph"
-            if os.environ.get("CUPY_EXPERIMENTAL_CUDA_LIB_GRAPH_CAPTURE") != "1":
-                self.capture_error += "; CUPY_EXPERIMENTAL_CUDA_LIB_GRAPH_CAPTURE=1 was not set before CuPy was imported"
             for other in self._buffers.values():
-                other.graph = other.graph_pool = None
+                other.graphs.clear()
             self._notice(f"backprop-xp: CUDA graph capture failed ({self.capture_error}); running the fused step eagerly")
             return False
-        buf.graph, buf.graph_pool = graph, pool
+        buf.graphs[(x.data.ptr, labels.data.ptr)] = (graph, pool)
+        self.n_captures += 1
         return True
 
 
@@ -292,16 +368,14 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _copy_into(dst: Any, src: Any, stream: Any) -> None:
-    """``dst[...] = src`` as one stream-ordered device-to-device copy (no host involvement)."""
-    if src.flags.c_contiguous:
-        dst.data.copy_from_device_async(src.data, src.nbytes, stream)
-    else:
-        dst[...] = src
-
-
 def make_gpu_step(
-    model: Any, optimizer: Any, *, graphs: bool = True, tf32: bool | None = None, graph_max_batch: int | None = None
+    model: Any,
+    optimizer: Any,
+    *,
+    graphs: bool = True,
+    tf32: bool | None = None,
+    fused: bool | None = None,
+    graph_max_batch: int | None = None,
 ) -> GpuStep:
     """The fused training step for a CuPy ``model`` and its ``optimizer``.
 
@@ -310,11 +384,14 @@ def make_gpu_step(
     model, optimizer : MLP, SGD
         The model (on CuPy) and the optimizer that updates it.
     graphs : bool, default True
-        Replay a captured CUDA graph per batch size (falls back to eager, with
-        a one-line notice, where capture fails).
+        Replay captured CUDA graphs (falls back to eager, with a one-line
+        notice, where capture fails).
     tf32 : bool or None, default None
-        Set TF32 matrix products on or off first (see ``set_tf32``); None
-        leaves the current setting.
+        TF32 matrix products in the step and, when not None, in CuPy's own
+        products too (``set_tf32``); None leaves CuPy's setting and keeps the
+        step in full float32.
+    fused : bool or None, default None
+        The fused output-layer kernel where it fits (see ``GpuStep``).
     graph_max_batch : int or None, default None
         Larger batches run eagerly (see ``GpuStep``).
 
@@ -326,4 +403,4 @@ def make_gpu_step(
     """
     if tf32 is not None:
         set_tf32(tf32)
-    return GpuStep(model, optimizer, graphs=graphs, graph_max_batch=graph_max_batch)
+    return GpuStep(model, optimizer, graphs=graphs, fused=fused, tf32=bool(tf32), graph_max_batch=graph_max_batch)

@@ -228,6 +228,190 @@ extern "C" __global__ void xent_step_double(const double* z, const double* bias,
 )
 
 
+# ---- RawKernel: the whole output layer of a training step, and the hidden layer's bias and activation.
+# From z1 = x W1ᵀ (no bias yet) it computes, per row: a1 = f(z1 + b1) (written over z1), z2 = a1 W2ᵀ + b2,
+# softmax, the loss and whether argmax = label, δ2 = (ŷ − y)/B, and δ1 = δ2 W2 ⊙ f'(z1); per block of
+# rows: partial sums of ∂L/∂W2 = δ2ᵀ a1, ∂L/∂b2 = Σ δ2 and ∂L/∂b1 = Σ δ1; and the last block to finish
+# adds the blocks' partials in block order (deterministic: no floating-point atomics) into the gradients.
+#
+# Layout: a warp per row, its lanes across the H hidden units, so every load of a row is coalesced; the
+# K dot products of z2 are reduced with xor shuffles, after which every lane holds all K logits and does
+# the (K-element) softmax itself: no broadcast, and every lane has δ2 for the δ1 pass. W2 (K×H) is staged
+# once per block in shared memory, beside the block's δ2 rows. N_CLASSES (K) is a compile-time constant
+# (-DN_CLASSES=10) so that the K accumulators of a lane stay in registers.
+OUTPUT_LAYER_SOURCE = r"""
+#ifndef N_CLASSES
+#error "compile with -DN_CLASSES=<number of classes>"
+#endif
+
+template <typename T>
+__device__ __forceinline__ T warp_allsum(T v) {  // every lane gets the same sum (xor butterfly)
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// partials, one row of `width` = 1 + K + H + K*H per block: [Σ loss | Σ δ2 (K) | Σ δ1 (H) | δ2ᵀ a1 (K×H)]
+template <typename T>
+__device__ void output_layer(T* a1, const T* b1, const T* w2, const T* b2, const long long* labels,
+                             int batch, int n_hidden, int rows_per_block, T inv_batch,
+                             T* delta2, T* delta1, T* grad_w2, T* grad_b1, T* grad_b2, T* loss,
+                             long long* n_correct, T* partials, long long* partial_correct,
+                             unsigned int* blocks_done, double* loss_sum, long long* correct_sum) {
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    T* w2_tile = reinterpret_cast<T*>(shared_bytes);        // K × H
+    T* delta2_tile = w2_tile + N_CLASSES * n_hidden;         // rows_per_block × K
+    __shared__ T warp_loss[32];
+    __shared__ long long warp_correct[32];
+    __shared__ bool is_last;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const int first_row = blockIdx.x * rows_per_block;
+    const int n_rows = min(rows_per_block, batch - first_row);
+    for (int i = threadIdx.x; i < N_CLASSES * n_hidden; i += blockDim.x) w2_tile[i] = w2[i];
+    __syncthreads();
+
+    // ---- phase 1: a warp per row
+    T my_loss = T(0);
+    long long my_correct = 0;
+    for (int r = warp; r < n_rows; r += n_warps) {
+        const long long row = first_row + r;
+        T* a = a1 + row * n_hidden;
+        T v[N_CLASSES];  // z2 of this row, then δ2
+#pragma unroll
+        for (int k = 0; k < N_CLASSES; ++k) v[k] = T(0);
+        for (int h = lane; h < n_hidden; h += 32) {
+            const T ah = act_forward<T>(a[h] + b1[h]);  // a1 = f(z1 + b1), in place
+            a[h] = ah;
+#pragma unroll
+            for (int k = 0; k < N_CLASSES; ++k) v[k] += ah * w2_tile[k * n_hidden + h];
+        }
+        const long long label = labels[row];
+        const bool good = label >= 0 && label < N_CLASSES;  // never index with a bad label: poison the row
+        T zmax, sum = T(0), label_logit = T(0);
+        int argmax = 0;
+#pragma unroll
+        for (int k = 0; k < N_CLASSES; ++k) {
+            v[k] = warp_allsum(v[k]) + b2[k];  // z2 = a1 W2ᵀ + b2
+            if (k == 0 || v[k] > zmax) { zmax = v[k]; argmax = k; }  // first maximum, as NumPy's argmax
+        }
+#pragma unroll
+        for (int k = 0; k < N_CLASSES; ++k) {
+            const T shifted = v[k] - zmax;
+            if (k == label) label_logit = shifted;
+            v[k] = exp(shifted);
+            sum += v[k];
+        }
+        const T nan = T(0) / T(0);
+#pragma unroll
+        for (int k = 0; k < N_CLASSES; ++k) {  // δ2 = (ŷ − y) / B
+            v[k] = good ? (v[k] / sum - (k == label ? T(1) : T(0))) * inv_batch : nan;
+            if (lane == (k & 31)) {
+                delta2[row * N_CLASSES + k] = v[k];
+                delta2_tile[r * N_CLASSES + k] = v[k];
+            }
+        }
+        if (lane == 0) {
+            my_loss += good ? log(sum) - label_logit : nan;  // −log ŷ_y = log Σ exp − (z_y − max)
+            my_correct += (good && argmax == label) ? 1 : 0;
+        }
+        T* d1 = delta1 + row * n_hidden;
+        for (int h = lane; h < n_hidden; h += 32) {  // δ1 = δ2 W2 ⊙ f'(z1)
+            T s = T(0);
+#pragma unroll
+            for (int k = 0; k < N_CLASSES; ++k) s += v[k] * w2_tile[k * n_hidden + h];
+            d1[h] = s * act_derivative<T>(a[h]);
+        }
+    }
+    if (lane == 0) {
+        warp_loss[warp] = my_loss;
+        warp_correct[warp] = my_correct;
+    }
+    __syncthreads();  // the block's a1, δ1 and δ2 rows are written and visible to the whole block
+
+    // ---- phase 2: the block's partial sums, a thread per column
+    const long long width = 1 + N_CLASSES + n_hidden + (long long)N_CLASSES * n_hidden;
+    T* mine = partials + blockIdx.x * width;
+    if (threadIdx.x == 0) {
+        T s = T(0);
+        long long c = 0;
+        for (int w = 0; w < n_warps; ++w) { s += warp_loss[w]; c += warp_correct[w]; }
+        mine[0] = s;
+        partial_correct[blockIdx.x] = c;
+    }
+    for (int k = threadIdx.x; k < N_CLASSES; k += blockDim.x) {
+        T s = T(0);
+        for (int r = 0; r < n_rows; ++r) s += delta2_tile[r * N_CLASSES + k];
+        mine[1 + k] = s;
+    }
+    for (int h = threadIdx.x; h < n_hidden; h += blockDim.x) {
+        T g[N_CLASSES];
+#pragma unroll
+        for (int k = 0; k < N_CLASSES; ++k) g[k] = T(0);
+        T g_b1 = T(0);
+        for (int r = 0; r < n_rows; ++r) {
+            const long long at = (first_row + r) * (long long)n_hidden + h;
+            const T ah = a1[at];
+            g_b1 += delta1[at];
+#pragma unroll
+            for (int k = 0; k < N_CLASSES; ++k) g[k] += delta2_tile[r * N_CLASSES + k] * ah;
+        }
+        mine[1 + N_CLASSES + h] = g_b1;
+#pragma unroll
+        for (int k = 0; k < N_CLASSES; ++k) mine[1 + N_CLASSES + n_hidden + (long long)k * n_hidden + h] = g[k];
+    }
+
+    // ---- the last block adds every block's partials, in block order
+    __threadfence();  // this thread's partials are visible device-wide before the block counts itself done
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = (atomicAdd(blocks_done, 1u) == gridDim.x - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (long long j = threadIdx.x; j < width; j += blockDim.x) {
+        T total = T(0);
+        for (int b = 0; b < gridDim.x; ++b) total += __ldcg(partials + b * width + j);  // L2, never a stale L1
+        if (j == 0) {
+            *loss = total / T(batch);
+            if (loss_sum) *loss_sum += (double)total;  // the epoch's running sums, if asked for
+        } else if (j <= N_CLASSES) {
+            grad_b2[j - 1] = total;
+        } else if (j <= N_CLASSES + n_hidden) {
+            grad_b1[j - 1 - N_CLASSES] = total;
+        } else {
+            grad_w2[j - 1 - N_CLASSES - n_hidden] = total;
+        }
+    }
+    if (threadIdx.x == 0) {
+        long long total = 0;
+        for (int b = 0; b < gridDim.x; ++b) total += __ldcg(partial_correct + b);
+        *n_correct = total;
+        if (correct_sum) *correct_sum += total;
+        *blocks_done = 0u;  // ready for the next launch (or graph replay)
+    }
+}
+
+#define OUTPUT_LAYER_ENTRY(NAME, T)                                                                          \
+    extern "C" __global__ void NAME(T* a1, const T* b1, const T* w2, const T* b2, const long long* labels,   \
+                                    int batch, int n_hidden, int rows_per_block, T inv_batch, T* delta2,      \
+                                    T* delta1, T* grad_w2, T* grad_b1, T* grad_b2, T* loss,                   \
+                                    long long* n_correct, T* partials, long long* partial_correct,            \
+                                    unsigned int* blocks_done, double* loss_sum, long long* correct_sum) {    \
+        output_layer<T>(a1, b1, w2, b2, labels, batch, n_hidden, rows_per_block, inv_batch, delta2, delta1,   \
+                        grad_w2, grad_b1, grad_b2, loss, n_correct, partials, partial_correct, blocks_done,    \
+                        loss_sum, correct_sum);                                                               \
+    }
+OUTPUT_LAYER_ENTRY(output_layer_float, float)
+OUTPUT_LAYER_ENTRY(output_layer_double, double)
+"""
+# Threads per block of the output-layer kernel (8 warps), the fewest rows a block takes, and the most
+# blocks: the last block reads every block's K×H partials, so their number is capped. Tuning knobs for
+# a real GPU (bench/GPU_NOTES.md).
+OUTPUT_LAYER_THREADS = 256
+OUTPUT_LAYER_MIN_ROWS = 16
+OUTPUT_LAYER_MAX_BLOCKS = 32
+# Classes at most for the fused kernel: a lane keeps K accumulators in registers.
+OUTPUT_LAYER_MAX_CLASSES = 32
+
 class ElementwiseSpec(NamedTuple):
     """Everything ``cupy.ElementwiseKernel`` needs (and the NVRTC compile test reads)."""
 
@@ -335,14 +519,27 @@ def sgd_momentum_(w: Any, g: Any, velocity: Any | None, hyper: Any) -> Any:
     return w
 
 
-class XentScratch:
-    """Per-batch-size buffers of ``softmax_xent_step``: partial sums and the blocks-done counter."""
+class BlockPartials:
+    """Scratch of a kernel that reduces over blocks of rows (``softmax_xent_step``, ``output_layer_step``).
+
+    Each block writes a row of ``width`` partial sums and its correct count;
+    the last block to finish (a counter in device memory, the CUDA
+    "threadFenceReduction" pattern) adds them in block order and resets the
+    counter, so no memset is needed between launches or graph replays.
+    """
+
+    def __init__(self, xp: Any, n_blocks: int, width: int, dtype: Any) -> None:
+        self.n_blocks = n_blocks
+        self.partial_sums = xp.zeros((n_blocks, width), dtype)
+        self.partial_correct = xp.zeros(n_blocks, xp.int64)
+        self.blocks_done = xp.zeros(1, xp.uint32)
+
+
+class XentScratch(BlockPartials):
+    """``BlockPartials`` of ``softmax_xent_step``: a block per ``XENT_BLOCK`` rows, ``1 + K`` sums each."""
 
     def __init__(self, xp: Any, batch: int, n_classes: int, dtype: Any) -> None:
-        self.n_blocks = -(-batch // XENT_BLOCK)
-        self.partial_sums = xp.zeros((self.n_blocks, n_classes + 1), dtype)
-        self.partial_correct = xp.zeros(self.n_blocks, xp.int64)
-        self.blocks_done = xp.zeros(1, xp.uint32)
+        super().__init__(xp, -(-batch // XENT_BLOCK), n_classes + 1, dtype)
 
 
 def softmax_xent_step(
@@ -381,6 +578,95 @@ def softmax_xent_step(
             np.uint64(0) if correct_sum is None else correct_sum,
         ),
     )
+
+
+def output_layer_grid(batch: int) -> tuple[int, int]:
+    """``(rows_per_block, n_blocks)`` of ``output_layer_step`` for a batch of ``batch`` rows."""
+    rows = max(OUTPUT_LAYER_MIN_ROWS, -(-batch // OUTPUT_LAYER_MAX_BLOCKS))
+    return rows, -(-batch // rows)
+
+
+def output_layer_shared_bytes(batch: int, n_hidden: int, n_classes: int, dtype: Any) -> int:
+    """Dynamic shared memory of ``output_layer_step``: W2 and the block's δ2 rows."""
+    rows, _ = output_layer_grid(batch)
+    return (n_classes * n_hidden + rows * n_classes) * np.dtype(dtype).itemsize
+
+
+def output_layer_fits(batch: int, n_hidden: int, n_classes: int, dtype: Any, shared_limit: int) -> bool:
+    """Whether the fused output layer can run this shape (else the step uses cuBLAS and separate kernels).
+
+    ``shared_limit`` is the device's opt-in shared memory per block
+    (``MaxSharedMemoryPerBlockOptin``: 227 KiB on an H100); 1 KiB of it is
+    left for the kernel's static arrays. With K = 10 in float32 that allows
+    H up to about 5,600.
+    """
+    need = output_layer_shared_bytes(batch, n_hidden, n_classes, dtype)
+    return n_classes <= OUTPUT_LAYER_MAX_CLASSES and need <= shared_limit - 1024
+
+
+class OutputLayerScratch(BlockPartials):
+    """``BlockPartials`` of ``output_layer_step`` for one batch size: ``1 + K + H + K·H`` sums a block."""
+
+    def __init__(self, xp: Any, batch: int, n_hidden: int, n_classes: int, dtype: Any) -> None:
+        self.rows_per_block, n_blocks = output_layer_grid(batch)
+        super().__init__(xp, n_blocks, 1 + n_classes + n_hidden + n_classes * n_hidden, dtype)
+        self.shared_bytes = output_layer_shared_bytes(batch, n_hidden, n_classes, dtype)
+
+
+@functools.cache
+def _output_layer_kernel(activation: str, n_classes: int, dtype_name: str) -> Any:
+    import cupy
+
+    name = f"output_layer_{'float' if dtype_name == 'float32' else 'double'}"
+    source = ACTIVATION_SOURCES[activation] + OUTPUT_LAYER_SOURCE
+    return cupy.RawKernel(source, name, options=(f"-DN_CLASSES={n_classes}",))
+
+
+def output_layer_step(
+    a1: Any,
+    labels: Any,
+    params: dict[str, Any],
+    grads: dict[str, Any],
+    delta2: Any,
+    delta1: Any,
+    loss: Any,
+    n_correct: Any,
+    scratch: OutputLayerScratch,
+    activation: str,
+    loss_sum: Any | None = None,
+    correct_sum: Any | None = None,
+) -> None:
+    """Bias and activation of the hidden layer, and the whole output layer of a step, in one launch.
+
+    On entry ``a1`` (C-contiguous (B, H)) holds ``z1 = x W1ᵀ``; on exit
+    ``a1 = f(z1 + b1)``. Reads ``params["b1"]``, ``["W2"]``, ``["b2"]`` and
+    int64 ``labels`` (B,); writes ``delta2 = (softmax(z2) − onehot) / B``
+    (B, K), ``delta1 = δ2 W2 ⊙ f'(z1)`` (B, H), ``grads["W2"]``, ``["b1"]``,
+    ``["b2"]``, ``loss`` (0-d, the mean) and ``n_correct`` (0-d int64); adds
+    to ``loss_sum``/``correct_sum`` when given (see ``softmax_xent_step``).
+    A bad label gives NaN for that row, never a read out of bounds. The
+    shape must pass ``output_layer_fits``. The NumPy twin is
+    ``output_layer_reference``.
+    """
+    _check_activation(activation)
+    batch, n_hidden = a1.shape
+    n_classes = delta2.shape[1]
+    kernel = _output_layer_kernel(activation, n_classes, a1.dtype.name)
+    if scratch.shared_bytes > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < scratch.shared_bytes:
+        kernel.max_dynamic_shared_size_bytes = scratch.shared_bytes  # opt in above the 48 KiB default
+    kernel(
+        (scratch.n_blocks,),
+        (OUTPUT_LAYER_THREADS,),
+        (
+            a1, params["b1"], params["W2"], params["b2"], labels,
+            np.int32(batch), np.int32(n_hidden), np.int32(scratch.rows_per_block), a1.dtype.type(1.0 / batch),
+            delta2, delta1, grads["W2"], grads["b1"], grads["b2"], loss, n_correct,
+            scratch.partial_sums, scratch.partial_correct, scratch.blocks_done,
+            np.uint64(0) if loss_sum is None else loss_sum,
+            np.uint64(0) if correct_sum is None else correct_sum,
+        ),
+        shared_mem=scratch.shared_bytes,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- NumPy twins
@@ -428,3 +714,23 @@ def sgd_momentum_reference(w: Any, g: Any, velocity: Any | None, lr: float, mome
         g = velocity
     w -= xp.multiply(g, lr, dtype=w.dtype)
     return w
+
+
+def output_layer_reference(z1: Any, labels: Any, params: dict[str, Any], activation: str) -> dict[str, Any]:
+    """Twin of ``output_layer_step``, with the functions of ``kernels.py``: every array it writes, by name.
+
+    ``z1`` is left unchanged; the returned ``"a1"`` is ``f(z1 + b1)``.
+    """
+    from .backend import array_module
+
+    xp = array_module(z1)
+    a1 = bias_activation_reference(z1.copy(), params["b1"], activation)
+    z2 = a1 @ params["W2"].T + params["b2"]
+    n_correct = xp.count_nonzero(z2.argmax(axis=1) == labels)
+    delta2 = xp.empty_like(z2)
+    loss = softmax_cross_entropy_(z2, labels, out=delta2)  # δ2 = (ŷ − y) / B
+    delta1 = activation_backward_reference(a1, delta2 @ params["W2"], activation)  # δ1 = δ2 W2 ⊙ f'(z1)
+    return {
+        "a1": a1, "delta2": delta2, "delta1": delta1, "loss": loss, "n_correct": n_correct,
+        "W2": delta2.T @ a1, "b1": delta1.sum(axis=0), "b2": delta2.sum(axis=0),
+    }  # fmt: skip

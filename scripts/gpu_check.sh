@@ -4,12 +4,17 @@
 #   bash scripts/gpu_check.sh [MNIST_DIR]        (default: $BACKPROP_XP_DATA, else data/mnist)
 #
 # Runs from a source tree on a machine that has CuPy and PyTorch (CUDA) but no
-# package index: it installs nothing (PYTHONPATH=.). Each part runs on its own,
+# package index (PYTHONPATH=.). nvmath-python, which the GPU step calls cuBLAS
+# through, is installed from wheels in $GPU_CHECK_WHEELS (default .whl) into a
+# temporary folder when it is not importable. Each part runs on its own,
 # with its own time limit, and prints its own PASS/FAIL/SKIP line, so a broken
 # feature (graph capture, say) does not hide the others. Full logs and JSON go
 # to $OUT if set (the device runner collects it), else bench/gpu-results/.
 # The whole run is meant to take under 5 minutes; the benchmark gets what is
 # left of that budget. The summary table comes last.
+#
+# Where nvidia-smi lists a GPU, nothing may skip for want of one: a backend
+# that refuses CuPy, or a GPU test that skips, is a FAIL with the reason.
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -20,7 +25,6 @@ RESULTS="${OUT:-bench/gpu-results}"
 mkdir -p "$RESULTS"
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export CUPY_EXPERIMENTAL_CUDA_LIB_GRAPH_CAPTURE=1   # cuBLAS under stream capture; must precede `import cupy`
 export BACKPROP_XP_DATA="$DATA"
 export MPLBACKEND=Agg
 export PYTHONDONTWRITEBYTECODE=1
@@ -28,6 +32,17 @@ PY=${PYTHON:-python}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
 if command -v timeout >/dev/null 2>&1; then LIMIT=(timeout -k 5); else LIMIT=(); fi
+
+# A GPU listed here means the GPU tests must run: the cupy fixture fails instead of skipping.
+GPU_PRESENT=0
+if nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then GPU_PRESENT=1; export BACKPROP_XP_REQUIRE_GPU=1; fi
+
+WHEELS="${GPU_CHECK_WHEELS:-.whl}"
+if ! "$PY" -c "import nvmath.bindings.cublas" 2>/dev/null && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    site=$(mktemp -d)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:$site" && echo "installed $(ls "$WHEELS" | tr '\n' ' ')into $site"
+fi
 PARTS=()     # "name|status|seconds|note"
 
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -48,7 +63,9 @@ run_part() {
     if grep -qE '^[0-9]+ skipped' "$log" 2>/dev/null || grep -qE '^=+ [0-9]+ skipped in' "$log" 2>/dev/null; then
         status=SKIP; note=$(grep -m1 -oE "SKIPPED \[[0-9]+\] [^:]+:[0-9]+: .*" "$log" | cut -c1-120)
     fi
-    { [ "$name" = bench ] || [ "$name" = train ]; } && [ $rc -eq 2 ] && status=SKIP && note="no CUDA device"
+    { [ "$name" = bench ] || [ "$name" = train ] || [ "$name" = launches ]; } && [ $rc -eq 2 ] && status=SKIP && note="no CUDA device"
+    # with a GPU on the machine, a skip means something refused it: that is a failure
+    [ "$GPU_PRESENT" = 1 ] && [ "$status" = SKIP ] && status=FAIL && note="a GPU is listed but the part skipped: $note"
     local summary
     summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|error)' "$log" | tail -n 1 | sed 's/=//g; s/^ *//; s/ *$//')
     [ -n "$summary" ] && note="${note:+$note; }$summary"
@@ -73,8 +90,15 @@ try:
     print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
 except Exception as exc:
     print('torch unusable:', type(exc).__name__, exc)
+try:
+    import nvmath
+    print('nvmath-python', nvmath.__version__)
+except Exception as exc:
+    print('nvmath-python unusable:', type(exc).__name__, exc)
 import backprop_xp as bx
 b = bx.get_backend('auto'); print('backend auto ->', b.name, '(', b.reason, ')')
+if $GPU_PRESENT and not b.is_gpu:
+    sys.exit('FAIL: nvidia-smi lists a GPU but the backend refuses CuPy: ' + b.reason)
 EOF"
 
 # 1. the CUDA sources compile with NVRTC (the CPU test; here with the device's NVRTC)
@@ -85,6 +109,9 @@ run_part kernels 150 "${PYTEST[@]}" -m gpu tests -k "not graph and not never_wai
 
 # 3. CUDA graphs: capture per batch size, replay vs eager vs reference, fallback, no host sync in the loop
 run_part graphs 120 "${PYTEST[@]}" -m gpu tests/test_gpu.py -k "graph or never_waits" --junitxml="$RESULTS/junit-graphs.xml"
+
+# 3b. each launch of the step, captured and timed with events: fused and cuBLAS output layers
+run_part launches 90 "$PY" bench/gpu_launches.py --out "$RESULTS/gpu_launches.json"
 
 # 4. a short real-MNIST training, every variant, against NumPy; TF32's accuracy effect
 run_part train 120 "$PY" scripts/gpu_train_check.py --data "$DATA" --epochs 2 --out "$RESULTS/gpu_train_check.json"

@@ -6,12 +6,15 @@ Trains 784-128-10 (ReLU, batch 128, SGD lr 0.1 then 0.05, momentum 0.9) for
 * ``numpy``: the CPU reference (``train.make_step`` on NumPy);
 * ``cupy_generic``: ``model.backprop`` + ``optimizer.step`` run on CuPy unchanged;
 * ``cupy_eager``: the fused step, launched kernel by kernel;
+* ``cupy_cublas``: the step with cuBLAS for the output layer (the fallback for shapes the fused kernel
+  does not fit), as CUDA graphs;
 * ``cupy_graphs``: the fused step as CUDA graphs (what ``train --backend cupy`` runs);
 * ``cupy_graphs_tf32``: the same with TF32 matrix products (the accuracy effect of ``--tf32``).
 
 Each prints its test accuracy, training loss and seconds per epoch; the run
 passes when every float32 GPU variant is within 1 point of NumPy's test
-accuracy and above 95%, and the graph variant really ran as graphs. Results
+accuracy and above 95%, and the graph variants really ran as graphs (replays
+counted) with the output-layer kernel each was meant to use. Results
 go to ``$OUT/gpu_train_check.json`` (or ``--out``). Exit status 0 pass, 1 fail,
 2 no CUDA device.
 
@@ -27,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("CUPY_EXPERIMENTAL_CUDA_LIB_GRAPH_CAPTURE", "1")  # before cupy is imported
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
@@ -61,7 +63,12 @@ def train_one(variant: str, data: tuple, epochs: int) -> dict:
         from backprop_xp.gpu_step import make_gpu_step, set_tf32
 
         set_tf32(variant.endswith("tf32"))
-        step = make_step(model, opt) if variant == "cupy_graphs" else make_gpu_step(model, opt, graphs=variant != "cupy_eager")
+        if variant == "cupy_graphs":
+            step = make_step(model, opt)  # exactly what train runs
+        else:
+            step = make_gpu_step(
+                model, opt, graphs=variant != "cupy_eager", fused=variant != "cupy_cublas", tf32=variant.endswith("tf32")
+            )
     batches = Minibatches(x_train, y_train, BATCH, xp=xp, seed=SEED)
     test_x, test_y = model.as_input(x_test), xp.asarray(y_test)
     result = {"epoch_s": [], "train_loss": [], "test_accuracy": []}
@@ -73,6 +80,9 @@ def train_one(variant: str, data: tuple, epochs: int) -> dict:
         result["train_loss"].append(sums.loss_sum / sums.n_samples)
         result["test_accuracy"].append(evaluate(model, test_x, test_y)[1])
     result["mode"] = getattr(step, "mode", "numpy" if variant == "numpy" else "generic")
+    for name in ("fused", "n_captures", "n_replays"):
+        if hasattr(step, name):
+            result[name] = getattr(step, name)
     if getattr(step, "capture_error", None):
         result["capture_error"] = step.capture_error
     if variant.endswith("tf32"):
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     data = bx.load_mnist(args.data, download=False)
     results, ok, problems = {}, True, []
-    for variant in ("numpy", "cupy_generic", "cupy_eager", "cupy_graphs", "cupy_graphs_tf32"):
+    for variant in ("numpy", "cupy_generic", "cupy_eager", "cupy_cublas", "cupy_graphs", "cupy_graphs_tf32"):
         try:
             results[variant] = r = train_one(variant, data, args.epochs)
         except Exception as exc:  # noqa: BLE001 - report it, go on with the others
@@ -109,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{variant:18s} test accuracy {r['test_accuracy'][-1]:.4f}  train loss {r['train_loss'][-1]:.4f}  "
             f"epoch s {' '.join(f'{t:.3f}' for t in r['epoch_s'])}  mode {r['mode']}"
+            + (f"  fused {r['fused']}  replays {r['n_replays']}" if "fused" in r else "")
             + (f"  capture error: {r['capture_error']}" if "capture_error" in r else ""),
             flush=True,
         )
@@ -121,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"{variant}: test accuracy {acc:.4f} < 0.95")
         if reference is not None and not variant.endswith("tf32") and abs(acc - reference) > 0.01:
             problems.append(f"{variant}: test accuracy {acc:.4f} differs from NumPy's {reference:.4f} by more than 0.01")
-    if results.get("cupy_graphs", {}).get("mode") not in (None, "graphs"):
-        problems.append(f"cupy_graphs ran {results['cupy_graphs']['mode']}: {results['cupy_graphs'].get('capture_error')}")
+    for variant, fused in (("cupy_graphs", True), ("cupy_cublas", False), ("cupy_graphs_tf32", True)):
+        r = results.get(variant, {})
+        if "error" in r:
+            continue
+        if r.get("mode") != "graphs" or not r.get("n_replays"):
+            problems.append(f"{variant} ran {r.get('mode')} with {r.get('n_replays')} graph replays: {r.get('capture_error')}")
+        if r.get("fused") is not fused:
+            problems.append(f"{variant}: fused output layer {r.get('fused')}, expected {fused}")
     if "error" in results.get("numpy", {}):
         problems.append("no NumPy reference")
     tf32, fp32 = results.get("cupy_graphs_tf32", {}), results.get("cupy_graphs", {})

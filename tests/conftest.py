@@ -49,8 +49,15 @@ _CUPY_REASON = _cupy_reason()
 
 @pytest.fixture(scope="session")
 def cupy():
-    """The cupy module; skips the test with the reason when no usable CUDA device exists."""
+    """The cupy module; skips the test with the reason when no usable CUDA device exists.
+
+    ``BACKPROP_XP_REQUIRE_GPU=1`` (set by scripts/gpu_check.sh where
+    nvidia-smi lists a GPU) turns that skip into a failure: on a GPU machine
+    a backend that refuses CuPy is a defect, not a reason to test nothing.
+    """
     if _CUPY_REASON is not None:
+        if os.environ.get("BACKPROP_XP_REQUIRE_GPU", "") not in ("", "0"):
+            pytest.fail(f"{_CUPY_REASON} but BACKPROP_XP_REQUIRE_GPU is set")
         pytest.skip(_CUPY_REASON)
     import cupy
 

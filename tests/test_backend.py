@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import backprop_xp as bx
-from backprop_xp.backend import BackendError, get_backend, resolve_dtype
+from backprop_xp.backend import BackendError, cuda_version_problem, get_backend, resolve_dtype
 
 
 def fake_cupy(device_count=1, driver=12040, runtime=12020, count_error=None):
@@ -25,6 +25,16 @@ def fake_cupy(device_count=1, driver=12040, runtime=12020, count_error=None):
         getDeviceCount=get_device_count, driverGetVersion=lambda: driver, runtimeGetVersion=lambda: runtime
     )
     return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime_api), arange=np.arange, float32=np.float32)
+
+
+@pytest.fixture
+def nvmath_installed(monkeypatch):
+    """Stand-ins for nvmath-python's cuBLAS bindings, which a working GPU backend also needs."""
+    cublas = types.SimpleNamespace()
+    bindings = types.SimpleNamespace(cublas=cublas)
+    monkeypatch.setitem(sys.modules, "nvmath", types.SimpleNamespace(bindings=bindings))
+    monkeypatch.setitem(sys.modules, "nvmath.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "nvmath.bindings.cublas", cublas)
 
 
 def test_numpy_backend():
@@ -53,7 +63,33 @@ def test_cupy_that_cannot_work_says_why(monkeypatch, module, message):
     assert message.split(" (")[0].replace("\\", "") in auto.reason
 
 
-def test_auto_picks_a_working_cupy(monkeypatch):
+@pytest.mark.parametrize("driver, runtime, accepted", [
+    (13000, 13020, True),   # a newer minor runtime on an older minor driver: CUDA minor-version compatibility
+    (12040, 12080, True),
+    (13000, 13000, True),
+    (13020, 12080, True),   # a newer driver runs older runtimes
+    (12080, 13000, False),  # a lower major version: refused
+    (11080, 12020, False),
+])
+def test_cuda_versions_compare_by_major_version(monkeypatch, nvmath_installed, driver, runtime, accepted):
+    assert (cuda_version_problem(driver, runtime) is None) == accepted
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(driver=driver, runtime=runtime))
+    if accepted:
+        assert get_backend("cupy").is_gpu
+    else:
+        with pytest.raises(BackendError, match=f"driver is too old .*install cupy-cuda{driver // 1000}x"):
+            get_backend("cupy")
+
+
+def test_cupy_without_nvmath_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    monkeypatch.setitem(sys.modules, "nvmath", None)
+    with pytest.raises(BackendError, match=r"needs nvmath-python .*backprop-xp\[cuda12\]"):
+        get_backend("cupy")
+    assert "nvmath-python" in get_backend("auto").reason
+
+
+def test_auto_picks_a_working_cupy(monkeypatch, nvmath_installed):
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
     backend = get_backend("auto")
     assert backend.name == "cupy" and backend.is_gpu
@@ -66,9 +102,13 @@ def test_mlp_reports_the_backend_it_uses(monkeypatch):
 
 
 def test_import_does_not_import_cupy():
-    code = "import sys, backprop_xp; m = backprop_xp.MLP(4, 3, 2); print('cupy' in sys.modules)"
+    """Nothing GPU-related is imported by the package or a NumPy model (CuPy, nvmath-python, CUDA bindings)."""
+    code = (
+        "import sys, backprop_xp; m = backprop_xp.MLP(4, 3, 2); "
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'cupy', 'cupy_backends', 'nvmath', 'cuda'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", np.float32, np.dtype("float64")])

@@ -1,9 +1,13 @@
-"""Every CUDA source in kernels_cuda.py compiles with NVRTC, without a GPU.
+"""Every CUDA source in kernels_cuda.py compiles with NVRTC 12 and NVRTC 13, without a GPU.
 
 NVRTC (the CUDA runtime compiler CuPy uses) needs no device, so this runs on
-the CPU CI machine when ``nvidia-cuda-nvrtc-cu12`` is installed (it is called
-through ``ctypes``: no CuPy needed), and skips with the reason otherwise. The
-RawKernel source compiles as shipped. An ElementwiseKernel body is only a
+the CPU CI machine, once per CUDA major version: ``nvidia-cuda-nvrtc-cu12``
+and ``nvidia-cuda-nvrtc`` 13.x install side by side (it is called through
+``ctypes``: no CuPy needed). A missing NVRTC skips with the reason, and fails
+where ``BACKPROP_XP_REQUIRE_REFERENCES`` is set (CI). The architectures follow
+the compiler's version, since CUDA 13 dropped compute capabilities below 7.5:
+CUDA 12 compiles for compute_70 and compute_90, CUDA 13 for compute_75 and
+compute_90. The RawKernel sources compile as shipped. An ElementwiseKernel body is only a
 fragment: CuPy wraps it into a kernel with its own array types, which needs a
 device to generate, so here each body is wrapped into an equivalent plain
 ``extern "C" __global__`` function (raw parameters as pointers, the others as
@@ -24,9 +28,12 @@ import pytest
 
 from backprop_xp import kernels_cuda as kc
 
-# (architecture, C++ dialect): old enough for any GPU CuPy 13 supports (Volta) in the oldest dialect
-# a CuPy may ask for, and the H100 the benchmarks target in NVRTC 12's default.
-ARCHS = (("compute_70", "c++11"), ("compute_90", "c++17"))
+# (architecture, C++ dialect) per CUDA major version: the oldest GPU that major supports (Volta for 12,
+# Turing for 13) in the oldest dialect a CuPy may ask for, and the H100/H200 the benchmarks target.
+ARCHS_BY_MAJOR = {
+    12: (("compute_70", "c++11"), ("compute_90", "c++17")),
+    13: (("compute_75", "c++17"), ("compute_90", "c++17")),
+}
 CTYPES = {"T": "T", "int64": "long long", "int32": "int", "uint32": "unsigned int", "float32": "float", "float64": "double"}
 
 
@@ -43,6 +50,12 @@ class Nvrtc:
         major, minor = ctypes.c_int(), ctypes.c_int()
         self._check(lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)))
         self.version = (major.value, minor.value)
+        self.path = path
+
+    @property
+    def archs(self) -> tuple[tuple[str, str], ...]:
+        """The (architecture, dialect) pairs to compile for, from ``nvrtcVersion``."""
+        return ARCHS_BY_MAJOR[self.version[0]]
 
     def _check(self, status: int) -> None:
         if status != 0:
@@ -71,13 +84,13 @@ class Nvrtc:
 
 
 def _nvrtc_candidates() -> list[str]:
-    """Where libnvrtc may be: the nvidia-cuda-nvrtc-cu12 wheel, CUDA_PATH, the loader's search path."""
+    """Where libnvrtc may be: NVIDIA's wheels (``nvidia/cuda_nvrtc`` for 12, ``nvidia/cu13`` for 13), CUDA_PATH, the loader."""
     found = []
     try:
-        import nvidia.cuda_nvrtc as wheel
+        import nvidia
 
-        for folder in wheel.__path__:
-            found += sorted(glob.glob(os.path.join(folder, "lib", "libnvrtc.so*")))
+        for folder in nvidia.__path__:
+            found += sorted(glob.glob(os.path.join(folder, "*", "lib", "libnvrtc.so*")))
     except ImportError:
         pass
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
@@ -87,16 +100,34 @@ def _nvrtc_candidates() -> list[str]:
     return [path for path in found if "builtins" not in path and ".alt." not in path]
 
 
-@pytest.fixture(scope="module")
-def nvrtc() -> Nvrtc:
-    """NVRTC through ctypes, or a skip saying why it is missing."""
-    errors = []
+def _find_nvrtc() -> tuple[dict[int, Nvrtc], list[str]]:
+    """One NVRTC per CUDA major version found, and the load errors seen on the way."""
+    by_major, errors = {}, []
     for path in _nvrtc_candidates():
         try:
-            return Nvrtc(path)
-        except OSError as exc:
+            compiler = Nvrtc(path)
+        except (OSError, NVRTCError) as exc:
             errors.append(str(exc))
-    pytest.skip(f"NVRTC not available (pip install nvidia-cuda-nvrtc-cu12); tried: {'; '.join(errors[-3:])}")
+            continue
+        if compiler.version[0] in ARCHS_BY_MAJOR:
+            by_major.setdefault(compiler.version[0], compiler)
+    return by_major, errors
+
+
+_NVRTC, _NVRTC_ERRORS = _find_nvrtc()
+WHEELS = {12: "nvidia-cuda-nvrtc-cu12", 13: "'nvidia-cuda-nvrtc>=13,<14'"}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS_BY_MAJOR), ids=lambda major: f"cuda{major}")
+def nvrtc(request) -> Nvrtc:
+    """NVRTC of one CUDA major version through ctypes; a skip (a failure in CI) saying why it is missing."""
+    major = request.param
+    if major in _NVRTC:
+        return _NVRTC[major]
+    message = f"NVRTC {major} not available (pip install {WHEELS[major]}); tried: {'; '.join(_NVRTC_ERRORS[-3:])}"
+    if os.environ.get("BACKPROP_XP_REQUIRE_REFERENCES", "") not in ("", "0"):
+        pytest.fail(message + " but BACKPROP_XP_REQUIRE_REFERENCES is set")
+    pytest.skip(message)
 
 
 def compile_ptx(nvrtc: Nvrtc, source: str, name: str, options: tuple[str, ...], arch: tuple[str, str]) -> str:
@@ -151,7 +182,7 @@ def test_every_elementwise_kernel_is_listed_once():
 @pytest.mark.parametrize("spec", kc.elementwise_specs(), ids=lambda spec: spec.name)
 def test_elementwise_kernel_compiles(nvrtc, spec, float_type):
     source = standalone_elementwise(spec, float_type)
-    for arch in ARCHS:
+    for arch in nvrtc.archs:
         ptx = compile_ptx(nvrtc, source, spec.name, spec.options, arch)
         assert re.search(rf"\.entry\s+{spec.name}\s*\(", ptx), f"no entry point {spec.name} in the PTX"
 
@@ -159,17 +190,48 @@ def test_elementwise_kernel_compiles(nvrtc, spec, float_type):
 def test_exact_kernels_have_no_fused_multiply_add(nvrtc):
     """--fmad=false is what makes the SGD update bit-identical to NumPy's separate multiply and add."""
     spec = next(s for s in kc.elementwise_specs() if s.name == "sgd_momentum")
-    ptx = compile_ptx(nvrtc, standalone_elementwise(spec, "float"), spec.name, spec.options, ARCHS[-1])
+    ptx = compile_ptx(nvrtc, standalone_elementwise(spec, "float"), spec.name, spec.options, nvrtc.archs[-1])
     assert "fma.rn.f32" not in ptx and "mul.rn.f32" in ptx
-    contracted = compile_ptx(nvrtc, standalone_elementwise(spec, "float"), spec.name, (), ARCHS[-1])
+    contracted = compile_ptx(nvrtc, standalone_elementwise(spec, "float"), spec.name, (), nvrtc.archs[-1])
     assert "fma.rn.f32" in contracted  # the check above can fail: without the option NVRTC does contract
 
 
 def test_xent_step_raw_kernel_compiles(nvrtc):
-    for arch in ARCHS:
+    for arch in nvrtc.archs:
         ptx = compile_ptx(nvrtc, kc.XENT_STEP_SOURCE, "xent_step", (), arch)
         for name in ("xent_step_float", "xent_step_double"):
             assert re.search(rf"\.entry\s+{name}\s*\(", ptx), f"no entry point {name} in the PTX ({arch})"
+
+
+@pytest.mark.parametrize("n_classes", [10, 3, kc.OUTPUT_LAYER_MAX_CLASSES])
+@pytest.mark.parametrize("activation", kc.ACTIVATIONS)
+def test_output_layer_raw_kernel_compiles(nvrtc, activation, n_classes):
+    """As output_layer_step builds it: the activation's functions, then the kernel, with -DN_CLASSES."""
+    source = kc.ACTIVATION_SOURCES[activation] + kc.OUTPUT_LAYER_SOURCE
+    for arch in nvrtc.archs:
+        ptx = compile_ptx(nvrtc, source, f"output_layer_{activation}", (f"-DN_CLASSES={n_classes}",), arch)
+        for name in ("output_layer_float", "output_layer_double"):
+            assert re.search(rf"\.entry\s+{name}\s*\(", ptx), f"no entry point {name} in the PTX ({arch})"
+        # the K accumulators of a lane stay in registers: no local-memory array
+        assert ".local" not in ptx, f"a local-memory array in output_layer ({activation}, K={n_classes}, {arch})"
+
+
+def test_output_layer_needs_the_class_count(nvrtc):
+    with pytest.raises(NVRTCError, match="N_CLASSES"):
+        nvrtc.compile(kc.ACTIVATION_SOURCES["relu"] + kc.OUTPUT_LAYER_SOURCE, "no_k.cu", [f"--gpu-architecture={nvrtc.archs[-1][0]}"])
+
+
+def test_nvrtc_versions_pick_their_architectures():
+    """CUDA 13's NVRTC rejects compute_70, CUDA 12's accepts it: the table above follows the real compilers."""
+    for major, compiler in _NVRTC.items():
+        source = 'extern "C" __global__ void k(float* x) { x[0] = 1.0f; }'
+        if major >= 13:
+            with pytest.raises(NVRTCError, match="gpu-architecture"):
+                compiler.compile(source, "old.cu", ["--gpu-architecture=compute_70"])
+        else:
+            compiler.compile(source, "old.cu", ["--gpu-architecture=compute_70"])
+        for arch, dialect in compiler.archs:
+            compiler.compile(source, "k.cu", [f"--gpu-architecture={arch}", f"-std={dialect}"])
 
 
 def test_a_broken_source_is_reported(nvrtc):

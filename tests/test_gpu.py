@@ -9,7 +9,13 @@ Tolerances: kernels doing the same IEEE operations in the same order
 (ReLU, the activation derivatives, the SGD update, compiled with
 ``--fmad=false``) must match bit for bit; anything with ``exp``/``log``/``tanh``
 or a matrix product (different summation order in cuBLAS) matches to a few
-float32 ulps, checked with ``rtol`` 1e-5 (float32) or 1e-12 (float64).
+float32 ulps, checked with ``rtol`` 1e-5 (float32) or 1e-12 (float64)
+relative to each array's own largest value (``close``): an absolute floor of
+1 would let a 4% error through in δ2, whose entries are about 1/B.
+
+Several tests here must *fail*, not skip, on a GPU where something the
+product relies on does not work: graph capture (``mode == "graphs"``, graphs
+counted), the fused output layer (``step.fused``).
 """
 
 from __future__ import annotations
@@ -28,11 +34,23 @@ RTOL = {"float32": 1e-5, "float64": 1e-12}
 
 
 def close(actual, expected, dtype, rtol=None, atol_scale=1.0):
-    """assert_allclose on host copies, with an absolute floor scaled to the values' size."""
+    """assert_allclose on host copies, the absolute floor ``rtol`` times the array's own largest value.
+
+    ``atol_scale`` widens that floor for sums with cancellation (a bias
+    gradient is a sum of B terms of both signs that nearly cancel).
+    """
     actual, expected = bx.to_numpy(actual), bx.to_numpy(expected)
     rtol = RTOL[dtype] if rtol is None else rtol
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale * atol_scale)
+
+
+def test_close_is_relative_to_the_arrays_own_scale():
+    """The tolerance itself can fail: a 1% error in values of size 1/4096 is caught (it was not with a floor of 1)."""
+    expected = np.full(10, 1 / 4096)
+    close(expected * (1 + 1e-6), expected, "float32")
+    with pytest.raises(AssertionError):
+        close(expected * 1.01, expected, "float32")
 
 
 def random_logits(rng, batch, n_classes, dtype, spread=5.0):
@@ -196,6 +214,83 @@ def test_xent_step_bad_label_poisons_the_loss(cupy):
     assert np.isnan(float(loss)) and np.isnan(delta[299].get()).all() and np.isfinite(delta[:299].get()).all()
 
 
+def _output_layer_case(rng, batch, n_hidden, n_classes, dtype):
+    z1 = rng.normal(0, 1.5, size=(batch, n_hidden)).astype(dtype)
+    z1[0, : min(3, n_hidden)] = 0.0  # the ReLU kink
+    params = {
+        "b1": rng.normal(0, 0.5, n_hidden).astype(dtype),
+        "W2": rng.normal(0, 1 / np.sqrt(n_hidden), size=(n_classes, n_hidden)).astype(dtype),
+        "b2": rng.normal(0, 0.5, n_classes).astype(dtype),
+    }
+    labels = rng.integers(0, n_classes, batch)
+    return z1, params, labels
+
+
+def _run_output_layer(cupy, z1, params, labels, activation, n_classes, times=2):
+    """output_layer_step on fresh device copies, outputs poisoned with NaN first; run ``times`` (the counter resets)."""
+    batch, n_hidden = z1.shape
+    dtype = z1.dtype
+    p = {name: cupy.asarray(value) for name, value in params.items()}
+    scratch = kc.OutputLayerScratch(cupy, batch, n_hidden, n_classes, dtype)
+    sums = cupy.zeros((), cupy.float64), cupy.zeros((), cupy.int64)
+    for _ in range(times):
+        a1 = cupy.asarray(z1)
+        g = {"W2": cupy.full((n_classes, n_hidden), np.nan, dtype), "b1": cupy.full(n_hidden, np.nan, dtype),
+             "b2": cupy.full(n_classes, np.nan, dtype)}  # fmt: skip
+        out = {"delta2": cupy.full((batch, n_classes), np.nan, dtype), "delta1": cupy.full((batch, n_hidden), np.nan, dtype),
+               "loss": cupy.full((), np.nan, dtype), "n_correct": cupy.full((), -1, cupy.int64)}  # fmt: skip
+        kc.output_layer_step(
+            a1, cupy.asarray(labels), p, g, out["delta2"], out["delta1"], out["loss"], out["n_correct"], scratch,
+            activation, *sums,
+        )  # fmt: skip
+        assert int(scratch.blocks_done[0]) == 0
+    return {"a1": a1, **out, **g}, sums
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize(
+    "batch, n_hidden, n_classes",
+    [(1, 128, 10), (37, 37, 10), (128, 128, 10), (128, 800, 10), (1000, 512, 10), (4096, 800, 10), (50, 70, 3), (64, 96, 32)],
+)
+def test_output_layer_kernel_matches_twin(cupy, dtype, activation, batch, n_hidden, n_classes):
+    """Every array the fused output layer writes, against its NumPy twin (kernels.py's functions)."""
+    rng = np.random.default_rng(batch + n_hidden)
+    z1, params, labels = _output_layer_case(rng, batch, n_hidden, n_classes, dtype)
+    assert kc.output_layer_fits(batch, n_hidden, n_classes, dtype, 227 * 1024)
+    expected = kc.output_layer_reference(z1, labels, params, activation)
+    got, (loss_sum, correct_sum) = _run_output_layer(cupy, z1, params, labels, activation, n_classes)
+    for name in ("a1", "delta2", "delta1", "W2"):
+        close(got[name], expected[name], dtype)
+    for name in ("b1", "b2"):  # sums over the batch of terms of both signs
+        close(got[name], expected[name], dtype, atol_scale=10)
+    close(got["loss"], expected["loss"], dtype)
+    assert int(got["n_correct"]) == int(expected["n_correct"])
+    # the running sums grew twice by the batch's total
+    np.testing.assert_allclose(float(loss_sum), 2 * batch * float(expected["loss"]), rtol=RTOL[dtype])
+    assert int(correct_sum) == 2 * int(expected["n_correct"])
+
+
+def test_output_layer_kernel_large_shared_memory(cupy):
+    """H = 2048 in float64 needs 160 KiB of W2 in shared memory: the kernel opts in above 48 KiB."""
+    rng = np.random.default_rng(16)
+    z1, params, labels = _output_layer_case(rng, 256, 2048, 10, "float64")
+    expected = kc.output_layer_reference(z1, labels, params, "relu")
+    got, _ = _run_output_layer(cupy, z1, params, labels, "relu", 10, times=1)
+    close(got["delta1"], expected["delta1"], "float64")
+    close(got["W2"], expected["W2"], "float64")
+
+
+def test_output_layer_bad_label_poisons_its_row_only(cupy):
+    rng = np.random.default_rng(17)
+    z1, params, labels = _output_layer_case(rng, 40, 64, 10, "float32")
+    labels[[3, 20]] = [10, -1]
+    got, _ = _run_output_layer(cupy, z1, params, labels, "relu", 10, times=1)
+    delta2 = got["delta2"].get()
+    assert np.isnan(float(got["loss"])) and np.isnan(delta2[[3, 20]]).all()
+    assert np.isfinite(np.delete(delta2, [3, 20], axis=0)).all()
+
+
 # --------------------------------------------------------------------------- public API: CuPy equals NumPy
 
 
@@ -221,35 +316,39 @@ def test_mlp_public_functions_cupy_equal_numpy(cupy, activation, dtype):
         m_cp.loss_and_grads(x, np.full(70, 11))
 
 
-@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 1e-3)])
-def test_sgd_step_cupy_equals_numpy(cupy, momentum, weight_decay):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-3), (0.0, 1e-3)])
+def test_sgd_step_cupy_equals_numpy(cupy, dtype, momentum, weight_decay):
+    """SGD.step itself on CuPy, from the same gradients: the same elementwise operations, so bit for bit."""
     rng = np.random.default_rng(8)
-    x = rng.random((64, 784)).astype(np.float32)
-    y = rng.integers(0, 10, 64)
-    models = [bx.MLP(784, 32, 10, backend=b, seed=1) for b in ("numpy", "cupy")]
+    models = [bx.MLP(50, 32, 10, backend=b, dtype=dtype, seed=1) for b in ("numpy", "cupy")]
     opts = [bx.SGD(m, lr=0.05, momentum=momentum, weight_decay=weight_decay) for m in models]
     for _ in range(3):
+        g = rng.normal(0, 1, models[0].flat_grads.size).astype(dtype)
         for m, opt in zip(models, opts):
-            m.loss_and_grads(x, y)
+            m.flat_grads[...] = m.xp.asarray(g)
             opt.step()
-    for name in models[0].params:
-        close(models[1].params[name], models[0].params[name], "float32", rtol=1e-4)
+    np.testing.assert_array_equal(models[1].flat_params.get(), models[0].flat_params)
+    if momentum:
+        np.testing.assert_array_equal(opts[1].velocity.get(), opts[0].velocity)
+    untouched = bx.MLP(50, 32, 10, dtype=dtype, seed=1).flat_params
+    assert not np.array_equal(models[0].flat_params, untouched)  # the steps did something
 
 
 # --------------------------------------------------------------------------- the fused step and the graph step
 
 
 def _batches(x, y, sizes):
-    """Views at moving offsets into one buffer, as Minibatches serves them (last one partial)."""
+    """Views at moving offsets into one buffer (the last one partial)."""
     start = 0
     for size in sizes:
         yield x[start : start + size], y[start : start + size]
         start += size
 
 
-def _reference_run(activation, dtype, momentum, weight_decay, x, y, sizes, lrs):
+def _reference_run(activation, dtype, momentum, weight_decay, x, y, sizes, lrs, n_hidden=64):
     """The generic NumPy path: model.backprop then optimizer.step, batch by batch."""
-    m = bx.MLP(784, 64, 10, activation=activation, backend="numpy", dtype=dtype, seed=5)
+    m = bx.MLP(784, n_hidden, 10, activation=activation, backend="numpy", dtype=dtype, seed=5)
     opt = bx.SGD(m, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
     history = []
     for i, (xb, yb) in enumerate(_batches(x, y, sizes)):
@@ -260,21 +359,27 @@ def _reference_run(activation, dtype, momentum, weight_decay, x, y, sizes, lrs):
     return m, opt, history
 
 
-def _fused_run(cupy, graphs, activation, dtype, momentum, weight_decay, x, y, sizes, lrs, prepare=None):
+def _fused_run(cupy, graphs, activation, dtype, momentum, weight_decay, x, y, sizes, lrs, prepare=None, fused=None,
+               n_hidden=64):  # fmt: skip
+    """The GPU step over the same batches, each gathered into one of two alternating buffers, as Minibatches does."""
     from backprop_xp.gpu_step import make_gpu_step
 
-    m = bx.MLP(784, 64, 10, activation=activation, backend="cupy", dtype=dtype, seed=5)
+    m = bx.MLP(784, n_hidden, 10, activation=activation, backend="cupy", dtype=dtype, seed=5)
     opt = bx.SGD(m, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
     notices = []
-    step = make_gpu_step(m, opt, graphs=graphs)
+    step = make_gpu_step(m, opt, graphs=graphs, fused=fused)
     step._notice = notices.append
     if prepare is not None:
         prepare(step)
-    x_dev, y_dev = cupy.asarray(x), cupy.asarray(y)
+    x_buffers = [cupy.empty((max(sizes), 784), dtype) for _ in range(2)]
+    y_buffers = [cupy.empty(max(sizes), cupy.int64) for _ in range(2)]
     history = []
-    for i, (xb, yb) in enumerate(_batches(x_dev, y_dev, sizes)):
+    for i, (xb, yb) in enumerate(_batches(x, y, sizes)):
         opt.lr = lrs[i]
-        loss, n_correct = step(xb, yb)
+        x_dev, y_dev = x_buffers[i % 2][: len(xb)], y_buffers[i % 2][: len(yb)]
+        x_dev.set(xb)
+        y_dev.set(yb)
+        loss, n_correct = step(x_dev, y_dev)
         assert isinstance(loss, cupy.ndarray) and loss.shape == () and n_correct.dtype == cupy.int64
         history.append((float(loss), int(n_correct)))  # copies now: the buffers are reused by the next step
     return m, step, history, notices
@@ -287,6 +392,7 @@ LRS = [0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.02, 0.02, 0.02]
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "cublas"])
 @pytest.mark.parametrize(
     "activation, dtype, momentum, weight_decay",
     [
@@ -296,13 +402,17 @@ LRS = [0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.02, 0.02, 0.02]
         ("tanh", "float64", 0.5, 1e-3),
     ],
 )
-def test_fused_step_follows_the_reference(cupy, graphs, activation, dtype, momentum, weight_decay):
+def test_step_follows_the_reference(cupy, graphs, fused, activation, dtype, momentum, weight_decay):
+    """Both output layers, eager and captured, equal MLP.backprop + SGD.step on NumPy over nine steps."""
     rng = np.random.default_rng(9)
     n = sum(SIZES)
     x = rng.random((n, 784)).astype(dtype)
     y = rng.integers(0, 10, n)
     ref, ref_opt, ref_history = _reference_run(activation, dtype, momentum, weight_decay, x, y, SIZES, LRS)
-    got, step, history, notices = _fused_run(cupy, graphs, activation, dtype, momentum, weight_decay, x, y, SIZES, LRS)
+    got, step, history, notices = _fused_run(
+        cupy, graphs, activation, dtype, momentum, weight_decay, x, y, SIZES, LRS, fused=fused
+    )
+    assert step.fused is fused
     rtol = 2e-4 if dtype == "float32" else 1e-9  # nine steps of float32 rounding through cuBLAS
     for (loss, correct), (ref_loss, ref_correct) in zip(history, ref_history):
         np.testing.assert_allclose(loss, ref_loss, rtol=rtol)
@@ -322,19 +432,67 @@ def test_fused_step_follows_the_reference(cupy, graphs, activation, dtype, momen
     assert float(step.sums()[0]) == 0 and int(step.sums()[1]) == 0 and step.sums()[2] == 0
 
 
-def test_graph_step_is_really_captured_and_equals_eager(cupy):
-    """The graph path: a graph per batch size after its first (eager) step, replays equal eager launches."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_fused_step_equals_backprop_and_sgd(cupy, dtype):
+    """The issue's tolerance for one step: float64 to 1e-12 relative, float32 to float32 rounding."""
+    rng = np.random.default_rng(18)
+    x = rng.random((128, 784)).astype(dtype)
+    y = rng.integers(0, 10, 128)
+    ref, _, _ = _reference_run("relu", dtype, 0.9, 1e-4, x, y, [128], [0.1], n_hidden=800)
+    got, step, _, _ = _fused_run(cupy, False, "relu", dtype, 0.9, 1e-4, x, y, [128], [0.1], fused=True, n_hidden=800)
+    assert step.fused
+    for name in ref.params:
+        close(got.params[name], ref.params[name], dtype, rtol=1e-12 if dtype == "float64" else 1e-6)
+
+
+def test_graphs_are_captured_per_batch_size_and_buffer_and_equal_eager(cupy):
+    """A graph per (batch size, input buffer) after the size's first (eager) step; replays equal eager bit for bit."""
     rng = np.random.default_rng(10)
     n = sum(SIZES)
     x = rng.random((n, 784)).astype(np.float32)
     y = rng.integers(0, 10, n)
-    eager, _, eager_history, _ = _fused_run(cupy, False, "relu", "float32", 0.9, 0.0, x, y, SIZES, LRS)
+    eager, eager_step, eager_history, _ = _fused_run(cupy, False, "relu", "float32", 0.9, 0.0, x, y, SIZES, LRS)
     graph, step, graph_history, notices = _fused_run(cupy, True, "relu", "float32", 0.9, 0.0, x, y, SIZES, LRS)
     assert step.mode == "graphs" and step.capture_error is None, f"capture failed: {step.capture_error} {notices}"
-    assert {size for size, buf in step._buffers.items() if buf.graph is not None} == {50, 17}
-    np.testing.assert_allclose(np.array(graph_history), np.array(eager_history), rtol=1e-6)
+    # steps 0 (50, first: eager), 1 (50, buffer B: capture), 2 (50, A: capture), 3 (17, first: eager),
+    # 5 (17, B: capture); every later step replays
+    assert {size: len(buf.graphs) for size, buf in step._buffers.items()} == {50: 2, 17: 1}
+    assert (step.n_captures, step.n_replays) == (3, 7) and (eager_step.n_captures, eager_step.n_replays) == (0, 0)
+    assert graph_history == eager_history  # the same kernels in the same order: bit for bit
     for name in eager.params:
-        close(graph.params[name], eager.params[name], "float32", rtol=1e-6)
+        np.testing.assert_array_equal(graph.params[name].get(), eager.params[name].get())
+
+
+def test_a_training_epoch_replays_graphs_from_minibatches(cupy):
+    """Minibatches' two buffers give two graphs per batch size; every later step of the run is a replay."""
+    from backprop_xp.data import Minibatches
+    from backprop_xp.train import make_step, run_epoch
+
+    rng = np.random.default_rng(19)
+    x, y = rng.random((517, 784)).astype(np.float32), rng.integers(0, 10, 517)
+    m = bx.MLP(784, 64, 10, backend="cupy")
+    step = make_step(m, bx.SGD(m, lr=0.1, momentum=0.9))
+    batches = Minibatches(x, y, 100, xp=cupy, seed=0)  # 5 full batches, then one of 17 (always in buffer B)
+    for epoch in range(3):
+        sums = run_epoch(step, batches, epoch)
+        assert sums.n_samples == 517 and sums.first_bad_step is None
+    assert step.mode == "graphs", step.capture_error
+    assert {size: len(buf.graphs) for size, buf in step._buffers.items()} == {100: 2, 17: 1}
+    assert step.n_replays == 3 * 6 - 2  # all but the first step of each size
+    assert step.n_captures == 3
+
+
+def test_cublas_output_layer_when_the_fused_kernel_does_not_fit(cupy):
+    """fused=None falls back where W2 does not fit in shared memory; fused=True refuses to."""
+    from backprop_xp.gpu_step import make_gpu_step
+
+    m = bx.MLP(784, 30_000, 10, backend="cupy", dtype="float64")  # W2 alone: 2.4 MB
+    x, y = cupy.zeros((8, 784)), cupy.zeros(8, cupy.int64)
+    step = make_gpu_step(m, bx.SGD(m, lr=0.1))
+    step(x, y)
+    assert not step.fused
+    with pytest.raises(ValueError, match="does not fit"):
+        make_gpu_step(m, bx.SGD(m, lr=0.1), fused=True)(x, y)
 
 
 def test_graph_max_batch_leaves_large_batches_eager(cupy):
@@ -348,7 +506,7 @@ def test_graph_max_batch_leaves_large_batches_eager(cupy):
 
     ref, _, ref_history = _reference_run("relu", "float64", 0.9, 0.0, x, y, SIZES, LRS)
     got, step, history, _ = _fused_run(cupy, True, "relu", "float64", 0.9, 0.0, x, y, SIZES, LRS, prepare=limit)
-    assert step._buffers[50].graph is None and step._buffers[17].graph is not None
+    assert step._buffers[50].graphs == {} and len(step._buffers[17].graphs) == 1
     np.testing.assert_allclose(np.array(history), np.array(ref_history), rtol=1e-9)
     for name in ref.params:
         close(got.params[name], ref.params[name], "float64", rtol=1e-9)
@@ -359,6 +517,7 @@ class _RefusingStream:
 
     def __init__(self, stream):
         self.stream = stream
+        self.ptr = stream.ptr
 
     def __enter__(self):
         return self.stream.__enter__()
@@ -401,6 +560,7 @@ def test_graph_step_follows_a_new_velocity_array(cupy):
     step = make_gpu_step(m, opt)
     for _ in range(3):
         step(x, y)
+    assert step.n_replays == 2
     old = opt.velocity
     opt.velocity = cupy.zeros_like(old)
     step(x, y)
@@ -429,7 +589,7 @@ def test_step_rejects_wrong_inputs_with_a_clear_message(cupy):
 
 
 def test_step_accepts_strided_views(cupy):
-    """Every other row and label (not contiguous) give the same step as their contiguous copies."""
+    """Every other row and label (not contiguous: eager) give the same step as their contiguous copies (graphs)."""
     from backprop_xp.gpu_step import make_gpu_step
 
     rng = np.random.default_rng(15)
