@@ -1,0 +1,175 @@
+"""The RawKernel sources of kernels_cuda.py, run on the CPU by tests/cuda_emulator.py, against their NumPy twins.
+
+No GPU is needed: the kernels' own source is compiled with g++ and each CUDA
+thread runs as a host thread (see the emulator's docstring for what that
+does and does not check). Same launch configuration and scratch layout as the
+CuPy wrappers use, so a wrong index, a missing barrier between phases, a
+shuffle reduction that leaves lanes disagreeing, or a last-block reduction
+that misses a block shows up here, before a GPU ever sees the code.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from backprop_xp import kernels_cuda as kc
+
+from cuda_emulator import OUTPUT_LAYER_PARAMS, XENT_STEP_PARAMS, EmulatedKernels
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
+
+RTOL = {"float32": 2e-5, "float64": 1e-12}
+
+
+def close(actual, expected, dtype, atol_scale=1.0):
+    scale = float(np.max(np.abs(expected))) if np.size(expected) else 0.0
+    np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * scale * atol_scale)
+
+
+_BUILT: dict = {}
+
+
+def output_layer_kernels(activation: str, n_classes: int) -> EmulatedKernels:
+    key = ("output_layer", activation, n_classes)
+    if key not in _BUILT:
+        _BUILT[key] = EmulatedKernels(
+            kc.ACTIVATION_SOURCES[activation] + kc.OUTPUT_LAYER_SOURCE,
+            {"output_layer_float": OUTPUT_LAYER_PARAMS, "output_layer_double": OUTPUT_LAYER_PARAMS},
+            defines={"N_CLASSES": n_classes},
+        )
+    return _BUILT[key]
+
+
+def run_output_layer(z1, params, labels, activation, n_classes, times=2):
+    """The kernel as output_layer_step launches it, on NumPy buffers poisoned with NaN; run ``times`` times."""
+    batch, n_hidden = z1.shape
+    dtype = z1.dtype
+    kernels = output_layer_kernels(activation, n_classes)
+    scratch = kc.OutputLayerScratch(np, batch, n_hidden, n_classes, dtype)
+    scratch.partial_sums[...] = np.nan  # every partial a block reads must have been written
+    loss_sum, correct_sum = np.zeros((), np.float64), np.zeros((), np.int64)
+    name = f"output_layer_{'float' if dtype == np.float32 else 'double'}"
+    for _ in range(times):
+        a1 = z1.copy()
+        out = {
+            "delta2": np.full((batch, n_classes), np.nan, dtype), "delta1": np.full((batch, n_hidden), np.nan, dtype),
+            "W2": np.full((n_classes, n_hidden), np.nan, dtype), "b1": np.full(n_hidden, np.nan, dtype),
+            "b2": np.full(n_classes, np.nan, dtype), "loss": np.full((), np.nan, dtype),
+            "n_correct": np.full((), -1, np.int64),
+        }  # fmt: skip
+        kernels.launch(
+            name, scratch.n_blocks, kc.OUTPUT_LAYER_THREADS, scratch.shared_bytes,
+            a1, params["b1"], params["W2"], params["b2"], labels, batch, n_hidden, scratch.rows_per_block,
+            1.0 / batch, out["delta2"], out["delta1"], out["W2"], out["b1"], out["b2"], out["loss"], out["n_correct"],
+            scratch.partial_sums, scratch.partial_correct, scratch.blocks_done, loss_sum, correct_sum,
+        )  # fmt: skip
+        assert scratch.blocks_done[0] == 0  # reset by the last block, ready for a graph replay
+    return {"a1": a1, **out}, float(loss_sum), int(correct_sum)
+
+
+def case(rng, batch, n_hidden, n_classes, dtype):
+    z1 = rng.normal(0, 1.5, size=(batch, n_hidden)).astype(dtype)
+    z1[0, : min(3, n_hidden)] = 0.0
+    params = {
+        "b1": rng.normal(0, 0.5, n_hidden).astype(dtype),
+        "W2": rng.normal(0, 1 / np.sqrt(n_hidden), size=(n_classes, n_hidden)).astype(dtype),
+        "b2": rng.normal(0, 0.5, n_classes).astype(dtype),
+    }
+    return z1, params, rng.integers(0, n_classes, batch)
+
+
+@pytest.mark.parametrize(
+    "activation, dtype, batch, n_hidden, n_classes",
+    [
+        ("relu", "float32", 128, 128, 10),  # 8 blocks of 16 rows, 2 rows per warp
+        ("relu", "float64", 37, 45, 10),  # H not a multiple of 32, a partial last block
+        ("tanh", "float64", 1, 40, 10),  # one row: one block, seven idle warps
+        ("sigmoid", "float32", 600, 70, 3),  # 30 blocks of 20 rows: more rows per block than warps
+        ("relu", "float64", 700, 33, 10),  # the block cap: 32 blocks of 22 rows
+        ("tanh", "float32", 64, 300, 32),  # K = 32: every lane writes one class of δ2
+    ],
+)
+def test_output_layer_kernel_matches_twin(activation, dtype, batch, n_hidden, n_classes):
+    rng = np.random.default_rng(batch + n_hidden)
+    z1, params, labels = case(rng, batch, n_hidden, n_classes, dtype)
+    expected = kc.output_layer_reference(z1, labels, params, activation)
+    got, loss_sum, correct_sum = run_output_layer(z1, params, labels, activation, n_classes)
+    for name in ("a1", "delta2", "delta1", "W2"):
+        close(got[name], expected[name], dtype)
+    for name in ("b1", "b2"):  # sums of terms of both signs
+        close(got[name], expected[name], dtype, atol_scale=10)
+    close(got["loss"], expected["loss"], dtype)
+    assert int(got["n_correct"]) == int(expected["n_correct"])
+    np.testing.assert_allclose(loss_sum, 2 * batch * float(expected["loss"]), rtol=RTOL[dtype])
+    assert correct_sum == 2 * int(expected["n_correct"])
+
+
+def test_output_layer_bad_labels_poison_their_rows_only():
+    rng = np.random.default_rng(3)
+    z1, params, labels = case(rng, 40, 64, 10, "float64")
+    labels[[3, 20]] = [10, -1]
+    got, _, correct_sum = run_output_layer(z1, params, labels, "relu", 10, times=1)
+    assert np.isnan(got["loss"]) and np.isnan(got["delta2"][[3, 20]]).all()
+    good = np.delete(np.arange(40), [3, 20])
+    assert np.isfinite(got["delta2"][good]).all() and np.isfinite(got["a1"]).all()
+
+
+def test_output_layer_is_deterministic():
+    """Fixed reduction order: two launches give the same bits."""
+    rng = np.random.default_rng(4)
+    z1, params, labels = case(rng, 300, 50, 10, "float32")
+    first, _, _ = run_output_layer(z1, params, labels, "relu", 10, times=1)
+    second, _, _ = run_output_layer(z1, params, labels, "relu", 10, times=1)
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name])
+
+
+@pytest.mark.parametrize("dtype, batch", [("float32", 300), ("float64", 37)])
+def test_xent_step_kernel_matches_twin(dtype, batch):
+    """The cuBLAS path's output-layer kernel: one thread per row, 256 rows a block, last-block reduction."""
+    if "xent" not in _BUILT:
+        _BUILT["xent"] = EmulatedKernels(
+            kc.XENT_STEP_SOURCE, {"xent_step_float": XENT_STEP_PARAMS, "xent_step_double": XENT_STEP_PARAMS}
+        )
+    rng = np.random.default_rng(batch)
+    z = rng.normal(0, 4, size=(batch, 10)).astype(dtype)
+    bias = rng.normal(0, 1, 10).astype(dtype)
+    labels = rng.integers(0, 10, batch)
+    z[-1], labels[-1] = -bias, 0  # a ten-way tie: argmax is the first maximum, as in NumPy
+    exp_delta, exp_bias_grad, exp_loss, exp_correct = kc.softmax_xent_step_reference(z, bias, labels)
+    scratch = kc.XentScratch(np, batch, 10, dtype)
+    delta, bias_grad = np.full((batch, 10), np.nan, dtype), np.full(10, np.nan, dtype)
+    loss, correct = np.full((), np.nan, dtype), np.full((), -1, np.int64)
+    name = f"xent_step_{'float' if dtype == 'float32' else 'double'}"
+    _BUILT["xent"].launch(
+        name, scratch.n_blocks, kc.XENT_BLOCK, 0, z, bias, labels, batch, 10, 1.0 / batch, delta, bias_grad, loss,
+        correct, scratch.partial_sums, scratch.partial_correct, scratch.blocks_done, None, None,
+    )  # fmt: skip
+    close(delta, exp_delta, dtype)
+    close(bias_grad, exp_bias_grad, dtype, atol_scale=10)
+    close(loss, exp_loss, dtype)
+    assert int(correct) == int(exp_correct) and scratch.blocks_done[0] == 0
+
+
+def test_the_emulator_catches_a_planted_bug():
+    """The harness can fail: a kernel whose δ1 skips the activation's derivative is caught."""
+    source = kc.ACTIVATION_SOURCES["tanh"] + kc.OUTPUT_LAYER_SOURCE.replace(
+        "d1[h] = s * act_derivative<T>(a[h]);", "d1[h] = s;"
+    )
+    assert source != kc.ACTIVATION_SOURCES["tanh"] + kc.OUTPUT_LAYER_SOURCE
+    _BUILT[("output_layer", "tanh", 10)] = EmulatedKernels(
+        source, {"output_layer_double": OUTPUT_LAYER_PARAMS, "output_layer_float": OUTPUT_LAYER_PARAMS},
+        defines={"N_CLASSES": 10},
+    )  # fmt: skip
+    try:
+        rng = np.random.default_rng(5)
+        z1, params, labels = case(rng, 20, 40, 10, "float64")
+        got, _, _ = run_output_layer(z1, params, labels, "tanh", 10, times=1)
+        expected = kc.output_layer_reference(z1, labels, params, "tanh")
+        with pytest.raises(AssertionError):
+            close(got["delta1"], expected["delta1"], "float64")
+    finally:
+        del _BUILT[("output_layer", "tanh", 10)]
