@@ -7,17 +7,22 @@ do in several whole-array operations:
   ``(softmax(z) − onehot(y)) / B`` (public, used by ``kernels.softmax_cross_entropy``);
 * ``bias_activation_``: ``a1 = f(z1 + b1)`` in the forward pass;
 * ``activation_backward_``: ``δ1 ⊙= f'(z1)``, the derivative folded into ``δ1``;
-* ``softmax_xent_step``: the training step's output layer: ``z2 + b2``,
-  softmax, ``δ2``, the loss, the number of correct rows and ``∂L/∂b2``;
+* ``output_layer_step``: the training step's whole output layer and the
+  hidden layer's bias and activation: ``a1 = f(z1 + b1)``, ``z2``, softmax,
+  the loss, the correct count, ``δ2``, ``δ1 = δ2 W2 ⊙ f'(z1)`` and the
+  gradients of ``W2``, ``b2`` and ``b1``;
+* ``softmax_xent_step``: the output layer of the step's cuBLAS fallback:
+  ``z2 + b2``, softmax, ``δ2``, the loss, the correct count and ``∂L/∂b2``;
 * ``sgd_momentum_``: weight decay, momentum and the update of every parameter
   at once (they are views into one flat buffer).
 
 The CUDA C lives here as plain strings, and the ``cupy`` kernel objects are
 built lazily on first use (``functools.cache``), so this module imports on a
-machine without CuPy; ``tests/test_cuda_compile.py`` compiles every source
-with NVRTC there, and ``tests/test_gpu.py`` checks every kernel against its
-NumPy twin (the ``*_reference`` functions below, written with ``kernels.py``)
-on a real device.
+machine without CuPy. Without a GPU, ``tests/test_cuda_compile.py`` compiles
+every source with NVRTC 12 and 13 and ``tests/test_cuda_emulated.py`` runs
+the RawKernels on the CPU; on a device, ``tests/test_gpu.py`` checks every
+kernel against its NumPy twin (the ``*_reference`` functions below, written
+with ``kernels.py``) or, for the update, against ``optim.SGD.step`` itself.
 
 Element types: ``T`` is the model's float type (float32 or float64); labels
 are int64. A label outside ``[0, K)`` never makes a kernel read out of bounds:
@@ -510,7 +515,8 @@ def sgd_momentum_(w: Any, g: Any, velocity: Any | None, hyper: Any) -> Any:
 
     ``hyper`` is a device array ``[η, μ, λ]`` of ``w``'s dtype. ``g`` is left
     unchanged (``optim.SGD.step`` adds ``λw`` into it; the next backward pass
-    overwrites it either way). Bit-identical to ``optim.SGD.step``.
+    overwrites it either way). Its reference is ``optim.SGD.step`` itself,
+    which it equals bit for bit (``tests/test_gpu.py``).
     """
     if velocity is None:
         _elementwise("sgd_plain")(g, hyper, w)
@@ -698,22 +704,6 @@ def softmax_xent_step_reference(z: Any, bias: Any, labels: Any) -> tuple[Any, An
     delta = xp.empty_like(logits)
     loss = softmax_cross_entropy_(logits, labels, out=delta)
     return delta, delta.sum(axis=0), loss, n_correct
-
-
-def sgd_momentum_reference(w: Any, g: Any, velocity: Any | None, lr: float, momentum: float, weight_decay: float) -> Any:
-    """Twin of ``sgd_momentum_``: ``optim.SGD.step``'s operations on copies of the flat buffers' roles."""
-    from .backend import array_module
-
-    xp = array_module(w)
-    g = g.copy()
-    if weight_decay:
-        g += xp.multiply(w, weight_decay, dtype=w.dtype)
-    if velocity is not None:
-        velocity *= momentum
-        velocity += g
-        g = velocity
-    w -= xp.multiply(g, lr, dtype=w.dtype)
-    return w
 
 
 def output_layer_reference(z1: Any, labels: Any, params: dict[str, Any], activation: str) -> dict[str, Any]:

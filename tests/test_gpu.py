@@ -159,7 +159,7 @@ def test_activation_backward_matches_twin_exactly(cupy, activation, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-3)])
 def test_sgd_kernel_is_bit_identical_to_optim_sgd(cupy, dtype, momentum, weight_decay):
-    """The update kernel against optim.SGD.step itself (and its twin), on the same flat buffers."""
+    """The update kernel against optim.SGD.step itself, on the same flat buffers."""
     rng = np.random.default_rng(6)
     model = bx.MLP(30, 20, 10, backend="numpy", dtype=dtype)
     opt = bx.SGD(model, lr=0.037, momentum=momentum, weight_decay=weight_decay)
@@ -168,10 +168,7 @@ def test_sgd_kernel_is_bit_identical_to_optim_sgd(cupy, dtype, momentum, weight_
     model.flat_params[...], model.flat_grads[...] = w, g
     if momentum:
         opt.velocity[...] = v
-    opt.step()
-    twin_v = v.copy() if momentum else None
-    twin_w = kc.sgd_momentum_reference(w.copy(), g, twin_v, opt.lr, momentum, weight_decay)
-    np.testing.assert_array_equal(twin_w, model.flat_params)
+    opt.step()  # the reference: the optimizer itself, no re-derivation of its rule
     w_dev, v_dev = cupy.asarray(w), cupy.asarray(v) if momentum else None
     hyper = cupy.asarray(np.array([opt.lr, momentum, weight_decay], dtype))
     kc.sgd_momentum_(w_dev, cupy.asarray(g), v_dev, hyper)
