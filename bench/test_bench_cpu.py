@@ -20,8 +20,9 @@ SHAPES = [(h, b) for h in w.HIDDEN_SIZES for b in w.BATCH_SIZES]
 IDS = [f"h{h}-b{b}" for h, b in SHAPES]
 
 
-def _torch():
-    return pytest.importorskip("torch", reason="PyTorch not installed: the comparison benchmarks need it")
+def _torch(request):
+    """PyTorch through the ``torch`` fixture of conftest.py (fails instead of skipping in CI)."""
+    return request.getfixturevalue("torch")
 
 
 def _fixed_batches(data, batch, quick):
@@ -30,9 +31,9 @@ def _fixed_batches(data, batch, quick):
     return w.batches_of(x[: n * batch], y[: n * batch], batch)
 
 
-def _net(who, hidden):
+def _net(who, hidden, request):
     if who == "torch":
-        _torch()
+        _torch(request)
         return w.TorchNet(hidden)
     return w.Ours(hidden)
 
@@ -45,8 +46,8 @@ def _params(net):
 
 @pytest.mark.parametrize("who", ["ours", "torch"])
 @pytest.mark.parametrize("hidden, batch", SHAPES, ids=IDS)
-def test_training_step(benchmark, who, hidden, batch, epoch_data, quick):
-    net = _net(who, hidden)
+def test_training_step(benchmark, who, hidden, batch, epoch_data, quick, request):
+    net = _net(who, hidden, request)
     batches = _fixed_batches(epoch_data, batch, quick)
     if who == "torch":
         batches = [net.as_batch(xb, yb) for xb, yb in batches]
@@ -60,8 +61,8 @@ def test_training_step(benchmark, who, hidden, batch, epoch_data, quick):
 
 @pytest.mark.parametrize("who", ["ours", "torch"])
 @pytest.mark.parametrize("hidden, batch", SHAPES, ids=IDS)
-def test_training_epoch(benchmark, who, hidden, batch, epoch_data, quick):
-    net = _net(who, hidden)
+def test_training_epoch(benchmark, who, hidden, batch, epoch_data, quick, request):
+    net = _net(who, hidden, request)
     x, y = epoch_data
     run = net.epoch_runner(x, y, batch)
     epochs = iter(range(1 << 30))
@@ -75,8 +76,8 @@ def test_training_epoch(benchmark, who, hidden, batch, epoch_data, quick):
 
 @pytest.mark.parametrize("who", ["ours", "torch"])
 @pytest.mark.parametrize("hidden, batch", SHAPES, ids=IDS)
-def test_inference(benchmark, who, hidden, batch, epoch_data, quick):
-    net = _net(who, hidden)
+def test_inference(benchmark, who, hidden, batch, epoch_data, quick, request):
+    net = _net(who, hidden, request)
     batches = _fixed_batches(epoch_data, batch, quick)
     if who == "torch":
         batches = [net.as_batch(xb, yb) for xb, yb in batches]
@@ -85,9 +86,8 @@ def test_inference(benchmark, who, hidden, batch, epoch_data, quick):
     benchmark(w.run_all_x(net.infer, batches))
 
 
-def test_ours_and_torch_predict_alike_from_the_same_start(epoch_data):
+def test_ours_and_torch_predict_alike_from_the_same_start(epoch_data, torch):
     """Same architecture and the very same initial parameters: the two nets agree before training."""
-    torch = _torch()
     x = epoch_data[0][:256]
     ours, theirs = w.Ours(128), w.TorchNet(128)
     with torch.inference_mode():
@@ -107,14 +107,13 @@ def test_gemm_bound(benchmark, hidden, batch, epoch_data, quick):
     np.testing.assert_allclose(bound.g1, bound.delta1.T @ bound.x, rtol=1e-4)
 
 
-def test_compare_script_writes_its_table(tmp_path):
+def test_compare_script_writes_its_table(tmp_path, torch):
     """``compare.py`` end to end on one tiny shape: both workers, the table, the JSON."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    _torch()
     script = Path(__file__).with_name("compare.py")
     args = ["--hidden", "16", "--batch", "32", "--samples", "256", "--rounds", "1", "--out", str(tmp_path)]
     done = subprocess.run([sys.executable, str(script), *args, "--keep-openblas-env"], capture_output=True, text=True, timeout=300)

@@ -38,8 +38,7 @@ def test_gradients_match_central_differences(activation):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_gradients_match_pytorch_autograd(activation):
-    torch = pytest.importorskip("torch", reason="PyTorch not installed: the autograd comparison needs it")
+def test_gradients_match_pytorch_autograd(activation, torch):
     m, x, y = small_problem(activation, seed=3)
     loss, grads = m.loss_and_grads(x, y)
 
