@@ -615,8 +615,13 @@ def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The sample order of one epoch: a function of (seed, epoch) only, so a resumed run repeats it.
 
-    >>> epoch_permutation(0, 3, 5).tolist() == epoch_permutation(0, 3, 5).tolist()
+    >>> order = epoch_permutation(0, 3, 10)
+    >>> sorted(order.tolist()) == list(range(10))  # every sample once
     True
+    >>> [np.array_equal(epoch_permutation(0, e, 10), order) for e in (0, 1, 2, 3, 4, 13)]
+    [False, False, False, True, False, False]
+    >>> np.array_equal(epoch_permutation(1, 3, 10), order)  # the seed matters too
+    False
     """
     return np.random.default_rng([seed, epoch]).permutation(n)
 

@@ -8,9 +8,28 @@ cannot rot. The real numbers come from ``python bench/compare.py`` (see
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
+
+REQUIRE_REFERENCES = "BACKPROP_XP_REQUIRE_REFERENCES"
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """PyTorch, the other contestant: a skip where it is missing, a failure where CI requires it.
+
+    The same rule as ``tests/conftest.py``'s ``import_reference`` (one conftest
+    cannot import the other's helpers by name when both folders run together).
+    """
+    try:
+        return importlib.import_module("torch")
+    except ImportError as exc:
+        message = f"torch cannot be imported ({exc}): the comparison benchmarks need it (pip install torch==2.13.0)"
+        if os.environ.get(REQUIRE_REFERENCES, "") not in ("", "0"):
+            pytest.fail(f"{message}, but {REQUIRE_REFERENCES} is set (CI installs every test reference)", pytrace=False)
+        pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,9 @@ SHAPES = [(h, b) for h in w.HIDDEN_SIZES for b in w.BATCH_SIZES]
 IDS = [f"h{h}-b{b}" for h, b in SHAPES]
 
 
-def _torch():
-    return pytest.importorskip("torch", reason="PyTorch not installed: the comparison benchmarks need it")
+def _torch(request):
+    """PyTorch through the ``torch`` fixture of conftest.py (fails instead of skipping in CI)."""
+    return request.getfixturevalue("torch")
 
 
 def _fixed_batches(data, batch, quick):
@@ -30,11 +31,25 @@ def _fixed_batches(data, batch, quick):
     return w.batches_of(x[: n * batch], y[: n * batch], batch)
 
 
-def _net(who, hidden):
+def _net(who, hidden, request):
     if who == "torch":
-        _torch()
+        _torch(request)
         return w.TorchNet(hidden)
     return w.Ours(hidden)
+
+
+def _weights(net):
+    """W1, b1, W2, b2 of either net, as float64 NumPy arrays."""
+    if isinstance(net, w.Ours):
+        return [net.model.params[k].astype(np.float64) for k in ("W1", "b1", "W2", "b2")]
+    layers = (net.net[0].weight, net.net[0].bias, net.net[2].weight, net.net[2].bias)
+    return [p.detach().numpy().astype(np.float64) for p in layers]
+
+
+def _reference_logits(weights, x):
+    """The network's logits in float64, written out here, independent of both contestants."""
+    w1, b1, w2, b2 = weights
+    return np.maximum(x.astype(np.float64) @ w1.T + b1, 0) @ w2.T + b2
 
 
 def _params(net):
@@ -45,8 +60,8 @@ def _params(net):
 
 @pytest.mark.parametrize("who", ["ours", "torch"])
 @pytest.mark.parametrize("hidden, batch", SHAPES, ids=IDS)
-def test_training_step(benchmark, who, hidden, batch, epoch_data, quick):
-    net = _net(who, hidden)
+def test_training_step(benchmark, who, hidden, batch, epoch_data, quick, request):
+    net = _net(who, hidden, request)
     batches = _fixed_batches(epoch_data, batch, quick)
     if who == "torch":
         batches = [net.as_batch(xb, yb) for xb, yb in batches]
@@ -60,8 +75,8 @@ def test_training_step(benchmark, who, hidden, batch, epoch_data, quick):
 
 @pytest.mark.parametrize("who", ["ours", "torch"])
 @pytest.mark.parametrize("hidden, batch", SHAPES, ids=IDS)
-def test_training_epoch(benchmark, who, hidden, batch, epoch_data, quick):
-    net = _net(who, hidden)
+def test_training_epoch(benchmark, who, hidden, batch, epoch_data, quick, request):
+    net = _net(who, hidden, request)
     x, y = epoch_data
     run = net.epoch_runner(x, y, batch)
     epochs = iter(range(1 << 30))
@@ -75,19 +90,27 @@ def test_training_epoch(benchmark, who, hidden, batch, epoch_data, quick):
 
 @pytest.mark.parametrize("who", ["ours", "torch"])
 @pytest.mark.parametrize("hidden, batch", SHAPES, ids=IDS)
-def test_inference(benchmark, who, hidden, batch, epoch_data, quick):
-    net = _net(who, hidden)
+def test_inference(benchmark, who, hidden, batch, epoch_data, quick, request):
+    net = _net(who, hidden, request)
     batches = _fixed_batches(epoch_data, batch, quick)
     if who == "torch":
         batches = [net.as_batch(xb, yb) for xb, yb in batches]
     benchmark.extra_info["samples_per_round"] = len(batches) * batch
     benchmark.group = f"infer h{hidden} b{batch}"
     benchmark(w.run_all_x(net.infer, batches))
+    # What was timed computes the right thing: the argmax of the float64 logits, wherever the
+    # two best classes are not within float32 rounding of each other.
+    x = np.concatenate([xb.numpy() if who == "torch" else xb for xb, _ in batches])
+    predicted = np.concatenate([np.asarray(net.infer(xb)) for xb, _ in batches])
+    z = _reference_logits(_weights(net), x)
+    top2 = np.sort(z, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-4 * np.abs(z).max()
+    assert predicted.shape == (len(x),) and clear.mean() > 0.9
+    np.testing.assert_array_equal(predicted[clear], z.argmax(axis=1)[clear])
 
 
-def test_ours_and_torch_predict_alike_from_the_same_start(epoch_data):
+def test_ours_and_torch_predict_alike_from_the_same_start(epoch_data, torch):
     """Same architecture and the very same initial parameters: the two nets agree before training."""
-    torch = _torch()
     x = epoch_data[0][:256]
     ours, theirs = w.Ours(128), w.TorchNet(128)
     with torch.inference_mode():
@@ -102,19 +125,25 @@ def test_gemm_bound(benchmark, hidden, batch, epoch_data, quick):
     benchmark.extra_info["samples_per_round"] = len(batches) * batch
     benchmark.group = f"step h{hidden} b{batch}"
     benchmark(w.run_all(lambda xb, yb: bound.step(xb), batches))
-    bound.x = batches[-1][0]
-    # The five products are the step's: check one against its definition.
-    np.testing.assert_allclose(bound.g1, bound.delta1.T @ bound.x, rtol=1e-4)
+    # The five products are the step's, on the last batch: each against its definition, in float64
+    # from the inputs (not the same float32 product twice), chained as a step chains them.
+    x = batches[-1][0].astype(np.float64)
+    w1, w2, delta2 = (a.astype(np.float64) for a in (bound.w1, bound.w2, bound.delta2))
+    a1 = x @ w1.T
+    delta1 = delta2 @ w2
+    for got, want in ((bound.a1, a1), (bound.z2, a1 @ w2.T), (bound.g2, delta2.T @ a1), (bound.delta1, delta1),
+                      (bound.g1, delta1.T @ x)):  # fmt: skip
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_compare_script_writes_its_table(tmp_path):
+def test_compare_script_writes_its_table(tmp_path, torch):
     """``compare.py`` end to end on one tiny shape: both workers, the table, the JSON."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    _torch()
     script = Path(__file__).with_name("compare.py")
     args = ["--hidden", "16", "--batch", "32", "--samples", "256", "--rounds", "1", "--out", str(tmp_path)]
     done = subprocess.run([sys.executable, str(script), *args, "--keep-openblas-env"], capture_output=True, text=True, timeout=300)

@@ -116,9 +116,9 @@ class Ours:
 
         return run
 
-    def infer(self, xb: np.ndarray) -> None:
+    def infer(self, xb: np.ndarray) -> np.ndarray:
         """Predicted labels of one batch."""
-        self.model.predict(xb)
+        return self.model.predict(xb)
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -174,9 +174,10 @@ class TorchNet:
 
         return run
 
-    def infer(self, xb: Any) -> None:
+    def infer(self, xb: Any) -> Any:
+        """Predicted labels of one batch (a tensor)."""
         with self.torch.inference_mode():
-            self.net(xb).argmax(dim=1)
+            return self.net(xb).argmax(dim=1)
 
     def as_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
         return self.torch.from_numpy(x), self.torch.from_numpy(y)

@@ -1,16 +1,59 @@
-"""Shared fixtures: the real MNIST folder, and whether a CUDA device is usable."""
+"""Shared fixtures: the real MNIST folder, the test references (PyTorch), and whether a CUDA device is usable."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
+
+REQUIRE_DATA = "BACKPROP_XP_REQUIRE_DATA"
+REQUIRE_REFERENCES = "BACKPROP_XP_REQUIRE_REFERENCES"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
 
 
 def _require_data() -> bool:
     # CI sets this: there, missing MNIST is a failure, not a skip.
-    return os.environ.get("BACKPROP_XP_REQUIRE_DATA", "") not in ("", "0")
+    return _flag(REQUIRE_DATA)
+
+
+def reference_missing(message: str) -> NoReturn:
+    """A test reference (PyTorch, NVRTC...) is unavailable: skip with ``message``, or fail where CI requires it.
+
+    CI (.ci/run) installs every reference and sets BACKPROP_XP_REQUIRE_REFERENCES=1,
+    so there a broken install fails the run instead of quietly skipping the
+    comparisons. Use it through the ``reference_missing`` fixture (a conftest is
+    not reliably importable by name when tests/ and bench/ run together).
+    """
+    if _flag(REQUIRE_REFERENCES):
+        pytest.fail(f"{message}, but {REQUIRE_REFERENCES} is set (CI installs every test reference)", pytrace=False)
+    pytest.skip(message)
+
+
+def import_reference(module: str, why: str) -> ModuleType:
+    """``import module`` for a test reference; ``reference_missing`` if it cannot be imported."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        reference_missing(f"{module} cannot be imported ({exc}): {why}")
+
+
+@pytest.fixture(scope="session", name="reference_missing")
+def reference_missing_fixture():
+    """The ``reference_missing(message)`` function: skip, or fail under BACKPROP_XP_REQUIRE_REFERENCES."""
+    return reference_missing
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """PyTorch, the reference for the gradient and optimizer comparisons (skip, or fail in CI, without it)."""
+    return import_reference("torch", "the PyTorch reference comparisons need it (pip install torch==2.13.0)")
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +63,7 @@ def mnist_dir() -> Path:
     if not folder or not Path(folder).is_dir():
         message = f"real MNIST not available (BACKPROP_XP_DATA={folder!r})"
         if _require_data():
-            pytest.fail(message + " but BACKPROP_XP_REQUIRE_DATA is set")
+            pytest.fail(message + f" but {REQUIRE_DATA} is set")
         pytest.skip(message)
     return Path(folder)
 

@@ -111,9 +111,13 @@ def test_import_does_not_import_cupy():
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", np.float32, np.dtype("float64")])
-def test_supported_dtypes(dtype):
-    assert resolve_dtype(dtype).name in ("float32", "float64")
+@pytest.mark.parametrize("dtype, name", [
+    ("float32", "float32"), ("float64", "float64"), (np.float32, "float32"), (np.dtype("float64"), "float64"),
+    (np.dtype("float32"), "float32"), (np.float64, "float64"),
+])
+def test_supported_dtypes(dtype, name):
+    resolved = resolve_dtype(dtype)
+    assert isinstance(resolved, np.dtype) and resolved == np.dtype(name) and resolved.name == name
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int32", "bogus", None])

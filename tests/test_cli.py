@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from backprop_xp import MLP
 from backprop_xp.backend import to_numpy
+from backprop_xp import train as train_module
 from backprop_xp.cli import main
 
 QUICK = ["--hidden", "32", "--train-size", "2000", "--epochs", "2", "--batch-size", "100", "--backend", "numpy"]
@@ -185,3 +188,91 @@ def test_divergence_exits_3_naming_epoch_and_step(mnist_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "diverged" in err and "at epoch 1, step " in err and "try a smaller --lr (e.g. 1e+19)" in err
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
+
+
+def _same_model(a, b):
+    with np.load(a, allow_pickle=False) as x, np.load(b, allow_pickle=False) as y:
+        return all(np.array_equal(x[k], y[k]) for k in ("W1", "b1", "W2", "b2"))
+
+
+def test_ctrl_c_mid_epoch_exits_130_and_resume_through_the_command_line_ends_exactly(trained, mnist_dir, tmp_path,
+                                                                                      capsys, monkeypatch):  # fmt: skip
+    # QUICK has 20 steps per epoch: Ctrl-C (a KeyboardInterrupt) arrives at step 10 of epoch 2.
+    real_make_step = train_module.make_step
+    calls = []
+
+    def make_step(*args, **kwargs):
+        step = real_make_step(*args, **kwargs)
+
+        def interrupted_step(xb, yb):
+            calls.append(1)
+            if len(calls) == 30:
+                raise KeyboardInterrupt
+            return step(xb, yb)
+
+        return interrupted_step
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--data-dir", str(mnist_dir), "--out", str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err == (
+        f"backprop-xp: interrupted; the last finished epoch is saved: continue with --resume {out}\n"
+    )
+    # On disk: epoch 1's checkpoint and metrics, no model, no temporary file.
+    with np.load(out / "checkpoint.npz", allow_pickle=False) as f:
+        assert int(f["train.epochs_done"]) == 1
+    assert [r["epoch"] for r in json.loads((out / "metrics.json").read_text())["epochs"]] == [1]
+    assert not (out / "model.npz").exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+    monkeypatch.setattr(train_module, "make_step", real_make_step)
+    assert main(["train", "--resume", str(out)]) == 0  # every setting (data folder included) from the checkpoint
+    printed = capsys.readouterr().out
+    assert f"resuming {out} after epoch 1 of 2" in printed and "epoch   2/2" in printed
+    assert "epoch   1/2" not in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and [r["epoch"] for r in metrics["epochs"]] == [1, 2]
+    # Interrupted at step 30 and resumed: the very model of the uninterrupted run in `trained`.
+    assert _same_model(out / "model.npz", trained / "model.npz")
+    assert metrics["epochs"][-1]["test_accuracy"] == json.loads((trained / "metrics.json").read_text())["epochs"][-1]["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_a_real_sigint_mid_epoch_exits_130_with_a_resumable_checkpoint(mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "backprop_xp", "train", "--hidden", "64", "--train-size", "20000", "--epochs", "6",
+            "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir), "--out", str(out), "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == f"backprop-xp: interrupted; the last finished epoch is saved: continue with --resume {out}"
+    with np.load(out / "checkpoint.npz", allow_pickle=False) as f:
+        done = int(f["train.epochs_done"])
+    assert 1 <= done < 6
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    assert not (out / "model.npz").exists()
+
+
+def test_train_size_larger_than_the_data_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+    from idx_files import fake_mnist, write_mnist_folder
+
+    folder = tmp_path / "mnist"
+    write_mnist_folder(folder, fake_mnist(n_train=30, n_test=12, rows=28, cols=28), gz=True)
+    out = tmp_path / "run"
+    argv = ["train", "--hidden", "8", "--epochs", "1", "--batch-size", "10", "--backend", "numpy",
+            "--data-dir", str(folder), "--out", str(out), "--quiet"]  # fmt: skip
+    assert main([*argv, "--train-size", "31"]) == 1
+    assert capsys.readouterr().err == "backprop-xp: error: train-size 31 is more than the 30 training images\n"
+    assert not out.exists()
+    assert main([*argv, "--train-size", "30"]) == 0  # exactly all of them is fine
+    assert json.loads((out / "metrics.json").read_text())["config"]["n_train"] == 30

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import os
 import types
 
 import numpy as np
@@ -138,14 +137,12 @@ def test_handle_setup_order():
     assert Blas(np, bindings=emulated_cublas(calls)).tf32 is False and calls[-1] == ("math_mode", "DEFAULT_MATH")
 
 
-def test_real_bindings_have_the_functions_blas_calls():
+def test_real_bindings_have_the_functions_blas_calls(reference_missing):
     """Where nvmath-python is installed (CI), its cuBLAS bindings offer every name and enum member used."""
     try:
         from nvmath.bindings import cublas
     except ImportError as exc:
-        if os.environ.get("BACKPROP_XP_REQUIRE_REFERENCES", "") not in ("", "0"):
-            pytest.fail(f"nvmath-python is not installed ({exc}) but BACKPROP_XP_REQUIRE_REFERENCES is set")
-        pytest.skip(f"nvmath-python is not installed ({exc})")
+        reference_missing(f"nvmath-python is not installed ({exc}): pip install nvmath-python")
     for name in ("create", "destroy", "set_stream", "set_workspace", "set_pointer_mode", "set_math_mode", "sgemm", "dgemm"):
         assert callable(getattr(cublas, name)), name
     assert cublas.Operation.N != cublas.Operation.T

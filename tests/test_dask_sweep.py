@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -258,20 +257,8 @@ def test_a_scheduler_that_does_not_answer_is_a_one_line_connection_error(distrib
 
 
 # --------------------------------------------------------------------------- the command line
-# These run once ``sweep`` has its ``--scheduler`` flag (a change to cli.py); until then they skip.
 
 
-def _cli_has_scheduler() -> bool:
-    from backprop_xp.cli import build_parser
-
-    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return "--scheduler" in commands.choices["sweep"].format_help()
-
-
-needs_flag = pytest.mark.skipif(not _cli_has_scheduler(), reason="sweep has no --scheduler flag yet (cli.py)")
-
-
-@needs_flag
 @pytest.mark.slow
 def test_sweep_on_a_local_dask_cluster_from_the_command_line(distributed, tmp_path, mnist_dir, capsys):
     from backprop_xp.cli import main
@@ -289,7 +276,6 @@ def test_sweep_on_a_local_dask_cluster_from_the_command_line(distributed, tmp_pa
     assert all(float(r["test_accuracy"]) > 0.5 for r in rows.values())
 
 
-@needs_flag
 def test_the_command_line_without_distributed_is_one_line_saying_what_to_install(monkeypatch, tmp_path, capsys):
     from backprop_xp.cli import main
 

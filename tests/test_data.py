@@ -522,7 +522,9 @@ def test_minibatch_order_depends_only_on_seed_and_epoch():
     x, y = _indexed(50)
     first = Minibatches(x, y, 8, seed=1)
     order = {e: _epoch_arrays(first, e)[1] for e in (0, 1, 5)}
-    assert order[0].tolist() != order[1].tolist() != order[5].tolist()
+    assert order[0].tolist() != order[1].tolist()
+    assert order[0].tolist() != order[5].tolist()  # (a != b != c never compares a with c)
+    assert order[1].tolist() != order[5].tolist()
     resumed = Minibatches(x, y, 8, seed=1)  # a fresh object, as after a restart, starting at epoch 5
     np.testing.assert_array_equal(_epoch_arrays(resumed, 5)[1], order[5])
     np.testing.assert_array_equal(_epoch_arrays(first, 0)[1], order[0])  # and epochs can be revisited

@@ -2,7 +2,8 @@
 
 The server serves small IDX files written by the tests (tests/idx_files.py)
 under paths that behave like mirrors: good, missing (404), corrupted (wrong
-content, valid gzip), and cut mid-file (the connection closes early).
+content, valid gzip), cut mid-file (the connection closes early), and stalled
+(no answer at all, or half the file and then nothing, until the test ends).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Mirror(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files: dict[str, bytes] = {}
         self.requests: list[str] = []
+        self.release = threading.Event()  # set when the test ends: stalled handlers stop waiting
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self.thread.start()
 
@@ -48,6 +50,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body is None or prefix == "missing":
             self.send_error(404)
             return
+        if prefix == "stall":  # accepts the connection, never answers
+            self.server.release.wait(120)
+            return
         if prefix == "corrupt":  # valid gzip of the wrong content: only the hash can tell
             body = gzip.compress(gzip.decompress(body)[:-1] + b"\x07", mtime=0)
         self.send_response(200)
@@ -58,6 +63,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
+            return
+        if prefix == "stallmid":  # half the file, then silence with the connection open
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.server.release.wait(120)
             return
         self.wfile.write(body)
 
@@ -73,6 +83,7 @@ def mirror():
     server.arrays = arrays
     server.sha256 = {FILES[key]: sha256_of(a) for key, a in arrays.items()}
     yield server
+    server.release.set()
     server.shutdown()
     server.server_close()
 
@@ -185,6 +196,47 @@ def test_load_mnist_downloads_into_the_cache(mirror, tmp_path, monkeypatch):
     n = len(mirror.requests)
     load_mnist()  # cached now: no more requests
     assert len(mirror.requests) == n
+
+
+@pytest.mark.parametrize("stall", ["stall", "stallmid"])
+def test_a_stalled_mirror_times_out_and_the_next_one_is_tried(mirror, tmp_path, capsys, stall):
+    cache = tmp_path / "cache"
+    outcome = []
+
+    def fetch():
+        try:
+            outcome.append(fetch_mnist(cache, mirrors=[mirror.url(stall), mirror.url("good")], sha256=mirror.sha256,
+                                       progress=False, timeout=0.3))  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            outcome.append(exc)
+
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(timeout=60)  # the stalled server waits 120 s: only the client's timeout ends each wait
+    assert not worker.is_alive(), "the download never timed out"
+    assert outcome == [cache], outcome
+    _assert_loads(cache, mirror.arrays)
+    assert _files_in(cache) == sorted(f"{name}.gz" for name in FILES.values())  # no partial download left
+    assert [r.split("/")[1] for r in mirror.requests] == [stall, "good"] * 4
+    err = capsys.readouterr().err
+    assert err.count("timed out") == 4 and err.count("trying the next mirror") == 4, err
+
+
+def test_a_folder_with_some_of_the_files_gets_only_the_others(mirror, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # One file already there compressed, one uncompressed (find_file accepts both); two missing.
+    have = {FILES["train_images"] + ".gz": mirror.files[FILES["train_images"] + ".gz"],
+            FILES["test_labels"]: idx_bytes(mirror.arrays["test_labels"])}  # fmt: skip
+    for name, content in have.items():
+        (cache / name).write_bytes(content)
+    stamps = {name: (cache / name).stat().st_mtime_ns for name in have}
+    fetch_mnist(cache, mirrors=[mirror.url("good")], sha256=mirror.sha256, progress=False, timeout=5)
+    assert sorted(mirror.requests) == sorted(f"/good/{FILES[k]}.gz" for k in ("train_labels", "test_images"))
+    for name, content in have.items():  # the files already there are not touched
+        assert (cache / name).read_bytes() == content and (cache / name).stat().st_mtime_ns == stamps[name]
+    assert _files_in(cache) == sorted([*have, FILES["train_labels"] + ".gz", FILES["test_images"] + ".gz"])
+    _assert_loads(cache, mirror.arrays)
 
 
 def test_real_mnist_through_a_local_mirror(mnist_dir, tmp_path):

@@ -16,8 +16,7 @@ def test_sgd_update_is_the_textbook_rule():
 
 
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-2)])
-def test_sgd_matches_pytorch(momentum, weight_decay):
-    torch = pytest.importorskip("torch", reason="PyTorch not installed: the reference comparison needs it")
+def test_sgd_matches_pytorch(momentum, weight_decay, torch):
     m = bx.MLP(20, 8, 3, dtype="float64", seed=1)
     opt = bx.SGD(m, lr=0.05, momentum=momentum, weight_decay=weight_decay)
     tparams = [torch.tensor(m.params[k].copy(), requires_grad=True) for k in ("W1", "b1", "W2", "b2")]

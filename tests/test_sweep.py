@@ -4,12 +4,41 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
+import numpy as np
 import pytest
 
 from backprop_xp.cli import main
-from backprop_xp.sweep import grid, run_name, run_one
-from backprop_xp.train import TrainConfig
+from backprop_xp.model import MLP
+from backprop_xp.sweep import _blas_threads, grid, run_name, run_one, run_sweep
+from backprop_xp.train import TrainConfig, train
+
+TINY = dict(hidden=8, epochs=2, batch_size=50, backend="numpy")
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """A small data set in MNIST's layout (300 + 100 random 28 x 28 images): runs that take no time to load."""
+    from idx_files import fake_mnist, write_mnist_folder
+
+    folder = tmp_path_factory.mktemp("small-mnist")
+    write_mnist_folder(folder, fake_mnist(n_train=300, n_test=100, rows=28, cols=28), gz=True)
+    return str(folder)
+
+
+class InWorker:
+    """A config value whose unpickling runs ``code``: how a test reaches inside a spawned sweep worker.
+
+    ``run_sweep`` pickles each config to its worker process; unpickling calls
+    ``exec(code)`` there (and leaves None in the config, which ``train`` ignores).
+    """
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
 
 
 def test_grid_and_names_cover_every_combination_once():
@@ -62,3 +91,80 @@ def test_a_parallel_sweep_records_every_run_and_skips_finished_ones(tmp_path, mn
     assert capsys.readouterr().out.count("skipped") == 4
     assert before == {name: (out / name / "metrics.json").stat().st_mtime_ns for name in rows}
     assert json.loads((out / "h16-lr0.1-b100" / "metrics.json").read_text())["status"] == "finished"
+
+
+def _log(folder):
+    return (folder / "train.log").read_text()
+
+
+def _same_params(a, b):
+    return all(np.array_equal(a.params[k], b.params[k]) for k in ("W1", "b1", "W2", "b2"))
+
+
+def test_run_one_resumes_an_interrupted_run_where_it_stopped(tmp_path, small_data):
+    config = TrainConfig(**TINY, data_dir=small_data)
+    train(config, tmp_path / "run", echo=None, pictures=False, stop_after=1)  # as a sweep killed after epoch 1 leaves it
+    summary = run_one(config.to_dict(), str(tmp_path / "run"))
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2 and not summary["skipped"]
+    assert "resuming" in _log(tmp_path / "run") and "training 784-8-10" not in _log(tmp_path / "run")
+    train(config, tmp_path / "straight", echo=None, pictures=False)
+    assert _same_params(MLP.load(tmp_path / "run" / "model.npz"), MLP.load(tmp_path / "straight" / "model.npz"))
+
+
+def test_run_one_starts_over_when_the_folder_holds_a_run_with_other_settings(tmp_path, small_data):
+    stale = TrainConfig(**{**TINY, "hidden": 16}, data_dir=small_data)
+    train(stale, tmp_path / "run", echo=None, pictures=False, stop_after=1)
+    config = TrainConfig(**TINY, data_dir=small_data)
+    summary = run_one(config.to_dict(), str(tmp_path / "run"))
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2, summary
+    log = _log(tmp_path / "run")
+    assert "training 784-8-10" in log and "resuming" not in log
+    assert MLP.load(tmp_path / "run" / "model.npz").n_hidden == 8
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]["hidden"] == 8
+
+
+def test_blas_threads_sets_and_restores_the_variables(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    with _blas_threads(3):
+        assert [os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")] == ["3"] * 3
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "OPENBLAS_NUM_THREADS" not in os.environ
+
+
+@pytest.mark.slow
+def test_parallel_workers_get_their_share_of_blas_threads(tmp_path, small_data):
+    pytest.importorskip("threadpoolctl")  # a dev dependency: installed wherever the tests run
+    probe = "\n".join([
+        "import json, os, threadpoolctl, uuid",
+        "blas = [i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']",
+        "seen = {'env': os.environ.get('OPENBLAS_NUM_THREADS'), 'blas': blas}",
+        f"open(os.path.join({str(tmp_path)!r}, 'probe-' + uuid.uuid4().hex + '.json'), 'w').write(json.dumps(seen))",
+    ])  # fmt: skip
+    configs = [{**TrainConfig(**{**TINY, "epochs": 1, "hidden": h}, data_dir=small_data).to_dict(),
+                "probe": InWorker(probe)} for h in (8, 16)]  # fmt: skip
+    environ = dict(os.environ)
+    summaries = run_sweep(configs, ["a", "b"], tmp_path / "sweep", jobs=2, echo=lambda line: None)
+    assert [s["status"] for s in summaries] == ["finished", "finished"]
+    assert dict(os.environ) == environ  # the cap was for the workers only
+    share = max(1, (os.cpu_count() or 1) // 2)
+    probes = [json.loads(p.read_text()) for p in tmp_path.glob("probe-*.json")]
+    assert len(probes) == 2
+    for seen in probes:
+        assert seen["env"] == str(share)
+        assert seen["blas"] and set(seen["blas"]) == {share}  # what the BLAS library itself was told
+
+
+@pytest.mark.slow
+def test_a_worker_process_that_dies_is_recorded_and_the_sweep_goes_on(tmp_path, small_data):
+    base = TrainConfig(**{**TINY, "epochs": 1}, data_dir=small_data).to_dict()
+    doomed = {**base, "hidden": 16, "probe": InWorker("import os; os._exit(3)")}  # the worker dies on receiving it
+    lines = []
+    summaries = run_sweep([base, doomed], ["fine", "doomed"], tmp_path, jobs=2, echo=lines.append)
+    assert [s["name"] for s in summaries] == ["fine", "doomed"]
+    assert summaries[1]["status"] == "failed" and summaries[1]["error"].startswith("worker process failed"), summaries[1]
+    # A dead worker breaks the whole pool, so "fine" may have been lost with it: either way it is recorded.
+    assert summaries[0]["status"] in ("finished", "failed")
+    with open(tmp_path / "sweep.csv") as f:
+        assert {row["name"]: row["status"] for row in csv.DictReader(f)}["doomed"] == "failed"
+    assert "worker process failed" in (tmp_path / "sweep.md").read_text()
+    assert any(line.startswith("[2/2]") and "worker process failed" in line for line in lines)

@@ -1,0 +1,142 @@
+"""Atomic writes under failure: the previous checkpoint.npz, metrics.json or model.npz survives, whole.
+
+Every file the library writes goes through ``files.atomic_write`` (a temporary
+file beside the target, renamed over it at the end). These tests break the
+write in the middle, by an exception (a full disk) or by a signal to the
+writing process, and look at what is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from backprop_xp import MLP
+from backprop_xp.files import atomic_write
+from backprop_xp.train import CHECKPOINT, METRICS_JSON, TrainConfig, train
+
+SMALL = dict(hidden=8, train_size=500, epochs=2, batch_size=100, backend="numpy")
+
+
+def _disk_full(f, start):
+    f.write(start)
+    f.flush()
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def savez_disk_full(f, **arrays):
+    """A stand-in for numpy.savez that writes the start of a zip, then fails like a full disk."""
+    _disk_full(f, b"PK\x03\x04 the start of a zip")
+
+
+def json_dump_disk_full(obj, f, **kwargs):
+    """A stand-in for json.dump that writes the start of the text, then fails like a full disk."""
+    _disk_full(f, json.dumps(obj)[:20])
+
+
+def _hidden_files(folder):
+    """Temporary files of atomic_write (".<name>.<random>.tmp") left in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("broken", [CHECKPOINT, METRICS_JSON])
+def test_a_failure_writing_epoch_2_keeps_epoch_1s_files_whole(mnist_dir, tmp_path, monkeypatch, broken):
+    config = TrainConfig(**SMALL, data_dir=str(mnist_dir))
+    train(config, tmp_path, echo=None, pictures=False, stop_after=1)
+    before = {name: (tmp_path / name).read_bytes() for name in (CHECKPOINT, METRICS_JSON)}
+    if broken == CHECKPOINT:
+        monkeypatch.setattr(np, "savez", savez_disk_full)
+    else:
+        monkeypatch.setattr(json, "dump", json_dump_disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(config, tmp_path, resume=True, echo=None, pictures=False)
+    monkeypatch.undo()
+
+    assert (tmp_path / broken).read_bytes() == before[broken]  # the previous file, byte for byte
+    assert _hidden_files(tmp_path) == []  # and no temporary file
+    if broken == CHECKPOINT:  # the checkpoint is written first: metrics.json still says epoch 1 too
+        assert (tmp_path / METRICS_JSON).read_bytes() == before[METRICS_JSON]
+    # The run is still resumable from what is there.
+    metrics = train(config, tmp_path, resume=True, echo=None, pictures=False)
+    assert metrics["status"] == "finished" and [r["epoch"] for r in metrics["epochs"]] == [1, 2]
+
+
+def test_a_failure_writing_model_npz_keeps_the_previous_model(tmp_path, monkeypatch):
+    path = tmp_path / "model.npz"
+    MLP(784, 8, 10, seed=0).save(path)
+    before = path.read_bytes()
+    monkeypatch.setattr(np, "savez", savez_disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        MLP(784, 8, 10, seed=1).save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert _hidden_files(tmp_path) == []
+    np.testing.assert_array_equal(MLP.load(path).params["W1"], MLP(784, 8, 10, seed=0).params["W1"])
+
+
+def test_atomic_write_keeps_the_old_file_on_an_exception_and_replaces_it_on_success(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as f:
+            f.write("half of the new")
+            raise RuntimeError("stop")
+    assert path.read_text() == "old" and _hidden_files(tmp_path) == []
+    with atomic_write(path) as f:
+        f.write("new")
+    assert path.read_text() == "new" and _hidden_files(tmp_path) == []
+
+
+# A process saving a model whose savez stops half-way and waits to be killed.
+_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from backprop_xp import MLP
+
+    def stalled_savez(f, **arrays):
+        f.write(b"PK\\x03\\x04 half of a zip")
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(120)
+
+    np.savez = stalled_savez
+    MLP(784, 8, 10, seed=1).save(sys.argv[1])
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_a_process_killed_mid_write_leaves_the_previous_file_whole(tmp_path, sig):
+    path = tmp_path / "model.npz"
+    MLP(784, 8, 10, seed=0).save(path)
+    before = path.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode != 0
+    assert path.read_bytes() == before  # never torn, whatever the signal
+    np.testing.assert_array_equal(MLP.load(path).params["W1"], MLP(784, 8, 10, seed=0).params["W1"])
+    if sig == signal.SIGINT:  # Ctrl-C reaches Python: the temporary file is removed on the way out
+        assert _hidden_files(tmp_path) == []
+    # (A SIGKILL leaves the hidden temporary file ".model.npz.<random>.tmp" behind: nothing can run to
+    # remove it. It never replaces model.npz, and the next save writes a new one and renames it over.)
+    MLP(784, 8, 10, seed=2).save(path)
+    np.testing.assert_array_equal(MLP.load(path).params["W1"], MLP(784, 8, 10, seed=2).params["W1"])
