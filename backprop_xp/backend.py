@@ -79,12 +79,16 @@ def _import_cupy() -> ModuleType:
     except Exception as exc:
         raise BackendError(f"backend 'cupy': the CUDA device cannot run a kernel ({_one_line(exc)})") from exc
     try:  # the training step's matrix products go through cuBLAS via nvmath-python (cublas.py)
-        from nvmath.bindings import cublas  # noqa: F401
+        from nvmath.bindings import cublas
     except ImportError as exc:
         raise BackendError(
             "backend 'cupy' needs nvmath-python for the training step's cuBLAS calls, which is not installed "
             "(pip install 'backprop-xp[cuda12]' or 'backprop-xp[cuda13]')"
         ) from exc
+    try:  # the bindings load libcublas at the first call: make that call now, not inside the first step
+        cublas.destroy(cublas.create())
+    except Exception as exc:
+        raise BackendError(f"backend 'cupy': nvmath-python cannot open cuBLAS ({_one_line(exc)})") from exc
     return cupy
 
 

@@ -197,7 +197,7 @@ __device__ void xent_step(const T* z, const T* bias, const long long* labels, in
     __threadfence();
     for (int j = threadIdx.x; j <= n_classes; j += blockDim.x) {  // column j of the partials, blocks in order
         T total = T(0);
-        for (int b = 0; b < gridDim.x; ++b) total += partial_sums[(long long)b * (n_classes + 1) + j];
+        for (int b = 0; b < gridDim.x; ++b) total += __ldcg(partial_sums + (long long)b * (n_classes + 1) + j);
         if (j == 0) {
             *loss = total / T(batch);
             if (loss_sum) *loss_sum += (double)total;  // running sums for the epoch, if asked for
@@ -207,7 +207,7 @@ __device__ void xent_step(const T* z, const T* bias, const long long* labels, in
     }
     if (threadIdx.x == 0) {
         long long total = 0;
-        for (int b = 0; b < gridDim.x; ++b) total += partial_correct[b];
+        for (int b = 0; b < gridDim.x; ++b) total += __ldcg(partial_correct + b);
         *n_correct = total;
         if (correct_sum) *correct_sum += total;
         *blocks_done = 0u;  // ready for the next launch (or graph replay)
@@ -619,6 +619,9 @@ class OutputLayerScratch(BlockPartials):
         self.shared_bytes = output_layer_shared_bytes(batch, n_hidden, n_classes, dtype)
 
 
+_SHARED_OPT_IN: dict[int, int] = {}  # id(kernel) -> the dynamic shared memory it was allowed
+
+
 @functools.cache
 def _output_layer_kernel(activation: str, n_classes: int, dtype_name: str) -> Any:
     import cupy
@@ -658,8 +661,13 @@ def output_layer_step(
     batch, n_hidden = a1.shape
     n_classes = delta2.shape[1]
     kernel = _output_layer_kernel(activation, n_classes, a1.dtype.name)
-    if scratch.shared_bytes > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < scratch.shared_bytes:
-        kernel.max_dynamic_shared_size_bytes = scratch.shared_bytes  # opt in above the 48 KiB default
+    if _SHARED_OPT_IN.get(id(kernel), 0) < scratch.shared_bytes:
+        # Opt in to this much dynamic shared memory: the default limit is 48 KiB *less the kernel's
+        # static shared arrays*, so a bare "above 48 KiB" test would miss sizes just under it. Set
+        # once per kernel and size (a driver call, never made inside a graph capture: the first
+        # step of every batch size runs eagerly).
+        kernel.max_dynamic_shared_size_bytes = scratch.shared_bytes
+        _SHARED_OPT_IN[id(kernel)] = scratch.shared_bytes
     kernel(
         (scratch.n_blocks,),
         (OUTPUT_LAYER_THREADS,),

@@ -188,7 +188,8 @@ def make_step(
         return step
     from .gpu_step import make_gpu_step  # imported only on CuPy: the CPU path never needs it
 
-    return make_gpu_step(model, optimizer, graphs=graphs, tf32=tf32)
+    # tf32=False leaves CuPy's global setting alone (a CUPY_TF32=1 the user set stays); the step itself is float32
+    return make_gpu_step(model, optimizer, graphs=graphs, tf32=True if tf32 else None)
 
 
 class EpochSums(NamedTuple):

@@ -26,6 +26,7 @@ mkdir -p "$RESULTS"
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export BACKPROP_XP_DATA="$DATA"
+export BACKPROP_XP_REQUIRE_DATA=1   # a test that would skip for want of MNIST fails instead
 export MPLBACKEND=Agg
 export PYTHONDONTWRITEBYTECODE=1
 PY=${PYTHON:-python}
@@ -104,8 +105,12 @@ EOF"
 # 1. the CUDA sources compile with NVRTC (the CPU test; here with the device's NVRTC)
 run_part nvrtc 60 "${PYTEST[@]}" tests/test_cuda_compile.py --junitxml="$RESULTS/junit-nvrtc.xml"
 
-# 2. every GPU test except the graph ones: fused kernels vs NumPy twins, public API CuPy vs NumPy (all files)
-run_part kernels 150 "${PYTEST[@]}" -m gpu tests -k "not graph and not never_waits" --junitxml="$RESULTS/junit-kernels.xml"
+# 2. every GPU test except the graph ones and the trainings: fused kernels vs NumPy twins, public API CuPy vs NumPy
+run_part kernels 240 "${PYTEST[@]}" -m gpu tests --ignore=tests/test_gpu_train.py -k "not graph and not never_waits" \
+    --junitxml="$RESULTS/junit-kernels.xml"
+
+# 2b. training on the GPU through the library: train(), divergence, checkpoint and resume, load, TF32
+run_part gpu-train-tests 240 "${PYTEST[@]}" tests/test_gpu_train.py --junitxml="$RESULTS/junit-gpu-train.xml"
 
 # 3. CUDA graphs: capture per batch size, replay vs eager vs reference, fallback, no host sync in the loop
 run_part graphs 120 "${PYTEST[@]}" -m gpu tests/test_gpu.py -k "graph or never_waits" --junitxml="$RESULTS/junit-graphs.xml"

@@ -30,7 +30,7 @@ def fake_cupy(device_count=1, driver=12040, runtime=12020, count_error=None):
 @pytest.fixture
 def nvmath_installed(monkeypatch):
     """Stand-ins for nvmath-python's cuBLAS bindings, which a working GPU backend also needs."""
-    cublas = types.SimpleNamespace()
+    cublas = types.SimpleNamespace(create=lambda: 1, destroy=lambda handle: None)
     bindings = types.SimpleNamespace(cublas=cublas)
     monkeypatch.setitem(sys.modules, "nvmath", types.SimpleNamespace(bindings=bindings))
     monkeypatch.setitem(sys.modules, "nvmath.bindings", bindings)
@@ -87,6 +87,16 @@ def test_cupy_without_nvmath_says_how_to_install_it(monkeypatch):
     with pytest.raises(BackendError, match=r"needs nvmath-python .*backprop-xp\[cuda12\]"):
         get_backend("cupy")
     assert "nvmath-python" in get_backend("auto").reason
+
+
+def test_cupy_whose_cublas_cannot_load_says_so(monkeypatch, nvmath_installed):
+    def no_library():
+        raise RuntimeError("libcublas.so.13: cannot open shared object file")
+
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    monkeypatch.setattr(sys.modules["nvmath.bindings.cublas"], "create", no_library)
+    with pytest.raises(BackendError, match="cannot open cuBLAS .*libcublas.so.13"):
+        get_backend("cupy")
 
 
 def test_auto_picks_a_working_cupy(monkeypatch, nvmath_installed):
