@@ -39,6 +39,12 @@ class Parser(argparse.ArgumentParser):
 DATA_HELP = "folder with the four MNIST IDX files (default: $BACKPROP_XP_DATA, else the download cache)"
 
 
+def _prepare_out_dir(path: str) -> str:
+    from .files import make_out_dir
+
+    return make_out_dir(path)
+
+
 # --------------------------------------------------------------------------- argument types
 # Each raises ArgumentTypeError, which argparse turns into "argument --x: <message>", exit 2.
 
@@ -230,6 +236,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _load_model(path: str, backend: str) -> Any:
     from .model import MLP
 
+    if os.path.isdir(path):  # a run folder: its model
+        folder, path = path, os.path.join(path, "model.npz")
+        if not os.path.isfile(path):
+            raise UserError(f"{folder} holds no model.npz (a run writes it when it finishes; resume it with --resume {folder})")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such model file")
     model = MLP.load(path, backend=backend)
@@ -268,61 +278,52 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
-        help="classify PNG images of digits with a saved model (top 3 classes)",
+        help="classify pictures of digits with a saved model (top 3 classes)",
         description=(
-            "Classify grayscale PNG images (colour is converted to gray). Images larger than 28x28 are resized to "
-            "28x28. MNIST digits are white on black: an image with a light border (a dark digit on light paper) "
-            "is inverted first. Prints the top 3 classes with their probabilities; an unreadable file gets an "
-            "error line and the other files are still classified (exit code 1 if any failed)."
+            "Classify images of digits (PNG, JPEG...; colour is converted to gray, any size). Each is prepared "
+            "as MNIST's digits were: an image with a light border (a dark digit on paper) is inverted to white "
+            "on black, cut to the ink, scaled to fit a 20x20 box keeping its aspect ratio, and placed in 28x28 "
+            "with its centre of mass at the centre. Prints the top 3 classes with their probabilities; --show "
+            "draws what the network saw. An unreadable file gets an error line and the other files are still "
+            "classified (exit code 1 if any failed)."
         ),
     )
-    p.add_argument("model", metavar="MODEL.npz", help="a model.npz written by train")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="PNG files")
+    p.add_argument("model", metavar="MODEL", help="a model.npz written by train, or the run folder holding it")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    p.add_argument("--show", metavar="PNG", help="also draw each image as the network saw it into this PNG file")
     p.add_argument("--backend", type=choice_of(BACKENDS), default="numpy", help="where to run it (default: numpy)")
     p.set_defaults(handler=_cmd_predict)
 
 
-def read_digit(path: str) -> tuple[np.ndarray, bool]:
-    """A PNG as 784 float32 values in [0, 1], white digit on black; and whether it was inverted.
+def read_digit(path: str, side: int = 28) -> tuple[np.ndarray, bool]:
+    """An image file as ``side*side`` float32 values in [0, 1], prepared like MNIST; and whether it was inverted.
 
-    Raises UserError naming the file when it is not a readable image or is
-    smaller than 28x28.
+    See ``backprop_xp.images.mnist_like``. Raises UserError naming the file
+    when it is not a readable image or holds no ink.
     """
-    from PIL import Image, UnidentifiedImageError
+    from .images import mnist_like, read_gray
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            if "A" in image.getbands() or "transparency" in image.info:
-                # Drawing programs save ink on a transparent background: put it on white
-                # paper first (convert("L") alone would drop alpha and see all black).
-                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-            gray = image.convert("L")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable image ({exc})") from None
-    width, height = gray.size
-    if width < 28 or height < 28:
-        raise UserError(f"{path}: image is {width}x{height}, smaller than 28x28")
-    if (width, height) != (28, 28):
-        gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
-    pixels = np.asarray(gray, dtype=np.float32) / 255.0
-    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
-    inverted = bool(border.mean() > 0.5)  # light background: a dark digit on paper
-    if inverted:
-        pixels = 1.0 - pixels
-    return pixels.reshape(784), inverted
+        return mnist_like(read_gray(path), side)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        message = str(exc)
+        raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") from None
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .backend import to_numpy
 
     model = _load_model(args.model, args.backend)
+    side = math.isqrt(model.n_inputs)
+    if side * side != model.n_inputs:
+        raise UserError(f"{args.model}: {model.n_inputs} inputs are not a square image; predict needs one")
     failed = 0
+    seen, titles = [], []
     for path in args.images:
         try:
-            pixels, inverted = read_digit(path)
+            pixels, inverted = read_digit(path, side)
         except UserError as exc:
             print(f"backprop-xp: error: {exc}", file=sys.stderr)
             failed += 1
@@ -331,6 +332,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         top = np.argsort(-proba, kind="stable")[:3]
         guesses = ", ".join(f"{k} ({100 * proba[k]:.1f}%)" for k in top)
         print(f"{path}: {guesses}" + ("  [inverted: dark digit on light background]" if inverted else ""))
+        seen.append(pixels)
+        titles.append(f"{os.path.basename(path)[:14]}\nsaid {top[0]} ({100 * proba[top[0]]:.0f}%)")
+    if args.show and seen:
+        from .plots import digit_grid
+
+        _prepare_out_dir(os.path.dirname(args.show) or ".")
+        digit_grid(np.stack(seen), titles, args.show, suptitle=f"What the network saw ({side}x{side}, white on black)")
+        print(f"wrote {args.show}")
     return 1 if failed else 0
 
 

@@ -112,9 +112,10 @@ def test_evaluate_a_missing_model_is_a_clear_error(tmp_path, capsys):
 def test_predict_classifies_images_and_reports_the_unreadable_ones(trained, mnist, tmp_path, capsys):
     from PIL import Image
 
+    from backprop_xp.images import mnist_like
+
     model = MLP.load(trained / "model.npz")
     digits = mnist[2][:2]
-    expected = to_numpy(model.predict_proba(digits))
     white_on_black = tmp_path / "digit0.png"
     Image.fromarray((digits[0].reshape(28, 28) * 255).round().astype(np.uint8)).save(white_on_black)
     # The second digit as a person would draw it: dark on light, larger, in colour.
@@ -123,30 +124,63 @@ def test_predict_classifies_images_and_reports_the_unreadable_ones(trained, mnis
     Image.fromarray(np.kron(paper, np.ones((3, 3), np.uint8))).convert("RGB").save(dark_on_light)
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not a picture")
-    too_small = tmp_path / "small.png"
-    Image.fromarray(np.zeros((10, 12), np.uint8)).save(too_small)
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(blank)
 
     code = main(["predict", str(trained / "model.npz"), str(not_an_image), str(white_on_black),
-                 str(tmp_path / "missing.png"), str(too_small), str(dark_on_light)])  # fmt: skip
+                 str(tmp_path / "missing.png"), str(blank), str(dark_on_light)])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 1  # some files failed, the others were still classified
     lines = captured.out.splitlines()
     assert len(lines) == 2
+    seen = np.stack([mnist_like(digits[0].reshape(28, 28))[0], mnist_like(paper / np.float32(255))[0]])
+    expected = to_numpy(model.predict_proba(seen))
     top3 = np.argsort(-expected[0])[:3]
     assert lines[0] == f"{white_on_black}: " + ", ".join(f"{k} ({100 * expected[0][k]:.1f}%)" for k in top3)
     assert lines[1].startswith(f"{dark_on_light}: {expected[1].argmax()} (") and "[inverted" in lines[1]
     err = captured.err
     assert "notes.png: not a readable image" in err
     assert "missing.png: no such file" in err
-    assert "small.png: image is 12x10, smaller than 28x28" in err
+    assert "blank.png: no digit found: the image is blank" in err
+
+
+def test_predict_reads_digits_on_a_page_wide_tiny_and_shows_what_it_saw(trained, mnist, tmp_path, capsys):
+    from PIL import Image
+
+    model = MLP.load(trained / "model.npz")
+    x, y = mnist[2][:200], mnist[3][:200]
+    right = np.flatnonzero(to_numpy(model.predict(x)) == y)[:12]  # digits this small model reads at 28x28
+    paths = []
+    for i, k in enumerate(right):
+        ink = Image.fromarray((255 - x[k].reshape(28, 28) * 255).round().astype(np.uint8))  # dark on paper
+        if i % 3 == 0:  # in the corner of an 800-px page
+            picture = Image.new("L", (800, 800), 255)
+            picture.paste(ink.resize((200, 200), Image.Resampling.BICUBIC), (20, 580))
+        elif i % 3 == 1:  # a 600x200 picture
+            picture = Image.new("L", (600, 200), 255)
+            picture.paste(ink.resize((180, 180), Image.Resampling.BICUBIC), (400, 10))
+        else:  # smaller than 28x28
+            picture = ink.resize((20, 20), Image.Resampling.BICUBIC)
+        paths.append(tmp_path / f"d{i}.png")
+        picture.save(paths[-1])
+    show = tmp_path / "seen" / "seen.png"
+    assert main(["predict", str(trained), *map(str, paths), "--show", str(show)]) == 0  # the run folder works too
+    lines = capsys.readouterr().out.splitlines()
+    said = [int(line.split(": ")[1].split(" ")[0]) for line in lines[:-1]]
+    assert np.mean(np.array(said) == y[right]) >= 0.75, (said, y[right].tolist())
+    assert lines[-1] == f"wrote {show}"
+    with Image.open(show) as image:
+        assert image.format == "PNG" and image.size[0] > 300
 
 
 def test_predict_reads_dark_ink_on_a_transparent_background(trained, mnist, tmp_path, capsys):
     from PIL import Image
 
+    from backprop_xp.images import mnist_like
+
     model = MLP.load(trained / "model.npz")
     digit = mnist[2][0]
-    expected = to_numpy(model.predict_proba(digit[None, :]))[0]
+    expected = to_numpy(model.predict_proba(mnist_like(1 - digit.reshape(28, 28))[0][None, :]))[0]
     # What drawing programs export: black ink whose coverage is in the alpha channel.
     rgba = np.zeros((28, 28, 4), np.uint8)
     rgba[..., 3] = (digit.reshape(28, 28) * 255).round().astype(np.uint8)
