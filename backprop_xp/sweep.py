@@ -81,7 +81,8 @@ def summarize(name: str, config: dict[str, Any], metrics: dict[str, Any] | None,
         )
     if status == "diverged" and not error:
         d = metrics.get("diverged", {})
-        summary["error"] = f"diverged at epoch {d.get('epoch')}, step {d.get('step')}"
+        where = f"epoch {d.get('epoch')}, step {d['step']}" if d.get("step") is not None else f"epoch {d.get('epoch')}"
+        summary["error"] = f"diverged at {where}" + (f": {d['reason']}" if d.get("reason") else "")
     return summary
 
 
@@ -132,7 +133,8 @@ def run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
             train(cfg, out_dir, resume=resume, echo=echo, progress=False)
         except Diverged as exc:
             echo(str(exc))
-            error = f"diverged at epoch {exc.epoch}, step {exc.step} (lr {exc.lr:g})"
+            where = f"epoch {exc.epoch}, step {exc.step}" if exc.step is not None else f"epoch {exc.epoch}"
+            error = f"diverged at {where}: {exc.reason} (lr {exc.lr:g})"
         except Exception as exc:  # recorded, never fatal to the sweep
             error = f"{type(exc).__name__}: {exc}"
             echo(error)

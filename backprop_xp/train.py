@@ -287,20 +287,59 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int =
 
 
 class Diverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the epoch and step."""
+    """Training diverged: the loss became NaN or infinite, or exploded, or learning stopped at chance.
 
-    def __init__(self, epoch: int, step: int, lr: float, out_dir: str) -> None:
-        self.epoch, self.step, self.lr, self.out_dir = epoch, step, lr, out_dir
+    ``reason`` says which, ``step`` is the first bad step (None when the
+    whole epoch's numbers gave it away), ``lr`` the rate the epoch ran at and
+    ``suggested_lr`` a ``--lr`` worth trying: at least 10 times smaller than
+    the base rate and never above the default's.
+    """
+
+    def __init__(self, epoch: int, reason: str, lr: float, out_dir: str, *, step: int | None = None, base_lr: float | None = None) -> None:
+        self.epoch, self.reason, self.step, self.lr, self.out_dir = epoch, reason, step, lr, out_dir
+        base_lr = lr if base_lr is None else base_lr
+        # lr / 10 of an absurd rate is still absurd (1e29 for 1e30): never suggest more than the default.
+        self.suggested_lr = min(base_lr / 10, TrainConfig.lr)
         checkpoint = os.path.join(out_dir, CHECKPOINT)
         kept = (
             f"the last good checkpoint is kept in {checkpoint}"
             if os.path.exists(checkpoint)
             else "no epoch had finished, so there is no checkpoint"
         )
+        where = f"epoch {epoch}, step {step}" if step is not None else f"epoch {epoch}"
         super().__init__(
-            f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {step} "
-            f"(learning rate {lr:g}); try a smaller --lr (e.g. {lr / 10:g}); {kept}"
+            f"training diverged at {where}: {reason} (learning rate {lr:g}); "
+            f"try --lr {self.suggested_lr:g} or smaller; {kept}"
         )
+
+
+def divergence(row: dict[str, Any], first_loss: float | None, n_classes: int, chance: float) -> str | None:
+    """Why an epoch whose loss stayed finite still counts as diverged, or None if it does not.
+
+    A finite loss can explode (lr 50: loss 1e6, accuracy 10%) or the network
+    can stop learning altogether (dead units: loss stuck at guessing level).
+    Thresholds are far from any run that learns: guessing uniformly costs
+    ln(K); a run 10 times worse than that, or 10 times worse than its own
+    first epoch, is exploding; and after a whole epoch of learning, accuracy
+    no better than always naming the most frequent class with a loss no better
+    than guessing means nothing is being learned.
+
+    >>> divergence({"epoch": 2, "train_loss": 1e6, "train_accuracy": 0.1}, 3.0, 10, 0.11)
+    'the training loss 1e+06 is more than 10 times that of guessing (2.3)'
+    >>> divergence({"epoch": 2, "train_loss": 0.3, "train_accuracy": 0.9}, 0.5, 10, 0.11) is None
+    True
+    """
+    loss, accuracy, guess = row["train_loss"], row["train_accuracy"], math.log(n_classes)
+    if loss > 10 * guess:
+        return f"the training loss {loss:.3g} is more than 10 times that of guessing ({guess:.2g})"
+    if row["epoch"] >= 2 and first_loss is not None and loss > 10 * first_loss:
+        return f"the training loss {loss:.3g} is more than 10 times the first epoch's ({first_loss:.3g})"
+    if row["epoch"] >= 2 and accuracy <= chance + 0.01 and loss >= 0.98 * guess:
+        return (
+            f"training accuracy {accuracy:.1%} is at chance level (always naming the most frequent class "
+            f"gives {chance:.1%}) and the loss {loss:.3g} no better than guessing"
+        )
+    return None
 
 
 def environment(backend: Any) -> dict[str, Any]:
@@ -458,6 +497,8 @@ def train(
         if config.train_size > len(x_train):
             raise ValueError(f"train-size {config.train_size} is more than the {len(x_train)} training images")
         x_train, y_train = x_train[: config.train_size], y_train[: config.train_size]
+    n_classes = int(max(y_train.max(), y_test.max())) + 1
+    chance = float(np.bincount(y_train, minlength=n_classes).max() / len(y_train))  # always naming the commonest class
     x_val = y_val = None
     if config.val_size:
         if config.val_size >= len(x_train):
@@ -531,18 +572,22 @@ def train(
         seconds = time.perf_counter() - start  # run_epoch ends by reading the device: synchronised
         if bar is not None:
             bar.close()
-        if sums.first_bad_step is not None:
-            metrics["status"] = "diverged"
-            metrics["diverged"] = {"epoch": epoch + 1, "step": sums.first_bad_step + 1, "lr": optimizer.lr}
-            _write_metrics(out, metrics)
-            raise Diverged(epoch + 1, sums.first_bad_step + 1, optimizer.lr, str(out))
-
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": optimizer.lr,
             "train_loss": sums.loss_sum / sums.n_samples,
             "train_accuracy": sums.n_correct / sums.n_samples,
         }
+        if sums.first_bad_step is not None:
+            why, bad_step = "the loss became NaN or infinite", sums.first_bad_step + 1
+        else:
+            first_loss = metrics["epochs"][0]["train_loss"] if metrics["epochs"] else None
+            why, bad_step = divergence(row, first_loss, n_classes, chance), None
+        if why is not None:  # this epoch's parameters are not checkpointed: the last good ones stay
+            metrics["status"] = "diverged"
+            metrics["diverged"] = {"epoch": epoch + 1, "step": bad_step, "lr": optimizer.lr, "reason": why}
+            _write_metrics(out, metrics)
+            raise Diverged(epoch + 1, why, optimizer.lr, str(out), step=bad_step, base_lr=config.lr)
         if val is not None:
             row["val_loss"], row["val_accuracy"] = evaluate(model, *val)
         row["test_loss"], row["test_accuracy"] = evaluate(model, test_x, test_y)

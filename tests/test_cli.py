@@ -217,5 +217,17 @@ def test_divergence_exits_3_naming_epoch_and_step(mnist_dir, tmp_path, capsys):
     argv = ["train", *QUICK, "--lr", "1e20", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--quiet"]
     assert main(argv) == 3
     err = capsys.readouterr().err
-    assert "diverged" in err and "at epoch 1, step " in err and "try a smaller --lr (e.g. 1e+19)" in err
+    assert "diverged" in err and "at epoch 1, step " in err and "try --lr 0.1 or smaller" in err  # not 1e+19
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
+
+
+def test_a_loss_that_explodes_but_stays_finite_is_divergence_too(mnist_dir, tmp_path, capsys):
+    # lr 50 leaves the loss finite (about 1e6) with accuracy at chance: that is no success.
+    argv = ["train", *QUICK, "--lr", "50", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training diverged at epoch 1: the training loss" in err
+    assert "try --lr 0.1 or smaller" in err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["diverged"]["step"] is None
+    assert not (tmp_path / "model.npz").exists()

@@ -188,7 +188,8 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_dir, 
     assert (info.value.epoch, info.value.lr) == (2, 1e12)
     assert 1 <= info.value.step <= 30
     message = str(info.value)
-    assert "epoch 2, step" in message and "smaller --lr" in message and CHECKPOINT in message
+    assert "epoch 2, step" in message and "NaN or infinite" in message and CHECKPOINT in message
+    assert "try --lr 0.01 or smaller" in message  # 10 times smaller than the base rate, 0.1
 
     with np.load(tmp_path / CHECKPOINT, allow_pickle=False) as f:
         assert int(f["train.epochs_done"]) == 1
