@@ -116,4 +116,7 @@ def read_npz(path: str | os.PathLike, what: str = "an .npz file") -> dict[str, n
         with f:
             return {key: f[key] for key in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path}: not {what} ({exc})") from exc
+        # NumPy's message for a file that is not .npy/.npz at all advises loading it with
+        # allow_pickle: never pass that on for a file that might come from anywhere.
+        reason = "not an .npz file" if "pickle" in str(exc) else str(exc)
+        raise ValueError(f"{path}: not {what} ({reason})") from exc

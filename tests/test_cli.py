@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -231,3 +232,150 @@ def test_a_loss_that_explodes_but_stays_finite_is_divergence_too(mnist_dir, tmp_
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "diverged" and metrics["diverged"]["step"] is None
     assert not (tmp_path / "model.npz").exists()
+
+
+# --------------------------------------------------------------------------- issue 15: a user's first hour
+
+
+def test_a_batch_larger_than_the_training_set_is_refused(mnist_dir, tmp_path, capsys):
+    argv = ["train", *QUICK, "--batch-size", "100000", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--batch-size 100000 is larger than the training set (2000 images); use at most 2000" in err
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_output_folder_that_cannot_be_made_is_one_clear_line(where, mnist_dir, tmp_path, capsys):
+    if where == "proc":
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc here")
+        out = "/proc/backprop-xp-test"
+    else:
+        (tmp_path / "a-file").write_text("")
+        out = str(tmp_path / "a-file" / "run")
+    assert main(["train", *QUICK, "--data-dir", str(mnist_dir), "--out", out, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"backprop-xp: error: cannot create output folder {out}: ")
+    assert "Errno" not in err
+    assert main(["show-data", "--data-dir", str(mnist_dir), "--out", out + "/digits.png"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"output folder {out}: " in err and "does not exist" not in err.split(": ", 2)[2]
+
+
+def test_the_first_line_names_the_backend_briefly_and_the_last_line_sums_up(mnist_dir, tmp_path, capsys):
+    from backprop_xp.backend import get_backend
+
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--backend", "auto", "--data-dir", str(mnist_dir), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    metrics = json.loads((out / "metrics.json").read_text())
+    if get_backend("auto").name == "numpy":
+        expected = "backend numpy (a GPU is here but not usable; --verbose says why)" if os.path.exists("/dev/nvidia0") else "backend numpy (no GPU found)"
+        assert lines[0] == expected
+        assert metrics["config"]["backend_reason"].startswith("auto: using numpy because")
+    final = metrics["epochs"][-1]
+    best = max(metrics["epochs"], key=lambda row: row["test_accuracy"])
+    assert lines[-1] == (
+        f"done: test accuracy {100 * final['test_accuracy']:.2f}% (best {100 * best['test_accuracy']:.2f}% at epoch "
+        f"{best['epoch']}), 2 epochs in {metrics['final']['wall_seconds']:.1f} s, in {out}"
+    )
+    # --quiet: that line is all there is; --verbose: the backend's full reason
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--quiet"]) == 0
+    quiet = capsys.readouterr().out.splitlines()
+    assert len(quiet) == 1 and quiet[0].startswith("done: test accuracy ") and ", 3 epochs in " in quiet[0]
+    assert main(["train", *QUICK, "--epochs", "1", "--verbose", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "v")]) == 0
+    printed = capsys.readouterr().out
+    assert "backend choice: " in printed and " 1 epoch, " in printed and "1 epochs" not in printed
+
+
+def test_an_interrupted_run_says_so_in_its_metrics(mnist_dir, tmp_path, monkeypatch, capsys):
+    import backprop_xp.train as train_module
+
+    real_run_epoch = train_module.run_epoch
+
+    def run_epoch(step, batches, epoch, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt  # Ctrl-C during the second epoch
+        return real_run_epoch(step, batches, epoch, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_epoch", run_epoch)
+    assert main(["train", *QUICK, "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--quiet"]) == 130
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and len(metrics["epochs"]) == 1
+    assert f"continue with --resume {tmp_path}" in capsys.readouterr().err
+
+
+def test_resume_works_from_another_folder_and_says_when_the_data_is_gone(mnist_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(mnist_dir, data)  # a copy in the test's own folder, given by a relative path
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *QUICK, "--data-dir", "data", "--out", "runs/r", "--quiet"], ) == 0
+    saved = json.loads((tmp_path / "runs/r/metrics.json").read_text())["config"]["data_dir"]
+    assert saved == str(data)  # absolute
+    monkeypatch.chdir(tmp_path / "runs")
+    assert main(["train", "--resume", "r", "--epochs", "3", "--quiet"]) == 0  # cd runs && train --resume r
+    capsys.readouterr()
+    shutil.rmtree(data)
+    assert main(["train", "--resume", "r", "--epochs", "4", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the data folder of r, {data}, does not exist" in err and "pass --data-dir" in err
+    assert main(["train", "--resume", "r", "--epochs", "4", "--data-dir", str(mnist_dir), "--quiet"]) == 0
+
+
+def test_resume_with_more_epochs_continues_and_a_finished_run_is_left_alone(trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} is already finished (2 epochs); nothing was changed" in out
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["epochs"]] == [1, 2, 3] and metrics["status"] == "finished"
+    assert metrics["epochs_changed"] == [{"after_epoch": 2, "from": 2, "to": 3}]
+    assert metrics["epochs"][2]["lr"] == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 2 / 3)))  # cosine over 3 epochs
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    assert "it has already done 3" in capsys.readouterr().err
+
+
+def test_keep_best_and_patience_choose_by_validation(mnist_dir, tmp_path, capsys):
+    argv = ["train", *QUICK, "--epochs", "6", "--lr", "0.5", "--lr-schedule", "constant", "--val-size", "500",
+            "--keep-best", "--patience", "2", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    rows = metrics["epochs"]
+    best = max(rows, key=lambda r: (r["val_accuracy"], -r["epoch"]))
+    assert metrics["final"]["epoch_kept"] == best["epoch"]
+    if len(rows) < 6:  # stopped early: exactly `patience` epochs without improvement
+        assert rows[-1]["epoch"] - best["epoch"] == 2 and metrics["stopped_early"]["best_epoch"] == best["epoch"]
+    model = MLP.load(tmp_path / "model.npz")
+    with np.load(tmp_path / "best.npz") as kept:
+        np.testing.assert_array_equal(to_numpy(model.params["W1"]), kept["W1"])
+    line = capsys.readouterr().out.strip()
+    assert f"(best {100 * best['val_accuracy']:.2f}% at epoch {best['epoch']})" in line
+    assert main(["train", *QUICK, "--keep-best", "--data-dir", str(mnist_dir), "--quiet"]) == 2
+    assert "--val-size" in capsys.readouterr().err
+
+
+def test_small_things_a_new_user_trips_over(trained, mnist_dir, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    # evaluate on something that is not a model: no advice to unpickle it
+    png = tmp_path / "notes.png"
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(png)
+    assert main(["evaluate", str(png)]) == 1
+    err = capsys.readouterr().err
+    assert "not a model file written by backprop-xp" in err and "pickle" not in err
+    # evaluate RUN_DIR uses RUN_DIR/model.npz
+    assert main(["evaluate", str(trained), "--data-dir", str(mnist_dir), "--backend", "numpy"]) == 0
+    assert f"model {trained / 'model.npz'}: 784-32-10" in capsys.readouterr().out
+    # show-data writes under runs/, not into the folder it is run from
+    monkeypatch.chdir(tmp_path)
+    assert main(["show-data", "--data-dir", str(mnist_dir), "--count", "10"]) == 0
+    assert (tmp_path / "runs" / "digits.png").is_file() and not (tmp_path / "digits.png").exists()

@@ -32,10 +32,10 @@ def test_a_parallel_sweep_records_every_run_and_skips_finished_ones(tmp_path, mn
     out = tmp_path / "sweep"
     argv = ["sweep", "--hidden", "16,32", "--lr", "0.1,1e20", "--epochs", "1", "--train-size", "1500",
             "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir), "--jobs", "2",
-            "--out", str(out)]  # fmt: skip
+            "--val-size", "300", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "4 runs of 1 epochs on numpy (2 at a time)" in printed
+    assert "4 runs of 1 epoch on numpy (2 at a time)" in printed
     assert "2 finished, 2 failed or diverged" in printed
 
     with open(out / "sweep.csv") as f:
@@ -62,3 +62,32 @@ def test_a_parallel_sweep_records_every_run_and_skips_finished_ones(tmp_path, mn
     assert capsys.readouterr().out.count("skipped") == 4
     assert before == {name: (out / name / "metrics.json").stat().st_mtime_ns for name in rows}
     assert json.loads((out / "h16-lr0.1-b100" / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_runs_are_ranked_by_validation_accuracy_never_by_test_accuracy(tmp_path):
+    from backprop_xp.sweep import write_tables
+
+    common = {"status": "finished", "lr": 0.1, "batch_size": 32, "activation": "relu", "momentum": 0.9,
+              "weight_decay": 0.0, "epochs_done": 2, "seconds_per_epoch": 1.0, "train_seconds": 2.0}  # fmt: skip
+    summaries = [
+        {"name": "a", "hidden": 8, "val_accuracy": 0.90, "best_val_accuracy": 0.91, "best_val_epoch": 1, "test_accuracy": 0.95, **common},
+        {"name": "b", "hidden": 16, "val_accuracy": 0.93, "best_val_accuracy": 0.93, "best_val_epoch": 2, "test_accuracy": 0.92, **common},
+    ]
+    write_tables(tmp_path, summaries)
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert "val acc. (%)" in table[0] and "best (%)" not in table[0]
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["b", "a"]  # b validates better, a tests better
+    with open(tmp_path / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["name"] for row in rows] == ["b", "a"] and "best_test_accuracy" not in rows[0]
+
+
+def test_a_sweep_holds_out_a_validation_set_by_default(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--hidden", "8", "--epochs", "1", "--train-size", "6000", "--batch-size", "100",
+            "--backend", "numpy", "--data-dir", str(mnist_dir), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((out / "h8-lr0.1-b100" / "metrics.json").read_text())
+    assert metrics["config"]["val_size"] == 5000 and metrics["config"]["n_train"] == 1000
+    assert "val_accuracy" in metrics["epochs"][0]
+    assert "val accuracy" in capsys.readouterr().out
