@@ -91,12 +91,15 @@ def _epoch_axis(ax, epochs: Sequence[int]) -> None:
 
 
 def _plain_numbers(axis) -> None:
-    """Tick labels as plain numbers (0.3, not 3.2x10^-1), on major and minor ticks alike."""
+    """Tick labels as plain numbers (0.3, not 3.2x10^-1); between decades only at 2 and 5."""
     from matplotlib.ticker import FuncFormatter
 
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    axis.set_major_formatter(plain)
-    axis.set_minor_formatter(plain)
+    def one_two_five(value: float, _: int) -> str:  # label 0.2 and 0.5 between decades, not every 0.1
+        mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+        return f"{value:g}" if round(mantissa, 6) in (1, 2, 5) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(FuncFormatter(one_two_five))
 
 
 def training_curves(rows: Sequence[dict], path: str | os.PathLike, *, title: str | None = None) -> None:
