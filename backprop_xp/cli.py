@@ -434,6 +434,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .train import plural
 
     given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
+    default_val = "val_size" not in given
     given.setdefault("val_size", SWEEP_VAL_SIZE)  # choose settings on held-out training images, never on the test set
     options = {name: given.pop(name) for name in SWEPT if name in given}
     base = TrainConfig(**given)
@@ -453,7 +454,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         for config in configs:
             TrainConfig.from_dict(config).validate()
     except SettingError as exc:
-        print(f"backprop-xp: error: {exc}", file=sys.stderr)
+        hint = f" (a sweep holds out {SWEEP_VAL_SIZE} training images by default: give a smaller --val-size)" if default_val else ""
+        print(f"backprop-xp: error: {exc}{hint}", file=sys.stderr)
         return 2
     varied = [name for name in SWEPT if len(options.get(name, [])) > 1]
     names = [run_name(config, varied) for config in configs]

@@ -196,8 +196,8 @@ def test_clipping_the_returned_gradients_changes_the_update():
     for g in grads.values():
         np.clip(g, -1e-3, 1e-3, out=g)
     opt.step()
-    for name in before:
-        step = before[name] - m.params[name]
+    for name, old in before.items():
+        step = old - m.params[name]
         assert np.abs(step).max() <= 0.1 * 1e-3 * (1 + 1e-9), name
 
 
