@@ -21,8 +21,9 @@ import numpy as np
 
 from . import __version__
 from .backend import BACKENDS, DTYPES, BackendError
+from .data import DATASETS
 from .kernels import ACTIVATIONS
-from .train import DIVERGED_EXIT_CODE, SCHEDULES, TrainConfig
+from .train import DIVERGED_EXIT_CODE, SCHEDULES, SettingError, TrainConfig
 
 
 class UserError(Exception):
@@ -36,7 +37,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-DATA_HELP = "folder with the four MNIST IDX files (default: $BACKPROP_XP_DATA, else the download cache)"
+DATA_HELP = (
+    "folder with the data set's four IDX files (default: $BACKPROP_XP_DATA for mnist, "
+    "$BACKPROP_XP_FASHION_DATA for fashion-mnist, else the download cache)"
+)
+
+
+def _prepare_out_dir(path: str) -> str:
+    from .files import make_out_dir
+
+    return make_out_dir(path)
 
 
 # --------------------------------------------------------------------------- argument types
@@ -102,22 +112,26 @@ def list_of(parse: Callable[[str], Any]) -> Callable[[str], list]:
 
 def _add_show_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show-data", help="draw sample digits and print the class counts")
+    p.add_argument("--dataset", type=choice_of(tuple(DATASETS)), default="mnist", metavar="{" + ",".join(DATASETS) + "}", help="which data set (default: mnist)")
     p.add_argument("--data-dir", type=existing_dir, help=DATA_HELP)
-    p.add_argument("--out", default="digits.png", help="PNG file to write (default: digits.png)")
+    p.add_argument("--out", default=os.path.join("runs", "digits.png"), help="PNG file to write (default: runs/digits.png)")
     p.add_argument("--count", type=positive_int, default=40, help="how many training digits to draw (default: 40)")
     p.set_defaults(handler=_cmd_show_data)
 
 
 def _cmd_show_data(args: argparse.Namespace) -> int:
-    from .data import load_mnist
+    from .data import DATASETS, load_dataset
     from .plots import digit_grid
 
-    x_train, y_train, x_test, y_test = load_mnist(args.data_dir)
+    _prepare_out_dir(os.path.dirname(args.out) or ".")
+    x_train, y_train, x_test, y_test = load_dataset(args.dataset, args.data_dir)
+    n_classes = int(max(y_train.max(), y_test.max())) + 1
     for name, y in (("train", y_train), ("test", y_test)):
-        counts = np.bincount(y, minlength=10)
+        counts = np.bincount(y, minlength=n_classes)
         print(f"{name:5s} {len(y):6d} images, per class: " + " ".join(str(c) for c in counts))
     count = min(args.count, len(x_train))
-    digit_grid(x_train[:count], [f"label {y}" for y in y_train[:count]], args.out, suptitle="MNIST training digits")
+    title = f"{DATASETS[args.dataset][0]} training images"
+    digit_grid(x_train[:count], [f"label {y}" for y in y_train[:count]], args.out, suptitle=title)
     print(f"wrote {args.out}")
     return 0
 
@@ -141,6 +155,7 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
     d = _defaults()
     many = (lambda parse: list_of(parse)) if lists else (lambda parse: parse)
     each = " (comma-separated list)" if lists else ""
+    p.add_argument("--dataset", type=choice_of(tuple(DATASETS)), metavar="{" + ",".join(DATASETS) + "}", help=f"the data set (default: {d.dataset})")
     p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=DATA_HELP)
     p.add_argument("--backend", type=choice_of(BACKENDS), metavar="{" + ",".join(BACKENDS) + "}", help=f"numpy (CPU), cupy (CUDA GPU) or auto: cupy when usable (default: {d.backend})")
     p.add_argument("--hidden", type=many(positive_int), metavar="N", help=f"hidden units{each} (default: {d.hidden})")
@@ -154,7 +169,16 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
         "--lr-schedule", type=many(choice_of(tuple(SCHEDULES))), metavar="{" + ",".join(SCHEDULES) + "}",
         help=f"constant; step: /10 after 1/2 and 3/4 of the epochs; cosine: half a cosine to 0{each} (default: {d.lr_schedule})",
     )  # fmt: skip
-    p.add_argument("--val-size", type=count, metavar="N", help="hold out N training images for validation, shown each epoch instead of test (default: 0)")
+    p.add_argument(
+        "--val-size", type=count, metavar="N",
+        help="hold out N training images (seeded) for validation, shown each epoch instead of test "
+        f"(default: {'5000' if lists else '0'})",
+    )  # fmt: skip
+    p.add_argument(
+        "--keep-best", action="store_true", default=None,
+        help="model.npz gets the parameters of the epoch with the best validation accuracy (needs --val-size)",
+    )  # fmt: skip
+    p.add_argument("--patience", type=count, metavar="K", help="stop after K epochs without a better validation accuracy (needs --val-size; default: 0, never)")
     p.add_argument("--train-size", type=count, metavar="N", help="train on the first N training images only; 0 = all (default: 0)")
     p.add_argument(
         "--augment", action="store_true", default=None,
@@ -174,16 +198,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a network and write metrics, checkpoints, the model and pictures",
         description=(
-            f"Train 784-N-10 on MNIST. The defaults (784-{d.hidden}-10, {d.epochs} epochs, batch {d.batch_size}, "
-            f"lr {d.lr:g} with a {d.lr_schedule} schedule, momentum {d.momentum:g}) reach about 98.3% test accuracy "
-            "in under 20 seconds on a 2-core CPU (see the README's Results). Exit codes: 0 done, 1 an error, 2 bad arguments, "
-            f"{DIVERGED_EXIT_CODE} the loss became NaN or infinite."
+            f"Train a one-hidden-layer network on MNIST (or Fashion-MNIST); its input and output sizes come from the "
+            f"data. The defaults ({d.hidden} hidden units, {d.epochs} epochs, batch {d.batch_size}, "
+            f"lr {d.lr:g} with a {d.lr_schedule} schedule, momentum {d.momentum:g}) reach about 98.3% MNIST test accuracy "
+            "in under 20 seconds on a 2-core CPU (see the README's Results). Exit codes: 0 done, 1 an error, 2 bad arguments "
+            f"(also settings that do not fit the data), {DIVERGED_EXIT_CODE} diverged, 130 interrupted."
         ),
     )
     _add_model_flags(p, lists=False)
     p.add_argument("--out", metavar="DIR", help="folder for metrics, checkpoint, model and pictures (default: a new folder under runs/)")
     p.add_argument("--resume", metavar="DIR", type=existing_dir, help="continue the run in DIR from its last checkpoint; its saved settings are used")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    p.add_argument("--quiet", action="store_true", help="print only the summary line at the end")
+    p.add_argument("--verbose", action="store_true", help="also print the full reason for the backend choice")
     p.set_defaults(handler=_cmd_train)
 
 
@@ -192,7 +218,7 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import Diverged, default_out_dir, read_checkpoint, train
+    from .train import Diverged, default_out_dir, read_checkpoint, summary_line, train
 
     given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
     if args.resume:
@@ -203,16 +229,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out = args.resume
     else:
         config = TrainConfig(**given)
-        config.validate()
+        try:
+            config.validate()
+        except SettingError as exc:
+            print(f"backprop-xp: error: {exc}", file=sys.stderr)
+            return 2
         out = args.out or default_out_dir(config)
     try:
-        train(config, out, resume=bool(args.resume), echo=None if args.quiet else print, progress=None if not args.quiet else False)
+        metrics = train(
+            config, out, resume=bool(args.resume), echo=None if args.quiet else print,
+            progress=None if not args.quiet else False, verbose=args.verbose,
+        )  # fmt: skip
+    except SettingError as exc:  # a setting that does not fit the data: a bad argument
+        print(f"backprop-xp: error: {exc}", file=sys.stderr)
+        return 2
     except Diverged as exc:
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
     except KeyboardInterrupt:
         print(f"backprop-xp: interrupted; the last finished epoch is saved: continue with --resume {out}", file=sys.stderr)
         return 130
+    if args.quiet and "final" in metrics:
+        print(summary_line(metrics, out))
     return 0
 
 
@@ -221,7 +259,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a saved model")
-    p.add_argument("model", metavar="MODEL.npz", help="a model.npz (or checkpoint.npz) written by train")
+    p.add_argument("model", metavar="MODEL", help="a model.npz (or checkpoint.npz) written by train, or the run folder holding it")
+    p.add_argument("--dataset", type=choice_of(tuple(DATASETS)), metavar="{" + ",".join(DATASETS) + "}", help="the data set to test on (default: the one the model was trained on)")
     p.add_argument("--data-dir", type=existing_dir, help=DATA_HELP)
     p.add_argument("--backend", type=choice_of(BACKENDS), default="auto", help="where to run it (default: auto)")
     p.set_defaults(handler=_cmd_evaluate)
@@ -230,34 +269,60 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _load_model(path: str, backend: str) -> Any:
     from .model import MLP
 
+    if os.path.isdir(path):  # a run folder: its model
+        folder, path = path, os.path.join(path, "model.npz")
+        if not os.path.isfile(path):
+            raise UserError(f"{folder} holds no model.npz (a run writes it when it finishes; resume it with --resume {folder})")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such model file")
     model = MLP.load(path, backend=backend)
-    if model.n_inputs != 784 or model.n_outputs != 10:
-        raise UserError(f"{path}: a {model.n_inputs}-{model.n_hidden}-{model.n_outputs} network, not an MNIST one (784 inputs, 10 classes)")
+    model.path = path  # the file actually read (a run folder names its model.npz)
     return model
+
+
+def _trained_on(path: str) -> str:
+    """The data set a model file says it was trained on (older files say nothing: MNIST)."""
+    import json
+
+    from .files import read_npz
+
+    arrays = read_npz(path, "a model file written by backprop-xp")
+    try:
+        return str(json.loads(str(arrays["train.config"])).get("dataset", "mnist"))
+    except (KeyError, ValueError):
+        return "mnist"
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .backend import to_numpy
-    from .data import load_mnist
+    from .data import load_dataset
     from .train import confusion_matrix, evaluate
 
     model = _load_model(args.model, args.backend)
-    _, _, x_test, y_test = load_mnist(args.data_dir)
+    dataset = args.dataset or _trained_on(model.path)
+    _, _, x_test, y_test = load_dataset(dataset, args.data_dir)
+    if x_test.shape[1] != model.n_inputs or y_test.max() >= model.n_outputs:
+        raise UserError(
+            f"{model.path}: a {model.n_inputs}-{model.n_hidden}-{model.n_outputs} network cannot be tested on {dataset} "
+            f"({x_test.shape[1]} inputs, {int(y_test.max()) + 1} classes)"
+        )
     loss, accuracy = evaluate(model, x_test, y_test)
     predicted = to_numpy(model.predict(x_test))
-    counts = confusion_matrix(y_test, predicted)
-    print(f"model {args.model}: 784-{model.n_hidden}-10 {model.activation}, {model.dtype.name}, on {model.backend.name}")
+    k_all = range(model.n_outputs)
+    counts = confusion_matrix(y_test, predicted, model.n_outputs)
+    print(
+        f"model {model.path}: {model.n_inputs}-{model.n_hidden}-{model.n_outputs} {model.activation}, "
+        f"{model.dtype.name}, on {model.backend.name}; test set of {dataset}"
+    )
     print(f"test accuracy {100 * accuracy:.2f}%  ({int(np.trace(counts))} of {len(y_test)}), test loss {loss:.4f}")
     print()
     print("per-class accuracy (%):")
-    print("  class    " + " ".join(f"{k:>6d}" for k in range(10)))
-    print("  accuracy " + " ".join(f"{100 * counts[k, k] / max(counts[k].sum(), 1):6.2f}" for k in range(10)))
+    print("  class    " + " ".join(f"{k:>6d}" for k in k_all))
+    print("  accuracy " + " ".join(f"{100 * counts[k, k] / max(counts[k].sum(), 1):6.2f}" for k in k_all))
     print()
     print("confusion matrix (rows: true class, columns: predicted class):")
-    print("  true\\pred " + " ".join(f"{k:>5d}" for k in range(10)))
-    for k in range(10):
+    print("  true\\pred " + " ".join(f"{k:>5d}" for k in k_all))
+    for k in k_all:
         print(f"  {k:>9d} " + " ".join(f"{c:>5d}" for c in counts[k]))
     return 0
 
@@ -268,61 +333,52 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
-        help="classify PNG images of digits with a saved model (top 3 classes)",
+        help="classify pictures of digits with a saved model (top 3 classes)",
         description=(
-            "Classify grayscale PNG images (colour is converted to gray). Images larger than 28x28 are resized to "
-            "28x28. MNIST digits are white on black: an image with a light border (a dark digit on light paper) "
-            "is inverted first. Prints the top 3 classes with their probabilities; an unreadable file gets an "
-            "error line and the other files are still classified (exit code 1 if any failed)."
+            "Classify images of digits (PNG, JPEG...; colour is converted to gray, any size). Each is prepared "
+            "as MNIST's digits were: an image with a light border (a dark digit on paper) is inverted to white "
+            "on black, cut to the ink, scaled to fit a 20x20 box keeping its aspect ratio, and placed in 28x28 "
+            "with its centre of mass at the centre. Prints the top 3 classes with their probabilities; --show "
+            "draws what the network saw. An unreadable file gets an error line and the other files are still "
+            "classified (exit code 1 if any failed)."
         ),
     )
-    p.add_argument("model", metavar="MODEL.npz", help="a model.npz written by train")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="PNG files")
+    p.add_argument("model", metavar="MODEL", help="a model.npz written by train, or the run folder holding it")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    p.add_argument("--show", metavar="PNG", help="also draw each image as the network saw it into this PNG file")
     p.add_argument("--backend", type=choice_of(BACKENDS), default="numpy", help="where to run it (default: numpy)")
     p.set_defaults(handler=_cmd_predict)
 
 
-def read_digit(path: str) -> tuple[np.ndarray, bool]:
-    """A PNG as 784 float32 values in [0, 1], white digit on black; and whether it was inverted.
+def read_digit(path: str, side: int = 28) -> tuple[np.ndarray, bool]:
+    """An image file as ``side*side`` float32 values in [0, 1], prepared like MNIST; and whether it was inverted.
 
-    Raises UserError naming the file when it is not a readable image or is
-    smaller than 28x28.
+    See ``backprop_xp.images.mnist_like``. Raises UserError naming the file
+    when it is not a readable image or holds no ink.
     """
-    from PIL import Image, UnidentifiedImageError
+    from .images import mnist_like, read_gray
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            if "A" in image.getbands() or "transparency" in image.info:
-                # Drawing programs save ink on a transparent background: put it on white
-                # paper first (convert("L") alone would drop alpha and see all black).
-                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-            gray = image.convert("L")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable image ({exc})") from None
-    width, height = gray.size
-    if width < 28 or height < 28:
-        raise UserError(f"{path}: image is {width}x{height}, smaller than 28x28")
-    if (width, height) != (28, 28):
-        gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
-    pixels = np.asarray(gray, dtype=np.float32) / 255.0
-    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
-    inverted = bool(border.mean() > 0.5)  # light background: a dark digit on paper
-    if inverted:
-        pixels = 1.0 - pixels
-    return pixels.reshape(784), inverted
+        return mnist_like(read_gray(path), side)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        message = str(exc)
+        raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") from None
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .backend import to_numpy
 
     model = _load_model(args.model, args.backend)
+    side = math.isqrt(model.n_inputs)
+    if side * side != model.n_inputs:
+        raise UserError(f"{args.model}: {model.n_inputs} inputs are not a square image; predict needs one")
     failed = 0
+    seen, titles = [], []
     for path in args.images:
         try:
-            pixels, inverted = read_digit(path)
+            pixels, inverted = read_digit(path, side)
         except UserError as exc:
             print(f"backprop-xp: error: {exc}", file=sys.stderr)
             failed += 1
@@ -331,6 +387,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         top = np.argsort(-proba, kind="stable")[:3]
         guesses = ", ".join(f"{k} ({100 * proba[k]:.1f}%)" for k in top)
         print(f"{path}: {guesses}" + ("  [inverted: dark digit on light background]" if inverted else ""))
+        seen.append(pixels)
+        titles.append(f"{os.path.basename(path)[:14]}\nsaid {top[0]} ({100 * proba[top[0]]:.0f}%)")
+    if args.show and seen:
+        from .plots import digit_grid
+
+        _prepare_out_dir(os.path.dirname(args.show) or ".")
+        digit_grid(np.stack(seen), titles, args.show, suptitle=f"What the network saw ({side}x{side}, white on black)")
+        print(f"wrote {args.show}")
     return 1 if failed else 0
 
 
@@ -343,7 +407,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         help="train every combination of settings (comma-separated lists) and compare them",
         description=(
             "Train every combination of the listed settings, each run in its own sub-folder of --out (as train "
-            "would write it), and write sweep.csv, sweep.md (sorted by test accuracy) and sweep.png. On the CPU "
+            "would write it), and write sweep.csv, sweep.md and sweep.png. Runs are ranked by the accuracy on a "
+            "validation set held out of the training images (--val-size, 5000 by default, the same for every run); "
+            "the test accuracy of each run's final model is reported beside it, never used to choose. On the CPU "
             "--jobs runs train in parallel processes; on a GPU runs go one after another. A failed or diverged "
             "run is recorded and the sweep goes on; running the same sweep into the same folder again skips the "
             "runs already finished (and resumes interrupted ones)."
@@ -364,9 +430,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     import time
 
     from .backend import get_backend
-    from .sweep import SWEPT, grid, run_name, run_sweep
+    from .sweep import SWEEP_VAL_SIZE, SWEPT, grid, run_name, run_sweep
+    from .train import plural
 
     given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
+    default_val = "val_size" not in given
+    given.setdefault("val_size", SWEEP_VAL_SIZE)  # choose settings on held-out training images, never on the test set
     options = {name: given.pop(name) for name in SWEPT if name in given}
     base = TrainConfig(**given)
     if args.scheduler:
@@ -381,20 +450,25 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         base.backend = backend.name
     d = base.to_dict()
     configs = grid(d, {name: options.get(name, [d[name]]) for name in SWEPT})
-    for config in configs:
-        TrainConfig.from_dict(config).validate()
+    try:
+        for config in configs:
+            TrainConfig.from_dict(config).validate()
+    except SettingError as exc:
+        hint = f" (a sweep holds out {SWEEP_VAL_SIZE} training images by default: give a smaller --val-size)" if default_val else ""
+        print(f"backprop-xp: error: {exc}{hint}", file=sys.stderr)
+        return 2
     varied = [name for name in SWEPT if len(options.get(name, [])) > 1]
     names = [run_name(config, varied) for config in configs]
     out = args.out or os.path.join("sweeps", time.strftime("%Y%m%d-%H%M%S"))
-    title = f"Sweep: {len(configs)} runs, {base.epochs} epochs, {base.backend}"
+    title = f"Sweep: {plural(len(configs), 'run')}, {plural(base.epochs, 'epoch')}, {base.backend}"
     if args.scheduler:  # each worker resolves the backend on its own machine: "auto" uses its GPU
         jobs = min(args.jobs, len(configs))
         where = f"{jobs} local Dask workers" if args.scheduler == "local" else f"the Dask cluster at {args.scheduler}"
-        print(f"sweep: {len(configs)} runs of {base.epochs} epochs (backend {base.backend}) on {where} into {out}")
+        print(f"sweep: {plural(len(configs), 'run')} of {plural(base.epochs, 'epoch')} (backend {base.backend}) on {where} into {out}")
         summaries = run_sweep_dask(configs, names, out, scheduler=args.scheduler, jobs=jobs, title=title)
     else:
         jobs = 1 if backend.is_gpu else min(args.jobs, len(configs))
-        print(f"sweep: {len(configs)} runs of {base.epochs} epochs on {backend.name} ({jobs} at a time) into {out}")
+        print(f"sweep: {plural(len(configs), 'run')} of {plural(base.epochs, 'epoch')} on {backend.name} ({jobs} at a time) into {out}")
         summaries = run_sweep(configs, names, out, jobs=jobs, title=title)
     bad = [s for s in summaries if s["status"] != "finished"]
     print(f"wrote {os.path.join(out, 'sweep.md')}, sweep.csv and sweep.png; {len(summaries) - len(bad)} finished, {len(bad)} failed or diverged")

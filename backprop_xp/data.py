@@ -59,6 +59,35 @@ MIRRORS = [
     "http://yann.lecun.com/exdb/mnist/",
 ]
 
+# Fashion-MNIST (Xiao, Rasul and Vollgraf, Zalando Research, MIT licence): the same layout and file
+# names, 10 classes of clothing. SHA-256 of the decompressed files, which match the publisher's MD5s.
+FASHION_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+FASHION_MIRRORS = [
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+]
+
+# name -> (title, environment variable naming its folder, names of its SHA-256 table and mirror
+# list in this module). Looked up by name at call time, so that tests can replace a table or list.
+DATASETS = {
+    "mnist": ("MNIST", "BACKPROP_XP_DATA", "SHA256", "MIRRORS"),
+    "fashion-mnist": ("Fashion-MNIST", "BACKPROP_XP_FASHION_DATA", "FASHION_SHA256", "FASHION_MIRRORS"),
+}
+
+
+def _dataset(name: str) -> tuple[str, str, dict[str, str], list[str]]:
+    """(title, environment variable, SHA-256 table, mirrors) of the data set ``name``."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+    title, env, sha256, mirrors = DATASETS[name]
+    return title, env, globals()[sha256], globals()[mirrors]
+
+
 # IDX type byte -> element type (big-endian, as stored).
 IDX_DTYPES = {
     0x08: np.dtype(">u1"),
@@ -201,10 +230,11 @@ def _read_idx_stream(f, path: Path, gzipped: bool) -> np.ndarray:
 # 2. Finding, downloading and loading MNIST
 
 
-def cache_dir() -> Path:
-    """The per-user MNIST cache: ``$XDG_CACHE_HOME/backprop_xp/mnist``, else ``~/.cache/backprop_xp/mnist``."""
+def cache_dir(dataset: str = "mnist") -> Path:
+    """The per-user cache of a data set: ``$XDG_CACHE_HOME/backprop_xp/<dataset>``, else under ``~/.cache``."""
+    _dataset(dataset)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "backprop_xp" / "mnist"
+    return Path(base) / "backprop_xp" / dataset
 
 
 def find_file(folder: str | os.PathLike, name: str) -> Path | None:
@@ -317,8 +347,9 @@ def fetch_mnist(
     sha256: dict[str, str] | None = None,
     timeout: float = 30.0,
     progress: bool | None = None,
+    dataset: str = "mnist",
 ) -> Path:
-    """Download whichever of the four MNIST files are missing from ``folder``.
+    """Download whichever of the four files of ``dataset`` (MNIST by default) are missing from ``folder``.
 
     Each missing file is fetched as ``<name>.gz`` from the first mirror that
     delivers it intact (the SHA-256 of its decompressed content must match);
@@ -327,13 +358,15 @@ def fetch_mnist(
     Parameters
     ----------
     folder : path, optional
-        Where the files go; default ``cache_dir()``.
+        Where the files go; default ``cache_dir(dataset)``.
     mirrors : sequence of str, optional
-        Base URLs (``<base><name>.gz``); default ``MIRRORS``.
+        Base URLs (``<base><name>.gz``); default the data set's (``MIRRORS``, ``FASHION_MIRRORS``).
     sha256 : dict, optional
-        Expected hashes by file name; default ``SHA256`` (the real MNIST).
+        Expected hashes by file name; default the data set's (``SHA256``, ``FASHION_SHA256``).
     timeout, progress
         As in ``download_file``.
+    dataset : {"mnist", "fashion-mnist"}
+        Which data set (see ``DATASETS``).
 
     Returns
     -------
@@ -347,11 +380,12 @@ def fetch_mnist(
     DownloadError
         Every mirror failed (a ``FileNotFoundError``); the message lists each failure.
     """
-    folder = Path(folder) if folder is not None else cache_dir()
-    mirrors = list(MIRRORS if mirrors is None else mirrors)
-    sha256 = SHA256 if sha256 is None else sha256
+    title, _, known_sha256, known_mirrors = _dataset(dataset)
+    folder = Path(folder) if folder is not None else cache_dir(dataset)
+    mirrors = list(known_mirrors if mirrors is None else mirrors)
+    sha256 = known_sha256 if sha256 is None else sha256
     if not mirrors:
-        raise DownloadError(f"cannot download MNIST into {folder}: the list of mirrors is empty")
+        raise DownloadError(f"cannot download {title} into {folder}: the list of mirrors is empty")
     for name in FILES.values():
         if find_file(folder, name) is not None:
             continue
@@ -372,7 +406,7 @@ def fetch_mnist(
                 raise ChecksumError(f"no mirror delivered an intact {name} ({listing})")
             raise DownloadError(
                 f"could not download {name} into {folder} from any mirror ({listing}). Offline? Put the four "
-                "MNIST files in a folder and pass data_dir / --data-dir or set BACKPROP_XP_DATA"
+                f"{title} files in a folder and pass data_dir / --data-dir or set {_dataset(dataset)[1]}"
             )
     return folder
 
@@ -407,12 +441,13 @@ def _to_unit_float32(images: np.ndarray) -> np.ndarray:
 
 
 def load_mnist(
-    data_dir: str | os.PathLike | None = None, *, download: bool = True
+    data_dir: str | os.PathLike | None = None, *, download: bool = True, dataset: str = "mnist"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Load MNIST (or any data set stored in its layout) as NumPy arrays.
+    """Load MNIST, Fashion-MNIST (``dataset="fashion-mnist"``) or any data set stored in their layout.
 
-    Where it looks: ``data_dir`` if given, else ``$BACKPROP_XP_DATA`` if set,
-    else the per-user cache (``cache_dir()``). Only the cache is ever
+    Where it looks: ``data_dir`` if given, else the data set's environment
+    variable if set (``$BACKPROP_XP_DATA`` for MNIST, ``$BACKPROP_XP_FASHION_DATA``
+    for Fashion-MNIST), else the per-user cache (``cache_dir(dataset)``). Only the cache is ever
     downloaded into: a folder you name must already hold the four files
     (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
     ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally
@@ -426,7 +461,9 @@ def load_mnist(
     data_dir : path, optional
         Folder with the four files.
     download : bool
-        Fetch files missing from the cache from ``MIRRORS`` (checked by SHA-256).
+        Fetch files missing from the cache from the data set's mirrors (checked by SHA-256).
+    dataset : {"mnist", "fashion-mnist"}
+        Which data set; it decides the environment variable, cache, mirrors and hashes.
 
     Returns
     -------
@@ -444,16 +481,17 @@ def load_mnist(
         A file is malformed, images and labels disagree in count, a label is
         outside 0-9, or the training and test images differ in size.
     """
+    title, env, _, _ = _dataset(dataset)
     if data_dir is not None:
         folder, chosen_by, may_download = Path(data_dir), "data_dir", False
-    elif os.environ.get("BACKPROP_XP_DATA"):
-        folder, chosen_by, may_download = Path(os.environ["BACKPROP_XP_DATA"]), "$BACKPROP_XP_DATA", False
+    elif os.environ.get(env):
+        folder, chosen_by, may_download = Path(os.environ[env]), f"${env}", False
     else:
-        folder, chosen_by, may_download = cache_dir(), "the cache", True
+        folder, chosen_by, may_download = cache_dir(dataset), "the cache", True
 
     missing = [name for name in FILES.values() if find_file(folder, name) is None]
     if missing and may_download and download:
-        fetch_mnist(folder)
+        fetch_mnist(folder, dataset=dataset)
     elif missing:
         if not folder.is_dir():
             problem = "does not exist"
@@ -462,9 +500,9 @@ def load_mnist(
         advice = (
             "call with download=True to fetch them"
             if may_download
-            else "point data_dir / --data-dir or BACKPROP_XP_DATA at a folder with the four MNIST files"
+            else f"point data_dir / --data-dir or {env} at a folder with the four {title} files"
         )
-        raise FileNotFoundError(f"MNIST folder {folder} ({chosen_by}) {problem}; {advice}")
+        raise FileNotFoundError(f"{title} folder {folder} ({chosen_by}) {problem}; {advice}")
 
     paths = {key: find_file(folder, name) for key, name in FILES.items()}
     out = []
@@ -483,6 +521,13 @@ def load_mnist(
             f"the training images in {paths['train_images']} have {x_train.shape[1]}"
         )
     return x_train, y_train, x_test, y_test
+
+
+def load_dataset(
+    name: str = "mnist", data_dir: str | os.PathLike | None = None, *, download: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``load_mnist(data_dir, download=download, dataset=name)``: the data set called ``name``."""
+    return load_mnist(data_dir, download=download, dataset=name)
 
 
 # ---------------------------------------------------------------------------------------------

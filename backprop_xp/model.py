@@ -209,6 +209,11 @@ class MLP:
         xp = self.xp
         if xp is np:
             x = to_numpy(x)
+        if not hasattr(x, "dtype"):
+            x = np.asarray(x)
+        if x.dtype.kind in "iu" and x.size and float(x.max()) > 1:
+            # uint8 pixels 0-255 train to a loss of hundreds and no error: refuse them by name.
+            raise ValueError("x holds integers (pixel values 0-255?): give float images scaled to [0, 1], e.g. x / 255")
         x = xp.ascontiguousarray(xp.asarray(x, dtype=self.dtype))
         if x.ndim != 2 or x.shape[1] != self.n_inputs:
             raise ValueError(f"x must have shape (batch, {self.n_inputs}), got {tuple(x.shape)}")
@@ -237,15 +242,18 @@ class MLP:
         -------
         loss : float
         grads : dict
-            ``"W1"``, ``"b1"``, ``"W2"``, ``"b2"``: fresh arrays with the
-            parameters' shapes and dtype (copies; ``self.grads`` holds the same).
+            ``"W1"``, ``"b1"``, ``"W2"``, ``"b2"``: the model's own gradient
+            arrays (``self.grads``, views into ``flat_grads``), not copies.
+            Editing them in place (``np.clip(g, -1, 1, out=g)``) changes what
+            ``SGD.step()`` applies; the next call overwrites them, so copy
+            what you want to keep.
         """
         x = self.as_input(x)
         if x.shape[0] == 0:
             raise ValueError("loss_and_grads needs at least one example")
         labels = self.as_labels(labels, x.shape[0])
         loss, _ = self.backprop(x, labels)
-        return float(loss), {name: grad.copy() for name, grad in self.grads.items()}
+        return float(loss), dict(self.grads)  # a new dict of the same arrays: rebinding a key leaves the model alone
 
     def logits(self, x: Any) -> Any:
         """``z2`` for every row of ``x``, computed in chunks of ``EVAL_CHUNK`` rows."""

@@ -42,7 +42,7 @@ def digit_grid(
     *,
     suptitle: str | None = None,
     columns: int = 10,
-    cmap: str = "gray_r",
+    cmap: str = "gray",  # white on black, as MNIST stores its digits and as the network sees them
     symmetric: bool = False,
 ) -> None:
     """Draw square images (rows of ``images``, each ``side*side`` values) in a grid with titles.
@@ -73,7 +73,7 @@ def digit_grid(
             limit = float(np.abs(image).max()) or 1.0
             ax.imshow(image, cmap=cmap, vmin=-limit, vmax=limit)
         else:
-            ax.imshow(image, cmap=cmap)
+            ax.imshow(image, cmap=cmap, vmin=0, vmax=1)  # a faint digit stays faint: no per-image stretching
         if i < len(titles):
             ax.set_title(titles[i], fontsize=8)
     if suptitle:  # a fixed gap in inches above the grid, whatever the number of rows
@@ -82,10 +82,32 @@ def digit_grid(
     save_figure(fig, path)
 
 
+def _epoch_axis(ax, epochs: Sequence[int]) -> None:
+    """Whole-number epoch ticks, with half an epoch of room at each end (one epoch is not 0.96 to 1.04)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def _plain_numbers(axis) -> None:
+    """Tick labels as plain numbers (0.3, not 3.2x10^-1); between decades only at 2 and 5."""
+    from matplotlib.ticker import FuncFormatter
+
+    def one_two_five(value: float, _: int) -> str:  # label 0.2 and 0.5 between decades, not every 0.1
+        mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+        return f"{value:g}" if round(mantissa, 6) in (1, 2, 5) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(FuncFormatter(one_two_five))
+
+
 def training_curves(rows: Sequence[dict], path: str | os.PathLike, *, title: str | None = None) -> None:
     """Loss and accuracy against epoch, train and test (and validation if present), side by side.
 
-    ``rows`` are the ``epochs`` of a run's ``metrics.json``.
+    ``rows`` are the ``epochs`` of a run's ``metrics.json``. The best epoch is
+    marked on the validation curve only: picking an epoch by test accuracy
+    would be choosing on the test set.
     """
     plt = _pyplot()
     if not rows:
@@ -93,24 +115,32 @@ def training_curves(rows: Sequence[dict], path: str | os.PathLike, *, title: str
     epochs = [row["epoch"] for row in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     styles = {"train": dict(color="tab:blue"), "val": dict(color="tab:green", ls=":"), "test": dict(color="tab:orange", ls="--")}
+    losses = []
     for split, style in styles.items():
         if f"{split}_loss" not in rows[0]:
             continue
         marker = "o" if len(rows) <= 30 else None
+        losses += [row[f"{split}_loss"] for row in rows]
         ax_loss.plot(epochs, [row[f"{split}_loss"] for row in rows], marker=marker, ms=3, label=split, **style)
         ax_acc.plot(epochs, [100 * row[f"{split}_accuracy"] for row in rows], marker=marker, ms=3, label=split, **style)
-    ax_loss.set_yscale("log")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss (log scale)", title="Loss")
-    best = max(rows, key=lambda row: row["test_accuracy"])
+    if max(losses) > 20 * min(losses):  # a log scale only where the loss spans decades
+        ax_loss.set_yscale("log")
+        _plain_numbers(ax_loss.yaxis)
+        ax_loss.set(ylabel="cross-entropy loss (log scale)")
+    else:
+        ax_loss.set(ylabel="cross-entropy loss")
+    ax_loss.set(xlabel="epoch", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Accuracy (final test {100 * rows[-1]['test_accuracy']:.2f}%)")
-    ax_acc.annotate(
-        f"best test {100 * best['test_accuracy']:.2f}%", (best["epoch"], 100 * best["test_accuracy"]),
-        xytext=(0, -18), textcoords="offset points", ha="center", fontsize=8, color="tab:orange",
-    )  # fmt: skip
+    if "val_accuracy" in rows[0]:  # the best epoch as a legend entry: the legend finds a free corner
+        best = max(rows, key=lambda row: (row["val_accuracy"], -row["epoch"]))
+        ax_acc.plot(
+            best["epoch"], 100 * best["val_accuracy"], "o", ms=9, mfc="none", mec="tab:green",
+            label=f"best val {100 * best['val_accuracy']:.2f}% (epoch {best['epoch']})",
+        )  # fmt: skip
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
         ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _epoch_axis(ax, epochs)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -195,34 +225,37 @@ def weight_grid(w1: np.ndarray, path: str | os.PathLike, *, count: int = 100, co
 
 
 def sweep_plot(runs: Sequence[dict], path: str | os.PathLike, *, title: str = "Sweep") -> None:
-    """Test accuracy against epoch for every run, and against cumulative training time.
+    """Validation accuracy (test accuracy for runs without validation) against epoch and training time.
 
     ``runs`` are dicts with ``name`` and ``epochs`` (a run's metrics rows).
+    The runs are compared on the validation set they share, as they are ranked.
     """
     plt = _pyplot()
     runs = [run for run in runs if run.get("epochs")]
     if not runs:
         raise ValueError("sweep_plot needs at least one run with a finished epoch")
+    split = "val" if all("val_accuracy" in run["epochs"][0] for run in runs) else "test"
+    key, words = f"{split}_accuracy", {"val": "validation accuracy", "test": "test accuracy"}[split]
     fig, (ax_epoch, ax_time) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     colors = plt.get_cmap("tab10").colors
     # Ten distinct colours, then the same ten dashed, then dotted...: best runs first.
     styles = [(colors[k % 10], ("-", "--", ":", "-.")[(k // 10) % 4]) for k in range(len(runs))]
-    ranked = sorted(runs, key=lambda run: -run["epochs"][-1]["test_accuracy"])
+    ranked = sorted(runs, key=lambda run: -run["epochs"][-1][key])
     for (color, ls), run in zip(styles, ranked):
         rows = run["epochs"]
-        acc = [100 * row["test_accuracy"] for row in rows]
+        acc = [100 * row[key] for row in rows]
         elapsed = np.cumsum([row["seconds"] for row in rows])
         style = dict(marker="o", ms=3, color=color, ls=ls)
         ax_epoch.plot([row["epoch"] for row in rows], acc, label=f"{run['name']} ({acc[-1]:.2f}%)", **style)
         ax_time.plot(elapsed, acc, **style)
-    finals = [100 * run["epochs"][-1]["test_accuracy"] for run in runs]
-    lowest = min(min(100 * r["test_accuracy"] for r in run["epochs"]) for run in runs)
+    finals = [100 * run["epochs"][-1][key] for run in runs]
+    lowest = min(min(100 * r[key] for r in run["epochs"]) for run in runs)
     # Zoom on the good runs: a run that failed to learn would squash them into a line.
     low = max(lowest - 0.5, max(finals) - 5.0)
     ax_epoch.set_ylim(low, min(100.0, max(finals) + 0.5))
     cut = f" (below {low:.1f}% off the chart)" if low > lowest else ""
-    ax_epoch.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy by epoch" + cut)
-    ax_time.set(xlabel="training time (s, evaluation excluded)", title="Test accuracy against training time")
+    ax_epoch.set(xlabel="epoch", ylabel=f"{words} (%)", title=f"{words.capitalize()} by epoch" + cut)
+    ax_time.set(xlabel="training time (s, evaluation excluded)", title=f"{words.capitalize()} against training time")
     ax_time.set_xscale("log")
     from matplotlib.ticker import LogLocator, ScalarFormatter
 
@@ -231,8 +264,8 @@ def sweep_plot(runs: Sequence[dict], path: str | os.PathLike, *, title: str = "S
     ax_time.xaxis.set_minor_formatter(plt.NullFormatter())
     for ax in (ax_epoch, ax_time):
         ax.grid(True, alpha=0.3)
-    ax_epoch.xaxis.get_major_locator().set_params(integer=True)
-    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, title="run (final test accuracy)")
+    _epoch_axis(ax_epoch, [row["epoch"] for run in runs for row in run["epochs"]])
+    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, title=f"run (final {words})")
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)

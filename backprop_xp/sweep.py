@@ -26,15 +26,17 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write
+from .files import atomic_write, make_out_dir
 from .train import TrainConfig, load_metrics
 
 # Settings a sweep may vary (each given as a comma-separated list on the command line).
 SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule")
 _SHORT = {"hidden": "h", "lr": "lr", "batch_size": "b", "activation": "", "momentum": "m", "weight_decay": "wd", "lr_schedule": ""}
+SWEEP_VAL_SIZE = 5000  # training images held out (seeded, the same for every run) to rank the runs by
 DONE = ("finished", "diverged")  # a deterministic run that diverged would diverge again: not retried
 SUMMARY_FIELDS = (
-    "name", "status", "test_accuracy", "best_test_accuracy", "test_loss", "train_loss", "epochs_done",
+    "name", "status", "val_accuracy", "best_val_accuracy", "best_val_epoch", "test_accuracy", "test_loss", "train_loss",
+    "epochs_done",
     "seconds_per_epoch", "train_seconds", *SWEPT, "epochs", "seed", "backend_used", "error",
 )  # fmt: skip
 
@@ -70,18 +72,22 @@ def summarize(name: str, config: dict[str, Any], metrics: dict[str, Any] | None,
     summary["backend_used"] = (metrics or {}).get("config", {}).get("backend_used", "")
     if rows:
         last = rows[-1]
+        final = (metrics or {}).get("final") or last  # the model kept (--keep-best) once the run is finished
         seconds = sum(row["seconds"] for row in rows)
         summary.update(
-            test_accuracy=last["test_accuracy"],
-            best_test_accuracy=max(row["test_accuracy"] for row in rows),
-            test_loss=last["test_loss"],
+            test_accuracy=final["test_accuracy"],  # reported, never ranked by: the test set chooses nothing
+            test_loss=final["test_loss"],
             train_loss=last["train_loss"],
             seconds_per_epoch=seconds / len(rows),
             train_seconds=seconds,
         )
+        if "val_accuracy" in last:
+            best = max(rows, key=lambda row: (row["val_accuracy"], -row["epoch"]))
+            summary.update(val_accuracy=last["val_accuracy"], best_val_accuracy=best["val_accuracy"], best_val_epoch=best["epoch"])
     if status == "diverged" and not error:
         d = metrics.get("diverged", {})
-        summary["error"] = f"diverged at epoch {d.get('epoch')}, step {d.get('step')}"
+        where = f"epoch {d.get('epoch')}, step {d['step']}" if d.get("step") is not None else f"epoch {d.get('epoch')}"
+        summary["error"] = f"diverged at {where}" + (f": {d['reason']}" if d.get("reason") else "")
     return summary
 
 
@@ -93,8 +99,9 @@ def _finished(config: dict[str, Any], out_dir: str) -> dict[str, Any] | None:
         return None
     if not metrics or metrics.get("status") not in DONE:
         return None
-    saved = metrics.get("config", {})
-    if any(saved.get(k) != config.get(k) for k in TrainConfig.MATH_FIELDS):
+    saved = TrainConfig.from_dict(metrics.get("config", {}))  # settings added since then take their defaults
+    wanted = TrainConfig.from_dict(config)
+    if any(getattr(saved, k) != getattr(wanted, k) for k in TrainConfig.MATH_FIELDS):
         return None
     return metrics
 
@@ -132,7 +139,8 @@ def run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
             train(cfg, out_dir, resume=resume, echo=echo, progress=False)
         except Diverged as exc:
             echo(str(exc))
-            error = f"diverged at epoch {exc.epoch}, step {exc.step} (lr {exc.lr:g})"
+            where = f"epoch {exc.epoch}, step {exc.step}" if exc.step is not None else f"epoch {exc.epoch}"
+            error = f"diverged at {where}: {exc.reason} (lr {exc.lr:g})"
         except Exception as exc:  # recorded, never fatal to the sweep
             error = f"{type(exc).__name__}: {exc}"
             echo(error)
@@ -146,10 +154,10 @@ def run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
 
 
 def write_tables(out: Path, summaries: list[dict[str, Any]], *, title: str = "Sweep") -> None:
-    """sweep.csv (every run), sweep.md (sorted by final test accuracy) and sweep.png, atomically."""
+    """sweep.csv (every run), sweep.md (ranked by validation accuracy) and sweep.png, atomically."""
     from . import plots
 
-    ranked = sorted(summaries, key=lambda s: (s.get("test_accuracy") is None, -(s.get("test_accuracy") or 0.0)))
+    ranked = sorted(summaries, key=lambda s: (_score(s) is None, -(_score(s) or 0.0)))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -167,19 +175,30 @@ def write_tables(out: Path, summaries: list[dict[str, Any]], *, title: str = "Sw
         plots.sweep_plot(runs, out / "sweep.png", title=title)
 
 
+def _score(summary: dict[str, Any]) -> float | None:
+    """What runs are ranked by: the final validation accuracy (test accuracy only for a sweep without validation)."""
+    if summary.get("val_accuracy") is not None:
+        return summary["val_accuracy"]
+    return summary.get("test_accuracy")
+
+
 def markdown_table(ranked: list[dict[str, Any]]) -> str:
-    """The sweep as a Markdown table, best final test accuracy first.
+    """The sweep as a Markdown table, in the order given (best validation accuracy first).
 
     >>> print(markdown_table([{"name": "h8-lr0.1-b32", "status": "finished", "hidden": 8, "lr": 0.1,
     ...     "batch_size": 32, "activation": "relu", "momentum": 0.9, "weight_decay": 0.0, "epochs_done": 1,
-    ...     "test_accuracy": 0.9, "best_test_accuracy": 0.9, "seconds_per_epoch": 1.25, "train_seconds": 1.25}]))
-    | run | hidden | lr | batch | activation | momentum | weight decay | epochs | test acc. (%) | best (%) | s/epoch | status |
-    | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |
-    | h8-lr0.1-b32 | 8 | 0.1 | 32 | relu | 0.9 | 0 | 1 | 90.00 | 90.00 | 1.25 | finished |
+    ...     "val_accuracy": 0.91, "best_val_accuracy": 0.91, "best_val_epoch": 1, "test_accuracy": 0.9,
+    ...     "seconds_per_epoch": 1.25, "train_seconds": 1.25}]))
+    | run | hidden | lr | batch | activation | momentum | weight decay | epochs | val acc. (%) | best val (%) (epoch) | test acc. (%) | s/epoch | status |
+    | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |
+    | h8-lr0.1-b32 | 8 | 0.1 | 32 | relu | 0.9 | 0 | 1 | 91.00 | 91.00 (1) | 90.00 | 1.25 | finished |
     <BLANKLINE>
     """
-    header = "| run | hidden | lr | batch | activation | momentum | weight decay | epochs | test acc. (%) | best (%) | s/epoch | status |\n"
-    header += "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n"
+    header = (
+        "| run | hidden | lr | batch | activation | momentum | weight decay | epochs | val acc. (%) | best val (%) (epoch) "
+        "| test acc. (%) | s/epoch | status |\n"
+    )
+    header += "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n"
 
     def pct(v: Any) -> str:
         return f"{100 * v:.2f}" if v is not None else "–"
@@ -189,10 +208,11 @@ def markdown_table(ranked: list[dict[str, Any]]) -> str:
         status = s["status"] if not s.get("error") or s["status"] == "finished" else f"{s['status']}: {s['error']}"
         status = status.replace("|", "/").replace("\n", " ")[:120]
         spe = s.get("seconds_per_epoch")
+        best_val = f"{pct(s['best_val_accuracy'])} ({s['best_val_epoch']})" if s.get("best_val_accuracy") is not None else "–"
         lines.append(
             f"| {s['name']} | {s['hidden']} | {s['lr']:g} | {s['batch_size']} | {s['activation']} | {s['momentum']:g} | "
-            f"{s['weight_decay']:g} | {s.get('epochs_done', 0)} | {pct(s.get('test_accuracy'))} | "
-            f"{pct(s.get('best_test_accuracy'))} | {f'{spe:.2f}' if spe is not None else '–'} | {status} |"
+            f"{s['weight_decay']:g} | {s.get('epochs_done', 0)} | {pct(s.get('val_accuracy'))} | {best_val} | "
+            f"{pct(s.get('test_accuracy'))} | {f'{spe:.2f}' if spe is not None else '–'} | {status} |"
         )
     return header + "\n".join(lines) + "\n"
 
@@ -242,8 +262,10 @@ def record_run(
 ) -> None:  # fmt: skip
     """Keep a finished run's summary, say how it went (and on which worker, if any), rewrite the tables."""
     summaries[summary["name"]] = summary
-    acc = summary.get("test_accuracy")
+    acc, val = summary.get("test_accuracy"), summary.get("val_accuracy")
     detail = f"test accuracy {100 * acc:.2f}%, {summary['seconds_per_epoch']:.1f} s/epoch" if acc is not None else ""
+    if val is not None:
+        detail = f"val accuracy {100 * val:.2f}%, " + detail
     if summary["status"] != "finished":
         detail = f"{summary['status']}: {summary['error']}" + (f" ({detail})" if detail else "")
     where = f" [{summary['worker']}]" if summary.get("worker") else ""
@@ -265,8 +287,7 @@ def run_sweep(
     ``jobs > 1`` trains that many runs at once in spawned processes (CPU only:
     the caller passes 1 for a GPU), each with ``cores // jobs`` BLAS threads.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(make_out_dir(out))
     summaries, todo = pending_runs(configs, names, out, echo=echo, title=title)
 
     def finished(summary: dict[str, Any]) -> None:

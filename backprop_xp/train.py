@@ -37,13 +37,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .backend import BACKENDS, DTYPES, array_module, synchronize, to_numpy
-from .files import atomic_write, read_npz
+from .files import atomic_write, make_out_dir, read_npz
 from .kernels import ACTIVATIONS, softmax_cross_entropy_
 
 CHECKPOINT = "checkpoint.npz"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 MODEL = "model.npz"
+BEST = "best.npz"  # with --keep-best: the parameters of the best validation epoch so far
 DIVERGED_EXIT_CODE = 3
 
 
@@ -89,6 +90,19 @@ SCHEDULES: dict[str, Callable[[int, int, float], float]] = {
 # --------------------------------------------------------------------------- config
 
 
+class SettingError(ValueError):
+    """A setting that cannot work (``--batch-size`` larger than the training set, say): exit 2 on the command line."""
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 epoch"``, ``"2 epochs"``.
+
+    >>> plural(1, "epoch"), plural(3, "run")
+    ('1 epoch', '3 runs')
+    """
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run (the ``train`` command's flags).
@@ -110,24 +124,29 @@ class TrainConfig:
     train_size: int = 0  # 0 = every training image; otherwise the first N (quick experiments, tests)
     augment: bool = False  # distort the training images afresh every epoch (augment.py)
     tf32: bool = False  # TF32 tensor-core matrix products on a GPU (gpu_step.set_tf32); no effect on NumPy
+    keep_best: bool = False  # model.npz gets the parameters of the epoch with the best validation accuracy
+    patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = never
     seed: int = 0
     dtype: str = "float32"
     backend: str = "auto"
+    dataset: str = "mnist"
     data_dir: str | None = None
 
-    # settings that change the arithmetic; a resume must not change them
+    # settings that change the result; a resume must not change them (except epochs: see train)
     MATH_FIELDS = (
         "hidden", "activation", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-        "lr_schedule", "val_size", "train_size", "augment", "tf32", "seed", "dtype",
+        "lr_schedule", "val_size", "train_size", "augment", "tf32", "keep_best", "patience", "seed", "dtype",
+        "dataset",
     )  # fmt: skip
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting that cannot work."""
+        """Raise SettingError (a ValueError) naming the first setting that cannot work."""
+        from .data import DATASETS
 
         def positive_int(name: str, minimum: int = 1) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise ValueError(f"{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+                raise SettingError(f"{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
 
         positive_int("hidden")
         positive_int("epochs")
@@ -135,23 +154,30 @@ class TrainConfig:
         positive_int("val_size", 0)
         positive_int("train_size", 0)
         positive_int("seed", 0)
+        positive_int("patience", 0)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        for name in ("augment", "tf32"):
+            raise SettingError(f"lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("augment", "tf32", "keep_best"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise SettingError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+            raise SettingError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
+            raise SettingError(f"weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
         for name, allowed in (
             ("activation", ACTIVATIONS),
             ("lr_schedule", tuple(SCHEDULES)),
             ("dtype", DTYPES),
             ("backend", BACKENDS),
+            ("dataset", tuple(DATASETS)),
         ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise SettingError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.train_size and self.val_size >= self.train_size:
+            raise SettingError(f"--val-size {self.val_size} leaves no training images (--train-size is {self.train_size})")
+        if (self.keep_best or self.patience) and not self.val_size:
+            flag = "keep-best" if self.keep_best else "patience"
+            raise SettingError(f"{flag} chooses by validation accuracy: give it a validation set with --val-size N (e.g. 5000)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -273,14 +299,16 @@ def evaluate(model: Any, x: Any, labels: Any) -> tuple[float, float]:
     return loss, accuracy
 
 
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int = 10) -> np.ndarray:
-    """Counts ``C[true, predicted]``.
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int | None = None) -> np.ndarray:
+    """Counts ``C[true, predicted]``; ``n_classes`` defaults to the largest class seen plus one.
 
     >>> confusion_matrix(np.array([0, 1, 1]), np.array([0, 1, 0]), 2)
     array([[1, 0],
            [1, 1]])
     """
     labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
+    if n_classes is None:
+        n_classes = int(max(labels.max(initial=0), predicted.max(initial=0))) + 1
     return np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
@@ -288,20 +316,67 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int =
 
 
 class Diverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the epoch and step."""
+    """Training diverged: the loss became NaN or infinite, or exploded, or learning stopped at chance.
 
-    def __init__(self, epoch: int, step: int, lr: float, out_dir: str) -> None:
-        self.epoch, self.step, self.lr, self.out_dir = epoch, step, lr, out_dir
+    ``reason`` says which, ``step`` is the first bad step (None when the
+    whole epoch's numbers gave it away), ``lr`` the rate the epoch ran at and
+    ``suggested_lr`` a ``--lr`` worth trying: at least 10 times smaller than
+    the base rate and never above the default's.
+    """
+
+    def __init__(self, epoch: int, reason: str, lr: float, out_dir: str, *, step: int | None = None, base_lr: float | None = None) -> None:
+        self.epoch, self.reason, self.step, self.lr, self.out_dir = epoch, reason, step, lr, out_dir
+        base_lr = lr if base_lr is None else base_lr
+        # lr / 10 of an absurd rate is still absurd (1e29 for 1e30): never suggest more than the default.
+        self.suggested_lr = min(base_lr / 10, TrainConfig.lr)
         checkpoint = os.path.join(out_dir, CHECKPOINT)
         kept = (
             f"the last good checkpoint is kept in {checkpoint}"
             if os.path.exists(checkpoint)
             else "no epoch had finished, so there is no checkpoint"
         )
+        where = f"epoch {epoch}, step {step}" if step is not None else f"epoch {epoch}"
         super().__init__(
-            f"training diverged: the loss became NaN or infinite at epoch {epoch}, step {step} "
-            f"(learning rate {lr:g}); try a smaller --lr (e.g. {lr / 10:g}); {kept}"
+            f"training diverged at {where}: {reason} (learning rate {lr:g}); "
+            f"try --lr {self.suggested_lr:g} or smaller; {kept}"
         )
+
+
+def divergence(row: dict[str, Any], first_loss: float | None, n_classes: int, chance: float) -> str | None:
+    """Why an epoch whose loss stayed finite still counts as diverged, or None if it does not.
+
+    A finite loss can explode (lr 50: loss 1e6, accuracy 10%) or the network
+    can stop learning altogether (dead units: loss stuck at guessing level).
+    Thresholds are far from any run that learns: guessing uniformly costs
+    ln(K); a run 10 times worse than that, or 10 times worse than its own
+    first epoch, is exploding; and after a whole epoch of learning, accuracy
+    no better than always naming the most frequent class with a loss no better
+    than guessing, and no better than the first epoch's, means nothing is
+    being learned.
+
+    >>> divergence({"epoch": 2, "train_loss": 1e6, "train_accuracy": 0.1}, 3.0, 10, 0.11)
+    'the training loss 1e+06 is more than 10 times that of guessing (2.3)'
+    >>> divergence({"epoch": 2, "train_loss": 0.3, "train_accuracy": 0.9}, 0.5, 10, 0.11) is None
+    True
+    >>> divergence({"epoch": 3, "train_loss": 2.31, "train_accuracy": 0.1}, 2.30, 10, 0.11)[:33]
+    'training accuracy 10.0% is at cha'
+    >>> divergence({"epoch": 2, "train_loss": 2.29, "train_accuracy": 0.1}, 2.33, 10, 0.11) is None  # slow, still falling
+    True
+    """
+    loss, accuracy, guess = row["train_loss"], row["train_accuracy"], math.log(n_classes)
+    if loss > 10 * guess:
+        return f"the training loss {loss:.3g} is more than 10 times that of guessing ({guess:.2g})"
+    if row["epoch"] >= 2 and first_loss is not None and loss > 10 * first_loss:
+        return f"the training loss {loss:.3g} is more than 10 times the first epoch's ({first_loss:.3g})"
+    # "Stopped learning" needs a loss that got worse than the first epoch's too: a small or short run
+    # that is merely slow to start (loss still falling from ln K) must not be stopped as diverged.
+    stuck = first_loss is not None and loss >= first_loss
+    if row["epoch"] >= 2 and stuck and accuracy <= chance + 0.01 and loss >= 0.98 * guess:
+        return (
+            f"training accuracy {accuracy:.1%} is at chance level (always naming the most frequent class "
+            f"gives {chance:.1%}) and the loss {loss:.3g} no better than guessing"
+        )
+    return None
 
 
 def environment(backend: Any) -> dict[str, Any]:
@@ -399,6 +474,7 @@ def train(
     progress: bool | None = None,
     pictures: bool = True,
     stop_after: int | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Train a network as ``config`` says, writing everything into ``out_dir``; return the metrics.
 
@@ -406,34 +482,44 @@ def train(
     ----------
     config : TrainConfig
         Every setting. With ``resume=True`` it must agree with the checkpoint's
-        settings (``MATH_FIELDS``), else ValueError.
+        settings (``MATH_FIELDS``), else ValueError; only ``epochs`` may grow
+        (the schedule is then recomputed for the new count from the next epoch on).
     out_dir : path
         Receives ``metrics.json``, ``metrics.csv``, ``checkpoint.npz`` (every
-        epoch), ``model.npz`` and the pictures (at the end).
+        epoch), ``best.npz`` (with ``keep_best``), ``model.npz`` and the
+        pictures (at the end).
     resume : bool
-        Continue from ``out_dir/checkpoint.npz``.
+        Continue from ``out_dir/checkpoint.npz``. A finished run (and no more
+        epochs asked for) is left as it is.
     echo : callable or None
-        Where the per-epoch lines go (None: nowhere).
+        Where the lines go (None: nowhere); the last is ``summary_line``.
     progress : bool or None
         Show a progress bar; None means "when stderr is a terminal".
     pictures : bool
-        Draw the four PNG files at the end.
+        Draw the PNG files at the end.
     stop_after : int or None
         Stop (as if interrupted) once this many epochs are done; the
         checkpoint lets ``resume=True`` finish the run. The returned metrics
         then have status "stopped".
+    verbose : bool
+        Also echo the full reason for the backend choice (always in metrics.json).
 
     Raises
     ------
     Diverged
-        The loss became NaN or infinite (metrics.json then says so, and the
-        last good checkpoint is kept).
+        The loss became NaN or infinite or exploded (metrics.json then says
+        so, and the last good checkpoint is kept).
+    SettingError
+        A setting that cannot work with this data (a batch larger than the training set, say).
+    KeyboardInterrupt
+        Passed on after metrics.json says "interrupted".
     """
     from .backend import get_backend
-    from .data import Minibatches, load_mnist, train_val_split
+    from .data import Minibatches, load_dataset, train_val_split
     from .model import MLP
     from .optim import SGD
 
+    started = time.perf_counter()
     config.validate()
     out = Path(out_dir)
     say = echo or (lambda line: None)
@@ -445,40 +531,69 @@ def train(
         conflicts = [
             f"{name.replace('_', '-')} {getattr(config, name)!r} (the run has {getattr(saved, name)!r})"
             for name in TrainConfig.MATH_FIELDS
-            if getattr(config, name) != getattr(saved, name)
+            if name != "epochs" and getattr(config, name) != getattr(saved, name)
         ]
         if conflicts:
             raise ValueError(f"cannot resume {out}: different settings: {'; '.join(conflicts)}")
+        done_before = len(metrics["epochs"])
+        if config.epochs < done_before:
+            raise SettingError(f"cannot resume {out} with --epochs {config.epochs}: it has already done {done_before}")
+        on_disk = load_metrics(out) or {}
+        if on_disk.get("status") == "finished" and config.epochs == saved.epochs:
+            say(f"{out} is already finished ({plural(on_disk['config']['epochs'], 'epoch')}); nothing was changed (give --epochs N to train further)")
+            return on_disk
+        if config.data_dir is not None and not os.path.isdir(config.data_dir):
+            raise FileNotFoundError(
+                f"the data folder of {out}, {config.data_dir}, does not exist (from {os.getcwd()}); "
+                "pass --data-dir with the folder of its data set"
+            )
     elif (out / CHECKPOINT).exists():
         raise ValueError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
+    else:
+        make_out_dir(out)  # before the data is loaded: a folder that cannot be written fails at once
+    if config.data_dir is not None:  # absolute, so that --resume works from any folder
+        config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
 
     backend = get_backend(config.backend)
     xp = backend.xp
-    x_train, y_train, x_test, y_test = load_mnist(config.data_dir)
+    x_train, y_train, x_test, y_test = load_dataset(config.dataset, config.data_dir)
+    n_inputs = int(x_train.shape[1])  # the network's sizes come from the data, never from constants
+    n_classes = int(max(y_train.max(), y_test.max())) + 1
     if config.train_size:
         if config.train_size > len(x_train):
-            raise ValueError(f"train-size {config.train_size} is more than the {len(x_train)} training images")
+            raise SettingError(f"--train-size {config.train_size} is more than the {len(x_train)} training images")
         x_train, y_train = x_train[: config.train_size], y_train[: config.train_size]
+    chance = float(np.bincount(y_train, minlength=n_classes).max() / len(y_train))  # always naming the commonest class
     x_val = y_val = None
     if config.val_size:
         if config.val_size >= len(x_train):
-            raise ValueError(f"val-size {config.val_size} leaves no training images (there are {len(x_train)})")
+            raise SettingError(f"--val-size {config.val_size} leaves no training images (there are {len(x_train)})")
         x_train, y_train, x_val, y_val = train_val_split(x_train, y_train, config.val_size, seed=config.seed)
+    if config.batch_size > len(x_train):
+        held = f" after --val-size {config.val_size}" if config.val_size else ""
+        raise SettingError(
+            f"--batch-size {config.batch_size} is larger than the training set ({len(x_train)} images{held}); "
+            f"use at most {len(x_train)}"
+        )
 
     if resume:
         model = MLP.load(out / CHECKPOINT, backend=backend.name)
     else:
-        model = MLP(784, config.hidden, 10, activation=config.activation, backend=backend.name, dtype=config.dtype, seed=config.seed)
+        model = MLP(n_inputs, config.hidden, n_classes, activation=config.activation, backend=backend.name, dtype=config.dtype, seed=config.seed)
     optimizer = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if resume:
         epochs_done = _restore_state(out / CHECKPOINT, model, optimizer)
+        if config.epochs != saved.epochs:  # the schedule's length changes from the next epoch on
+            metrics.setdefault("epochs_changed", []).append({"after_epoch": epochs_done, "from": saved.epochs, "to": config.epochs})
+        metrics["config"].update(epochs=config.epochs, data_dir=config.data_dir)
     else:
         epochs_done = 0
-        out.mkdir(parents=True, exist_ok=True)
         run_config = config.to_dict()
         run_config.update(
             backend_used=backend.name,
             backend_reason=backend.reason,
+            n_inputs=n_inputs,
+            n_outputs=n_classes,
             n_train=int(len(x_train)),
             n_val=int(len(x_val)) if x_val is not None else 0,
             n_test=int(len(x_test)),
@@ -497,90 +612,172 @@ def train(
     val = (model.as_input(x_val), xp.asarray(y_val)) if x_val is not None else None
     step = make_step(model, optimizer, tf32=config.tf32)
     schedule = SCHEDULES[config.lr_schedule]
+    say(f"backend {backend.name} ({_backend_note(config.backend, backend)})")
+    if verbose:
+        say(f"backend choice: {backend.reason}")
+    sizes = f"{n_inputs}-{config.hidden}-{n_classes}"
     if epochs_done == 0:
         say(
-            f"training 784-{config.hidden}-10 ({config.activation}) on {len(x_train)} images with {backend.name} "
-            f"({backend.reason}); {config.epochs} epochs, batch {config.batch_size}, lr {config.lr:g} "
-            f"({config.lr_schedule}), momentum {config.momentum:g}{', augmented' if config.augment else ''}; writing to {out}"
+            f"training {sizes} ({config.activation}) on {len(x_train)} {config.dataset} images: "
+            f"{plural(config.epochs, 'epoch')}, batch {config.batch_size}, lr {config.lr:g} ({config.lr_schedule}), "
+            f"momentum {config.momentum:g}{', augmented' if config.augment else ''}; writing to {out}"
         )
     else:
         say(f"resuming {out} after epoch {epochs_done} of {config.epochs}")
 
+    best_epoch, best_acc = _best_val(metrics["epochs"])
     last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
-    for epoch in range(epochs_done, last_epoch):
-        optimizer.lr = schedule(epoch, config.epochs, config.lr)
-        augment_seconds = 0.0
-        if config.augment:
-            from .augment import distort
+    stopped_early = None
+    try:
+        for epoch in range(epochs_done, last_epoch):
+            if config.patience and best_epoch is not None and epoch - best_epoch >= config.patience:
+                stopped_early = {"after_epoch": epoch, "best_epoch": best_epoch, "patience": config.patience}
+                break
+            optimizer.lr = schedule(epoch, config.epochs, config.lr)
+            augment_seconds = 0.0
+            if config.augment:
+                from .augment import distort
 
+                start = time.perf_counter()
+                distort(x_train, np.random.default_rng([config.seed, epoch, 1]), out=x_distorted)
+                batches = Minibatches(x_distorted, y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype)
+                augment_seconds = time.perf_counter() - start
+            bar = _progress_bar(progress, len(x_train), epoch + 1, config.epochs)
+            report = None
+            if bar is not None:
+
+                def report(n: int, loss: float, bar: Any = bar) -> None:
+                    bar.update(n)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+            synchronize(xp)
             start = time.perf_counter()
-            distort(x_train, np.random.default_rng([config.seed, epoch, 1]), out=x_distorted)
-            batches = Minibatches(x_distorted, y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype)
-            augment_seconds = time.perf_counter() - start
-        bar = _progress_bar(progress, len(x_train), epoch + 1, config.epochs)
-        report = None
-        if bar is not None:
+            with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught below, by name
+                sums = run_epoch(step, batches, epoch, progress=report, stop_at_nonfinite=xp is np)
+            seconds = time.perf_counter() - start  # run_epoch ends by reading the device: synchronised
+            if bar is not None:
+                bar.close()
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "lr": optimizer.lr,
+                "train_loss": sums.loss_sum / sums.n_samples,
+                "train_accuracy": sums.n_correct / sums.n_samples,
+            }
+            if sums.first_bad_step is not None:
+                why, bad_step = "the loss became NaN or infinite", sums.first_bad_step + 1
+            else:
+                first_loss = metrics["epochs"][0]["train_loss"] if metrics["epochs"] else None
+                why, bad_step = divergence(row, first_loss, n_classes, chance), None
+            if why is not None:  # this epoch's parameters are not checkpointed: the last good ones stay
+                metrics["status"] = "diverged"
+                metrics["diverged"] = {"epoch": epoch + 1, "step": bad_step, "lr": optimizer.lr, "reason": why}
+                _write_metrics(out, metrics)
+                raise Diverged(epoch + 1, why, optimizer.lr, str(out), step=bad_step, base_lr=config.lr)
 
-            def report(n: int, loss: float, bar: Any = bar) -> None:
-                bar.update(n)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
-        synchronize(xp)
-        start = time.perf_counter()
-        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught below, by name
-            sums = run_epoch(step, batches, epoch, progress=report, stop_at_nonfinite=xp is np)
-        seconds = time.perf_counter() - start  # run_epoch ends by reading the device: synchronised
-        if bar is not None:
-            bar.close()
-        if sums.first_bad_step is not None:
-            metrics["status"] = "diverged"
-            metrics["diverged"] = {"epoch": epoch + 1, "step": sums.first_bad_step + 1, "lr": optimizer.lr}
+            if val is not None:
+                row["val_loss"], row["val_accuracy"] = evaluate(model, *val)
+            row["test_loss"], row["test_accuracy"] = evaluate(model, test_x, test_y)
+            row["seconds"] = seconds
+            if config.augment:
+                row["augment_seconds"] = augment_seconds  # distorting the images, on the CPU, not in "seconds"
+            row["samples_per_second"] = sums.n_samples / seconds if seconds > 0 else float("inf")
+            metrics["epochs"].append(row)
+            if val is not None and (best_acc is None or row["val_accuracy"] > best_acc):
+                best_epoch, best_acc = epoch + 1, row["val_accuracy"]
+                if config.keep_best:
+                    model.save(out / BEST, **{"train.epoch": np.int64(epoch + 1)})
+            _save_checkpoint(out, model, optimizer, epoch + 1, metrics["config"], metrics)
             _write_metrics(out, metrics)
-            raise Diverged(epoch + 1, sums.first_bad_step + 1, optimizer.lr, str(out))
-
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": optimizer.lr,
-            "train_loss": sums.loss_sum / sums.n_samples,
-            "train_accuracy": sums.n_correct / sums.n_samples,
-        }
-        if val is not None:
-            row["val_loss"], row["val_accuracy"] = evaluate(model, *val)
-        row["test_loss"], row["test_accuracy"] = evaluate(model, test_x, test_y)
-        row["seconds"] = seconds
-        if config.augment:
-            row["augment_seconds"] = augment_seconds  # distorting the images, on the CPU, not in "seconds"
-        row["samples_per_second"] = sums.n_samples / seconds if seconds > 0 else float("inf")
-        metrics["epochs"].append(row)
-        _save_checkpoint(out, model, optimizer, epoch + 1, metrics["config"], metrics)
+            shown = "val" if val is not None else "test"
+            say(
+                f"epoch {epoch + 1:3d}/{config.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+                f"{shown} loss {row[shown + '_loss']:.4f} acc {row[shown + '_accuracy']:.4f}  {seconds:.2f} s"
+                + (f" (+{augment_seconds:.1f} s distorting)" if config.augment else "")
+            )
+    except KeyboardInterrupt:
+        metrics["status"] = "interrupted"  # the epoch in progress is lost; the checkpoint has the ones before
         _write_metrics(out, metrics)
-        shown = "val" if val is not None else "test"
-        say(
-            f"epoch {epoch + 1:3d}/{config.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
-            f"{shown} loss {row[shown + '_loss']:.4f} acc {row[shown + '_accuracy']:.4f}  {seconds:.2f} s"
-            + (f" (+{augment_seconds:.1f} s distorting)" if config.augment else "")
-        )
+        raise
 
-    if last_epoch < config.epochs:
+    if last_epoch < config.epochs and stopped_early is None:
         metrics["status"] = "stopped"
         _write_metrics(out, metrics)
         say(f"stopped after epoch {last_epoch}; continue with --resume {out}")
         return metrics
     metrics["status"] = "finished"
-    final = metrics["epochs"][-1] if metrics["epochs"] else {}
+    if stopped_early is not None:
+        metrics["stopped_early"] = stopped_early
+        say(f"stopped early: no better validation accuracy in the {plural(config.patience, 'epoch')} after epoch {best_epoch}")
+    kept = len(metrics["epochs"])
+    if config.keep_best and best_epoch is not None and best_epoch != kept:
+        kept = int(_load_params(out / BEST, model))
+    test_loss, test_accuracy = evaluate(model, test_x, test_y)  # the test set is scored once, on the model kept
     metrics["final"] = {
-        "test_loss": final.get("test_loss"),
-        "test_accuracy": final.get("test_accuracy"),
+        "epoch_kept": kept,
+        "best_val_epoch": best_epoch,
+        "best_val_accuracy": best_acc,
+        "test_loss": test_loss,
+        "test_accuracy": test_accuracy,
         "train_seconds": sum(r["seconds"] for r in metrics["epochs"]),
     }
-    model.save(out / MODEL, **{"train.config": json.dumps(metrics["config"])})
+    model.save(out / MODEL, **{"train.config": json.dumps(metrics["config"]), "train.epoch": np.int64(kept)})
     if pictures:
         draw_run_pictures(out, model, metrics, x_test, y_test)
+    metrics["final"]["wall_seconds"] = time.perf_counter() - started
     _write_metrics(out, metrics)
-    if val is not None:
-        say(f"test accuracy {final['test_accuracy']:.4f}")
-    say(f"wrote {out / MODEL} and the pictures in {out}")
+    say(f"wrote {out / MODEL}" + (f" (the parameters of epoch {kept})" if kept != len(metrics["epochs"]) else "") + f" and the pictures in {out}")
+    say(summary_line(metrics, out))
     return metrics
+
+
+def summary_line(metrics: dict[str, Any], out: str | os.PathLike) -> str:
+    """The last line of a finished run: final and best accuracy, time, folder.
+
+    With a validation set it reports the validation accuracy (final and best
+    epoch) and the test accuracy of the model kept; without one, the final
+    test accuracy and the best epoch's.
+    """
+    rows, final = metrics["epochs"], metrics["final"]
+    seconds = final.get("wall_seconds", final["train_seconds"])
+    if final.get("best_val_epoch") is not None:
+        accuracy = (
+            f"val accuracy {100 * rows[-1]['val_accuracy']:.2f}% (best {100 * final['best_val_accuracy']:.2f}% "
+            f"at epoch {final['best_val_epoch']}), test accuracy {100 * final['test_accuracy']:.2f}% "
+            f"(model of epoch {final['epoch_kept']})"
+        )
+    else:
+        best = max(rows, key=lambda row: row["test_accuracy"])
+        accuracy = f"test accuracy {100 * final['test_accuracy']:.2f}% (best {100 * best['test_accuracy']:.2f}% at epoch {best['epoch']})"
+    return f"done: {accuracy}, {plural(len(rows), 'epoch')} in {seconds:.1f} s, in {out}"
+
+
+def _backend_note(asked: str, backend: Any) -> str:
+    """Why this backend, in a few words (the full reason is in metrics.json and --verbose)."""
+    if backend.is_gpu:
+        return environment(backend).get("gpu", "GPU")
+    if asked == "numpy":
+        return "as asked"
+    # a GPU without a usable CuPy is not "no GPU": point at the reason instead
+    return "a GPU is here but not usable; --verbose says why" if os.path.exists("/dev/nvidia0") else "no GPU found"
+
+
+def _best_val(rows: list[dict[str, Any]]) -> tuple[int | None, float | None]:
+    """(epoch, accuracy) of the best validation accuracy so far (the first such epoch), or (None, None)."""
+    scored = [row for row in rows if "val_accuracy" in row]
+    if not scored:
+        return None, None
+    best = max(scored, key=lambda row: (row["val_accuracy"], -row["epoch"]))
+    return best["epoch"], best["val_accuracy"]
+
+
+def _load_params(path: Path, model: Any) -> int:
+    """Put the parameters saved in ``path`` (``best.npz``) into ``model``; return their epoch."""
+    from .model import PARAM_NAMES
+
+    arrays = read_npz(path, "a backprop-xp model file")
+    for name in PARAM_NAMES:
+        model.params[name][...] = model.xp.asarray(arrays[name])
+    return int(arrays["train.epoch"])
 
 
 def _restore_state(path: Path, model: Any, optimizer: Any) -> int:
@@ -598,28 +795,34 @@ def _restore_state(path: Path, model: Any, optimizer: Any) -> int:
 
 
 def draw_run_pictures(out: Path, model: Any, metrics: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray) -> None:
-    """curves.png, confusion.png, misclassified.png and weights.png for a finished run."""
+    """curves.png, confusion.png, misclassified.png and weights.png for a finished run.
+
+    The last two draw images, so they are drawn only when the inputs form a square picture.
+    """
     from . import plots
 
     proba = to_numpy(model.predict_proba(x_test))
     predicted = proba.argmax(axis=1)
-    plots.training_curves(metrics["epochs"], out / "curves.png", title=_run_title(metrics["config"]))
+    plots.training_curves(metrics["epochs"], out / "curves.png", title=_run_title(metrics["config"], model))
     accuracy = float((predicted == y_test).mean())
-    plots.confusion_plot(confusion_matrix(y_test, predicted), out / "confusion.png", title=f"Test confusion matrix (accuracy {accuracy:.2%})")
-    plots.mistakes_grid(x_test, y_test, proba, out / "misclassified.png")
-    plots.weight_grid(to_numpy(model.params["W1"]), out / "weights.png")
+    counts = confusion_matrix(y_test, predicted, model.n_outputs)
+    plots.confusion_plot(counts, out / "confusion.png", title=f"Test confusion matrix (accuracy {accuracy:.2%})")
+    if math.isqrt(model.n_inputs) ** 2 == model.n_inputs:
+        plots.mistakes_grid(x_test, y_test, proba, out / "misclassified.png")
+        plots.weight_grid(to_numpy(model.params["W1"]), out / "weights.png")
 
 
-def _run_title(config: dict[str, Any]) -> str:
+def _run_title(config: dict[str, Any], model: Any) -> str:
     title = (
-        f"784-{config['hidden']}-10 {config['activation']}, batch {config['batch_size']}, "
+        f"{model.n_inputs}-{model.n_hidden}-{model.n_outputs} {config['activation']}, batch {config['batch_size']}, "
         f"lr {config['lr']:g} ({config['lr_schedule']}), momentum {config['momentum']:g}"
     )
     if config.get("weight_decay"):
         title += f", weight decay {config['weight_decay']:g}"
     if config.get("augment"):
         title += ", augmented"
-    return title + f" ({config.get('backend_used', config['backend'])})"
+    data = "" if config.get("dataset", "mnist") == "mnist" else f"{config['dataset']}, "
+    return data + title + f" ({config.get('backend_used', config['backend'])})"
 
 
 def load_metrics(out_dir: str | os.PathLike) -> dict[str, Any] | None:

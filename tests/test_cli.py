@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -115,9 +116,10 @@ def test_evaluate_a_missing_model_is_a_clear_error(tmp_path, capsys):
 def test_predict_classifies_images_and_reports_the_unreadable_ones(trained, mnist, tmp_path, capsys):
     from PIL import Image
 
+    from backprop_xp.images import mnist_like
+
     model = MLP.load(trained / "model.npz")
     digits = mnist[2][:2]
-    expected = to_numpy(model.predict_proba(digits))
     white_on_black = tmp_path / "digit0.png"
     Image.fromarray((digits[0].reshape(28, 28) * 255).round().astype(np.uint8)).save(white_on_black)
     # The second digit as a person would draw it: dark on light, larger, in colour.
@@ -126,30 +128,63 @@ def test_predict_classifies_images_and_reports_the_unreadable_ones(trained, mnis
     Image.fromarray(np.kron(paper, np.ones((3, 3), np.uint8))).convert("RGB").save(dark_on_light)
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not a picture")
-    too_small = tmp_path / "small.png"
-    Image.fromarray(np.zeros((10, 12), np.uint8)).save(too_small)
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(blank)
 
     code = main(["predict", str(trained / "model.npz"), str(not_an_image), str(white_on_black),
-                 str(tmp_path / "missing.png"), str(too_small), str(dark_on_light)])  # fmt: skip
+                 str(tmp_path / "missing.png"), str(blank), str(dark_on_light)])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 1  # some files failed, the others were still classified
     lines = captured.out.splitlines()
     assert len(lines) == 2
+    seen = np.stack([mnist_like(digits[0].reshape(28, 28))[0], mnist_like(paper / np.float32(255))[0]])
+    expected = to_numpy(model.predict_proba(seen))
     top3 = np.argsort(-expected[0])[:3]
     assert lines[0] == f"{white_on_black}: " + ", ".join(f"{k} ({100 * expected[0][k]:.1f}%)" for k in top3)
     assert lines[1].startswith(f"{dark_on_light}: {expected[1].argmax()} (") and "[inverted" in lines[1]
     err = captured.err
     assert "notes.png: not a readable image" in err
     assert "missing.png: no such file" in err
-    assert "small.png: image is 12x10, smaller than 28x28" in err
+    assert "blank.png: no digit found: the image is blank" in err
+
+
+def test_predict_reads_digits_on_a_page_wide_tiny_and_shows_what_it_saw(trained, mnist, tmp_path, capsys):
+    from PIL import Image
+
+    model = MLP.load(trained / "model.npz")
+    x, y = mnist[2][:200], mnist[3][:200]
+    right = np.flatnonzero(to_numpy(model.predict(x)) == y)[:12]  # digits this small model reads at 28x28
+    paths = []
+    for i, k in enumerate(right):
+        ink = Image.fromarray((255 - x[k].reshape(28, 28) * 255).round().astype(np.uint8))  # dark on paper
+        if i % 3 == 0:  # in the corner of an 800-px page
+            picture = Image.new("L", (800, 800), 255)
+            picture.paste(ink.resize((200, 200), Image.Resampling.BICUBIC), (20, 580))
+        elif i % 3 == 1:  # a 600x200 picture
+            picture = Image.new("L", (600, 200), 255)
+            picture.paste(ink.resize((180, 180), Image.Resampling.BICUBIC), (400, 10))
+        else:  # smaller than 28x28
+            picture = ink.resize((20, 20), Image.Resampling.BICUBIC)
+        paths.append(tmp_path / f"d{i}.png")
+        picture.save(paths[-1])
+    show = tmp_path / "seen" / "seen.png"
+    assert main(["predict", str(trained), *map(str, paths), "--show", str(show)]) == 0  # the run folder works too
+    lines = capsys.readouterr().out.splitlines()
+    said = [int(line.split(": ")[1].split(" ")[0]) for line in lines[:-1]]
+    assert np.mean(np.array(said) == y[right]) >= 0.75, (said, y[right].tolist())
+    assert lines[-1] == f"wrote {show}"
+    with Image.open(show) as image:
+        assert image.format == "PNG" and image.size[0] > 300
 
 
 def test_predict_reads_dark_ink_on_a_transparent_background(trained, mnist, tmp_path, capsys):
     from PIL import Image
 
+    from backprop_xp.images import mnist_like
+
     model = MLP.load(trained / "model.npz")
     digit = mnist[2][0]
-    expected = to_numpy(model.predict_proba(digit[None, :]))[0]
+    expected = to_numpy(model.predict_proba(mnist_like(1 - digit.reshape(28, 28))[0][None, :]))[0]
     # What drawing programs export: black ink whose coverage is in the alpha channel.
     rgba = np.zeros((28, 28, 4), np.uint8)
     rgba[..., 3] = (digit.reshape(28, 28) * 255).round().astype(np.uint8)
@@ -186,7 +221,7 @@ def test_divergence_exits_3_naming_epoch_and_step(mnist_dir, tmp_path, capsys):
     argv = ["train", *QUICK, "--lr", "1e20", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--quiet"]
     assert main(argv) == 3
     err = capsys.readouterr().err
-    assert "diverged" in err and "at epoch 1, step " in err and "try a smaller --lr (e.g. 1e+19)" in err
+    assert "diverged" in err and "at epoch 1, step " in err and "try --lr 0.1 or smaller" in err  # not 1e+19
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
 
 
@@ -271,8 +306,167 @@ def test_train_size_larger_than_the_data_is_a_one_line_error_and_writes_nothing(
     out = tmp_path / "run"
     argv = ["train", "--hidden", "8", "--epochs", "1", "--batch-size", "10", "--backend", "numpy",
             "--data-dir", str(folder), "--out", str(out), "--quiet"]  # fmt: skip
-    assert main([*argv, "--train-size", "31"]) == 1
-    assert capsys.readouterr().err == "backprop-xp: error: train-size 31 is more than the 30 training images\n"
-    assert not out.exists()
+    assert main([*argv, "--train-size", "31"]) == 2  # a setting that does not fit the data: a usage error
+    assert capsys.readouterr().err == "backprop-xp: error: --train-size 31 is more than the 30 training images\n"
+    assert not out.exists() or not any(out.iterdir())  # the folder is made (and checked) first; nothing is written
     assert main([*argv, "--train-size", "30"]) == 0  # exactly all of them is fine
     assert json.loads((out / "metrics.json").read_text())["config"]["n_train"] == 30
+
+
+def test_a_loss_that_explodes_but_stays_finite_is_divergence_too(mnist_dir, tmp_path, capsys):
+    # lr 50 leaves the loss finite (about 1e6) with accuracy at chance: that is no success.
+    argv = ["train", *QUICK, "--lr", "50", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training diverged at epoch 1: the training loss" in err
+    assert "try --lr 0.1 or smaller" in err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["diverged"]["step"] is None
+    assert not (tmp_path / "model.npz").exists()
+
+
+# --------------------------------------------------------------------------- issue 15: a user's first hour
+
+
+def test_a_batch_larger_than_the_training_set_is_refused(mnist_dir, tmp_path, capsys):
+    argv = ["train", *QUICK, "--batch-size", "100000", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--batch-size 100000 is larger than the training set (2000 images); use at most 2000" in err
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_output_folder_that_cannot_be_made_is_one_clear_line(where, mnist_dir, tmp_path, capsys):
+    if where == "proc":
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc here")
+        out = "/proc/backprop-xp-test"
+    else:
+        (tmp_path / "a-file").write_text("")
+        out = str(tmp_path / "a-file" / "run")
+    assert main(["train", *QUICK, "--data-dir", str(mnist_dir), "--out", out, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"backprop-xp: error: cannot create output folder {out}: ")
+    assert "Errno" not in err
+    assert main(["show-data", "--data-dir", str(mnist_dir), "--out", out + "/digits.png"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"output folder {out}: " in err and "does not exist" not in err.split(": ", 2)[2]
+
+
+def test_the_first_line_names_the_backend_briefly_and_the_last_line_sums_up(mnist_dir, tmp_path, capsys):
+    from backprop_xp.backend import get_backend
+
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--backend", "auto", "--data-dir", str(mnist_dir), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    metrics = json.loads((out / "metrics.json").read_text())
+    if get_backend("auto").name == "numpy":
+        expected = "backend numpy (a GPU is here but not usable; --verbose says why)" if os.path.exists("/dev/nvidia0") else "backend numpy (no GPU found)"
+        assert lines[0] == expected
+        assert metrics["config"]["backend_reason"].startswith("auto: using numpy because")
+    final = metrics["epochs"][-1]
+    best = max(metrics["epochs"], key=lambda row: row["test_accuracy"])
+    assert lines[-1] == (
+        f"done: test accuracy {100 * final['test_accuracy']:.2f}% (best {100 * best['test_accuracy']:.2f}% at epoch "
+        f"{best['epoch']}), 2 epochs in {metrics['final']['wall_seconds']:.1f} s, in {out}"
+    )
+    # --quiet: that line is all there is; --verbose: the backend's full reason
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--quiet"]) == 0
+    quiet = capsys.readouterr().out.splitlines()
+    assert len(quiet) == 1 and quiet[0].startswith("done: test accuracy ") and ", 3 epochs in " in quiet[0]
+    assert main(["train", *QUICK, "--epochs", "1", "--verbose", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "v")]) == 0
+    printed = capsys.readouterr().out
+    assert "backend choice: " in printed and " 1 epoch, " in printed and "1 epochs" not in printed
+
+
+def test_an_interrupted_run_says_so_in_its_metrics(mnist_dir, tmp_path, monkeypatch, capsys):
+    import backprop_xp.train as train_module
+
+    real_run_epoch = train_module.run_epoch
+
+    def run_epoch(step, batches, epoch, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt  # Ctrl-C during the second epoch
+        return real_run_epoch(step, batches, epoch, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_epoch", run_epoch)
+    assert main(["train", *QUICK, "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--quiet"]) == 130
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and len(metrics["epochs"]) == 1
+    assert f"continue with --resume {tmp_path}" in capsys.readouterr().err
+
+
+def test_resume_works_from_another_folder_and_says_when_the_data_is_gone(mnist_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(mnist_dir, data)  # a copy in the test's own folder, given by a relative path
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *QUICK, "--data-dir", "data", "--out", "runs/r", "--quiet"], ) == 0
+    saved = json.loads((tmp_path / "runs/r/metrics.json").read_text())["config"]["data_dir"]
+    assert saved == str(data)  # absolute
+    monkeypatch.chdir(tmp_path / "runs")
+    assert main(["train", "--resume", "r", "--epochs", "3", "--quiet"]) == 0  # cd runs && train --resume r
+    capsys.readouterr()
+    shutil.rmtree(data)
+    assert main(["train", "--resume", "r", "--epochs", "4", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the data folder of r, {data}, does not exist" in err and "pass --data-dir" in err
+    assert main(["train", "--resume", "r", "--epochs", "4", "--data-dir", str(mnist_dir), "--quiet"]) == 0
+
+
+def test_resume_with_more_epochs_continues_and_a_finished_run_is_left_alone(trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} is already finished (2 epochs); nothing was changed" in out
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["epochs"]] == [1, 2, 3] and metrics["status"] == "finished"
+    assert metrics["epochs_changed"] == [{"after_epoch": 2, "from": 2, "to": 3}]
+    assert metrics["epochs"][2]["lr"] == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 2 / 3)))  # cosine over 3 epochs
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    assert "it has already done 3" in capsys.readouterr().err
+
+
+def test_keep_best_and_patience_choose_by_validation(mnist_dir, tmp_path, capsys):
+    argv = ["train", *QUICK, "--epochs", "6", "--lr", "0.5", "--lr-schedule", "constant", "--val-size", "500",
+            "--keep-best", "--patience", "2", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    rows = metrics["epochs"]
+    best = max(rows, key=lambda r: (r["val_accuracy"], -r["epoch"]))
+    assert metrics["final"]["epoch_kept"] == best["epoch"]
+    if len(rows) < 6:  # stopped early: exactly `patience` epochs without improvement
+        assert rows[-1]["epoch"] - best["epoch"] == 2 and metrics["stopped_early"]["best_epoch"] == best["epoch"]
+    model = MLP.load(tmp_path / "model.npz")
+    with np.load(tmp_path / "best.npz") as kept:
+        np.testing.assert_array_equal(to_numpy(model.params["W1"]), kept["W1"])
+    line = capsys.readouterr().out.strip()
+    assert f"(best {100 * best['val_accuracy']:.2f}% at epoch {best['epoch']})" in line
+    assert main(["train", *QUICK, "--keep-best", "--data-dir", str(mnist_dir), "--quiet"]) == 2
+    assert "--val-size" in capsys.readouterr().err
+
+
+def test_small_things_a_new_user_trips_over(trained, mnist_dir, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    # evaluate on something that is not a model: no advice to unpickle it
+    png = tmp_path / "notes.png"
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(png)
+    assert main(["evaluate", str(png)]) == 1
+    err = capsys.readouterr().err
+    assert "not a model file written by backprop-xp" in err and "pickle" not in err
+    # evaluate RUN_DIR uses RUN_DIR/model.npz
+    assert main(["evaluate", str(trained), "--data-dir", str(mnist_dir), "--backend", "numpy"]) == 0
+    assert f"model {trained / 'model.npz'}: 784-32-10" in capsys.readouterr().out
+    # show-data writes under runs/, not into the folder it is run from
+    monkeypatch.chdir(tmp_path)
+    assert main(["show-data", "--data-dir", str(mnist_dir), "--count", "10"]) == 0
+    assert (tmp_path / "runs" / "digits.png").is_file() and not (tmp_path / "digits.png").exists()

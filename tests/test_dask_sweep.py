@@ -266,10 +266,10 @@ def test_sweep_on_a_local_dask_cluster_from_the_command_line(distributed, tmp_pa
     out = tmp_path / "sweep"
     argv = ["sweep", "--hidden", "8,16", "--epochs", "1", "--train-size", "2000", "--batch-size", "100",
             "--backend", "numpy", "--data-dir", str(mnist_dir), "--scheduler", "local", "--jobs", "2",
-            "--out", str(out)]  # fmt: skip
+            "--val-size", "300", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "2 runs of 1 epochs (backend numpy) on 2 local Dask workers" in printed
+    assert "2 runs of 1 epoch (backend numpy) on 2 local Dask workers" in printed
     assert "2 finished, 0 failed or diverged" in printed
     rows = _rows(out)
     assert set(rows) == {"h8-lr0.1-b100", "h16-lr0.1-b100"} and {r["status"] for r in rows.values()} == {"finished"}

@@ -252,3 +252,29 @@ def test_real_mnist_through_a_local_mirror(mnist_dir, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# Debian's dataset-fashion-mnist package holds the four original Fashion-MNIST files: a local mirror.
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture
+def fashion_mirror():
+    if not all((FASHION_DIR / f"{name}.gz").is_file() for name in FILES.values()):
+        pytest.skip(f"Fashion-MNIST not in {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
+    return FASHION_DIR.as_uri() + "/"
+
+
+def test_fashion_mnist_is_downloaded_checked_and_cached_like_mnist(fashion_mirror, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("BACKPROP_XP_FASHION_DATA", raising=False)
+    monkeypatch.setattr(data, "FASHION_MIRRORS", [fashion_mirror])
+    x_train, y_train, x_test, y_test = load_mnist(dataset="fashion-mnist")  # downloads into the cache
+    cache = tmp_path / "backprop_xp" / "fashion-mnist"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{name}.gz" for name in FILES.values())
+    assert x_train.shape == (60_000, 784) and x_test.shape == (10_000, 784)
+    assert np.bincount(y_train).tolist() == [6000] * 10 and np.bincount(y_test).tolist() == [1000] * 10
+    # the hashes checked are Fashion-MNIST's own: MNIST's table refuses these files
+    with pytest.raises(ChecksumError, match="train-images-idx3-ubyte"):
+        fetch_mnist(tmp_path / "wrong", mirrors=[fashion_mirror], sha256=data.SHA256)
+    assert not (tmp_path / "backprop_xp" / "mnist").exists()  # the two data sets never share a folder

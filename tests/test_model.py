@@ -52,7 +52,7 @@ def test_gradients_match_pytorch_autograd(activation, torch):
         np.testing.assert_allclose(grads[name], t[name].grad.numpy(), rtol=1e-10, atol=1e-13)
 
 
-def test_loss_and_grads_shapes_dtypes_and_copies():
+def test_loss_and_grads_shapes_dtypes_and_the_models_own_arrays():
     m = bx.MLP(784, 32, 10)
     x = np.random.default_rng(0).random((16, 784))  # float64 input to a float32 model
     y = np.arange(16) % 10
@@ -62,7 +62,7 @@ def test_loss_and_grads_shapes_dtypes_and_copies():
     for name, g in grads.items():
         assert g.shape == m.params[name].shape
         assert g.dtype == np.float32
-        assert not np.shares_memory(g, m.grads[name])  # the caller owns what it is given
+        assert g is m.grads[name]  # the model's own: edits reach SGD.step (see the clipping test)
 
 
 def test_params_are_live_views():
@@ -186,3 +186,29 @@ def test_load_rejects_what_is_not_a_model(tmp_path):
     np.savez(other, W1=np.zeros((2, 2)))
     with pytest.raises(ValueError, match="missing"):
         bx.MLP.load(other)
+
+
+def test_clipping_the_returned_gradients_changes_the_update():
+    # Editing what loss_and_grads returns must not silently do nothing.
+    m = bx.MLP(784, 16, 10, dtype="float64")
+    opt = bx.SGD(m, lr=0.1, momentum=0.0)
+    x = np.random.default_rng(1).random((8, 784))
+    y = np.arange(8)
+    before = {name: p.copy() for name, p in m.params.items()}
+    _, grads = m.loss_and_grads(x, y)
+    for g in grads.values():
+        np.clip(g, -1e-3, 1e-3, out=g)
+    opt.step()
+    for name, old in before.items():
+        step = old - m.params[name]
+        assert np.abs(step).max() <= 0.1 * 1e-3 * (1 + 1e-9), name
+
+
+def test_integer_images_are_refused_with_the_fix():
+    m = bx.MLP(784, 16, 10)
+    pixels = np.full((2, 784), 255, np.uint8)
+    with pytest.raises(ValueError, match=r"scaled to \[0, 1\], e.g. x / 255"):
+        m.loss_and_grads(pixels, [0, 1])
+    with pytest.raises(ValueError, match="integers"):
+        m.predict(pixels)
+    assert m.predict(np.zeros((2, 784), np.uint8)).shape == (2,)  # 0/1 integers are valid pixel values

@@ -49,3 +49,41 @@ def test_nothing_to_draw_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="square"):
         plots.weight_grid(np.zeros((3, 10)), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions make, kept open instead of written."""
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    yield figures
+    import matplotlib.pyplot as plt
+
+    for fig in figures:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("n_epochs", [1, 2, 30])
+def test_curves_have_whole_epoch_ticks_plain_numbers_and_mark_only_a_validation_best(n_epochs, drawn):
+    rows = [{"epoch": e, "train_loss": 0.3 / e, "train_accuracy": 0.9, "test_loss": 0.32 / e ** 0.5,
+             "test_accuracy": 0.95 - 0.001 * e, "val_loss": 0.31, "val_accuracy": 0.96 - 0.001 * e} for e in range(1, n_epochs + 1)]  # fmt: skip
+    plots.training_curves(rows, "unused.png")
+    fig = drawn[-1]
+    fig.canvas.draw()
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() and 1 <= t <= n_epochs for t in ticks), ticks
+        labels = [t.get_text() for t in ax.get_yticklabels() + ax.yaxis.get_minorticklabels()]
+        assert not any("times" in label or "^" in label or "×" in label for label in labels), labels
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert any(text.startswith("best val 95.90% (epoch 1)") for text in legend), legend  # the first epoch, inside the axes
+    plots.training_curves([{k: v for k, v in row.items() if not k.startswith("val")} for row in rows], "unused.png")
+    legend = [t.get_text() for t in drawn[-1].axes[1].get_legend().get_texts()]
+    assert not any("best" in text for text in legend)  # no "best test" epoch: that would be choosing on the test set
+
+
+def test_digits_are_drawn_white_on_black_like_mnist(drawn):
+    plots.digit_grid(np.eye(1, 784), ["one pixel"], "unused.png")
+    image = drawn[-1].axes[0].get_images()[0]
+    assert image.get_cmap().name == "gray" and image.get_clim() == (0, 1)  # 0 black, 1 white

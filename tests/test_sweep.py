@@ -19,11 +19,20 @@ TINY = dict(hidden=8, epochs=2, batch_size=50, backend="numpy")
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    """A small data set in MNIST's layout (300 + 100 random 28 x 28 images): runs that take no time to load."""
+    """A small data set in MNIST's layout (300 + 100 28 x 28 images): runs that take no time to load.
+
+    Random images with a bright band whose position is the label, so that runs learn something, as runs
+    on real data do.
+    """
     from idx_files import fake_mnist, write_mnist_folder
 
     folder = tmp_path_factory.mktemp("small-mnist")
-    write_mnist_folder(folder, fake_mnist(n_train=300, n_test=100, rows=28, cols=28), gz=True)
+    arrays = fake_mnist(n_train=300, n_test=100, rows=28, cols=28)
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        for image, label in zip(images, labels):
+            image[2 * label : 2 * label + 2, :] = 255
+    write_mnist_folder(folder, arrays, gz=True)
     return str(folder)
 
 
@@ -61,10 +70,10 @@ def test_a_parallel_sweep_records_every_run_and_skips_finished_ones(tmp_path, mn
     out = tmp_path / "sweep"
     argv = ["sweep", "--hidden", "16,32", "--lr", "0.1,1e20", "--epochs", "1", "--train-size", "1500",
             "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir), "--jobs", "2",
-            "--out", str(out)]  # fmt: skip
+            "--val-size", "300", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "4 runs of 1 epochs on numpy (2 at a time)" in printed
+    assert "4 runs of 1 epoch on numpy (2 at a time)" in printed
     assert "2 finished, 2 failed or diverged" in printed
 
     with open(out / "sweep.csv") as f:
@@ -168,3 +177,32 @@ def test_a_worker_process_that_dies_is_recorded_and_the_sweep_goes_on(tmp_path, 
         assert {row["name"]: row["status"] for row in csv.DictReader(f)}["doomed"] == "failed"
     assert "worker process failed" in (tmp_path / "sweep.md").read_text()
     assert any(line.startswith("[2/2]") and "worker process failed" in line for line in lines)
+
+
+def test_runs_are_ranked_by_validation_accuracy_never_by_test_accuracy(tmp_path):
+    from backprop_xp.sweep import write_tables
+
+    common = {"status": "finished", "lr": 0.1, "batch_size": 32, "activation": "relu", "momentum": 0.9,
+              "weight_decay": 0.0, "epochs_done": 2, "seconds_per_epoch": 1.0, "train_seconds": 2.0}  # fmt: skip
+    summaries = [
+        {"name": "a", "hidden": 8, "val_accuracy": 0.90, "best_val_accuracy": 0.91, "best_val_epoch": 1, "test_accuracy": 0.95, **common},
+        {"name": "b", "hidden": 16, "val_accuracy": 0.93, "best_val_accuracy": 0.93, "best_val_epoch": 2, "test_accuracy": 0.92, **common},
+    ]
+    write_tables(tmp_path, summaries)
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert "val acc. (%)" in table[0] and "best (%)" not in table[0]
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["b", "a"]  # b validates better, a tests better
+    with open(tmp_path / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["name"] for row in rows] == ["b", "a"] and "best_test_accuracy" not in rows[0]
+
+
+def test_a_sweep_holds_out_a_validation_set_by_default(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--hidden", "8", "--epochs", "1", "--train-size", "6000", "--batch-size", "100",
+            "--backend", "numpy", "--data-dir", str(mnist_dir), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((out / "h8-lr0.1-b100" / "metrics.json").read_text())
+    assert metrics["config"]["val_size"] == 5000 and metrics["config"]["n_train"] == 1000
+    assert "val_accuracy" in metrics["epochs"][0]
+    assert "val accuracy" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -211,7 +212,8 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_dir, 
     assert (info.value.epoch, info.value.lr) == (2, 1e12)
     assert 1 <= info.value.step <= 30
     message = str(info.value)
-    assert "epoch 2, step" in message and "smaller --lr" in message and CHECKPOINT in message
+    assert "epoch 2, step" in message and "NaN or infinite" in message and CHECKPOINT in message
+    assert "try --lr 0.01 or smaller" in message  # 10 times smaller than the base rate, 0.1
 
     with np.load(tmp_path / CHECKPOINT, allow_pickle=False) as f:
         assert int(f["train.epochs_done"]) == 1
@@ -236,3 +238,34 @@ def test_run_epoch_on_the_cpu_stops_at_the_first_nonfinite_loss():
     calls.clear()
     sums = run_epoch(step, Minibatches(x, y, 10, seed=0), 0)  # as on a GPU: checked once, at the end
     assert len(calls) == 5 and sums.first_bad_step == 2 and sums.n_correct == 50
+
+
+def test_the_network_sizes_come_from_the_data(tmp_path):
+    # 8x8 images in 3 classes: nothing may assume 784 inputs or 10 classes.
+    from idx_files import write_mnist_folder
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 300), ("test", 60)):
+        labels = (np.arange(n) % 3).astype(np.uint8)
+        images = np.zeros((n, 8, 8), np.uint8)
+        for k in range(3):  # each class lights its own rows: learnable
+            images[labels == k, 2 * k : 2 * k + 2, :] = 200
+        images = np.clip(images + rng.integers(0, 40, images.shape), 0, 255).astype(np.uint8)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    write_mnist_folder(tmp_path / "data", arrays)
+    config = TrainConfig(hidden=8, epochs=3, batch_size=30, backend="numpy", data_dir=str(tmp_path / "data"))
+    metrics = train(config, tmp_path / "run", echo=None)
+    model = MLP.load(tmp_path / "run" / "model.npz")
+    assert (model.n_inputs, model.n_outputs) == (64, 3)
+    assert metrics["config"]["n_inputs"] == 64 and metrics["config"]["n_outputs"] == 3
+    assert metrics["final"]["test_accuracy"] > 0.9
+    assert (tmp_path / "run" / "weights.png").is_file() and (tmp_path / "run" / "confusion.png").is_file()
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="apt-get install dataset-fashion-mnist")
+def test_train_on_fashion_mnist(tmp_path):
+    config = TrainConfig(hidden=32, train_size=2000, epochs=1, batch_size=100, backend="numpy", dataset="fashion-mnist",
+                         data_dir="/usr/share/datasets/fashion-mnist")  # fmt: skip
+    metrics = train(config, tmp_path, echo=None, pictures=False)
+    assert metrics["config"]["dataset"] == "fashion-mnist" and 0.5 < metrics["final"]["test_accuracy"] < 0.9

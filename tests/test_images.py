@@ -1,0 +1,76 @@
+"""predict's preparation of a picture: MNIST's own steps (crop to ink, fit 20x20, centre of mass at the centre)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backprop_xp.images import centre_by_mass, crop_to_ink, fit_in_box, mnist_like
+
+
+def _dark_on_white(digit: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An MNIST digit drawn dark on white paper at ``height`` x ``width`` pixels (values in [0, 1])."""
+    paper = Image.fromarray((255 * (1 - digit.reshape(28, 28))).round().astype(np.uint8))
+    return np.asarray(paper.resize((width, height), Image.Resampling.BICUBIC), np.float32) / 255
+
+
+def _page(digit):  # a "3" in the corner of an 800-px page
+    page = np.ones((800, 800), np.float32)
+    page[540:764, 30:254] = _dark_on_white(digit, 224, 224)
+    return page
+
+
+def _wide(digit):  # a 600x200 picture, the digit off to one side
+    image = np.ones((200, 600), np.float32)
+    image[10:190, 390:570] = _dark_on_white(digit, 180, 180)
+    return image
+
+
+def _tiny(digit):  # smaller than 28x28
+    return _dark_on_white(digit, 20, 20)
+
+
+def _off_centre(digit):  # white on black, in the corner of a larger field
+    field = np.zeros((56, 56), np.float32)
+    field[:28, 28:] = digit.reshape(28, 28)
+    return field
+
+
+@pytest.mark.parametrize("draw", [_page, _wide, _tiny, _off_centre], ids=["page", "wide", "tiny", "off-centre"])
+def test_a_digit_drawn_anywhere_is_prepared_back_into_mnists_own_form(draw, mnist):
+    digits = mnist[2][:50]  # test images: already cut, fitted to 20x20 and centred by MNIST's makers
+    agreement = []
+    for digit in digits:
+        seen, _ = mnist_like(draw(digit))
+        assert seen.shape == (784,) and seen.dtype == np.float32 and 0 <= seen.min() and seen.max() <= 1
+        agreement.append(np.corrcoef(seen, digit)[0, 1])
+    # Squashing the whole picture to 28x28 gives agreement near 0 here; MNIST's steps give back the digit.
+    assert np.mean(agreement) > 0.9, np.round(agreement, 2)
+
+
+def test_the_steps_one_by_one():
+    ink = np.zeros((40, 30), np.float32)
+    ink[5:25, 10:15] = 1.0  # a bar 20 tall and 5 wide
+    cut = crop_to_ink(ink)
+    assert cut.shape == (20, 5)
+    fitted = fit_in_box(np.ones((10, 40), np.float32), 20)
+    assert fitted.shape == (5, 20)  # the longer side fills the box, the aspect ratio is kept
+    field = centre_by_mass(np.ones((4, 2), np.float32), 28)
+    rows, cols = np.nonzero(field)
+    assert abs(rows.mean() - 14) <= 0.5 and abs(cols.mean() - 14) <= 0.5  # MNIST's centre of mass: (14, 14)
+    # mass on the right of the patch: the patch moves left so that the mass lands in the middle
+    lopsided = np.zeros((12, 12), np.float32)
+    lopsided[:, 9:] = 1
+    placed = centre_by_mass(lopsided, 28)
+    mass_col = (placed.sum(axis=0) @ np.arange(28)) / placed.sum()
+    assert abs(mass_col - 14) <= 0.5
+
+
+def test_light_paper_is_inverted_and_a_blank_image_is_refused():
+    paper = np.ones((30, 30), np.float32)
+    paper[10:20, 14:16] = 0.1  # dark ink on a light background
+    seen, inverted = mnist_like(paper)
+    assert inverted and seen.max() == pytest.approx(1.0, abs=0.05) and seen.reshape(28, 28)[0].max() == 0
+    with pytest.raises(ValueError, match="no digit found"):
+        mnist_like(np.full((28, 28), 0.8, np.float32))
