@@ -23,7 +23,7 @@ from . import __version__
 from .backend import BACKENDS, DTYPES, BackendError
 from .data import DATASETS
 from .kernels import ACTIVATIONS
-from .train import DIVERGED_EXIT_CODE, SCHEDULES, SettingError, TrainConfig
+from .training import DIVERGED_EXIT_CODE, SCHEDULES, SettingError, TrainConfig
 
 
 class UserError(Exception):
@@ -218,7 +218,7 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import Diverged, default_out_dir, read_checkpoint, summary_line, train
+    from .training import Diverged, default_out_dir, read_checkpoint, summary_line, train
 
     given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
     if args.resume:
@@ -296,7 +296,7 @@ def _trained_on(path: str) -> str:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .backend import to_numpy
     from .data import load_dataset
-    from .train import confusion_matrix, evaluate
+    from .training import confusion_matrix, evaluate
 
     model = _load_model(args.model, args.backend)
     dataset = args.dataset or _trained_on(model.path)
@@ -356,7 +356,7 @@ def read_digit(path: str, side: int = 28) -> tuple[np.ndarray, bool]:
     See ``backprop_xp.images.mnist_like``. Raises UserError naming the file
     when it is not a readable image or holds no ink.
     """
-    from .images import mnist_like, read_gray
+    from .data.images import mnist_like, read_gray
 
     try:
         return mnist_like(read_gray(path), side)
@@ -430,8 +430,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     import time
 
     from .backend import get_backend
-    from .sweep import SWEEP_VAL_SIZE, SWEPT, grid, run_name, run_sweep
-    from .train import plural
+    from .training.sweep import SWEEP_VAL_SIZE, SWEPT, grid, run_name, run_sweep
+    from .training import plural
 
     given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
     default_val = "val_size" not in given
@@ -439,7 +439,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     options = {name: given.pop(name) for name in SWEPT if name in given}
     base = TrainConfig(**given)
     if args.scheduler:
-        from .dask_sweep import require_distributed, run_sweep_dask
+        from .training.dask_sweep import require_distributed, run_sweep_dask
 
         try:
             require_distributed()

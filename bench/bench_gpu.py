@@ -86,7 +86,7 @@ def load_data(data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
 
 def ours(cp: Any, x: Any, y: Any, hidden: int, batch: int, mode: str, tf32: bool = False) -> Callable[[int], Any]:
     import backprop_xp as bx
-    from backprop_xp.gpu_step import make_gpu_step, set_tf32
+    from backprop_xp.cuda.step import make_gpu_step, set_tf32
 
     set_tf32(tf32)
     model = bx.MLP(N_INPUTS, hidden, N_OUTPUTS, backend="cupy", seed=0)
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     if name == "xp_graphs_tf32":
                         try:
-                            from backprop_xp.gpu_step import set_tf32
+                            from backprop_xp.cuda.step import set_tf32
 
                             set_tf32(False)
                         except Exception as exc:  # noqa: BLE001

@@ -245,9 +245,7 @@ def _worker(args) -> int:
             "numpy": np.__version__,
             "blas": f"{blas.get('internal_api', '?')} {blas.get('version', '?')} ({blas.get('architecture', '?')} "
             f"kernels, {blas.get('threading_layer', '?')}, {blas.get('num_threads', '?')} threads)",
-            "train_loop": "backprop_xp.train.run_epoch + data.Minibatches + train.make_step"
-            if w.Ours(16).uses_train_module
-            else "workloads.Ours (the same loop by hand; backprop_xp.train not found)",
+            "train_loop": "backprop_xp.training.run_epoch + data.Minibatches + training.make_step",
         }
     x, y = w.mnist_shaped(args.samples, seed=0)
     shape, jobs = None, {}

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 import backprop_xp as bx
+from backprop_xp.data import Minibatches
+from backprop_xp.training import make_step, run_epoch
 
 N_INPUTS, N_OUTPUTS = 784, 10
 HIDDEN_SIZES = (128, 800)
@@ -47,23 +49,6 @@ def mnist_shaped(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- ours
 
 
-def _train_module() -> Any:
-    """``backprop_xp.train`` when it provides the training loop, else None."""
-    try:
-        from backprop_xp import train
-    except ImportError:
-        return None
-    return train if hasattr(train, "make_step") and hasattr(train, "run_epoch") else None
-
-
-def _minibatches_class() -> Any:
-    try:
-        from backprop_xp.data import Minibatches
-    except ImportError:
-        return None
-    return Minibatches
-
-
 class Ours:
     """backprop-xp on NumPy: the model, its optimizer and the train command's loop."""
 
@@ -72,47 +57,18 @@ class Ours:
     def __init__(self, hidden: int, seed: int = 0) -> None:
         self.model = bx.MLP(N_INPUTS, hidden, N_OUTPUTS, activation="relu", backend="numpy", dtype="float32", seed=seed)
         self.optimizer = bx.SGD(self.model, lr=LR, momentum=MOMENTUM)
-        train = _train_module()
-        self.uses_train_module = train is not None and _minibatches_class() is not None
-        if self.uses_train_module:
-            self._step = train.make_step(self.model, self.optimizer)
-        else:
-            self._step = self._plain_step
-
-    def _plain_step(self, xb: np.ndarray, yb: np.ndarray) -> tuple[Any, Any]:
-        loss, n_correct = self.model.backprop(xb, yb)
-        self.optimizer.step()
-        return loss, n_correct
+        self._step = make_step(self.model, self.optimizer)  # the train command's own step
 
     def step(self, xb: np.ndarray, yb: np.ndarray) -> None:
         """One training step (forward, backward, update) on one batch."""
         self._step(xb, yb)
 
     def epoch_runner(self, x: np.ndarray, y: np.ndarray, batch: int) -> Callable[[int], None]:
-        """A function running one whole training epoch (shuffled minibatches) on ``(x, y)``."""
-        if self.uses_train_module:
-            from backprop_xp import train
-            from backprop_xp.data import Minibatches
-
-            batches = Minibatches(x, y, batch, xp=np, seed=0, shuffle=True)
-
-            def run(epoch: int) -> None:
-                train.run_epoch(self._step, batches, epoch)
-
-            return run
-        # The same loop by hand: shuffle once per epoch into contiguous buffers,
-        # then hand out slices (no fancy-index copy per batch).
-        xs, ys = np.empty_like(x), np.empty_like(y)
+        """A function running one whole training epoch (shuffled minibatches) on ``(x, y)``, as ``train`` does."""
+        batches = Minibatches(x, y, batch, xp=np, seed=0, shuffle=True)
 
         def run(epoch: int) -> None:
-            order = np.random.default_rng([0, epoch]).permutation(len(x))
-            np.take(x, order, axis=0, out=xs)
-            np.take(y, order, axis=0, out=ys)
-            total_loss, total_correct = 0.0, 0
-            for start in range(0, len(x), batch):
-                loss, n_correct = self._step(xs[start : start + batch], ys[start : start + batch])
-                total_loss += float(loss)
-                total_correct += int(n_correct)
+            run_epoch(self._step, batches, epoch)
 
         return run
 

@@ -38,7 +38,7 @@ import backprop_xp as bx  # noqa: E402
 from backprop_xp.backend import BackendError, get_backend  # noqa: E402
 from backprop_xp.data import Minibatches  # noqa: E402
 from backprop_xp.files import atomic_write  # noqa: E402
-from backprop_xp.train import evaluate, make_step, run_epoch  # noqa: E402
+from backprop_xp.training import evaluate, make_step, run_epoch  # noqa: E402
 
 HIDDEN, BATCH, LRS, MOMENTUM, SEED = 128, 128, (0.1, 0.05), 0.9, 0
 
@@ -60,7 +60,7 @@ def train_one(variant: str, data: tuple, epochs: int) -> dict:
     elif variant == "numpy":
         step = make_step(model, opt)
     else:
-        from backprop_xp.gpu_step import make_gpu_step, set_tf32
+        from backprop_xp.cuda.step import make_gpu_step, set_tf32
 
         set_tf32(variant.endswith("tf32"))
         if variant == "cupy_graphs":
@@ -86,7 +86,7 @@ def train_one(variant: str, data: tuple, epochs: int) -> dict:
     if getattr(step, "capture_error", None):
         result["capture_error"] = step.capture_error
     if variant.endswith("tf32"):
-        from backprop_xp.gpu_step import set_tf32
+        from backprop_xp.cuda.step import set_tf32
 
         set_tf32(False)
     return result

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from backprop_xp.augment import distort, gaussian_matrix
-from backprop_xp.train import TrainConfig, train
+from backprop_xp.data.augment import distort, gaussian_matrix
+from backprop_xp.training import TrainConfig, train
 
 NOTHING = dict(max_shift=0.0, max_rotation=0.0, max_scale=0.0, alpha=0.0)
 

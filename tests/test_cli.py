@@ -14,7 +14,7 @@ import pytest
 
 from backprop_xp import MLP
 from backprop_xp.backend import to_numpy
-from backprop_xp import train as train_module
+from backprop_xp.training import run as train_module
 from backprop_xp.cli import main
 
 QUICK = ["--hidden", "32", "--train-size", "2000", "--epochs", "2", "--batch-size", "100", "--backend", "numpy"]
@@ -116,7 +116,7 @@ def test_evaluate_a_missing_model_is_a_clear_error(tmp_path, capsys):
 def test_predict_classifies_images_and_reports_the_unreadable_ones(trained, mnist, tmp_path, capsys):
     from PIL import Image
 
-    from backprop_xp.images import mnist_like
+    from backprop_xp.data.images import mnist_like
 
     model = MLP.load(trained / "model.npz")
     digits = mnist[2][:2]
@@ -180,7 +180,7 @@ def test_predict_reads_digits_on_a_page_wide_tiny_and_shows_what_it_saw(trained,
 def test_predict_reads_dark_ink_on_a_transparent_background(trained, mnist, tmp_path, capsys):
     from PIL import Image
 
-    from backprop_xp.images import mnist_like
+    from backprop_xp.data.images import mnist_like
 
     model = MLP.load(trained / "model.npz")
     digit = mnist[2][0]
@@ -381,7 +381,7 @@ def test_the_first_line_names_the_backend_briefly_and_the_last_line_sums_up(mnis
 
 
 def test_an_interrupted_run_says_so_in_its_metrics(mnist_dir, tmp_path, monkeypatch, capsys):
-    import backprop_xp.train as train_module
+    import backprop_xp.training.run as train_module
 
     real_run_epoch = train_module.run_epoch
 

@@ -19,7 +19,7 @@ import types
 import numpy as np
 import pytest
 
-from backprop_xp.cublas import WORKSPACE_BYTES, Blas, gemm_arguments
+from backprop_xp.cuda.cublas import WORKSPACE_BYTES, Blas, gemm_arguments
 
 
 def _column_major(address: int, dtype: np.dtype, rows: int, cols: int, ld: int) -> np.ndarray:

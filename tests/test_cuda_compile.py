@@ -26,7 +26,7 @@ import re
 
 import pytest
 
-from backprop_xp import kernels_cuda as kc
+from backprop_xp.cuda import kernels as kc
 
 # (architecture, C++ dialect) per CUDA major version: the oldest GPU that major supports (Volta for 12,
 # Turing for 13) in the oldest dialect a CuPy may ask for, and the H100/H200 the benchmarks target.

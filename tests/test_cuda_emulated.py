@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 
-from backprop_xp import kernels_cuda as kc
+from backprop_xp.cuda import kernels as kc
 
 from cuda_emulator import OUTPUT_LAYER_PARAMS, XENT_STEP_PARAMS, EmulatedKernels
 

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from backprop_xp.dask_sweep import connect, run_sweep_dask, sweep_with_client
+from backprop_xp.training.dask_sweep import connect, run_sweep_dask, sweep_with_client
 from backprop_xp.model import MLP
-from backprop_xp.train import TrainConfig
+from backprop_xp.training import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from idx_files import TYPE_BYTES, fake_mnist, idx_bytes, write_idx, write_mnist_folder
 
 import backprop_xp
-from backprop_xp import data
+from backprop_xp.data import datasets
+from backprop_xp.data import download as data
 from backprop_xp.data import (
     FILES,
     SHA256,
@@ -255,7 +256,7 @@ def test_missing_file_names_the_folder_and_the_file(tmp_path, no_env):
 
 def test_a_named_folder_is_never_downloaded_into(tmp_path, no_env, monkeypatch):
     # download=True, but the folder was chosen by the user: a plain FileNotFoundError, no download attempt.
-    monkeypatch.setattr(data, "fetch_mnist", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(datasets, "fetch_mnist", lambda *a, **k: pytest.fail("tried to download"))
     for use_env in (False, True):
         if use_env:
             monkeypatch.setenv("BACKPROP_XP_DATA", str(tmp_path / "missing"))

@@ -21,7 +21,7 @@ import pytest
 
 from backprop_xp import MLP
 from backprop_xp.files import atomic_write
-from backprop_xp.train import CHECKPOINT, METRICS_JSON, TrainConfig, train
+from backprop_xp.training import CHECKPOINT, METRICS_JSON, TrainConfig, train
 
 SMALL = dict(hidden=8, train_size=500, epochs=2, batch_size=100, backend="numpy")
 

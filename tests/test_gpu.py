@@ -25,7 +25,7 @@ import pytest
 
 import backprop_xp as bx
 from backprop_xp import kernels as k
-from backprop_xp import kernels_cuda as kc
+from backprop_xp.cuda import kernels as kc
 
 pytestmark = pytest.mark.gpu
 
@@ -359,7 +359,7 @@ def _reference_run(activation, dtype, momentum, weight_decay, x, y, sizes, lrs, 
 def _fused_run(cupy, graphs, activation, dtype, momentum, weight_decay, x, y, sizes, lrs, prepare=None, fused=None,
                n_hidden=64):  # fmt: skip
     """The GPU step over the same batches, each gathered into one of two alternating buffers, as Minibatches does."""
-    from backprop_xp.gpu_step import make_gpu_step
+    from backprop_xp.cuda.step import make_gpu_step
 
     m = bx.MLP(784, n_hidden, 10, activation=activation, backend="cupy", dtype=dtype, seed=5)
     opt = bx.SGD(m, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
@@ -463,7 +463,7 @@ def test_graphs_are_captured_per_batch_size_and_buffer_and_equal_eager(cupy):
 def test_a_training_epoch_replays_graphs_from_minibatches(cupy):
     """Minibatches' two buffers give two graphs per batch size; every later step of the run is a replay."""
     from backprop_xp.data import Minibatches
-    from backprop_xp.train import make_step, run_epoch
+    from backprop_xp.training import make_step, run_epoch
 
     rng = np.random.default_rng(19)
     x, y = rng.random((517, 784)).astype(np.float32), rng.integers(0, 10, 517)
@@ -481,7 +481,7 @@ def test_a_training_epoch_replays_graphs_from_minibatches(cupy):
 
 def test_cublas_output_layer_when_the_fused_kernel_does_not_fit(cupy):
     """fused=None falls back where W2 does not fit in shared memory; fused=True refuses to."""
-    from backprop_xp.gpu_step import make_gpu_step
+    from backprop_xp.cuda.step import make_gpu_step
 
     m = bx.MLP(784, 30_000, 10, backend="cupy", dtype="float64")  # W2 alone: 2.4 MB
     x, y = cupy.zeros((8, 784)), cupy.zeros(8, cupy.int64)
@@ -547,7 +547,7 @@ def test_graph_step_falls_back_to_eager_with_one_notice(cupy):
 
 def test_graph_step_follows_a_new_velocity_array(cupy):
     """Replacing optimizer.velocity (a restored checkpoint, say) re-captures instead of updating the old one."""
-    from backprop_xp.gpu_step import make_gpu_step
+    from backprop_xp.cuda.step import make_gpu_step
 
     rng = np.random.default_rng(12)
     x = cupy.asarray(rng.random((40, 784)).astype(np.float32))
@@ -568,7 +568,7 @@ def test_graph_step_follows_a_new_velocity_array(cupy):
 
 
 def test_step_rejects_wrong_inputs_with_a_clear_message(cupy):
-    from backprop_xp.gpu_step import make_gpu_step
+    from backprop_xp.cuda.step import make_gpu_step
 
     m = bx.MLP(784, 16, 10, backend="cupy")
     step = make_gpu_step(m, bx.SGD(m, lr=0.1))
@@ -587,7 +587,7 @@ def test_step_rejects_wrong_inputs_with_a_clear_message(cupy):
 
 def test_step_accepts_strided_views(cupy):
     """Every other row and label (not contiguous: eager) give the same step as their contiguous copies (graphs)."""
-    from backprop_xp.gpu_step import make_gpu_step
+    from backprop_xp.cuda.step import make_gpu_step
 
     rng = np.random.default_rng(15)
     x = cupy.asarray(rng.random((60, 784)).astype(np.float64))
@@ -628,7 +628,7 @@ def test_step_loop_never_waits_for_the_device(cupy):
     tests the graph replays (after their capture), a learning-rate change and
     the eager fused step; it is a causal test, not a timing one.
     """
-    from backprop_xp.gpu_step import make_gpu_step
+    from backprop_xp.cuda.step import make_gpu_step
 
     rng = np.random.default_rng(13)
     x = cupy.asarray(rng.random((700, 784)).astype(np.float32))

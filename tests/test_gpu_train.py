@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 from backprop_xp import MLP
-from backprop_xp import train as train_module
+from backprop_xp.training import run as train_module
 from backprop_xp.backend import to_numpy
-from backprop_xp.train import CHECKPOINT, SCHEDULES, Diverged, TrainConfig, evaluate, train
+from backprop_xp.training import CHECKPOINT, SCHEDULES, Diverged, TrainConfig, evaluate, train
 
 pytestmark = pytest.mark.gpu
 
@@ -38,7 +38,7 @@ PARAMS = ("W1", "b1", "W2", "b2")
 @pytest.fixture
 def set_tf32(cupy):
     """``gpu_step.set_tf32``; CuPy's float32 products are left without TF32 after the test, whatever it did."""
-    from backprop_xp.gpu_step import set_tf32
+    from backprop_xp.cuda.step import set_tf32
 
     yield set_tf32
     set_tf32(False)

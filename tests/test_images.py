@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backprop_xp.images import centre_by_mass, crop_to_ink, fit_in_box, mnist_like
+from backprop_xp.data.images import centre_by_mass, crop_to_ink, fit_in_box, mnist_like
 
 
 def _dark_on_white(digit: np.ndarray, height: int, width: int) -> np.ndarray:

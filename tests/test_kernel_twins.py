@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import backprop_xp as bx
-from backprop_xp import kernels_cuda as kc
+from backprop_xp.cuda import kernels as kc
 
 
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])

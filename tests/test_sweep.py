@@ -11,8 +11,8 @@ import pytest
 
 from backprop_xp.cli import main
 from backprop_xp.model import MLP
-from backprop_xp.sweep import _blas_threads, grid, run_name, run_one, run_sweep
-from backprop_xp.train import TrainConfig, train
+from backprop_xp.training.sweep import blas_threads, grid, run_name, run_one, run_sweep
+from backprop_xp.training import TrainConfig, train
 
 TINY = dict(hidden=8, epochs=2, batch_size=50, backend="numpy")
 
@@ -135,7 +135,7 @@ def test_run_one_starts_over_when_the_folder_holds_a_run_with_other_settings(tmp
 def test_blas_threads_sets_and_restores_the_variables(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-    with _blas_threads(3):
+    with blas_threads(3):
         assert [os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")] == ["3"] * 3
     assert os.environ["OMP_NUM_THREADS"] == "7" and "OPENBLAS_NUM_THREADS" not in os.environ
 
@@ -180,7 +180,7 @@ def test_a_worker_process_that_dies_is_recorded_and_the_sweep_goes_on(tmp_path, 
 
 
 def test_runs_are_ranked_by_validation_accuracy_never_by_test_accuracy(tmp_path):
-    from backprop_xp.sweep import write_tables
+    from backprop_xp.training.sweep import write_tables
 
     common = {"status": "finished", "lr": 0.1, "batch_size": 32, "activation": "relu", "momentum": 0.9,
               "weight_decay": 0.0, "epochs_done": 2, "seconds_per_epoch": 1.0, "train_seconds": 2.0}  # fmt: skip

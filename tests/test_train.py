@@ -12,7 +12,7 @@ import pytest
 
 from backprop_xp import MLP, SGD
 from backprop_xp.data import Minibatches
-from backprop_xp.train import (
+from backprop_xp.training import (
     CHECKPOINT,
     SCHEDULES,
     Diverged,

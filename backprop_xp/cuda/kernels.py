@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .kernels import ACTIVATIONS, activation_derivative, activation_forward_, softmax_cross_entropy_
+from ..kernels import ACTIVATIONS, activation_derivative, activation_forward_, softmax_cross_entropy_
 
 # Rows per block of the step's output-layer kernel (a multiple of the warp size, 32).
 XENT_BLOCK = 256
@@ -696,7 +696,7 @@ def bias_activation_reference(z: Any, bias: Any, activation: str) -> Any:
 
 def activation_backward_reference(a: Any, delta: Any, activation: str) -> Any:
     """``delta ← delta ⊙ f'(z)`` with ``kernels.activation_derivative`` (twin of ``activation_backward_``)."""
-    from .backend import array_module
+    from ..backend import array_module
 
     delta *= activation_derivative(a, activation, out=array_module(a).empty_like(a))
     return delta
@@ -704,7 +704,7 @@ def activation_backward_reference(a: Any, delta: Any, activation: str) -> Any:
 
 def softmax_xent_step_reference(z: Any, bias: Any, labels: Any) -> tuple[Any, Any, Any, Any]:
     """Twin of ``softmax_xent_step``: ``(delta, bias_grad, loss, n_correct)``, as ``MLP.backprop`` computes them."""
-    from .backend import array_module
+    from ..backend import array_module
 
     xp = array_module(z)
     logits = z + bias
@@ -719,7 +719,7 @@ def output_layer_reference(z1: Any, labels: Any, params: dict[str, Any], activat
 
     ``z1`` is left unchanged; the returned ``"a1"`` is ``f(z1 + b1)``.
     """
-    from .backend import array_module
+    from ..backend import array_module
 
     xp = array_module(z1)
     a1 = bias_activation_reference(z1.copy(), params["b1"], activation)

@@ -64,7 +64,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import kernels_cuda as kc
+from . import kernels as kc
 from .cublas import Blas
 
 # How many batch sizes keep buffers (and graphs): a training run uses two, the

@@ -52,9 +52,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write
-from .sweep import _blas_threads, pending_runs, record_run, run_one, summarize
-from .train import load_metrics
+from ..files import atomic_write
+from .run_files import load_metrics
+from .sweep import blas_threads, pending_runs, record_run, run_one, summarize
 
 MISSING = "--scheduler needs the optional dependency 'distributed': pip install 'backprop-xp[dask]'"
 ALLOWED_FAILURES = 1  # worker deaths a run survives: retried once elsewhere, then recorded as failed
@@ -95,7 +95,7 @@ def _run_on_worker(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
 
 def _sees(marker: str) -> tuple[bool, str]:
     """On a worker: whether it sees the client's marker file, and its backprop_xp version."""
-    from . import __version__
+    from .. import __version__
 
     return os.path.exists(marker), __version__
 
@@ -148,7 +148,7 @@ def connect(scheduler: str, *, workers: int = 1, timeout: float = 30.0) -> Itera
             yield client
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with _environ_kept(), _blas_threads(threads):  # read by each nanny before it spawns its worker
+    with _environ_kept(), blas_threads(threads):  # read by each nanny before it spawns its worker
         cluster = distributed.LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
@@ -164,7 +164,7 @@ def connect(scheduler: str, *, workers: int = 1, timeout: float = 30.0) -> Itera
 
 def _check_workers(client: Any, out: Path, *, wait: float, echo: Callable[[str], None]) -> None:
     """Wait for a worker; make sure every worker can run backprop_xp and sees ``out``."""
-    from . import __version__
+    from .. import __version__
 
     try:
         client.wait_for_workers(1, timeout=wait)

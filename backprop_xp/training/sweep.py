@@ -26,8 +26,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write, make_out_dir
-from .train import TrainConfig, load_metrics
+from ..files import atomic_write, make_out_dir
+from .config import TrainConfig
+from .run import Diverged, train
+from .run_files import CHECKPOINT, load_metrics, read_checkpoint
 
 # Settings a sweep may vary (each given as a comma-separated list on the command line).
 SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule")
@@ -114,7 +116,6 @@ def run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
     ``out_dir/error.txt``). A run already finished in ``out_dir`` is not
     trained again; a run interrupted there is resumed from its checkpoint.
     """
-    from .train import CHECKPOINT, Diverged, read_checkpoint, train
 
     name = os.path.basename(os.path.normpath(out_dir))
     done = _finished(config, out_dir)
@@ -155,7 +156,7 @@ def run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
 
 def write_tables(out: Path, summaries: list[dict[str, Any]], *, title: str = "Sweep") -> None:
     """sweep.csv (every run), sweep.md (ranked by validation accuracy) and sweep.png, atomically."""
-    from . import plots
+    from .. import plots  # matplotlib: imported when a picture is drawn, not with the package
 
     ranked = sorted(summaries, key=lambda s: (_score(s) is None, -(_score(s) or 0.0)))
     text = io.StringIO()
@@ -218,7 +219,7 @@ def markdown_table(ranked: list[dict[str, Any]]) -> str:
 
 
 @contextlib.contextmanager
-def _blas_threads(n: int) -> Iterator[None]:
+def blas_threads(n: int) -> Iterator[None]:
     """Give processes started inside this block ``n`` BLAS/OpenMP threads each.
 
     A spawned worker reads these variables when it first imports NumPy, so
@@ -298,7 +299,7 @@ def run_sweep(
             finished(run_one(config, str(out / name)))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with _blas_threads(threads), ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with blas_threads(threads), ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(run_one, config, str(out / name)): (config, name) for config, name in todo}
             for future in as_completed(futures):
                 config, name = futures[future]

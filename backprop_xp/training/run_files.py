@@ -1,0 +1,171 @@
+"""The files of a run folder: checkpoint, metrics (JSON and CSV), model, pictures; and the machine it ran on."""
+
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backend import to_numpy
+from ..files import atomic_write, read_npz
+from ..model import PARAM_NAMES
+from .config import TrainConfig
+from .step import confusion_matrix
+
+CHECKPOINT = "checkpoint.npz"
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+MODEL = "model.npz"
+BEST = "best.npz"  # with --keep-best: the parameters of the best validation epoch so far
+
+
+def environment(backend: Any) -> dict[str, Any]:
+    """Versions and machine: what a reader needs to compare two runs' timings."""
+    from .. import __version__
+
+    info = {
+        "backprop_xp": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    if backend.is_gpu:
+        xp = backend.xp
+        info["cupy"] = xp.__version__
+        try:
+            props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+            info["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        except Exception:  # a name is nice to have, never worth failing a run for
+            pass
+    return info
+
+
+def default_out_dir(config: TrainConfig, root: str = "runs") -> str:
+    """A new folder name under ``runs/``: date, time and the network size."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(root, f"{stamp}-h{config.hidden}")
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def read_checkpoint(out_dir: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config and metrics saved in ``out_dir/checkpoint.npz``; ValueError naming the file if unreadable."""
+    path = os.path.join(out_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from (is {out_dir} the --out folder of a run?)")
+    arrays = read_npz(path, "a backprop-xp checkpoint")
+    try:
+        config = json.loads(str(arrays["train.config"]))
+        metrics = json.loads(str(arrays["train.metrics"]))
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a backprop-xp checkpoint (no readable {exc})") from exc
+    return TrainConfig.from_dict(config), metrics
+
+
+def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
+    with atomic_write(out_dir / METRICS_JSON) as f:
+        json.dump(metrics, f, indent=2)
+        f.write("\n")
+    rows = metrics["epochs"]
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns or ["epoch"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(out_dir / METRICS_CSV) as f:
+        f.write(text.getvalue())
+
+
+def save_checkpoint(out_dir: Path, model: Any, optimizer: Any, epochs_done: int, config: dict, metrics: dict) -> None:
+    velocity = optimizer.velocity
+    model.save(
+        out_dir / CHECKPOINT,
+        **{
+            "train.epochs_done": np.int64(epochs_done),
+            "train.velocity": to_numpy(velocity) if velocity is not None else np.zeros(0, model.dtype),
+            "train.config": json.dumps(config),
+            "train.metrics": json.dumps(metrics),
+        },
+    )
+
+
+
+
+def load_params(path: Path, model: Any) -> int:
+    """Put the parameters saved in ``path`` (``best.npz``) into ``model``; return their epoch."""
+
+    arrays = read_npz(path, "a backprop-xp model file")
+    for name in PARAM_NAMES:
+        model.params[name][...] = model.xp.asarray(arrays[name])
+    return int(arrays["train.epoch"])
+
+
+def restore_state(path: Path, model: Any, optimizer: Any) -> int:
+    """Put the checkpoint's momentum buffer into ``optimizer``; return the epochs already done."""
+    arrays = read_npz(path, "a backprop-xp checkpoint")
+    try:
+        epochs_done, velocity = int(arrays["train.epochs_done"]), arrays["train.velocity"]
+    except KeyError as exc:
+        raise ValueError(f"{path}: not a backprop-xp checkpoint (no {exc})") from exc
+    if optimizer.velocity is not None:
+        if velocity.shape != optimizer.velocity.shape:
+            raise ValueError(f"{path}: momentum buffer has shape {velocity.shape}, expected {optimizer.velocity.shape}")
+        optimizer.velocity[...] = model.xp.asarray(velocity)
+    return epochs_done
+
+
+def draw_run_pictures(out: Path, model: Any, metrics: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray) -> None:
+    """curves.png, confusion.png, misclassified.png and weights.png for a finished run.
+
+    The last two draw images, so they are drawn only when the inputs form a square picture.
+    """
+    from .. import plots  # matplotlib: imported when a picture is drawn, not with the package
+
+    proba = to_numpy(model.predict_proba(x_test))
+    predicted = proba.argmax(axis=1)
+    plots.training_curves(metrics["epochs"], out / "curves.png", title=_run_title(metrics["config"], model))
+    accuracy = float((predicted == y_test).mean())
+    counts = confusion_matrix(y_test, predicted, model.n_outputs)
+    plots.confusion_plot(counts, out / "confusion.png", title=f"Test confusion matrix (accuracy {accuracy:.2%})")
+    if math.isqrt(model.n_inputs) ** 2 == model.n_inputs:
+        plots.mistakes_grid(x_test, y_test, proba, out / "misclassified.png")
+        plots.weight_grid(to_numpy(model.params["W1"]), out / "weights.png")
+
+
+def _run_title(config: dict[str, Any], model: Any) -> str:
+    title = (
+        f"{model.n_inputs}-{model.n_hidden}-{model.n_outputs} {config['activation']}, batch {config['batch_size']}, "
+        f"lr {config['lr']:g} ({config['lr_schedule']}), momentum {config['momentum']:g}"
+    )
+    if config.get("weight_decay"):
+        title += f", weight decay {config['weight_decay']:g}"
+    if config.get("augment"):
+        title += ", augmented"
+    data = "" if config.get("dataset", "mnist") == "mnist" else f"{config['dataset']}, "
+    return data + title + f" ({config.get('backend_used', config['backend'])})"
+
+
+def load_metrics(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``out_dir/metrics.json`` as a dict, or None if there is none (a run not started)."""
+    path = Path(out_dir) / METRICS_JSON
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        return json.load(f)

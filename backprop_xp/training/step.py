@@ -1,0 +1,149 @@
+"""One training step and one epoch: ``make_step`` (the one place the loop looks at the backend) and ``run_epoch``.
+
+Two rules shape the loop:
+
+* No host synchronisation per step. The loss and the number of correct
+  predictions of every step stay on the device in two small arrays (one slot
+  per step) and are read back once per epoch. On a GPU the Python loop can
+  run ahead of the device; on the CPU it costs two scalar stores per step.
+* The step on NumPy is the definition: ``model.backprop`` then
+  ``optimizer.step()``. On CuPy it is ``cuda.step.make_gpu_step``, the same
+  math fused and captured as a CUDA graph, checked against this one.
+"""
+
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..backend import array_module, to_numpy
+from ..kernels import softmax_cross_entropy_
+
+
+# --------------------------------------------------------------------------- one step, one epoch
+
+
+def make_step(
+    model: Any, optimizer: Any, *, graphs: bool = True, tf32: bool = False
+) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """The training step ``step(xb, yb) -> (loss, n_correct)`` for this model's backend.
+
+    Both results are 0-d arrays left on the device (no synchronisation). On
+    NumPy the step is ``model.backprop`` then ``optimizer.step()``; on CuPy it
+    is the fused, optionally CUDA-graph-captured step of ``gpu_step.py``, with
+    TF32 matrix products if ``tf32``. This is the one place the training loop
+    looks at the backend.
+    """
+    if model.xp is np:
+        backprop, update = model.backprop, optimizer.step
+
+        def step(xb: Any, yb: Any) -> tuple[Any, Any]:
+            loss, n_correct = backprop(xb, yb)
+            update()
+            return loss, n_correct
+
+        return step
+    from ..cuda.step import make_gpu_step  # imported only on CuPy: the CPU path never needs it
+
+    # tf32=False leaves CuPy's global setting alone (a CUPY_TF32=1 the user set stays); the step itself is float32
+    return make_gpu_step(model, optimizer, graphs=graphs, tf32=True if tf32 else None)
+
+
+class EpochSums(NamedTuple):
+    """What one pass over the minibatches adds up to (host numbers)."""
+
+    loss_sum: float  # Σ over steps of (mean batch loss × batch size); NaN if any step diverged
+    n_correct: int
+    n_samples: int
+    first_bad_step: int | None  # index of the first step whose loss was NaN or infinite
+
+
+def run_epoch(
+    step: Callable[[Any, Any], tuple[Any, Any]],
+    batches: Any,
+    epoch: int,
+    *,
+    progress: Callable[[int, float], None] | None = None,
+    progress_every: int = 20,
+    stop_at_nonfinite: bool = False,
+) -> EpochSums:
+    """Run ``step`` over every minibatch of ``batches.epoch(epoch)``; read the sums once, at the end.
+
+    Each step's loss and correct count are stored into a slot of two small
+    device arrays (no host synchronisation); they are copied to the host
+    after the last step, which is also what makes the epoch's wall time
+    honest on a GPU. ``progress(n_samples, running_loss)`` is called every
+    ``progress_every`` steps with the mean loss of those steps (that call does
+    read from the device, so it is only made when a progress bar is shown).
+    With ``stop_at_nonfinite`` the epoch ends at the first step whose loss is
+    NaN or infinite; that check reads each loss, so it is for the CPU, where
+    the loss is already on the host (on a GPU it would wait for the device
+    every step, and the check happens once, at the end of the epoch).
+    """
+    n_steps = len(batches)
+    sizes = np.zeros(n_steps, np.int64)
+    losses = corrects = None
+    done, since = 0, 0
+    for i, (xb, yb) in enumerate(batches.epoch(epoch)):
+        loss, n_correct = step(xb, yb)
+        if losses is None:  # allocated on the step's backend, once per epoch
+            xp = array_module(xb)
+            losses = xp.zeros(n_steps, xp.float64)
+            corrects = xp.zeros(n_steps, xp.int64)
+        losses[i] = loss
+        corrects[i] = n_correct
+        sizes[i] = xb.shape[0]
+        done = i + 1
+        if stop_at_nonfinite and not math.isfinite(loss):
+            break
+        if progress is not None and done % progress_every == 0:
+            progress(int(sizes[since:done].sum()), float(losses[since:done].mean()))
+            since = done
+    if losses is None:
+        return EpochSums(0.0, 0, 0, None)
+    loss_host = to_numpy(losses[:done])  # the epoch's one device-to-host copy
+    n_correct = int(to_numpy(corrects[:done]).sum())
+    if progress is not None and since < done:
+        progress(int(sizes[since:done].sum()), float(loss_host[since:].mean()))
+    bad = np.flatnonzero(~np.isfinite(loss_host))
+    loss_sum = float(loss_host @ sizes[:done].astype(np.float64))
+    return EpochSums(loss_sum, n_correct, int(sizes[:done].sum()), int(bad[0]) if bad.size else None)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model: Any, x: Any, labels: Any) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, labels)``, in large batches.
+
+    ``x`` and ``labels`` may already live on the model's backend (the training
+    loop copies the test set there once); the logits come from ``model.logits``.
+    """
+    xp = model.xp
+    z = model.logits(x)
+    labels = xp.asarray(labels)
+    n = z.shape[0]
+    if n == 0:
+        raise ValueError("evaluate needs at least one example")
+    accuracy = int(xp.count_nonzero(z.argmax(axis=1) == labels)) / n
+    loss = float(softmax_cross_entropy_(z, labels, out=z))  # the training step's own loss (z is scratch now)
+    return loss, accuracy
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int | None = None) -> np.ndarray:
+    """Counts ``C[true, predicted]``; ``n_classes`` defaults to the largest class seen plus one.
+
+    >>> confusion_matrix(np.array([0, 1, 1]), np.array([0, 1, 0]), 2)
+    array([[1, 0],
+           [1, 1]])
+    """
+    labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
+    if n_classes is None:
+        n_classes = int(max(labels.max(initial=0), predicted.max(initial=0))) + 1
+    return np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
