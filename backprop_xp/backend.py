@@ -63,21 +63,21 @@ def _import_cupy() -> ModuleType:
     try:
         n_devices = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
-        raise BackendError(f"backend 'cupy': no usable CUDA device ({_one_line(exc)})") from exc
+        raise BackendError(f"backend 'cupy': no usable CUDA device ({error_line(exc)})") from exc
     if n_devices < 1:
         raise BackendError("backend 'cupy': CuPy is installed but there is no CUDA device")
     try:
         driver = cupy.cuda.runtime.driverGetVersion()
         runtime = cupy.cuda.runtime.runtimeGetVersion()
     except Exception as exc:
-        raise BackendError(f"backend 'cupy': cannot query the CUDA driver ({_one_line(exc)})") from exc
+        raise BackendError(f"backend 'cupy': cannot query the CUDA driver ({error_line(exc)})") from exc
     problem = cuda_version_problem(driver, runtime)
     if problem is not None:
         raise BackendError(f"backend 'cupy': {problem}")
     try:  # the first real allocation and launch: catches a device that exists but cannot be used
         (cupy.arange(4, dtype=cupy.float32) * 2).sum().item()
     except Exception as exc:
-        raise BackendError(f"backend 'cupy': the CUDA device cannot run a kernel ({_one_line(exc)})") from exc
+        raise BackendError(f"backend 'cupy': the CUDA device cannot run a kernel ({error_line(exc)})") from exc
     try:  # the training step's matrix products go through cuBLAS via nvmath-python (cublas.py)
         from nvmath.bindings import cublas
     except ImportError as exc:
@@ -88,7 +88,7 @@ def _import_cupy() -> ModuleType:
     try:  # the bindings load libcublas at the first call: make that call now, not inside the first step
         cublas.destroy(cublas.create())
     except Exception as exc:
-        raise BackendError(f"backend 'cupy': nvmath-python cannot open cuBLAS ({_one_line(exc)})") from exc
+        raise BackendError(f"backend 'cupy': nvmath-python cannot open cuBLAS ({error_line(exc)})") from exc
     return cupy
 
 
@@ -117,9 +117,13 @@ def _cuda_version(v: int) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}"
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def error_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an exception's message (and its type, if asked): what a one-line notice shows."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if with_type:
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text or type(exc).__name__
 
 
 def get_backend(name: str = "numpy") -> Backend:

@@ -492,23 +492,6 @@ def test_cublas_output_layer_when_the_fused_kernel_does_not_fit(cupy):
         make_gpu_step(m, bx.SGD(m, lr=0.1), fused=True)(x, y)
 
 
-def test_graph_max_batch_leaves_large_batches_eager(cupy):
-    rng = np.random.default_rng(14)
-    n = sum(SIZES)
-    x = rng.random((n, 784)).astype(np.float64)
-    y = rng.integers(0, 10, n)
-
-    def limit(step):
-        step.graph_max_batch = 20
-
-    ref, _, ref_history = _reference_run("relu", "float64", 0.9, 0.0, x, y, SIZES, LRS)
-    got, step, history, _ = _fused_run(cupy, True, "relu", "float64", 0.9, 0.0, x, y, SIZES, LRS, prepare=limit)
-    assert step._buffers[50].graphs == {} and len(step._buffers[17].graphs) == 1
-    np.testing.assert_allclose(np.array(history), np.array(ref_history), rtol=1e-9)
-    for name in ref.params:
-        close(got.params[name], ref.params[name], "float64", rtol=1e-9)
-
-
 class _RefusingStream:
     """A real stream whose begin_capture fails, as on a CuPy that refuses cuBLAS under capture."""
 

@@ -33,6 +33,7 @@ they get here, so this is a guard, not an interface).
 from __future__ import annotations
 
 import functools
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -534,7 +535,7 @@ class BlockPartials:
     counter, so no memset is needed between launches or graph replays.
     """
 
-    def __init__(self, xp: Any, n_blocks: int, width: int, dtype: Any) -> None:
+    def __init__(self, xp: ModuleType, n_blocks: int, width: int, dtype: Any) -> None:
         self.n_blocks = n_blocks
         self.partial_sums = xp.zeros((n_blocks, width), dtype)
         self.partial_correct = xp.zeros(n_blocks, xp.int64)
@@ -544,7 +545,7 @@ class BlockPartials:
 class XentScratch(BlockPartials):
     """``BlockPartials`` of ``softmax_xent_step``: a block per ``XENT_BLOCK`` rows, ``1 + K`` sums each."""
 
-    def __init__(self, xp: Any, batch: int, n_classes: int, dtype: Any) -> None:
+    def __init__(self, xp: ModuleType, batch: int, n_classes: int, dtype: Any) -> None:
         super().__init__(xp, -(-batch // XENT_BLOCK), n_classes + 1, dtype)
 
 
@@ -613,7 +614,7 @@ def output_layer_fits(batch: int, n_hidden: int, n_classes: int, dtype: Any, sha
 class OutputLayerScratch(BlockPartials):
     """``BlockPartials`` of ``output_layer_step`` for one batch size: ``1 + K + H + K·H`` sums a block."""
 
-    def __init__(self, xp: Any, batch: int, n_hidden: int, n_classes: int, dtype: Any) -> None:
+    def __init__(self, xp: ModuleType, batch: int, n_hidden: int, n_classes: int, dtype: Any) -> None:
         self.rows_per_block, n_blocks = output_layer_grid(batch)
         super().__init__(xp, n_blocks, 1 + n_classes + n_hidden + n_classes * n_hidden, dtype)
         self.shared_bytes = output_layer_shared_bytes(batch, n_hidden, n_classes, dtype)

@@ -60,11 +60,15 @@ and the GPU tests fail on a real GPU when that happens.
 from __future__ import annotations
 
 import sys
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
 
+from ..model import MLP
+from ..optim import SGD
 from . import kernels as kc
+from ..backend import error_line
 from .cublas import Blas
 
 # How many batch sizes keep buffers (and graphs): a training run uses two, the
@@ -92,7 +96,7 @@ def set_tf32(enabled: bool) -> None:
 class _Buffers:
     """Everything one batch size needs on the device, allocated once, and its graphs."""
 
-    def __init__(self, xp: Any, model: Any, batch: int, fused: bool) -> None:
+    def __init__(self, xp: ModuleType, model: MLP, batch: int, fused: bool) -> None:
         dt, h, k = model.dtype, model.n_hidden, model.n_outputs
         self.batch = batch
         self.a1 = xp.empty((batch, h), dt)  # z1, then a1 = f(z1 + b1) in place
@@ -133,10 +137,6 @@ class GpuStep:
         Let the step's float32 matrix products use TF32 tensor cores.
     notice : callable, default: print to stderr
         Where the one-line "graph capture failed, running eagerly" goes.
-    graph_max_batch : int or None, default None
-        Batch sizes above this run eagerly even with ``graphs=True`` (at
-        large batches the GPU work outlasts the host's launches anyway). None:
-        graphs at every size.
 
     Attributes
     ----------
@@ -152,14 +152,13 @@ class GpuStep:
 
     def __init__(
         self,
-        model: Any,
-        optimizer: Any,
+        model: MLP,
+        optimizer: SGD,
         *,
         graphs: bool = True,
         fused: bool | None = None,
         tf32: bool = False,
         notice: Callable[[str], None] | None = None,
-        graph_max_batch: int | None = None,
     ) -> None:
         import cupy
 
@@ -172,7 +171,6 @@ class GpuStep:
         self._fused_choice = fused
         runtime = cupy.cuda.runtime
         self._shared_limit = runtime.deviceGetAttribute(97, runtime.getDevice())  # cudaDevAttrMaxSharedMemoryPerBlockOptin
-        self.graph_max_batch = graph_max_batch
         self.capture_error: str | None = None
         self.n_captures = self.n_replays = 0
         self.blas = Blas(cupy, tf32=tf32)
@@ -312,7 +310,7 @@ class GpuStep:
     # ------------------------------------------------------------------ CUDA graphs
     def _graph_for(self, buf: _Buffers, x: Any, labels: Any) -> Any:
         """The graph for these inputs' addresses (captured now if new and room is left), or None: run eagerly."""
-        if self.mode != "graphs" or (self.graph_max_batch is not None and buf.batch > self.graph_max_batch):
+        if self.mode != "graphs":
             return None
         if not (x.flags.c_contiguous and labels.flags.c_contiguous):
             return None
@@ -342,15 +340,15 @@ class GpuStep:
                 try:
                     self._launch(x, labels, buf)
                 except Exception as exc:  # noqa: BLE001 - reported below; the capture must still be ended
-                    error = _one_line(exc)
+                    error = error_line(exc, with_type=True)
                 try:
                     graph = stream.end_capture()
                 except Exception as exc:  # noqa: BLE001
-                    error = error or _one_line(exc)
+                    error = error or error_line(exc, with_type=True)
             if error is None and graph is not None:  # instantiate and upload now, not inside the first replay
                 graph.upload(cupy.cuda.get_current_stream())
         except Exception as exc:  # noqa: BLE001 - any failure means "no graph here"; the reason is reported
-            error = error or _one_line(exc)
+            error = error or error_line(exc, with_type=True)
         if error is not None or graph is None:
             self.mode = "eager"
             self.capture_error = error or "capture returned no graph"
@@ -363,19 +361,13 @@ class GpuStep:
         return True
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 def make_gpu_step(
-    model: Any,
-    optimizer: Any,
+    model: MLP,
+    optimizer: SGD,
     *,
     graphs: bool = True,
     tf32: bool | None = None,
     fused: bool | None = None,
-    graph_max_batch: int | None = None,
 ) -> GpuStep:
     """The fused training step for a CuPy ``model`` and its ``optimizer``.
 
@@ -392,8 +384,6 @@ def make_gpu_step(
         step in full float32.
     fused : bool or None, default None
         The fused output-layer kernel where it fits (see ``GpuStep``).
-    graph_max_batch : int or None, default None
-        Larger batches run eagerly (see ``GpuStep``).
 
     Returns
     -------
@@ -403,4 +393,4 @@ def make_gpu_step(
     """
     if tf32 is not None:
         set_tf32(tf32)
-    return GpuStep(model, optimizer, graphs=graphs, fused=fused, tf32=bool(tf32), graph_max_batch=graph_max_batch)
+    return GpuStep(model, optimizer, graphs=graphs, fused=fused, tf32=bool(tf32))

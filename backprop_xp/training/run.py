@@ -35,7 +35,7 @@ import numpy as np
 from ..backend import synchronize
 from ..files import make_out_dir
 from ..progress import progress_bar
-from ..backend import get_backend
+from ..backend import Backend, get_backend
 from ..data import Minibatches, load_dataset, train_val_split
 from ..data.augment import distort
 from ..model import MLP
@@ -297,7 +297,7 @@ def load_run_data(config: TrainConfig) -> RunData:
 
 
 def build_model(
-    config: TrainConfig, out: Path, backend: Any, data: RunData, saved: tuple[TrainConfig, dict[str, Any]] | None
+    config: TrainConfig, out: Path, backend: Backend, data: RunData, saved: tuple[TrainConfig, dict[str, Any]] | None
 ) -> tuple[MLP, SGD, dict[str, Any], int]:
     """``(model, optimizer, metrics, epochs_done)``: new, or restored from the checkpoint of the run to continue."""
     if saved is None:
@@ -336,7 +336,7 @@ def build_model(
 
 
 def announce(
-    config: TrainConfig, out: Path, backend: Any, data: RunData, epochs_done: int, say: Callable[[str], None], verbose: bool
+    config: TrainConfig, out: Path, backend: Backend, data: RunData, epochs_done: int, say: Callable[[str], None], verbose: bool
 ) -> None:
     """The first lines of a run: the backend, then what is trained (or where a resume continues)."""
     say(f"backend {backend.name} ({_backend_note(config.backend, backend)})")
@@ -515,7 +515,7 @@ def summary_line(metrics: dict[str, Any], out: str | os.PathLike) -> str:
     return f"done: {accuracy}, {plural(len(rows), 'epoch')} in {seconds:.1f} s, in {out}"
 
 
-def _backend_note(asked: str, backend: Any) -> str:
+def _backend_note(asked: str, backend: Backend) -> str:
     """Why this backend, in a few words (the full reason is in metrics.json and --verbose)."""
     if backend.is_gpu:
         return environment(backend).get("gpu", "GPU")

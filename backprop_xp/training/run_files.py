@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import to_numpy
+from ..backend import Backend, to_numpy
 from ..files import atomic_write, read_npz
-from ..model import PARAM_NAMES
+from ..model import MLP, PARAM_NAMES
+from ..optim import SGD
 from .config import TrainConfig
 from .step import confusion_matrix
 
@@ -28,7 +29,7 @@ MODEL = "model.npz"
 BEST = "best.npz"  # with --keep-best: the parameters of the best validation epoch so far
 
 
-def environment(backend: Any) -> dict[str, Any]:
+def environment(backend: Backend) -> dict[str, Any]:
     """Versions and machine: what a reader needs to compare two runs' timings."""
     from .. import __version__
 
@@ -93,7 +94,7 @@ def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
         f.write(text.getvalue())
 
 
-def save_checkpoint(out_dir: Path, model: Any, optimizer: Any, epochs_done: int, config: dict, metrics: dict) -> None:
+def save_checkpoint(out_dir: Path, model: MLP, optimizer: SGD, epochs_done: int, config: dict, metrics: dict) -> None:
     velocity = optimizer.velocity
     model.save(
         out_dir / CHECKPOINT,
@@ -108,7 +109,7 @@ def save_checkpoint(out_dir: Path, model: Any, optimizer: Any, epochs_done: int,
 
 
 
-def load_params(path: Path, model: Any) -> int:
+def load_params(path: Path, model: MLP) -> int:
     """Put the parameters saved in ``path`` (``best.npz``) into ``model``; return their epoch."""
 
     arrays = read_npz(path, "a backprop-xp model file")
@@ -117,7 +118,7 @@ def load_params(path: Path, model: Any) -> int:
     return int(arrays["train.epoch"])
 
 
-def restore_state(path: Path, model: Any, optimizer: Any) -> int:
+def restore_state(path: Path, model: MLP, optimizer: SGD) -> int:
     """Put the checkpoint's momentum buffer into ``optimizer``; return the epochs already done."""
     arrays = read_npz(path, "a backprop-xp checkpoint")
     try:
@@ -131,7 +132,7 @@ def restore_state(path: Path, model: Any, optimizer: Any) -> int:
     return epochs_done
 
 
-def draw_run_pictures(out: Path, model: Any, metrics: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray) -> None:
+def draw_run_pictures(out: Path, model: MLP, metrics: dict[str, Any], x_test: np.ndarray, y_test: np.ndarray) -> None:
     """curves.png, confusion.png, misclassified.png and weights.png for a finished run.
 
     The last two draw images, so they are drawn only when the inputs form a square picture.
@@ -149,7 +150,7 @@ def draw_run_pictures(out: Path, model: Any, metrics: dict[str, Any], x_test: np
         plots.weight_grid(to_numpy(model.params["W1"]), out / "weights.png")
 
 
-def _run_title(config: dict[str, Any], model: Any) -> str:
+def _run_title(config: dict[str, Any], model: MLP) -> str:
     title = (
         f"{model.n_inputs}-{model.n_hidden}-{model.n_outputs} {config['activation']}, batch {config['batch_size']}, "
         f"lr {config['lr']:g} ({config['lr_schedule']}), momentum {config['momentum']:g}"

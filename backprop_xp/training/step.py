@@ -22,13 +22,15 @@ import numpy as np
 
 from ..backend import array_module, to_numpy
 from ..kernels import softmax_cross_entropy_
+from ..model import MLP
+from ..optim import SGD
 
 
 # --------------------------------------------------------------------------- one step, one epoch
 
 
 def make_step(
-    model: Any, optimizer: Any, *, graphs: bool = True, tf32: bool = False
+    model: MLP, optimizer: SGD, *, graphs: bool = True, tf32: bool = False
 ) -> Callable[[Any, Any], tuple[Any, Any]]:
     """The training step ``step(xb, yb) -> (loss, n_correct)`` for this model's backend.
 
@@ -117,7 +119,7 @@ def run_epoch(
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: Any, x: Any, labels: Any) -> tuple[float, float]:
+def evaluate(model: MLP, x: Any, labels: Any) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``(x, labels)``, in large batches.
 
     ``x`` and ``labels`` may already live on the model's backend (the training
