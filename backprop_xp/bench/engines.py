@@ -151,11 +151,11 @@ def load_data(data_dir: str | None, train_size: int = 0, random_samples: int = 0
     return Data(np.ascontiguousarray(x), y, x_test, y_test, f"MNIST from {where}: {len(x):,} training, {len(x_test):,} test images")
 
 
-def initial_params(hidden: int) -> dict[str, np.ndarray]:
-    """Our initial parameters (He normal, zero biases, seed 0), as NumPy float32 arrays."""
+def initial_params(hidden: int, seed: int = SEED) -> dict[str, np.ndarray]:
+    """Our initial parameters (He normal, zero biases), as NumPy float32 arrays."""
     from ..model import MLP
 
-    model = MLP(N_INPUTS, hidden, N_OUTPUTS, activation="relu", backend="numpy", dtype="float32", seed=SEED)
+    model = MLP(N_INPUTS, hidden, N_OUTPUTS, activation="relu", backend="numpy", dtype="float32", seed=seed)
     return {name: value.copy() for name, value in model.params.items()}
 
 
@@ -361,10 +361,10 @@ class SklearnEngine(_CpuEngine):
 # --------------------------------------------------------------------------- PyTorch
 
 
-def torch_mlp(torch: Any, hidden: int, device: str = "cpu") -> Any:
+def torch_mlp(torch: Any, hidden: int, device: str = "cpu", seed: int = SEED) -> Any:
     """``nn.Sequential(Linear, ReLU, Linear)`` holding our initial parameters, on ``device``."""
     net = torch.nn.Sequential(torch.nn.Linear(N_INPUTS, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, N_OUTPUTS))
-    init = initial_params(hidden)
+    init = initial_params(hidden, seed)
     with torch.no_grad():  # the very same start as ours (He normal, zero biases)
         net[0].weight.copy_(torch.from_numpy(init["W1"]))
         net[0].bias.copy_(torch.from_numpy(init["b1"]))

@@ -35,6 +35,7 @@ from .engines import ENGINES, LR, MOMENTUM, TORCH_ENGINES, device_of
 from .worker import Worker, WorkerDied
 
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+WORKLOADS = ("epoch", "step", "infer")  # the table's order
 
 
 @dataclass
@@ -269,7 +270,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     accuracy = {(a["engine"], a["hidden"], a["batch"]): a["test_accuracy"] for a in result["accuracy"]}
     order = {name: i for i, name in enumerate(ENGINES)}
     rows = []
-    for (hidden, batch, workload, name), ms in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "epoch", kv[0][2], order[kv[0][3]])):
+    for (hidden, batch, workload, name), ms in sorted(groups.items(), key=lambda kv: (*kv[0][:2], WORKLOADS.index(kv[0][2]), order[kv[0][3]])):
         seconds = [m["seconds"] for m in ms]
         bounds = [m["bound_seconds"] for m in ms]
         n = _samples(result, name, workload, batch)

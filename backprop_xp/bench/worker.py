@@ -152,6 +152,8 @@ def _engine_info(engine: str, threads: int) -> dict[str, Any]:
         info["torch_threads"] = torch.get_num_threads()
         config = torch.__config__.show().replace(",", " ").split()
         info["torch_blas"] = next((p.split("=", 1)[1] for p in config if p.startswith("BLAS_INFO=")), "?")
+        if torch.backends.mkldnn.is_available():
+            info["torch_blas"] += " (+ oneDNN)"
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
             info["torch_cuda"] = torch.version.cuda
