@@ -136,7 +136,7 @@ def run(settings: Settings, echo: Callable[[str], None] = print, on_round: Calla
                 echo(f"first epoch   {_shape_name(hidden, batch):24s} {name:17s} {answer['seconds']:8.3f} s"
                      f"  (built in {answer['build_seconds']:.2f} s)")  # fmt: skip
         if on_round:
-            on_round(_finish(result, started, final=False))
+            on_round(_finish(result, started))
         last_round = 0.0
         for r in range(1, settings.epochs + 1):
             elapsed = time.perf_counter() - started
@@ -168,7 +168,7 @@ def run(settings: Settings, echo: Callable[[str], None] = print, on_round: Calla
                         echo(_round_line(r, settings.epochs, name, hidden, batch, workload, answer, result))
             last_round = time.perf_counter() - round_start
             if on_round:
-                on_round(_finish(result, started, final=False))
+                on_round(_finish(result, started))
         for hidden, batch in shapes:
             for name in list(workers):
                 if (name, hidden, batch) in failed:
@@ -244,7 +244,8 @@ def _samples(result: dict, name: str, workload: str, batch: int) -> int:
     return n_train if workload == "epoch" else fixed_batch_count(n_train, batch) * batch
 
 
-def _finish(result: dict[str, Any], started: float, final: bool = True) -> dict[str, Any]:
+def _finish(result: dict[str, Any], started: float) -> dict[str, Any]:
+    """Seconds so far, the load now, and the rows of the rounds so far (called after each round and at the end)."""
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_average_end"] = _load()
     result["rows"] = summarize(result)
