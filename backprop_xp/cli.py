@@ -425,7 +425,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-s", type=positive_float, default=180.0, metavar="S", help="start no round that would end after S seconds; at least one runs (default: 180)")
     p.add_argument("--threads", type=positive_int, help="CPU threads of every CPU engine (default: all cores)")
     p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=DATA_HELP)
-    p.add_argument("--train-size", type=count, default=0, metavar="N", help="epochs of the first N training images; 0 = all (default: 0)")
+    p.add_argument(
+        "--train-size", type=count, default=20_000, metavar="N",
+        help="an epoch is the first N training images; 0 = all 60,000 (default: 20000, so that the default run with every CPU engine fits its budget)",
+    )  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="folder for bench.json, bench.md and bench.png (default: a new folder under runs/)")
     p.set_defaults(handler=_cmd_bench)
 

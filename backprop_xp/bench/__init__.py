@@ -44,8 +44,8 @@ def command(args: Any) -> int:
     os.makedirs(out, exist_ok=True)
     command_line = (
         f"backprop-xp bench --hidden {','.join(map(str, args.hidden))} --batch-size {','.join(map(str, args.batch_size))} "
-        f"--engines {','.join(args.engines)} --epochs {args.epochs} --budget-s {args.budget_s:g} --threads {threads}"
-        + (f" --train-size {args.train_size}" if args.train_size else "")
+        f"--engines {','.join(args.engines)} --epochs {args.epochs} --budget-s {args.budget_s:g} --threads {threads} "
+        f"--train-size {args.train_size}"
     )
     settings = Settings(
         hidden=args.hidden, batch_sizes=args.batch_size, engines=args.engines, epochs=args.epochs,
