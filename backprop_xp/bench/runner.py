@@ -199,6 +199,7 @@ def _start(settings: Settings, result: dict[str, Any], workers: dict[str, Worker
             first = {"failed": str(exc)}
         if "info" in first:
             result["engines"][name] = {"device": device_of(name), "what": ENGINES[name][1], **first["info"]}
+            echo(f"{name}: {_describe(first['info'])}")
             continue
         reason = first.get("missing") or f"could not start: {first.get('failed')}"
         result["missing"][name] = reason
@@ -208,6 +209,22 @@ def _start(settings: Settings, result: dict[str, Any], workers: dict[str, Worker
     if workers:
         echo(f"engines: {', '.join(workers)}; {settings.threads} CPU thread(s) each; "
              f"{next(iter(result['engines'].values()))['data']}")  # fmt: skip
+
+
+def _describe(info: dict[str, Any]) -> str:
+    """One line of versions: the library, its BLAS and the kernel OpenBLAS picked, threads, GPU."""
+    parts = [f"NumPy {info['numpy']}"]
+    if "blas" in info:
+        parts.append(f"BLAS {info['blas']} ({info.get('blas_kernel') or '?'} kernels, {info.get('blas_threads') or '?'} threads)")
+    if "sklearn" in info:
+        parts.append(f"scikit-learn {info['sklearn']}")
+    if "torch" in info:
+        parts.append(f"PyTorch {info['torch']} ({info['torch_threads']} threads, BLAS {info['torch_blas']})")
+    if "cupy" in info:
+        parts.append(f"CuPy {info['cupy']}")
+    if "gpu" in info:
+        parts.append(f"GPU {info['gpu']}")
+    return ", ".join(parts)
 
 
 def _ask(workers: dict[str, Worker], name: str, result: dict, echo: Callable[[str], None], job: str, **fields: Any) -> dict | None:
