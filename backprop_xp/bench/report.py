@@ -127,6 +127,8 @@ def bar_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
     if engines:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set_yscale("log")
+        speeds = [r["samples_per_s"] for r in rows]
+        ax.set_ylim(min(speeds) / 3, max(speeds) * 3)  # room for the labels above the bars
     ax.set_xticks(range(len(shapes)), [f"784-{h}-10\nbatch {b}" for h, b in shapes])
     ax.set_ylabel("training samples/s (log scale, higher is better)")
     m = result["machine"]
