@@ -110,7 +110,9 @@ def _blas_info() -> dict[str, Any]:
         return {"blas": "unknown (install threadpoolctl to see it)"}
     import numpy  # noqa: F401 - threadpoolctl only sees libraries already loaded
 
-    blas = next((i for i in threadpool_info() if i.get("user_api") == "blas"), None)
+    found = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    # NumPy's own, where SciPy (imported by scikit-learn) brings a second OpenBLAS: the matrix products go through NumPy.
+    blas = next((i for i in found if "numpy" in str(i.get("filepath", ""))), found[0] if found else None)
     if blas is None:
         return {"blas": "unknown (threadpoolctl found no BLAS)"}
     return {
