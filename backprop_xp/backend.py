@@ -78,7 +78,7 @@ def _import_cupy() -> ModuleType:
         (cupy.arange(4, dtype=cupy.float32) * 2).sum().item()
     except Exception as exc:
         raise BackendError(f"backend 'cupy': the CUDA device cannot run a kernel ({error_line(exc)})") from exc
-    try:  # the training step's matrix products go through cuBLAS via nvmath-python (cublas.py)
+    try:  # the training step's matrix products go through cuBLAS via nvmath-python (cuda/cublas.py)
         from nvmath.bindings import cublas
     except ImportError as exc:
         raise BackendError(

@@ -1,6 +1,6 @@
 """The command line: ``backprop-xp`` or ``python -m backprop_xp``.
 
-Commands: ``train``, ``evaluate``, ``predict``, ``sweep``, ``show-data``. Each is
+Commands: ``train``, ``evaluate``, ``predict``, ``sweep``, ``bench``, ``show-data``. Each is
 a parser-building function and a handler. Bad arguments end with a one-line
 message and exit code 2 (argparse's convention); errors the user can fix (a
 malformed file, a backend that cannot run here) print one line, no traceback,
@@ -475,6 +475,44 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench.engines import ENGINES  # names only: no engine library is imported here
+
+    p = sub.add_parser(
+        "bench",
+        help="time the same training on every engine installed here (ours, PyTorch, scikit-learn; CPU and GPU)",
+        description=(
+            "Train 784-H-10 (ReLU, SGD with momentum 0.9, float32) on MNIST with every engine that can run here, each "
+            "in its own process, rounds interleaved across engines: samples/s, ms per epoch, the ratio to the fastest "
+            "PyTorch engine on the same device, test accuracy after the epochs, and the fraction of the step's matrix-"
+            "product bound. Writes bench.json, bench.md and bench.png; engines that cannot run are listed with the "
+            "reason; Ctrl-C prints the table of what was measured so far. The defaults take about 3 minutes on a 2-core CPU."
+        ),
+    )
+    p.add_argument("--hidden", type=list_of(positive_int), default=[128, 800], metavar="N,N", help="hidden sizes (default: 128,800)")
+    p.add_argument("--batch-size", type=list_of(positive_int), default=[32, 128, 4096], metavar="B,B", help="batch sizes (default: 32,128,4096)")
+    p.add_argument("--engines", type=list_of(choice_of(tuple(ENGINES))), default=list(ENGINES), metavar="E,E", help=f"a subset of {','.join(ENGINES)} (default: all)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="timed epochs per engine and shape, after one first epoch (default: 3)")
+    p.add_argument("--budget-s", type=positive_float, default=180.0, metavar="S", help="start no round that would end after S seconds; at least one runs (default: 180)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads of every CPU engine (default: all cores)")
+    p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=DATA_HELP)
+    p.add_argument(
+        "--train-size", type=count, default=20_000, metavar="N",
+        help="an epoch is the first N training images; 0 = all 60,000 (default: 20000, so that the default run with every CPU engine fits its budget)",
+    )  # fmt: skip
+    p.add_argument("--out", metavar="DIR", help="folder for bench.json, bench.md and bench.png (default: a new folder under runs/)")
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import command
+
+    return command(args)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -489,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_predict(sub)
     _add_sweep(sub)
+    _add_bench(sub)
     _add_show_data(sub)
     return parser
 

@@ -4,7 +4,7 @@ Every function here is written once against the array module of its arguments
 (NumPy or CuPy), works in place on buffers the caller owns, and is the
 reference the tests check everything else against. The fused CUDA versions of
 the same operations (one kernel launch each) live beside these in
-``kernels_cuda.py`` and are compared with these functions by the GPU tests.
+``cuda/kernels.py`` and are compared with these functions by the GPU tests.
 
 Why in place: the training step reuses the same few buffers every step, so the
 hot loop allocates nothing of size batch x hidden (see ``model.py``).

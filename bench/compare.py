@@ -1,26 +1,24 @@
-"""backprop-xp against PyTorch on the CPU, measured in the same run; writes the results table.
+"""backprop-xp against PyTorch on the CPU, with step and inference rows: a caller of ``backprop-xp bench``.
 
     python bench/compare.py                  # the full run (a few minutes on 2 cores)
     python bench/compare.py --quick          # a tiny run, to check that it works
 
-For every hidden size (128, 800) and batch size (32, 128, 512), float32:
+The measuring is ``backprop_xp.bench`` (engines ``numpy`` and ``torch-cpu``,
+each in its own worker process, rounds interleaved); this script only picks
+its settings and writes the results in the format of ``bench/RESULTS.md``,
+which ``backprop-xp bench`` does not: on MNIST-shaped random data (no MNIST
+needed), for every hidden size (128, 800) and batch size (32, 128, 512),
+float32,
 
 * ``epoch``: a full training epoch (shuffle, forward, backward, SGD with
-  momentum, loss and accuracy) over ``--samples`` MNIST-shaped examples,
+  momentum, loss and accuracy) over ``--samples`` examples,
 * ``step``: training steps on batches already in memory,
 * ``infer``: predicted labels of batches (forward pass only),
 
-each for ours and for PyTorch, interleaved (ours, theirs, theirs, ours, ...)
-for ``--rounds`` rounds, plus the matrix-product bound (``workloads.GemmBound``)
-at the same shape. Every number is the median over the rounds; the ratio is the
-median of the per-round ratios, so that a machine slowed down for a moment
-slows both sides of a pair alike.
-
-Each contestant runs in its own worker process (this script with ``--worker``),
-driven one job at a time over a pipe. In one process, OpenBLAS's threads and
-PyTorch's OpenMP threads each busy-wait for a while after a call and steal the
-cores from the other side's next call; that made same-process timings swing
-by 10x on a 2-core machine. Separate processes are also how users run them.
+each for ours and for PyTorch, for ``--rounds`` rounds, plus the matrix-product
+bound on NumPy's BLAS at the same shape. Every number is the median over the
+rounds; the ratio is the median of the per-round ratios, so that a machine
+slowed down for a moment slows both sides of a pair alike.
 
 The table is printed, and written to ``bench/results-cpu.json`` and
 ``bench/RESULTS.md`` together with the CPU, the core count, the NumPy, BLAS and
@@ -30,7 +28,8 @@ OpenBLAS environment: some machines set ``OPENBLAS_CORETYPE`` and
 ``OPENBLAS_L2_SIZE``, which make a current NumPy's OpenBLAS pick slower
 kernels than the CPU allows. A user's machine does not set them, so this
 script removes both from its own environment (and only its own: it re-executes
-itself without them) and says so. Tests and CI never do this.
+itself without them; the workers inherit that) and says so. ``backprop-xp
+bench`` leaves them as they are. Tests and CI never remove them.
 """
 
 from __future__ import annotations
@@ -63,12 +62,10 @@ def _parse(argv):
     import argparse
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import workloads as w
-
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source tree, nothing installed
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, nargs="+", default=list(w.HIDDEN_SIZES))
-    parser.add_argument("--batch", type=int, nargs="+", default=list(w.BATCH_SIZES))
+    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 800])
+    parser.add_argument("--batch", type=int, nargs="+", default=[32, 128, 512])
     parser.add_argument("--samples", type=int, default=60_000, help="examples per training epoch (default 60000)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="BLAS and PyTorch threads (default: the cores)")
@@ -82,7 +79,6 @@ def _parse(argv):
     )
     parser.add_argument("--out", help="folder for results-cpu.json and RESULTS.md (default: bench/; a temporary one with --quick)")
     parser.add_argument("--keep-openblas-env", action="store_true", help="leave OPENBLAS_CORETYPE/L2_SIZE alone (tests)")
-    parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.rounds = min(args.samples, 2048), min(args.rounds, 2)
@@ -104,226 +100,91 @@ def main(argv: list[str] | None = None) -> int:
     # Before anything imports NumPy. Tests keep the machine's environment as it is.
     removed = [] if "--keep-openblas-env" in argv else _drop_openblas_env()
     args = _parse(argv)
-    if args.worker:
-        return _worker(args)
 
-    import datetime
     import json
-    import time
+    import math
     from pathlib import Path
 
-    import numpy as np
-
+    from backprop_xp.bench import Settings, run
     from backprop_xp.files import atomic_write
 
-    try:
-        import torch  # noqa: F401  (only to fail early, with a clear message)
-    except ImportError:
-        print("compare.py needs PyTorch for the comparison (pip install torch==2.13.0, the CPU build)", file=sys.stderr)
-        return 1
     if removed:
         print(f"compare.py: removed {', '.join(removed)} from its own environment and its workers' (see the docstring)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = _output_names(out, args.clock)
-
-    def write(rows, elapsed, complete):
-        # Rewritten after every shape, so that a run cut short still leaves what it measured.
-        result = {
-            "command": "python bench/compare.py " + " ".join(sys.argv[1:]),
-            "clock": args.clock,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "seconds": round(elapsed, 1),
-            "complete": complete,
-            "samples_per_epoch": args.samples,
-            "rounds": args.rounds,
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "machine": machine,
-            "rows": rows,
-            "targets": _targets(rows),
-        }
-        with atomic_write(json_path) as f:
-            json.dump(result, f, indent=1)
-        with atomic_write(md_path) as f:
-            f.write(_markdown(result))
-        return result
-
-    workers = {who: _Worker(who, args) for who in ("ours", "torch")}
-    try:
-        machine = {**workers["ours"].info, **workers["torch"].info, "openblas_env_removed": removed}
-        print("  ".join(f"{key}: {value}" for key, value in machine.items()))
-        rows = []
-        started = time.perf_counter()
-        for hidden in args.hidden:
-            for batch in args.batch:
-                rows.extend(_measure_shape(workers, hidden, batch, args, np))
-                for row in rows[-3:]:
-                    print(_format_row(row), flush=True)
-                write(rows, time.perf_counter() - started, complete=False)
-        elapsed = time.perf_counter() - started
-        result = write(rows, elapsed, complete=True)
-    finally:
-        for worker in workers.values():
-            worker.close()
-
+    settings = Settings(
+        hidden=args.hidden, batch_sizes=args.batch, engines=["numpy", "torch-cpu"], epochs=args.rounds,
+        budget_s=math.inf, threads=args.threads, random_samples=args.samples, workloads=("epoch", "step", "infer"),
+        clock=args.clock, command="python bench/compare.py " + " ".join(argv),
+    )  # fmt: skip
+    bench = run(settings)
+    if "torch-cpu" in bench["missing"]:
+        print(f"compare.py needs PyTorch for the comparison: {bench['missing']['torch-cpu']}", file=sys.stderr)
+        return 1
+    if bench["errors"] or "numpy" in bench["missing"]:
+        print(f"compare.py: the run failed: {bench['errors'] or bench['missing']}", file=sys.stderr)
+        return 1
+    rows = _rows(bench)
+    result = {
+        "command": settings.command,
+        "clock": args.clock,
+        "date": bench["date"],
+        "seconds": bench["seconds"],
+        "complete": bench["complete"],
+        "samples_per_epoch": args.samples,
+        "rounds": args.rounds,
+        "load_average": bench["machine"]["load_average_end"],
+        "machine": _machine(bench, args.threads, removed),
+        "rows": rows,
+        "targets": _targets(rows),
+    }
+    with atomic_write(json_path) as f:
+        json.dump(result, f, indent=1)
+    with atomic_write(md_path) as f:
+        f.write(_markdown(result))
     print()
     print(_table(rows))
     for target in result["targets"]:
         print(_format_target(target))
-    print(f"wrote {json_path} and {md_path} ({elapsed:.0f} s)")
-    return 0
+    print(f"wrote {json_path} and {md_path} ({bench['seconds']:.0f} s)")
+    return 0 if bench["complete"] else 130
 
 
-def _output_names(out, clock: str):
-    """``results-cpu.json`` and ``RESULTS.md`` for wall time; ``*-cputime`` for the CPU-time cross-check."""
-    suffix = "" if clock == "wall" else "-cputime"
-    return out / f"results-cpu{suffix}.json", out / f"RESULTS{suffix}.md"
+def _machine(bench: dict, threads: int, removed: list[str]) -> dict:
+    """The machine keys of ``RESULTS.md``, from what the two workers reported."""
+    ours, theirs = bench["engines"]["numpy"], bench["engines"]["torch-cpu"]
+    return {
+        "cpu": bench["machine"]["cpu"],
+        "cores": bench["machine"]["cores"],
+        "threads": threads,
+        "python": ours["python"],
+        "numpy": ours["numpy"],
+        "blas": f"{ours['blas']} ({ours.get('blas_kernel') or '?'} kernels, {ours.get('blas_threading') or '?'}, "
+        f"{ours.get('blas_threads') or '?'} threads)",
+        "torch": theirs["torch"],
+        "torch_threads": theirs["torch_threads"],
+        "torch_blas": theirs["torch_blas"],
+        "train_loop": "backprop_xp.training.run_epoch + data.Minibatches + training.make_step (backprop_xp.bench engine numpy)",
+        "openblas_env_removed": removed,
+    }
 
 
-# --------------------------------------------------------------------------- the worker processes
-
-
-class _Worker:
-    """A ``compare.py --worker WHO`` process: one line of JSON per job, one line back."""
-
-    def __init__(self, who: str, args) -> None:
-        import json
-        import subprocess
-
-        self.who, self._json = who, json
-        command = [sys.executable, os.path.abspath(__file__), "--worker", who, "--samples", str(args.samples),
-                   "--threads", str(args.threads), "--clock", args.clock, "--keep-openblas-env"]  # fmt: skip
-        # The BLAS thread count is also set through the environment, which the
-        # worker's BLAS reads when it loads: that works without threadpoolctl.
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env
-        )
-        self.info = self.ask({"job": "info"})
-
-    def ask(self, request: dict):
-        self.process.stdin.write(self._json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the {self.who} worker died (its error is printed above)")
-        return self._json.loads(line)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=30)
-
-
-def _worker(args) -> int:
-    """Serve timing jobs on stdin/stdout: ``{"job", "hidden", "batch"}`` -> seconds for the whole job."""
-    import json
-    import platform
-
+def _rows(bench: dict) -> list[dict]:
+    """One row per (shape, workload): ours and PyTorch paired round by round, the bound on NumPy's BLAS."""
     import numpy as np
 
-    import workloads as w
-
-    try:
-        from threadpoolctl import threadpool_info, threadpool_limits
-    except ImportError:  # the environment variables set by the parent still apply
-        threadpool_info, threadpool_limits = (lambda: []), (lambda *a, **k: None)
-    threadpool_limits(args.threads, user_api="blas")
-    if args.worker == "torch":
-        import torch
-
-        torch.set_num_threads(args.threads)
-        info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                "torch_blas": _torch_blas(torch)}  # fmt: skip
-    else:
-        blas = next((i for i in threadpool_info() if i["user_api"] == "blas"), {"internal_api": "(install threadpoolctl)"})
-        info = {
-            "cpu": _cpu_name(),
-            "cores": os.cpu_count(),
-            "threads": args.threads,
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "blas": f"{blas.get('internal_api', '?')} {blas.get('version', '?')} ({blas.get('architecture', '?')} "
-            f"kernels, {blas.get('threading_layer', '?')}, {blas.get('num_threads', '?')} threads)",
-            "train_loop": "backprop_xp.training.run_epoch + data.Minibatches + training.make_step",
-        }
-    x, y = w.mnist_shaped(args.samples, seed=0)
-    shape, jobs = None, {}
-    for line in sys.stdin:
-        request = json.loads(line)
-        if request["job"] == "info":
-            print(json.dumps(info), flush=True)
-            continue
-        if (request["hidden"], request["batch"]) != shape:
-            shape = (request["hidden"], request["batch"])
-            jobs = _jobs(w, args.worker, *shape, x, y, args.clock)
-        print(json.dumps(jobs[request["job"]]()), flush=True)
-    return 0
-
-
-def _jobs(w, who, hidden, batch, x, y, clock_name):
-    """Timed jobs at one shape: each returns the seconds of one repetition."""
-    import time
-
-    n_fixed = max(1, min(len(x) // batch, 4096 // batch + 8))  # in-memory batches for step and infer
-    fixed = w.batches_of(x[: n_fixed * batch], y[: n_fixed * batch], batch)
-    if who == "ours":
-        net, bound = w.Ours(hidden), w.GemmBound(hidden, batch)
-        jobs = {
-            "gemm_step": w.run_all(lambda xb, yb: bound.step(xb), fixed),
-            "gemm_infer": w.run_all_x(bound.forward, fixed),
-        }
-    else:
-        net = w.TorchNet(hidden)
-        fixed = [net.as_batch(xb, yb) for xb, yb in fixed]
-        jobs = {}
-    run_epoch = net.epoch_runner(x, y, batch)
-    epochs = iter(range(1 << 30))
-    step, infer = w.run_all(net.step, fixed), w.run_all_x(net.infer, fixed)
-    clock = time.thread_time if clock_name == "cpu" else time.perf_counter
-    timed = {"epoch": lambda: _once(lambda: run_epoch(next(epochs)), clock)}
-    timed.update({name: (lambda fn=fn: w.seconds_per_call(fn, min_seconds=0.3, clock=clock)) for name, fn in
-                  {"step": step, "infer": infer, **jobs}.items()})  # fmt: skip
-    timed["epoch"]()  # warm-up epoch: buffers, caches, thread pools, first-touch pages
-    return timed
-
-
-def _once(fn, clock) -> float:
-    t0 = clock()
-    fn()
-    return clock() - t0
-
-
-def _torch_blas(torch) -> str:
-    config = torch.__config__.show()
-    blas = next((part.split("=")[1] for part in config.replace(",", " ").split() if part.startswith("BLAS_INFO=")), "?")
-    return f"{blas} (+ oneDNN)" if torch.backends.mkldnn.is_available() else blas
-
-
-def _measure_shape(workers, hidden, batch, args, np):
-    """Rows for ``epoch``, ``step`` and ``infer`` at one shape, the two workers interleaved."""
-    n_fixed = max(1, min(args.samples // batch, 4096 // batch + 8))
-    samples = {"epoch": args.samples, "step": n_fixed * batch, "infer": n_fixed * batch}
-    jobs = [("epoch", "ours"), ("epoch", "torch"), ("step", "ours"), ("step", "torch"), ("step", "gemm"),
-            ("infer", "ours"), ("infer", "torch"), ("infer", "gemm")]  # fmt: skip
-    times = {job: [] for job in jobs}
-    for r in range(args.rounds):
-        for workload in ("epoch", "step", "infer"):
-            order = ["ours", "gemm", "torch"] if r % 2 == 0 else ["torch", "gemm", "ours"]
-            for who in order:
-                if (workload, who) not in times:
-                    continue
-                worker = workers["ours" if who == "gemm" else who]
-                job = f"gemm_{workload}" if who == "gemm" else workload
-                times[(workload, who)].append(worker.ask({"job": job, "hidden": hidden, "batch": batch}))
     rows = []
-    for workload in ("epoch", "step", "infer"):
-        t_ours, t_torch = np.array(times[(workload, "ours")]), np.array(times[(workload, "torch")])
-        gemm = times[("step" if workload == "epoch" else workload, "gemm")]
-        # The epoch's bound: its number of examples at the step's GEMM time per example.
-        scale = args.samples / samples["step"] if workload == "epoch" else 1.0
-        t_gemm, t_gemm_best = float(np.median(gemm)) * scale, float(np.min(gemm)) * scale
-        n = samples[workload]
+    by_key = {(r["hidden"], r["batch"], r["workload"], r["engine"]): r for r in bench["rows"]}
+    for row in bench["rows"]:
+        if row["engine"] != "numpy" or (row["hidden"], row["batch"], row["workload"], "torch-cpu") not in by_key:
+            continue
+        hidden, batch, workload = row["hidden"], row["batch"], row["workload"]
+        theirs = by_key[(hidden, batch, workload, "torch-cpu")]
+        rounds = min(row["rounds"], theirs["rounds"])  # pairs: the same round of each
+        t_ours, t_torch = np.array(row["seconds"][:rounds]), np.array(theirs["seconds"][:rounds])
+        gemm = [m["bound_seconds"] for m in bench["rounds"] if (m["engine"], m["hidden"], m["batch"], m["workload"]) == ("numpy", hidden, batch, workload)]
+        n = row["samples"]
         rows.append(
             {
                 "hidden": hidden,
@@ -337,9 +198,9 @@ def _measure_shape(workers, hidden, batch, args, np):
                 # Best round against best round: what each side does when nothing else gets in
                 # its way. On a busy shared machine this is closer to a user's quiet machine.
                 "ratio_best": float(np.min(t_torch) / np.min(t_ours)),
-                "gemm_bound_samples_per_s": n / t_gemm,
-                "fraction_of_gemm_bound": t_gemm / float(np.median(t_ours)),
-                "fraction_of_gemm_bound_best": t_gemm_best / float(np.min(t_ours)),
+                "gemm_bound_samples_per_s": n / float(np.median(gemm)),
+                "fraction_of_gemm_bound": float(np.median(gemm)) / float(np.median(t_ours)),
+                "fraction_of_gemm_bound_best": float(np.min(gemm)) / float(np.min(t_ours)),
                 "ours_seconds": [round(t, 5) for t in t_ours.tolist()],
                 "torch_seconds": [round(t, 5) for t in t_torch.tolist()],
                 "gemm_seconds": [round(t, 6) for t in gemm],
@@ -348,17 +209,10 @@ def _measure_shape(workers, hidden, batch, args, np):
     return rows
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+def _output_names(out, clock: str):
+    """``results-cpu.json`` and ``RESULTS.md`` for wall time; ``*-cputime`` for the CPU-time cross-check."""
+    suffix = "" if clock == "wall" else "-cputime"
+    return out / f"results-cpu{suffix}.json", out / f"RESULTS{suffix}.md"
 
 
 TARGETS = [  # (hidden, batch, minimum ratio to PyTorch, minimum fraction of the GEMM bound or None)

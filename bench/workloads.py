@@ -1,11 +1,13 @@
-"""The benchmark workloads, written once and used by ``compare.py`` and ``test_bench_cpu.py``.
+"""The workloads of the pytest-benchmark suite (``test_bench_cpu.py``): single operations, one process.
 
-Three contestants run the same work on MNIST-shaped data (784 inputs, 10
-classes, float32):
+The comparison between libraries is ``backprop-xp bench`` (``backprop_xp.bench``,
+which ``compare.py`` calls); this module shares its pieces (the GEMM bound, the
+random MNIST-shaped data, PyTorch's network with our initial parameters) and
+wraps them for pytest-benchmark. Three contestants run the same work on
+MNIST-shaped data (784 inputs, 10 classes, float32):
 
 * ``Ours``: backprop-xp on NumPy, through the code path the ``train`` command
-  uses (``train.make_step`` + ``train.run_epoch`` + ``data.Minibatches`` when
-  those exist, else the equivalent loop written here).
+  uses (``training.make_step`` + ``training.run_epoch`` + ``data.Minibatches``).
 * ``TorchNet``: the same network in PyTorch on the CPU: same architecture, the
   same initial parameters (He normal, zero biases: copied from ours), SGD with
   momentum, cross-entropy, the same count of correct predictions per step, the
@@ -18,7 +20,6 @@ classes, float32):
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,23 +28,14 @@ import numpy as np
 import backprop_xp as bx
 from backprop_xp.data import Minibatches
 from backprop_xp.training import make_step, run_epoch
+from backprop_xp.bench.engines import GemmBound, mnist_shaped, seconds_per_call, torch_mlp
+
+__all__ = ["GemmBound", "Ours", "TorchNet", "batches_of", "mnist_shaped", "run_all", "run_all_x", "seconds_per_call"]
 
 N_INPUTS, N_OUTPUTS = 784, 10
 HIDDEN_SIZES = (128, 800)
 BATCH_SIZES = (32, 128, 512)
 LR, MOMENTUM = 0.01, 0.9
-
-
-def mnist_shaped(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` random images in [0, 1) (float32, C-contiguous ``(n, 784)``) and int64 labels.
-
-    Speed does not depend on the pixel values (dense BLAS, no data-dependent
-    branches), so random data stands in for MNIST and needs no files.
-    """
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, N_INPUTS), dtype=np.float32)
-    y = rng.integers(0, N_OUTPUTS, size=n, dtype=np.int64)
-    return x, y
 
 
 # --------------------------------------------------------------------------- ours
@@ -89,15 +81,7 @@ class TorchNet:
         import torch
 
         self.torch = torch
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(N_INPUTS, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, N_OUTPUTS)
-        )
-        init = bx.MLP(N_INPUTS, hidden, N_OUTPUTS, activation="relu", dtype="float32", seed=seed).params
-        with torch.no_grad():  # the very same initial parameters as ours (He normal, zero biases)
-            self.net[0].weight.copy_(torch.from_numpy(init["W1"]))
-            self.net[0].bias.copy_(torch.from_numpy(init["b1"]))
-            self.net[2].weight.copy_(torch.from_numpy(init["W2"]))
-            self.net[2].bias.copy_(torch.from_numpy(init["b2"]))
+        self.net = torch_mlp(torch, hidden, seed=seed)  # the very same initial parameters as ours (He normal, zero biases)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM)
 
     def _step(self, xb: Any, yb: Any) -> tuple[Any, Any]:
@@ -139,68 +123,7 @@ class TorchNet:
         return self.torch.from_numpy(x), self.torch.from_numpy(y)
 
 
-# --------------------------------------------------------------------------- the bound
-
-
-class GemmBound:
-    """The five matrix products of a training step, alone, into preallocated buffers.
-
-    Forward ``x W1ᵀ`` and ``a1 W2ᵀ``; backward ``δ2ᵀ a1``, ``δ2 W2`` and ``δ1ᵀ x``.
-    ``forward_only`` keeps the first two (the bound for inference).
-    """
-
-    def __init__(self, hidden: int, batch: int, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        f32 = np.float32
-        self.x = rng.random((batch, N_INPUTS), dtype=f32)
-        self.w1 = rng.random((hidden, N_INPUTS), dtype=f32)
-        self.w2 = rng.random((N_OUTPUTS, hidden), dtype=f32)
-        self.a1 = np.empty((batch, hidden), f32)
-        self.z2 = np.empty((batch, N_OUTPUTS), f32)
-        self.delta2 = rng.random((batch, N_OUTPUTS), dtype=f32)
-        self.delta1 = np.empty((batch, hidden), f32)
-        self.g1 = np.empty((hidden, N_INPUTS), f32)
-        self.g2 = np.empty((N_OUTPUTS, hidden), f32)
-
-    def forward(self, x: np.ndarray | None = None) -> None:
-        """The forward products on ``x`` (a batch of the run's data; default: a fixed one)."""
-        x = self.x if x is None else x
-        np.matmul(x, self.w1.T, out=self.a1)
-        np.matmul(self.a1, self.w2.T, out=self.z2)
-
-    def step(self, x: np.ndarray | None = None) -> None:
-        """The five products of a training step on ``x``.
-
-        Timed over the same batches as the step itself, so that the bound pays
-        the same cache misses on fresh input rows as the step does.
-        """
-        x = self.x if x is None else x
-        np.matmul(x, self.w1.T, out=self.a1)
-        np.matmul(self.a1, self.w2.T, out=self.z2)
-        np.matmul(self.delta2.T, self.a1, out=self.g2)
-        np.matmul(self.delta2, self.w2, out=self.delta1)
-        np.matmul(self.delta1.T, x, out=self.g1)
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def seconds_per_call(
-    fn: Callable[[], Any], *, min_seconds: float = 0.2, min_calls: int = 3, clock: Callable[[], float] = time.perf_counter
-) -> float:
-    """Time of one call of ``fn``: the median over as many calls as fit in ``min_seconds`` (wall time).
-
-    ``clock`` is ``time.perf_counter`` (wall time) or ``time.thread_time``
-    (CPU time of this thread: immune to other processes, valid with one thread).
-    """
-    fn()  # warm up: buffers, caches, thread pools
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - start_all < min_seconds:
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return float(np.median(times))
+# --------------------------------------------------------------------------- helpers
 
 
 def batches_of(x: np.ndarray, y: np.ndarray, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:

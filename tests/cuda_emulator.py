@@ -1,4 +1,4 @@
-"""Run the RawKernel sources of kernels_cuda.py on the CPU: each CUDA thread a real thread.
+"""Run the RawKernel sources of cuda/kernels.py on the CPU: each CUDA thread a real thread.
 
 The CUDA sources are compiled as C++ by g++ with a small shim, and a launch
 runs its blocks one after another; in a block, each of the ``blockDim.x``

@@ -1,4 +1,4 @@
-"""Every CUDA source in kernels_cuda.py compiles with NVRTC 12 and NVRTC 13, without a GPU.
+"""Every CUDA source in cuda/kernels.py compiles with NVRTC 12 and NVRTC 13, without a GPU.
 
 NVRTC (the CUDA runtime compiler CuPy uses) needs no device, so this runs on
 the CPU CI machine, once per CUDA major version: ``nvidia-cuda-nvrtc-cu12``

@@ -1,4 +1,4 @@
-"""The RawKernel sources of kernels_cuda.py, run on the CPU by tests/cuda_emulator.py, against their NumPy twins.
+"""The RawKernel sources of cuda/kernels.py, run on the CPU by tests/cuda_emulator.py, against their NumPy twins.
 
 No GPU is needed: the kernels' own source is compiled with g++ and each CUDA
 thread runs as a host thread (see the emulator's docstring for what that

@@ -3,7 +3,7 @@
 Every test here needs CuPy and a usable CUDA device (the ``cupy`` fixture
 skips with the reason otherwise). The NumPy side is always the reference:
 the same inputs go through ``kernels.py``/``model.py``/``optim.py`` on the
-CPU and through the kernels of ``kernels_cuda.py`` on the device.
+CPU and through the kernels of ``cuda/kernels.py`` on the device.
 
 Tolerances: kernels doing the same IEEE operations in the same order
 (ReLU, the activation derivatives, the SGD update, compiled with

@@ -37,7 +37,7 @@ PARAMS = ("W1", "b1", "W2", "b2")
 
 @pytest.fixture
 def set_tf32(cupy):
-    """``gpu_step.set_tf32``; CuPy's float32 products are left without TF32 after the test, whatever it did."""
+    """``cuda.step.set_tf32``; CuPy's float32 products are left without TF32 after the test, whatever it did."""
     from backprop_xp.cuda.step import set_tf32
 
     yield set_tf32

@@ -1,6 +1,6 @@
 """The NumPy twins of the CUDA kernels against the model itself, on the CPU.
 
-The GPU tests compare each fused kernel with its twin in ``kernels_cuda.py``;
+The GPU tests compare each fused kernel with its twin in ``cuda/kernels.py``;
 these tests make sure the twins compute what ``MLP.backprop`` computes, so a
 kernel that matches its twin matches the model.
 """

@@ -3,11 +3,11 @@
 ``make_gpu_step(model, optimizer)`` returns ``step(xb, yb) -> (loss, n_correct)``
 doing exactly ``model.backprop(xb, yb)`` then ``optimizer.step()`` (up to
 float32 rounding), in four launches where the output layer fits the fused
-kernel (``kernels_cuda.output_layer_fits``: K ≤ 32 classes and W2 in shared
+kernel (``cuda.kernels.output_layer_fits``: K ≤ 32 classes and W2 in shared
 memory, H up to about 5,600 in float32)::
 
     z1 = x W1ᵀ                                   cuBLAS
-    a1 = f(z1 + b1), z2, softmax, loss,          output_layer_step   (kernels_cuda.py)
+    a1 = f(z1 + b1), z2, softmax, loss,          output_layer_step   (cuda/kernels.py)
       δ2, δ1 = δ2 W2 ⊙ f'(z1),
       ∂L/∂W2 = δ2ᵀ a1, ∂L/∂b2, ∂L/∂b1
     ∂L/∂W1 = δ1ᵀ x                               cuBLAS

@@ -81,7 +81,7 @@ class TrainConfig:
     val_size: int = 0
     train_size: int = 0  # 0 = every training image; otherwise the first N (quick experiments, tests)
     augment: bool = False  # distort the training images afresh every epoch (augment.py)
-    tf32: bool = False  # TF32 tensor-core matrix products on a GPU (gpu_step.set_tf32); no effect on NumPy
+    tf32: bool = False  # TF32 tensor-core matrix products on a GPU (cuda.step.set_tf32); no effect on NumPy
     keep_best: bool = False  # model.npz gets the parameters of the epoch with the best validation accuracy
     patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = never
     seed: int = 0

@@ -36,7 +36,7 @@ def make_step(
 
     Both results are 0-d arrays left on the device (no synchronisation). On
     NumPy the step is ``model.backprop`` then ``optimizer.step()``; on CuPy it
-    is the fused, optionally CUDA-graph-captured step of ``gpu_step.py``, with
+    is the fused, optionally CUDA-graph-captured step of ``cuda/step.py``, with
     TF32 matrix products if ``tf32``. This is the one place the training loop
     looks at the backend.
     """

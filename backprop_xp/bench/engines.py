@@ -1,0 +1,719 @@
+"""The contestants of ``backprop-xp bench``: one class per engine, run inside that engine's worker.
+
+Every engine trains the same network on the same data: 784-H-10, ReLU,
+softmax cross-entropy, SGD with momentum 0.9 at a constant learning rate,
+float32. Where the engine allows it, the initial parameters are ours (He
+normal, zero biases, seed 0) and the sample order of epoch ``e`` is ours,
+``data.epoch_permutation(0, e, n)``. scikit-learn allows neither an initial
+state through its public API nor our shuffle inside ``partial_fit``: it gets
+our order by being handed the epoch's rows already shuffled (the same one
+gather per epoch that every engine pays), and its own initialisation.
+
+A contestant is built for one shape (hidden units, batch size) and has:
+
+* ``epoch(e) -> seconds``: one training epoch (shuffle included), timed on the
+  engine's own clock: ``time.perf_counter`` on the CPU, CUDA events on a GPU;
+* ``bound(workload) -> seconds``: the step's five matrix products alone
+  (``x W1ᵀ``, ``a1 W2ᵀ``, ``δ2ᵀ a1``, ``δ2 W2``, ``δ1ᵀ x``), on the engine's
+  own BLAS, for as many steps as the workload has: no implementation that
+  calls that BLAS for them can be faster;
+* ``test_accuracy() -> float``: on the test set, after whatever it has trained.
+
+The CPU engines also time ``step`` (training steps on batches already in
+memory) and ``infer`` (predicted labels, forward only): ``bench/compare.py``
+reports those beside the epoch.
+
+Nothing here is imported by ``import backprop_xp``; PyTorch, CuPy and
+scikit-learn are imported inside the engine that needs them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+N_INPUTS, N_OUTPUTS = 784, 10
+LR, MOMENTUM = 0.05, 0.9
+SEED = 0
+BOUND_SAMPLES = 8192  # the bound is timed over this many samples' steps, then scaled (it is linear in steps)
+
+# name: (device, one line on what it is); the order is the table's order.
+ENGINES: dict[str, tuple[str, str]] = {
+    "numpy": ("cpu", "backprop-xp on NumPy: train's own step and epoch loop"),
+    "cupy": ("cuda", "backprop-xp on CuPy: train's step with CUDA graphs"),
+    "cupy-eager": ("cuda", "backprop-xp on CuPy: train's step, kernels launched one by one"),
+    "torch-cpu": ("cpu", "PyTorch eager on the CPU"),
+    "torch-cuda": ("cuda", "PyTorch eager on the GPU"),
+    "torch-cuda-graph": ("cuda", "PyTorch with the whole step captured as one CUDA graph"),
+    "sklearn": ("cpu", "scikit-learn MLPClassifier (solver sgd, partial_fit)"),
+}
+TORCH_ENGINES = ("torch-cpu", "torch-cuda", "torch-cuda-graph")
+
+
+def device_of(engine: str) -> str:
+    """``"cpu"`` or ``"cuda"``.
+
+    >>> device_of("torch-cuda-graph"), device_of("sklearn")
+    ('cuda', 'cpu')
+    """
+    return ENGINES[engine][0]
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def missing_reason(engine: str) -> str | None:
+    """None when ``engine`` can run here, else one line saying why not.
+
+    Imports the engine's library (and, for a GPU engine, touches the device),
+    so it runs in the engine's own worker process, never in the command's.
+    """
+    if engine == "numpy":
+        return None
+    if engine in ("cupy", "cupy-eager"):
+        from ..backend import BackendError, get_backend
+
+        try:
+            get_backend("cupy")
+        except BackendError as exc:
+            return str(exc)
+        return None
+    if engine in TORCH_ENGINES:
+        try:
+            import torch
+        except ImportError:
+            return "PyTorch is not installed (pip install torch)"
+        except Exception as exc:  # a broken install fails here, not later in the middle of a timing
+            return f"PyTorch is installed but fails to import ({_one_line(exc)})"
+        if device_of(engine) == "cuda" and not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            return f"PyTorch {torch.__version__} ({build}) sees no usable CUDA device"
+        return None
+    if engine == "sklearn":
+        try:
+            from sklearn.neural_network import MLPClassifier  # noqa: F401
+        except ImportError:
+            return "scikit-learn is not installed (pip install scikit-learn)"
+        except Exception as exc:
+            return f"scikit-learn is installed but fails to import ({_one_line(exc)})"
+        return None
+    raise ValueError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    """Training and test arrays (NumPy, float32 in [0, 1], int64 labels) and where they came from."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+    source: str
+
+
+def mnist_shaped(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random images in [0, 1) (float32, C-contiguous ``(n, 784)``) and int64 labels.
+
+    Speed does not depend on the pixel values (dense BLAS, no data-dependent
+    branches), so random data stands in for MNIST where only time matters.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, N_INPUTS), dtype=np.float32)
+    y = rng.integers(0, N_OUTPUTS, size=n, dtype=np.int64)
+    return x, y
+
+
+def load_data(data_dir: str | None, train_size: int = 0, random_samples: int = 0) -> Data:
+    """MNIST (the first ``train_size`` training images if > 0), or ``random_samples`` random stand-ins."""
+    if random_samples:
+        x, y = mnist_shaped(random_samples)
+        return Data(x, y, None, None, f"{random_samples:,} random MNIST-shaped examples (no test accuracy)")
+    from ..data import load_mnist
+
+    x, y, x_test, y_test = load_mnist(data_dir)
+    if train_size:
+        if train_size > len(x):
+            raise ValueError(f"train-size {train_size} is more than the {len(x)} training images")
+        x, y = x[:train_size], y[:train_size]
+    where = data_dir or "$BACKPROP_XP_DATA or the cache"
+    return Data(np.ascontiguousarray(x), y, x_test, y_test, f"MNIST from {where}: {len(x):,} training, {len(x_test):,} test images")
+
+
+def initial_params(hidden: int, seed: int = SEED) -> dict[str, np.ndarray]:
+    """Our initial parameters (He normal, zero biases), as NumPy float32 arrays."""
+    from ..model import MLP
+
+    model = MLP(N_INPUTS, hidden, N_OUTPUTS, activation="relu", backend="numpy", dtype="float32", seed=seed)
+    return {name: value.copy() for name, value in model.params.items()}
+
+
+def batch_slices(n: int, batch: int) -> list[slice]:
+    """The slices of one epoch's batches, the last one possibly shorter.
+
+    >>> batch_slices(5, 2)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    return [slice(start, min(start + batch, n)) for start in range(0, n, batch)]
+
+
+def fixed_batch_count(n: int, batch: int) -> int:
+    """How many in-memory batches ``step`` and ``infer`` go over (about 4096 samples and 8 batches more)."""
+    return max(1, min(n // batch, 4096 // batch + 8))
+
+
+def seconds_per_call(
+    fn: Callable[[], Any], *, min_seconds: float = 0.2, min_calls: int = 3, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Time of one call of ``fn``: the median over as many calls as fit in ``min_seconds``."""
+    fn()  # warm up: buffers, caches, thread pools
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start_all < min_seconds:
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return float(np.median(times))
+
+
+def _bound_scale(n: int, batch: int) -> tuple[list[slice], float]:
+    """The batches the bound is timed over, and the factor from them to a whole epoch."""
+    every = batch_slices(n, batch)
+    timed = batch_slices(min(n, max(batch, BOUND_SAMPLES)), batch)
+    return timed, len(every) / len(timed)
+
+
+# --------------------------------------------------------------------------- the CPU bound
+
+
+class GemmBound:
+    """The five matrix products of a training step, alone, into preallocated NumPy buffers.
+
+    Forward ``x W1ᵀ`` and ``a1 W2ᵀ``; backward ``δ2ᵀ a1``, ``δ2 W2`` and
+    ``δ1ᵀ x``. ``forward`` keeps the first two (the bound for inference).
+    """
+
+    def __init__(self, hidden: int, batch: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        f32 = np.float32
+        self.x = rng.random((batch, N_INPUTS), dtype=f32)
+        self.w1 = rng.random((hidden, N_INPUTS), dtype=f32)
+        self.w2 = rng.random((N_OUTPUTS, hidden), dtype=f32)
+        self.a1 = np.empty((batch, hidden), f32)
+        self.z2 = np.empty((batch, N_OUTPUTS), f32)
+        self.delta2 = rng.random((batch, N_OUTPUTS), dtype=f32)
+        self.delta1 = np.empty((batch, hidden), f32)
+        self.g1 = np.empty((hidden, N_INPUTS), f32)
+        self.g2 = np.empty((N_OUTPUTS, hidden), f32)
+
+    def forward(self, x: np.ndarray | None = None) -> None:
+        """The forward products on ``x`` (a batch of the run's data; default: a fixed one)."""
+        x = self.x if x is None else x
+        b = x.shape[0]
+        np.matmul(x, self.w1.T, out=self.a1[:b])
+        np.matmul(self.a1[:b], self.w2.T, out=self.z2[:b])
+
+    def step(self, x: np.ndarray | None = None) -> None:
+        """The five products of a training step on ``x``.
+
+        Timed over the run's own batches, so that the bound pays the same
+        cache misses on fresh input rows as the step does.
+        """
+        x = self.x if x is None else x
+        b = x.shape[0]
+        a1, d2, d1 = self.a1[:b], self.delta2[:b], self.delta1[:b]
+        np.matmul(x, self.w1.T, out=a1)
+        np.matmul(a1, self.w2.T, out=self.z2[:b])
+        np.matmul(d2.T, a1, out=self.g2)
+        np.matmul(d2, self.w2, out=d1)
+        np.matmul(d1.T, x, out=self.g1)
+
+
+class _CpuEngine:
+    """What the CPU engines share: the data, the clock, the NumPy GEMM bound, fixed batches."""
+
+    def __init__(self, hidden: int, batch: int, data: Data, clock: Callable[[], float]) -> None:
+        self.hidden, self.batch, self.data, self.clock = hidden, batch, data, clock
+        self.fixed = batch_slices(fixed_batch_count(len(data.x), batch) * batch, batch)
+
+    def _timed(self, fn: Callable[[], Any]) -> float:
+        t0 = self.clock()
+        fn()
+        return self.clock() - t0
+
+    def bound(self, workload: str) -> float:
+        """The five products (two for ``infer``) over the workload's batches, on NumPy's BLAS."""
+        gemm = GemmBound(self.hidden, self.batch)
+        run = gemm.forward if workload == "infer" else gemm.step
+        if workload == "epoch":
+            slices, scale = _bound_scale(len(self.data.x), self.batch)
+        else:
+            slices, scale = self.fixed, 1.0
+        x = self.data.x
+
+        def go() -> None:
+            for s in slices:
+                run(x[s])
+
+        return seconds_per_call(go, min_seconds=0.1, clock=self.clock) * scale
+
+
+# --------------------------------------------------------------------------- numpy (ours)
+
+
+class NumpyEngine(_CpuEngine):
+    """Ours on NumPy: ``train.make_step`` over ``data.Minibatches`` with ``train.run_epoch``, as ``train`` does."""
+
+    def __init__(self, hidden: int, batch: int, data: Data, clock: Callable[[], float] = time.perf_counter) -> None:
+        from ..data import Minibatches
+        from ..model import MLP
+        from ..optim import SGD
+        from ..training import make_step
+
+        super().__init__(hidden, batch, data, clock)
+        self.model = MLP(N_INPUTS, hidden, N_OUTPUTS, activation="relu", backend="numpy", dtype="float32", seed=SEED)
+        self.train_step = make_step(self.model, SGD(self.model, lr=LR, momentum=MOMENTUM))
+        self.batches = Minibatches(data.x, data.y, batch, xp=np, seed=SEED)
+
+    def epoch(self, epoch: int) -> float:
+        from ..training import run_epoch
+
+        return self._timed(lambda: run_epoch(self.train_step, self.batches, epoch))
+
+    def step(self) -> float:
+        x, y = self.data.x, self.data.y
+
+        def go() -> None:
+            for s in self.fixed:
+                self.train_step(x[s], y[s])
+
+        return seconds_per_call(go, min_seconds=0.3, clock=self.clock)
+
+    def infer(self) -> float:
+        x = self.data.x
+        return seconds_per_call(lambda: [self.model.predict(x[s]) for s in self.fixed], min_seconds=0.3, clock=self.clock)
+
+    def test_accuracy(self) -> float | None:
+        if self.data.x_test is None:
+            return None
+        return float(np.mean(self.model.predict(self.data.x_test) == self.data.y_test))
+
+
+# --------------------------------------------------------------------------- scikit-learn
+
+
+def _shared(shared: dict[str, Any], key: str, make: Callable[[], Any]) -> Any:
+    """``shared[key]``, made on first use: the big arrays one worker's shapes share instead of each copying."""
+    if key not in shared:
+        shared[key] = make()
+    return shared[key]
+
+
+class SklearnEngine(_CpuEngine):
+    """scikit-learn's ``MLPClassifier``: solver sgd, momentum 0.9 (not Nesterov), no L2, constant rate.
+
+    Each epoch is one ``partial_fit`` over the epoch's rows, gathered in our
+    order into one preallocated buffer (``shuffle=False``: sklearn then keeps
+    that order and cuts the same batches, the last one shorter).
+    """
+
+    def __init__(self, hidden: int, batch: int, data: Data, shared: dict[str, Any], clock: Callable[[], float] = time.perf_counter) -> None:
+        from sklearn.neural_network import MLPClassifier
+
+        super().__init__(hidden, batch, data, clock)
+        self.clf = MLPClassifier(
+            hidden_layer_sizes=(hidden,), activation="relu", solver="sgd", alpha=0.0, batch_size=batch,
+            learning_rate="constant", learning_rate_init=LR, momentum=MOMENTUM, nesterovs_momentum=False,
+            shuffle=False, random_state=SEED,
+        )  # fmt: skip
+        # One gather buffer per worker, shared by every shape (each epoch rewrites it whole): float32 in, float32 math.
+        self.xs, self.ys = _shared(shared, "gather", lambda: (np.empty_like(data.x), np.empty_like(data.y)))
+        self.classes = np.arange(N_OUTPUTS)
+
+    def epoch(self, epoch: int) -> float:
+        from ..data import epoch_permutation
+
+        def go() -> None:
+            order = epoch_permutation(SEED, epoch, len(self.data.x))
+            np.take(self.data.x, order, axis=0, out=self.xs)
+            np.take(self.data.y, order, axis=0, out=self.ys)
+            self.clf.partial_fit(self.xs, self.ys, classes=self.classes)
+
+        return self._timed(go)
+
+    def test_accuracy(self) -> float | None:
+        if self.data.x_test is None:
+            return None
+        return float(np.mean(self.clf.predict(self.data.x_test) == self.data.y_test))
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+def torch_mlp(torch: Any, hidden: int, device: str = "cpu", seed: int = SEED) -> Any:
+    """``nn.Sequential(Linear, ReLU, Linear)`` holding our initial parameters, on ``device``."""
+    net = torch.nn.Sequential(torch.nn.Linear(N_INPUTS, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, N_OUTPUTS))
+    init = initial_params(hidden, seed)
+    with torch.no_grad():  # the very same start as ours (He normal, zero biases)
+        net[0].weight.copy_(torch.from_numpy(init["W1"]))
+        net[0].bias.copy_(torch.from_numpy(init["b1"]))
+        net[2].weight.copy_(torch.from_numpy(init["W2"]))
+        net[2].bias.copy_(torch.from_numpy(init["b2"]))
+    return net.to(device)
+
+
+class TorchEngine:
+    """PyTorch eager, on the CPU or a GPU: the loop a PyTorch user writes.
+
+    ``zero_grad(set_to_none=True)``, forward, ``cross_entropy``, backward,
+    ``SGD(momentum=0.9).step()`` (its default foreach implementation). Each
+    epoch gathers the shuffled rows once (``index_select`` into a
+    preallocated buffer; a DataLoader would only be slower), then takes
+    contiguous slices. Loss and correct count are summed on the device and
+    read once per epoch, as ours are. TF32 stays off.
+    """
+
+    def __init__(
+        self, hidden: int, batch: int, data: Data, shared: dict[str, Any], device: str = "cpu", clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        import torch
+
+        self.torch, self.device, self.clock = torch, device, clock
+        self.hidden, self.batch, self.data = hidden, batch, data
+        if device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+        self.net = torch_mlp(torch, hidden, device)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM)
+        # The data on the device once, like our Minibatches, and one gather buffer: shared by every shape.
+        self.x, self.y = _shared(shared, "data", lambda: (torch.from_numpy(data.x).to(device), torch.from_numpy(data.y).to(device)))
+        self.xs, self.ys = _shared(shared, "gather", lambda: (torch.empty_like(self.x), torch.empty_like(self.y)))
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.n_correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.fixed = batch_slices(fixed_batch_count(len(data.x), batch) * batch, batch)
+
+    def train_step(self, xb: Any, yb: Any) -> None:
+        torch = self.torch
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.net(xb)
+        loss = torch.nn.functional.cross_entropy(logits, yb)
+        loss.backward()
+        self.optimizer.step()
+        self.loss_sum.add_(loss.detach() * xb.shape[0])
+        self.n_correct.add_((logits.detach().argmax(dim=1) == yb).sum())
+
+    def _order(self, epoch: int) -> Any:
+        from ..data import epoch_permutation
+
+        return self.torch.from_numpy(epoch_permutation(SEED, epoch, len(self.data.x))).to(self.device)
+
+    def _run_epoch(self, epoch: int) -> None:
+        torch = self.torch
+        self.loss_sum.zero_()
+        self.n_correct.zero_()
+        order = self._order(epoch)
+        torch.index_select(self.x, 0, order, out=self.xs)
+        torch.index_select(self.y, 0, order, out=self.ys)
+        for s in batch_slices(len(self.data.x), self.batch):
+            self.train_step(self.xs[s], self.ys[s])
+        self.loss_sum.item(), self.n_correct.item()  # the epoch's one read from the device
+
+    def epoch(self, epoch: int) -> float:
+        return self._time(lambda: self._run_epoch(epoch))
+
+    def _time(self, fn: Callable[[], Any]) -> float:
+        """Seconds of ``fn``: CUDA events around it on a GPU, the clock on the CPU."""
+        if self.device != "cuda":
+            t0 = self.clock()
+            fn()
+            return self.clock() - t0
+        torch = self.torch
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1000.0
+
+    def step(self) -> float:
+        def go() -> None:
+            for s in self.fixed:
+                self.train_step(self.x[s], self.y[s])
+
+        return seconds_per_call(go, min_seconds=0.3, clock=self.clock)
+
+    def infer(self) -> float:
+        torch = self.torch
+
+        def go() -> None:
+            with torch.inference_mode():
+                for s in self.fixed:
+                    self.net(self.x[s]).argmax(dim=1)
+
+        return seconds_per_call(go, min_seconds=0.3, clock=self.clock)
+
+    def bound(self, workload: str) -> float:
+        """The step's five products (two for ``infer``) with ``torch.matmul(..., out=)``; a CUDA graph on a GPU."""
+        torch, h, b = self.torch, self.hidden, self.batch
+        if workload == "epoch":
+            slices, scale = _bound_scale(len(self.data.x), b)
+        else:
+            slices, scale = self.fixed, 1.0
+        forward_only = workload == "infer"
+        rand = lambda *shape: torch.rand(*shape, device=self.device)  # noqa: E731 - values do not matter
+        w1, w2, d2 = rand(h, N_INPUTS), rand(N_OUTPUTS, h), rand(b, N_OUTPUTS)
+        a1, z2, d1 = rand(b, h), rand(b, N_OUTPUTS), rand(b, h)
+        g1, g2 = torch.empty_like(w1), torch.empty_like(w2)
+
+        def five(x: Any) -> None:
+            n = x.shape[0]
+            torch.matmul(x, w1.T, out=a1[:n])
+            torch.matmul(a1[:n], w2.T, out=z2[:n])
+            if not forward_only:
+                torch.matmul(d2[:n].T, a1[:n], out=g2)
+                torch.matmul(d2[:n], w2, out=d1[:n])
+                torch.matmul(d1[:n].T, x, out=g1)
+
+        if self.device != "cuda":
+            x = self.x
+
+            def go() -> None:
+                for s in slices:
+                    five(x[s])
+
+            return seconds_per_call(go, min_seconds=0.1, clock=self.clock) * scale
+        return _torch_graph_bound(torch, five, self.x, slices) * scale
+
+    def test_accuracy(self) -> float | None:
+        if self.data.x_test is None:
+            return None
+        torch = self.torch
+        with torch.no_grad():
+            x = torch.from_numpy(self.data.x_test).to(self.device)
+            y = torch.from_numpy(self.data.y_test).to(self.device)
+            return int((self.net(x).argmax(dim=1) == y).sum().item()) / len(y)
+
+
+def _torch_graph_bound(torch: Any, five: Callable[[Any], None], x: Any, slices: list[slice]) -> float:
+    """Seconds for ``five`` over every slice: one CUDA graph per batch size, replayed, timed with events."""
+    graphs = {}
+    sizes = sorted({s.stop - s.start for s in slices})
+    for size in sizes:
+        static_x = x[:size]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture: cuBLAS picks and allocates its workspace
+            five(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            five(static_x)
+        graphs[size] = graph
+    for graph in graphs.values():
+        graph.replay()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for s in slices:
+        graphs[s.stop - s.start].replay()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / 1000.0
+
+
+class TorchGraphEngine(TorchEngine):
+    """PyTorch with forward, backward and ``optimizer.step()`` captured once as a CUDA graph.
+
+    The strongest thing a PyTorch user would write, as PyTorch's CUDA-graphs
+    documentation does it ("whole network capture"): static input buffers;
+    a few warm-up steps on a side stream (lazy state such as the momentum
+    buffers and cuBLAS workspaces is created there, outside capture); grads
+    set to None before capture so that backward allocates them from the
+    graph's private pool; then one capture of the whole step, including the
+    loss and correct-count sums. Every batch is gathered into the static
+    buffers (``index_select(..., out=)``) and the graph replayed. One graph
+    per batch size: the full batch and, when the epoch does not divide, the
+    last one. The warm-up steps change the parameters, so the initial
+    parameters are put back and the momentum buffers zeroed after capture
+    (a zero buffer then gives PyTorch's first-step ``v = g`` exactly).
+    """
+
+    def __init__(self, hidden: int, batch: int, data: Data, shared: dict[str, Any], clock: Callable[[], float] = time.perf_counter) -> None:
+        super().__init__(hidden, batch, data, shared, device="cuda", clock=clock)
+        torch = self.torch
+        start = [p.detach().clone() for p in self.net.parameters()]
+        sizes = sorted({s.stop - s.start for s in batch_slices(len(data.x), batch)})
+        self.graphs = {size: self._capture(size) for size in sizes}
+        with torch.no_grad():
+            for p, p0 in zip(self.net.parameters(), start):
+                p.copy_(p0)
+            for state in self.optimizer.state.values():
+                if state.get("momentum_buffer") is not None:
+                    state["momentum_buffer"].zero_()
+        torch.cuda.synchronize()
+
+    def _capture(self, size: int) -> tuple[Any, Any, Any]:
+        torch = self.torch
+        static_x = self.x[:size].clone()
+        static_y = self.y[:size].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.train_step(static_x, static_y)  # zero_grad(set_to_none=True) inside
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            logits = self.net(static_x)
+            loss = torch.nn.functional.cross_entropy(logits, static_y)
+            loss.backward()
+            self.optimizer.step()
+            self.loss_sum.add_(loss.detach() * size)
+            self.n_correct.add_((logits.detach().argmax(dim=1) == static_y).sum())
+        return graph, static_x, static_y
+
+    def _run_epoch(self, epoch: int) -> None:
+        torch = self.torch
+        self.loss_sum.zero_()
+        self.n_correct.zero_()
+        order = self._order(epoch)
+        for s in batch_slices(len(self.data.x), self.batch):
+            graph, static_x, static_y = self.graphs[s.stop - s.start]
+            rows = order[s]
+            torch.index_select(self.x, 0, rows, out=static_x)  # the batch into the graph's input buffers
+            torch.index_select(self.y, 0, rows, out=static_y)
+            graph.replay()
+        self.loss_sum.item(), self.n_correct.item()
+
+
+# --------------------------------------------------------------------------- CuPy (ours)
+
+
+class CupyEngine:
+    """Ours on CuPy: ``train.make_step(model, optimizer, graphs=...)`` over device-resident ``Minibatches``.
+
+    The epoch is ``train.run_epoch``, exactly as ``train --backend cupy`` runs
+    it (its one read of the loss and accuracy at the end synchronises),
+    timed with CUDA events.
+    """
+
+    def __init__(self, hidden: int, batch: int, data: Data, shared: dict[str, Any], graphs: bool) -> None:
+        from ..data import Minibatches
+        from ..model import MLP
+        from ..optim import SGD
+        from ..training import make_step
+
+        import cupy as cp
+
+        self.cp, self.hidden, self.batch, self.data = cp, hidden, batch, data
+        self.model = MLP(N_INPUTS, hidden, N_OUTPUTS, activation="relu", backend="cupy", dtype="float32", seed=SEED)
+        self.train_step = make_step(self.model, SGD(self.model, lr=LR, momentum=MOMENTUM), graphs=graphs)
+        # One device copy shared by every shape (Minibatches does not copy a contiguous device array again).
+        self.x, self.y = _shared(shared, "data", lambda: (cp.asarray(data.x), cp.asarray(data.y)))
+        self.batches = Minibatches(self.x, self.y, batch, xp=cp, seed=SEED)
+
+    def epoch(self, epoch: int) -> float:
+        from ..training import run_epoch
+
+        cp = self.cp
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        run_epoch(self.train_step, self.batches, epoch)
+        stop.record()
+        stop.synchronize()
+        return cp.cuda.get_elapsed_time(start, stop) / 1000.0
+
+    def bound(self, workload: str) -> float:
+        """The five products with ``cupy.matmul`` into preallocated buffers, captured as a CUDA graph.
+
+        Where CuPy cannot capture cuBLAS calls, they are launched eagerly and
+        timed with events (then the bound includes launch overhead, and
+        ``bound_note`` says so).
+        """
+        cp, h = self.cp, self.hidden
+        slices, scale = _bound_scale(len(self.data.x), self.batch)
+        f = cp.float32
+        rand = lambda *shape: cp.random.random_sample(shape, dtype=f)  # noqa: E731 - values do not matter
+        b = self.batch
+        w1, w2, d2 = rand(h, N_INPUTS), rand(N_OUTPUTS, h), rand(b, N_OUTPUTS)
+        a1, z2, d1 = cp.empty((b, h), f), cp.empty((b, N_OUTPUTS), f), cp.empty((b, h), f)
+        g1, g2 = cp.empty_like(w1), cp.empty_like(w2)
+
+        def five(x: Any) -> None:
+            n = x.shape[0]
+            cp.matmul(x, w1.T, out=a1[:n])
+            cp.matmul(a1[:n], w2.T, out=z2[:n])
+            cp.matmul(d2[:n].T, a1[:n], out=g2)
+            cp.matmul(d2[:n], w2, out=d1[:n])
+            cp.matmul(d1[:n].T, x, out=g1)
+
+        launch: dict[int, Callable[[], None]] = {}
+        self.bound_note = "CUDA graph of the five products, replayed"
+        for size in sorted({s.stop - s.start for s in slices}):
+            x = self.x[:size]
+            five(x)  # warm-up: cuBLAS handle and workspace
+            try:
+                stream = cp.cuda.Stream(non_blocking=True)
+                with stream:
+                    stream.begin_capture()
+                    try:
+                        five(x)
+                    finally:
+                        graph = stream.end_capture()
+                launch[size] = graph.launch
+            except Exception as exc:  # noqa: BLE001 - fall back to eager launches, and say so
+                self.bound_note = f"eager launches (graph capture failed: {_one_line(exc)})"
+                launch[size] = lambda x=x: five(x)
+        for go in launch.values():
+            go()
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for s in slices:
+            launch[s.stop - s.start]()
+        stop.record()
+        stop.synchronize()
+        return cp.cuda.get_elapsed_time(start, stop) / 1000.0 * scale
+
+    def test_accuracy(self) -> float | None:
+        if self.data.x_test is None:
+            return None
+        from ..training import evaluate
+
+        return float(evaluate(self.model, self.data.x_test, self.data.y_test)[1])
+
+
+# --------------------------------------------------------------------------- one place to build them
+
+
+class Builder:
+    """Builds one engine's contestant for a shape; keeps what its shapes share (data on the device, buffers)."""
+
+    def __init__(self, engine: str, data: Data, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.engine, self.data, self.clock = engine, data, clock
+        self.shared: dict[str, Any] = {}
+
+    def __call__(self, hidden: int, batch: int) -> Any:
+        e, data, shared, clock = self.engine, self.data, self.shared, self.clock
+        if e == "numpy":
+            return NumpyEngine(hidden, batch, data, clock)
+        if e == "sklearn":
+            return SklearnEngine(hidden, batch, data, shared, clock)
+        if e == "torch-cpu":
+            return TorchEngine(hidden, batch, data, shared, "cpu", clock)
+        if e == "torch-cuda":
+            return TorchEngine(hidden, batch, data, shared, "cuda", clock)
+        if e == "torch-cuda-graph":
+            return TorchGraphEngine(hidden, batch, data, shared, clock)
+        if e in ("cupy", "cupy-eager"):
+            return CupyEngine(hidden, batch, data, shared, graphs=(e == "cupy"))
+        raise ValueError(f"unknown engine {e!r}")

@@ -1,0 +1,175 @@
+"""``backprop-xp bench``: engine discovery, the tiny run's three files, the ratio column, budget and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backprop_xp import cli
+from backprop_xp.bench import report, summarize
+from backprop_xp.bench.engines import ENGINES, missing_reason
+
+TINY = ["--hidden", "16", "--batch-size", "64", "--epochs", "1", "--train-size", "2000"]
+
+
+def _bench(tmp_path: Path, mnist_dir: Path, *args: str) -> tuple[int, dict]:
+    code = cli.main(["bench", "--data-dir", str(mnist_dir), "--out", str(tmp_path), *TINY, *args])
+    return code, json.loads((tmp_path / "bench.json").read_text())
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def test_every_engine_either_runs_here_or_says_why_not():
+    for name in ENGINES:
+        reason = missing_reason(name)
+        assert reason is None or (isinstance(reason, str) and reason and "\n" not in reason), name
+    assert missing_reason("numpy") is None
+
+
+def test_an_engine_whose_library_is_missing_is_listed_with_the_reason(tmp_path, mnist_dir, monkeypatch, capsys):
+    # A fake 'sklearn' package first on the workers' path, failing to import as an absent one would.
+    fake = tmp_path / "fake"
+    (fake / "sklearn").mkdir(parents=True)
+    (fake / "sklearn" / "__init__.py").write_text("raise ImportError('faked: no scikit-learn here')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    code, result = _bench(tmp_path / "out", mnist_dir, "--engines", "numpy,sklearn")
+    assert code == 0
+    assert result["missing"] == {"sklearn": "scikit-learn is not installed (pip install scikit-learn)"}
+    assert [row["engine"] for row in result["rows"]] == ["numpy"]
+    out = capsys.readouterr().out
+    assert "not run: sklearn: scikit-learn is not installed" in out
+    assert "- `sklearn`: scikit-learn is not installed" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_unknown_engine_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--engines", "numpy,tensorflow"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'tensorflow' is not one of" in err
+
+
+def test_too_large_train_size_is_one_line_and_exit_1(tmp_path, mnist_dir, capsys):
+    code = cli.main(["bench", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--train-size", "60001"])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == "backprop-xp: error: train-size 60001 is more than the 60000 training images"
+
+
+# --------------------------------------------------------------------------- the tiny run
+
+
+def test_tiny_run_writes_three_files_with_consistent_numbers(tmp_path, mnist_dir, capsys):
+    pytest.importorskip("torch", reason="PyTorch not installed: the tiny run compares with torch-cpu")
+    pytest.importorskip("sklearn", reason="scikit-learn not installed: the tiny run compares with sklearn")
+    code, result = _bench(tmp_path, mnist_dir, "--engines", "numpy,sklearn,torch-cpu")
+    printed = capsys.readouterr().out
+    assert code == 0 and result["complete"] and result["missing"] == {}
+
+    rows = {row["engine"]: row for row in result["rows"]}
+    assert sorted(rows) == ["numpy", "sklearn", "torch-cpu"]
+    for name, row in rows.items():
+        timed = [m for m in result["rounds"] if m["engine"] == name]
+        assert len(timed) == row["rounds"] == 1
+        assert row["samples"] == 2000 and row["seconds"] == [timed[0]["seconds"]]
+        assert row["samples_per_s"] == pytest.approx(2000 / timed[0]["seconds"])
+        assert row["fraction_of_bound"] == pytest.approx(timed[0]["bound_seconds"] / timed[0]["seconds"])
+        assert row["first_epoch_s"] > 0 and row["epochs_trained"] == 2
+        assert row["test_accuracy"] > 0.5, f"{name} did not learn in two epochs"  # chance is 0.1
+        assert row["torch_reference"] == "torch-cpu"
+        # The printed table and bench.md show exactly these cells.
+        line = "| " + " | ".join(report.cells(row)) + " |"
+        assert line in (tmp_path / "bench.md").read_text()
+        assert all(cell in printed for cell in report.cells(row))
+    assert rows["torch-cpu"]["ratio_to_torch"] == 1.0
+    # Same initial parameters and the same shuffles: ours and PyTorch end at the same accuracy
+    # (up to float32 rounding flipping a few of the 10,000 test predictions).
+    assert rows["numpy"]["test_accuracy"] == pytest.approx(rows["torch-cpu"]["test_accuracy"], abs=0.01)
+
+    png = (tmp_path / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    engine_info = result["engines"]["numpy"]
+    assert engine_info["n_train"] == 2000 and engine_info["blas_threads"] == result["settings"]["threads"]
+    assert result["settings"]["threads"] >= 1 and result["machine"]["cores"] >= 1
+
+
+# --------------------------------------------------------------------------- the ratio column
+
+
+def _round(engine: str, r: int, seconds: float, bound: float = 0.01) -> dict:
+    return {"round": r, "engine": engine, "hidden": 16, "batch": 64, "workload": "epoch", "seconds": seconds, "bound_seconds": bound}
+
+
+def test_ratio_column_is_computed_from_the_rounds_it_prints():
+    times = {  # three rounds each, in an order where mean and median differ
+        "numpy": [0.10, 0.30, 0.12],
+        "torch-cpu": [0.20, 0.21, 0.60],
+        "sklearn": [1.0, 0.9, 1.1],
+        "torch-cuda": [0.05, 0.05, 0.05],
+        "torch-cuda-graph": [0.02, 0.03, 0.02],
+        "cupy": [0.01, 0.01, 0.04],
+    }
+    result = {
+        "rounds": [_round(name, r + 1, t) for name, ts in times.items() for r, t in enumerate(ts)],
+        "first_epochs": [],
+        "accuracy": [],
+        "engines": {name: {"n_train": 1000} for name in times},
+    }
+    rows = {row["engine"]: row for row in summarize(result)}
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    for name in ("numpy", "sklearn", "torch-cpu"):  # the CPU against the fastest PyTorch on the CPU
+        assert rows[name]["torch_reference"] == "torch-cpu"
+        assert rows[name]["ratio_to_torch"] == pytest.approx(median["torch-cpu"] / median[name])
+    for name in ("cupy", "torch-cuda", "torch-cuda-graph"):  # a GPU against the fastest PyTorch on the GPU
+        assert rows[name]["torch_reference"] == "torch-cuda-graph"
+        assert rows[name]["ratio_to_torch"] == pytest.approx(median["torch-cuda-graph"] / median[name])
+    # The printed cells are those numbers.
+    assert report.cells(rows["numpy"])[4] == "120.0 (100.0-300.0)"
+    assert report.cells(rows["numpy"])[5] == f"{median['torch-cpu'] / median['numpy']:.2f}x torch-cpu" == "1.75x torch-cpu"
+    assert report.cells(rows["cupy"])[5] == "2.00x torch-cuda-graph"
+
+
+def test_without_pytorch_on_a_device_there_is_no_ratio():
+    result = {"rounds": [_round("numpy", 1, 0.1)], "first_epochs": [], "accuracy": [], "engines": {"numpy": {"n_train": 1000}}}
+    (row,) = summarize(result)
+    assert row["ratio_to_torch"] is None and report.cells(row)[5] == "-"
+
+
+# --------------------------------------------------------------------------- budget and Ctrl-C
+
+
+def test_the_budget_stops_further_rounds_after_the_first(tmp_path, mnist_dir):
+    code, result = _bench(tmp_path, mnist_dir, "--engines", "numpy", "--epochs", "3", "--budget-s", "0.001")
+    assert code == 0
+    assert [m["round"] for m in result["rounds"]] == [1]
+    assert result["stopped"].startswith("budget: 1 of 3 rounds") and not result["complete"]
+    assert "Stopped early: budget" in (tmp_path / "bench.md").read_text()
+
+
+def test_ctrl_c_prints_the_table_of_the_rounds_so_far(tmp_path, mnist_dir):
+    command = [sys.executable, "-m", "backprop_xp", "bench", "--data-dir", str(mnist_dir), "--out", str(tmp_path),
+               "--engines", "numpy", "--hidden", "16", "--batch-size", "64", "--train-size", "2000", "--epochs", "100000"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in process.stdout:
+            if line.startswith("round 2/"):
+                break
+        process.send_signal(signal.SIGINT)
+        rest, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["stopped"].startswith("interrupted")
+    (row,) = result["rows"]
+    assert row["rounds"] >= 2
+    assert all(cell in rest for cell in report.cells(row)), rest  # the table, printed after Ctrl-C
+    assert "stopped: interrupted" in rest
