@@ -21,6 +21,7 @@ import numpy as np
 
 from . import __version__
 from .backend import BACKENDS, DTYPES, BackendError
+from .checks import AT_LEAST_0, AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Rule
 from .data import DATASETS
 from .kernels import ACTIVATIONS
 from .training import DIVERGED_EXIT_CODE, SCHEDULES, SettingError, TrainConfig
@@ -63,23 +64,23 @@ def _number(kind: Callable[[str], Any], text: str) -> Any:
     return value
 
 
-def _checked(kind: Callable[[str], Any], ok: Callable[[Any], bool], requirement: str) -> Callable[[str], Any]:
-    """An argparse type: ``kind(text)`` that must satisfy ``ok``, else "must be <requirement>, got <value>"."""
+def _checked(kind: Callable[[str], Any], rule: Rule) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)`` that must follow ``rule`` (checks.py), else "must be <requirement>, got <value>"."""
 
     def parse(text: str) -> Any:
         value = _number(kind, text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value:g}")
+        if not rule.ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule.requirement}, got {value:g}")
         return value
 
     return parse
 
 
-positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
-count = _checked(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _checked(float, lambda v: v > 0, "> 0")
-nonnegative_float = _checked(float, lambda v: v >= 0, ">= 0")
-momentum_float = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+positive_int = _checked(int, AT_LEAST_1)
+count = _checked(int, AT_LEAST_0)
+positive_float = _checked(float, POSITIVE)
+nonnegative_float = _checked(float, NON_NEGATIVE)
+momentum_float = _checked(float, FRACTION)
 
 
 def existing_dir(text: str) -> str:

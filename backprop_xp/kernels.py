@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .backend import array_module
+from .checks import check_choice
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
 
@@ -54,7 +55,7 @@ def activation_forward_(z: Any, activation: str, fprime: Any = None) -> Any:
     elif activation == "tanh":
         xp.tanh(z, out=z)
     else:
-        raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        check_choice("activation", activation, ACTIVATIONS)
     if fprime is not None:
         activation_derivative(z, activation, out=fprime)
     return z
@@ -71,7 +72,7 @@ def activation_derivative(a: Any, activation: str, out: Any) -> Any:
     if activation == "tanh":
         xp.multiply(a, a, out=out)
         return xp.subtract(1, out, out=out)
-    raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+    return check_choice("activation", activation, ACTIVATIONS)  # raises: every known activation returned above
 
 
 # --------------------------------------------------------------------------- softmax + cross-entropy

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .backend import get_backend, resolve_dtype, to_numpy
+from .checks import AT_LEAST_1, check, check_choice
 from .files import atomic_savez, read_npz
 from .kernels import ACTIVATIONS, activation_forward_, check_labels, softmax_, softmax_cross_entropy_
 
@@ -101,12 +102,10 @@ class MLP:
         seed: int = 0,
     ) -> None:
         for name, value in (("n_inputs", n_inputs), ("n_hidden", n_hidden), ("n_outputs", n_outputs)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check(name, value, AT_LEAST_1)
         if n_outputs < 2:
             raise ValueError(f"n_outputs must be at least 2 for a softmax, got {n_outputs}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        check_choice("activation", activation, ACTIVATIONS)
         self.backend = get_backend(backend)
         self.xp = self.backend.xp
         self.dtype = resolve_dtype(dtype)

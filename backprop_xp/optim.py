@@ -8,10 +8,10 @@ launches on the GPU.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from .backend import array_module
+from .checks import FRACTION, NON_NEGATIVE, POSITIVE, check
 
 
 def sgd_update(w: Any, grad: Any, lr: float, *, scratch: Any = None) -> Any:
@@ -59,12 +59,9 @@ class SGD:
     """
 
     def __init__(self, model: Any, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"learning rate must be a finite number > 0, got {lr}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight decay must be a finite number >= 0, got {weight_decay}")
+        check("learning rate", lr, POSITIVE)
+        check("momentum", momentum, FRACTION)
+        check("weight decay", weight_decay, NON_NEGATIVE)
         self.model = model
         self.lr = float(lr)
         self.momentum = float(momentum)

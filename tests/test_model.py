@@ -143,7 +143,7 @@ def test_training_separates_a_tiny_problem(activation):
 
 
 def test_bad_arguments_give_clear_errors():
-    with pytest.raises(ValueError, match="n_hidden must be a positive integer"):
+    with pytest.raises(ValueError, match="n_hidden must be an integer >= 1"):
         bx.MLP(784, 0, 10)
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):
         bx.MLP(784, 8, 10, activation="gelu")

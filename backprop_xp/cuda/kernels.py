@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..checks import check_choice
 from ..kernels import ACTIVATIONS, activation_derivative, activation_forward_, softmax_cross_entropy_
 
 # Rows per block of the step's output-layer kernel (a multiple of the warp size, 32).
@@ -464,9 +465,6 @@ def _xent_step_kernel(dtype_name: str) -> Any:
     return cupy.RawKernel(XENT_STEP_SOURCE, f"xent_step_{'float' if dtype_name == 'float32' else 'double'}")
 
 
-def _check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
 
 
 # --------------------------------------------------------------------------- CuPy wrappers
@@ -499,14 +497,14 @@ def softmax_cross_entropy_fused(logits: Any, labels: Any, out: Any) -> Any:
 
 def bias_activation_(z: Any, bias: Any, activation: str) -> Any:
     """``z ← f(z + bias)`` in place (``z`` C-contiguous (B, H), ``bias`` (H,)); returns ``z``."""
-    _check_activation(activation)
+    check_choice("activation", activation, ACTIVATIONS)
     _elementwise(f"bias_{activation}")(bias, np.int32(z.shape[1]), z)
     return z
 
 
 def activation_backward_(a: Any, delta: Any, activation: str) -> Any:
     """``delta ← delta ⊙ f'(z)`` in place, from the activation's output ``a = f(z)``; returns ``delta``."""
-    _check_activation(activation)
+    check_choice("activation", activation, ACTIVATIONS)
     _elementwise(f"{activation}_backward")(a, delta)
     return delta
 
@@ -658,7 +656,7 @@ def output_layer_step(
     shape must pass ``output_layer_fits``. The NumPy twin is
     ``output_layer_reference``.
     """
-    _check_activation(activation)
+    check_choice("activation", activation, ACTIVATIONS)
     batch, n_hidden = a1.shape
     n_classes = delta2.shape[1]
     kernel = _output_layer_kernel(activation, n_classes, a1.dtype.name)

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
 from ..backend import BACKENDS, DTYPES
+from ..checks import AT_LEAST_0, AT_LEAST_1, BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, check, check_choice
 from ..kernels import ACTIVATIONS
 
 
@@ -55,6 +55,13 @@ SCHEDULES: dict[str, Callable[[int, int, float], float]] = {
 
 
 # --------------------------------------------------------------------------- config
+
+# The rule of every numeric and true/false setting (checks.py); the command line's argument types use the same.
+RULES = {
+    "hidden": AT_LEAST_1, "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "val_size": AT_LEAST_0,
+    "train_size": AT_LEAST_0, "seed": AT_LEAST_0, "patience": AT_LEAST_0, "lr": POSITIVE, "momentum": FRACTION,
+    "weight_decay": NON_NEGATIVE, "augment": BOOLEAN, "tf32": BOOLEAN, "keep_best": BOOLEAN,
+}  # fmt: skip
 
 
 class SettingError(ValueError):
@@ -101,27 +108,8 @@ class TrainConfig:
         """Raise SettingError (a ValueError) naming the first setting that cannot work."""
         from ..data import DATASETS
 
-        def positive_int(name: str, minimum: int = 1) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise SettingError(f"{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
-
-        positive_int("hidden")
-        positive_int("epochs")
-        positive_int("batch_size")
-        positive_int("val_size", 0)
-        positive_int("train_size", 0)
-        positive_int("seed", 0)
-        positive_int("patience", 0)
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise SettingError(f"lr must be a finite number > 0, got {self.lr!r}")
-        for name in ("augment", "tf32", "keep_best"):
-            if not isinstance(getattr(self, name), bool):
-                raise SettingError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise SettingError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise SettingError(f"weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
+        for name, rule in RULES.items():
+            check(name.replace("_", "-"), getattr(self, name), rule, SettingError)
         for name, allowed in (
             ("activation", ACTIVATIONS),
             ("lr_schedule", tuple(SCHEDULES)),
@@ -129,8 +117,7 @@ class TrainConfig:
             ("backend", BACKENDS),
             ("dataset", tuple(DATASETS)),
         ):
-            if getattr(self, name) not in allowed:
-                raise SettingError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+            check_choice(name.replace("_", "-"), getattr(self, name), allowed, SettingError)
         if self.train_size and self.val_size >= self.train_size:
             raise SettingError(f"--val-size {self.val_size} leaves no training images (--train-size is {self.train_size})")
         if (self.keep_best or self.patience) and not self.val_size:
