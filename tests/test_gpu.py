@@ -550,6 +550,27 @@ def test_graph_step_follows_a_new_velocity_array(cupy):
     np.testing.assert_array_equal(old.get(), before.get())  # ...and the old one is left alone
 
 
+def test_an_optimizer_with_its_own_step_is_never_fused(cupy):
+    """make_step keeps model.backprop + optimizer.step() for an SGD subclass whose step() differs."""
+    from backprop_xp.cuda.step import GpuStep, make_gpu_step
+    from backprop_xp.training import make_step
+
+    class HalfSteps(bx.SGD):
+        def step(self):
+            self.lr /= 2
+            super().step()
+
+    m = bx.MLP(784, 16, 10, backend="cupy")
+    opt = HalfSteps(m, lr=0.1)
+    step = make_step(m, opt)
+    assert not isinstance(step, GpuStep)
+    step(cupy.zeros((8, 784), cupy.float32), cupy.zeros(8, cupy.int64))
+    assert opt.lr == 0.05  # its own step() ran
+    assert isinstance(make_step(m, bx.SGD(m, lr=0.1)), GpuStep)
+    with pytest.raises(ValueError, match="HalfSteps has a step"):
+        make_gpu_step(m, opt)
+
+
 def test_step_rejects_wrong_inputs_with_a_clear_message(cupy):
     from backprop_xp.cuda.step import make_gpu_step
 

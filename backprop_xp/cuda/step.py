@@ -166,6 +166,8 @@ class GpuStep:
             raise ValueError(f"make_gpu_step needs a CuPy model, got backend {model.backend.name!r}")
         if optimizer.model is not model:
             raise ValueError("the optimizer belongs to another model")
+        if type(optimizer).step is not SGD.step:  # the update kernel is SGD.step's rule, read from its settings
+            raise ValueError(f"the fused GPU step applies SGD's update; {type(optimizer).__name__} has a step() of its own")
         self.model, self.optimizer, self.xp = model, optimizer, cupy
         self.mode = "graphs" if graphs else "eager"
         self._fused_choice = fused

@@ -34,25 +34,28 @@ def make_step(
 ) -> Callable[[Any, Any], tuple[Any, Any]]:
     """The training step ``step(xb, yb) -> (loss, n_correct)`` for this model's backend.
 
-    Both results are 0-d arrays left on the device (no synchronisation). On
-    NumPy the step is ``model.backprop`` then ``optimizer.step()``; on CuPy it
-    is the fused, optionally CUDA-graph-captured step of ``cuda/step.py``, with
-    TF32 matrix products if ``tf32``. This is the one place the training loop
-    looks at the backend.
+    The definition is ``model.backprop`` then ``optimizer.step()``, and that
+    is the step on NumPy. On CuPy, for the ``SGD`` update, it is the same
+    math fused and captured as CUDA graphs (``cuda/step.py``, with TF32
+    matrix products if ``tf32``), checked against this definition by the GPU
+    tests; an optimizer with a ``step()`` of its own keeps the definition on
+    CuPy too, so its update is never silently replaced. Both results are 0-d
+    arrays left on the device (no synchronisation). This is the one place the
+    training loop looks at the backend.
     """
-    if model.xp is np:
-        backprop, update = model.backprop, optimizer.step
+    if model.xp is not np and type(optimizer).step is SGD.step:
+        from ..cuda.step import make_gpu_step  # imported only on CuPy: the CPU path never needs it
 
-        def step(xb: Any, yb: Any) -> tuple[Any, Any]:
-            loss, n_correct = backprop(xb, yb)
-            update()
-            return loss, n_correct
+        # tf32=False leaves CuPy's global setting alone (a CUPY_TF32=1 the user set stays); the step is float32
+        return make_gpu_step(model, optimizer, graphs=graphs, tf32=True if tf32 else None)
+    backprop, update = model.backprop, optimizer.step
 
-        return step
-    from ..cuda.step import make_gpu_step  # imported only on CuPy: the CPU path never needs it
+    def step(xb: Any, yb: Any) -> tuple[Any, Any]:
+        loss, n_correct = backprop(xb, yb)
+        update()
+        return loss, n_correct
 
-    # tf32=False leaves CuPy's global setting alone (a CUPY_TF32=1 the user set stays); the step itself is float32
-    return make_gpu_step(model, optimizer, graphs=graphs, tf32=True if tf32 else None)
+    return step
 
 
 class EpochSums(NamedTuple):
