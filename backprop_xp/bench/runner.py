@@ -125,16 +125,7 @@ def run(settings: Settings, echo: Callable[[str], None] = print, on_round: Calla
             return _finish(result, started)
         failed: set[tuple[str, int, int]] = set()  # (engine, hidden, batch) that raised: not asked again
         shapes = [(h, b) for h in settings.hidden for b in settings.batch_sizes]
-        for hidden, batch in shapes:
-            for name in list(workers):
-                answer = _ask(workers, name, result, echo, "first", hidden=hidden, batch=batch)
-                if answer is None or "error" in answer:
-                    failed.add((name, hidden, batch))
-                    _error(result, echo, name, hidden, batch, "first epoch", answer)
-                    continue
-                result["first_epochs"].append({"engine": name, "hidden": hidden, "batch": batch, **answer})
-                echo(f"first epoch   {_shape_name(hidden, batch):24s} {name:17s} {answer['seconds']:8.3f} s"
-                     f"  (built in {answer['build_seconds']:.2f} s)")  # fmt: skip
+        _first_epochs(shapes, workers, result, failed, echo)
         if on_round:
             on_round(_finish(result, started))
         last_round = 0.0
@@ -148,36 +139,11 @@ def run(settings: Settings, echo: Callable[[str], None] = print, on_round: Calla
                 echo(f"stopping: {result['stopped']}")
                 break
             round_start = time.perf_counter()
-            order = list(workers)
-            order = order[(r - 1) % len(order) :] + order[: (r - 1) % len(order)]
-            for hidden, batch in shapes:
-                for name in order:
-                    if name not in workers or (name, hidden, batch) in failed:
-                        continue
-                    for workload in settings.workloads:
-                        if workload != "epoch" and device_of(name) != "cpu":
-                            continue
-                        answer = _ask(workers, name, result, echo, "time", hidden=hidden, batch=batch, workload=workload, epoch=r)
-                        if answer is None or "error" in answer:
-                            failed.add((name, hidden, batch))
-                            _error(result, echo, name, hidden, batch, f"round {r} {workload}", answer)
-                            break
-                        result["rounds"].append(
-                            {"round": r, "engine": name, "hidden": hidden, "batch": batch, "workload": workload, **answer}
-                        )
-                        echo(_round_line(r, settings.epochs, name, hidden, batch, workload, answer, result))
+            _timed_round(r, settings, shapes, workers, result, failed, echo)
             last_round = time.perf_counter() - round_start
             if on_round:
                 on_round(_finish(result, started))
-        for hidden, batch in shapes:
-            for name in list(workers):
-                if (name, hidden, batch) in failed:
-                    continue
-                answer = _ask(workers, name, result, echo, "accuracy", hidden=hidden, batch=batch)
-                if answer is not None and "error" not in answer:
-                    result["accuracy"].append({"engine": name, "hidden": hidden, "batch": batch, **answer})
-                else:
-                    _error(result, echo, name, hidden, batch, "test accuracy", answer)
+        _accuracies(shapes, workers, result, failed, echo)
         result["complete"] = result["stopped"] is None
     except KeyboardInterrupt:
         interrupted = True
@@ -186,6 +152,57 @@ def run(settings: Settings, echo: Callable[[str], None] = print, on_round: Calla
         for worker in workers.values():
             worker.close(now=interrupted)
     return _finish(result, started)
+
+
+def _first_epochs(shapes: list, workers: dict, result: dict, failed: set, echo: Callable[[str], None]) -> None:
+    """Every engine's first epoch at every shape (compilation, allocation), reported on its own."""
+    for hidden, batch in shapes:
+        for name in list(workers):
+            answer = _ask(workers, name, result, echo, "first", hidden=hidden, batch=batch)
+            if answer is None or "error" in answer:
+                failed.add((name, hidden, batch))
+                _error(result, echo, name, hidden, batch, "first epoch", answer)
+                continue
+            result["first_epochs"].append({"engine": name, "hidden": hidden, "batch": batch, **answer})
+            echo(f"first epoch   {_shape_name(hidden, batch):24s} {name:17s} {answer['seconds']:8.3f} s"
+                 f"  (built in {answer['build_seconds']:.2f} s)")  # fmt: skip
+
+
+def _timed_round(
+    r: int, settings: Settings, shapes: list, workers: dict, result: dict, failed: set, echo: Callable[[str], None]
+) -> None:
+    """Round ``r``: every shape on every engine, the engines' order rotated by one each round."""
+    order = list(workers)
+    order = order[(r - 1) % len(order) :] + order[: (r - 1) % len(order)]
+    for hidden, batch in shapes:
+        for name in order:
+            if name not in workers or (name, hidden, batch) in failed:
+                continue
+            for workload in settings.workloads:
+                if workload != "epoch" and device_of(name) != "cpu":
+                    continue
+                answer = _ask(workers, name, result, echo, "time", hidden=hidden, batch=batch, workload=workload, epoch=r)
+                if answer is None or "error" in answer:
+                    failed.add((name, hidden, batch))
+                    _error(result, echo, name, hidden, batch, f"round {r} {workload}", answer)
+                    break
+                result["rounds"].append(
+                    {"round": r, "engine": name, "hidden": hidden, "batch": batch, "workload": workload, **answer}
+                )
+                echo(_round_line(r, settings.epochs, name, hidden, batch, workload, answer, result))
+
+
+def _accuracies(shapes: list, workers: dict, result: dict, failed: set, echo: Callable[[str], None]) -> None:
+    """Each engine's test accuracy after its epochs: a fast engine that does not learn is not fast."""
+    for hidden, batch in shapes:
+        for name in list(workers):
+            if (name, hidden, batch) in failed:
+                continue
+            answer = _ask(workers, name, result, echo, "accuracy", hidden=hidden, batch=batch)
+            if answer is not None and "error" not in answer:
+                result["accuracy"].append({"engine": name, "hidden": hidden, "batch": batch, **answer})
+            else:
+                _error(result, echo, name, hidden, batch, "test accuracy", answer)
 
 
 def _start(settings: Settings, result: dict[str, Any], workers: dict[str, Worker], echo: Callable[[str], None]) -> None:
