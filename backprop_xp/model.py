@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fused_cpu
 from .backend import get_backend, resolve_dtype, to_numpy
 from .files import atomic_savez, read_npz
 from .kernels import ACTIVATIONS, activation_forward_, check_labels, softmax_, softmax_cross_entropy_
@@ -52,6 +53,7 @@ class _Workspace:
             self.delta2 = xp.empty((n_outputs, batch), dtype).T  # (B, K), stored transposed
             self.ones = xp.ones(batch, dtype)  # Σ_b v = 1ᵀ v, a matrix-vector product for BLAS
             self.rows = xp.arange(batch)  # the row index of each label, for the softmax
+            self.row_loss = xp.empty(batch, dtype)  # −log ŷ_y of each row (the fused CPU kernel's)
 
 
 class MLP:
@@ -168,10 +170,13 @@ class MLP:
         """z1 = x W1ᵀ + b1, a1 = f(z1), z2 = a1 W2ᵀ + b2, into the workspace (and f'(z1) if asked)."""
         xp, p = self.xp, self.params
         xp.matmul(x, p["W1"].T, out=ws.a1)
-        ws.a1 += p["b1"]
-        # ReLU always goes through its mask: z ⊙ [z > 0] is cheaper than NumPy's maximum.
-        keep_fprime = keep_fprime or self.activation == "relu"
-        activation_forward_(ws.a1, self.activation, fprime=ws.fprime if keep_fprime else None)
+        if self.activation == "relu" and fused_cpu.active(xp):
+            fused_cpu.bias_relu_(ws.a1, p["b1"], ws.fprime)  # the two lines below in one pass
+        else:
+            ws.a1 += p["b1"]
+            # ReLU always goes through its mask: z ⊙ [z > 0] is cheaper than NumPy's maximum.
+            keep_fprime = keep_fprime or self.activation == "relu"
+            activation_forward_(ws.a1, self.activation, fprime=ws.fprime if keep_fprime else None)
         xp.matmul(p["W2"], ws.a1.T, out=ws.z2.T)  # z2ᵀ = W2 a1ᵀ: z2 = a1 W2ᵀ into its (K, B) buffer
         ws.z2 += p["b2"]
 
@@ -193,8 +198,11 @@ class MLP:
         xp, p, g = self.xp, self.params, self.grads
         ws = self._workspace(x.shape[0])
         self._forward_into(x, ws, keep_fprime=True)
-        n_correct = xp.count_nonzero(ws.z2.argmax(axis=1) == labels)
-        loss = softmax_cross_entropy_(ws.z2, labels, out=ws.delta2, rows=ws.rows)  # δ2 = (ŷ − y) / B
+        if fused_cpu.active(xp):  # the two lines below in one pass per row
+            loss, n_correct = fused_cpu.output_layer_(ws.z2, labels, ws.delta2, ws.row_loss)
+        else:
+            n_correct = xp.count_nonzero(ws.z2.argmax(axis=1) == labels)
+            loss = softmax_cross_entropy_(ws.z2, labels, out=ws.delta2, rows=ws.rows)  # δ2 = (ŷ − y) / B
         xp.matmul(ws.delta2.T, ws.a1, out=g["W2"])  # ∂L/∂W2 = δ2ᵀ a1
         xp.matmul(ws.delta2.T, ws.ones, out=g["b2"])  # ∂L/∂b2 = Σ_b δ2 = δ2ᵀ 1
         xp.matmul(ws.delta2, p["W2"], out=ws.delta1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from . import fused_cpu
 from .backend import array_module
 
 
@@ -83,6 +84,12 @@ class SGD:
         """
         xp = self.model.xp
         w, g, scratch = self.model.flat_params, self.model.flat_grads, self._scratch
+        if fused_cpu.active(xp):  # the same arithmetic in one multi-core pass, bit for bit
+            if self.velocity is not None:
+                fused_cpu.momentum_update_(w, g, self.velocity, self.lr, self.momentum, self.weight_decay)
+            else:
+                fused_cpu.sgd_update_(w, g, self.lr, self.weight_decay)
+            return
         if self.weight_decay:
             g += xp.multiply(w, self.weight_decay, dtype=w.dtype, out=scratch)  # g ← ∂L/∂w + λ w
         if self.velocity is not None:
