@@ -22,6 +22,7 @@ Nothing here is imported unless Numba is installed and the fast path is on
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,10 @@ def info() -> dict[str, Any]:
 
         out["numba"] = numba.__version__
         out["threads"] = threads()
+        try:
+            out["threading_layer"] = numba.threading_layer()
+        except ValueError:  # no parallel kernel has run yet
+            out["threading_layer"] = numba.config.THREADING_LAYER
     return out
 
 
@@ -175,6 +180,20 @@ def _plain(w, g, lr, wd):  # pragma: no cover
 _prange = range  # numba.prange once Numba is imported (Numba reads globals when it compiles)
 
 
+def _renamed(fn: Any, suffix: str) -> Any:
+    """A copy of ``fn`` under another name.
+
+    Numba's disk cache is keyed by the function's name and line, not by the
+    compile options, so a serial and a parallel build of one function would
+    load each other's machine code; the serial twin gets a name of its own.
+    """
+    import types
+
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + suffix
+    return twin
+
+
 def _kernels() -> Any:
     """The compiled kernels (compiled on first use, cached on disk by Numba)."""
     if _state["kernels"] is None:
@@ -184,11 +203,17 @@ def _kernels() -> Any:
 
         global _prange
         _prange = numba.prange
+        if "NUMBA_THREADING_LAYER" not in os.environ:
+            # Numba's own pool sleeps between launches. OpenMP's busy-waits, and
+            # so do OpenBLAS's threads: on a machine with few cores the two pools
+            # then take the cores from each other (measured: a 1 ms GEMM took
+            # 36 ms, bench/NOTES.md). Only if no parallel Numba code ran yet.
+            numba.config.THREADING_LAYER = "workqueue"
         options = {"fastmath": False, "cache": True, "nogil": True}
         k = types.SimpleNamespace()
         for name, fn in (("bias_relu", _bias_relu), ("momentum", _momentum), ("plain", _plain)):
             setattr(k, name, numba.njit(parallel=True, **options)(fn))
-            setattr(k, name + "_serial", numba.njit(**options)(fn))
+            setattr(k, name + "_serial", numba.njit(**options)(_renamed(fn, "_serial")))
         k.output_layer = numba.njit(**options)(_output_layer)
         _state["kernels"] = k
     return _state["kernels"]
@@ -206,22 +231,33 @@ def active(xp: Any) -> bool:
     return xp is np and enabled()
 
 
-def _pick(name: str, size: int) -> Any:
+_launch = threading.Lock()
+
+
+def _run(name: str, size: int, *args: Any) -> Any:
+    """Kernel ``name`` on ``threads()`` threads if the array is large enough, else its serial twin.
+
+    One parallel launch at a time: a second thread arriving meanwhile (a
+    threaded sweep, say) runs the serial twin instead of waiting.
+    """
     kernels = _kernels()
     n = threads()
-    if n > 1 and size >= PARALLEL_MIN:
-        import numba
+    if n > 1 and size >= PARALLEL_MIN and _launch.acquire(blocking=False):
+        try:
+            import numba
 
-        if numba.get_num_threads() != n:
-            numba.set_num_threads(n)
-        return getattr(kernels, name)
-    return getattr(kernels, name + "_serial")
+            if numba.get_num_threads() != n:  # a per-thread setting in Numba
+                numba.set_num_threads(n)
+            return getattr(kernels, name)(*args)
+        finally:
+            _launch.release()
+    return getattr(kernels, name + "_serial")(*args)
 
 
 def bias_relu_(z: Any, b: Any, fprime: Any) -> Any:
     """``z ← relu(z + b)`` and ``fprime ← [z + b > 0]`` in one pass; bit-identical to
     ``z += b`` then ``activation_forward_(z, "relu", fprime)``. Returns ``z``."""
-    _pick("bias_relu", z.size)(z, b, fprime)
+    _run("bias_relu", z.size, z, b, fprime)
     return z
 
 
@@ -245,10 +281,10 @@ def momentum_update_(w: Any, g: Any, v: Any, lr: float, momentum: float, weight_
     Bit-identical to the NumPy passes (the scalars are rounded to ``w``'s dtype first, as there).
     """
     t = w.dtype.type
-    _pick("momentum", w.size)(w, g, v, t(lr), t(momentum), t(weight_decay))
+    _run("momentum", w.size, w, g, v, t(lr), t(momentum), t(weight_decay))
 
 
 def sgd_update_(w: Any, g: Any, lr: float, weight_decay: float) -> None:
     """``SGD.step`` without momentum in one pass: ``g ← g + λ w`` (if ``λ``), ``w ← w − η g``."""
     t = w.dtype.type
-    _pick("plain", w.size)(w, g, t(lr), t(weight_decay))
+    _run("plain", w.size, w, g, t(lr), t(weight_decay))
