@@ -1,11 +1,12 @@
 """Fused, multi-core CPU kernels for the training step (optional: ``pip install backprop-xp[fast]``).
 
 The NumPy training step makes several single-threaded passes over the same
-arrays around each matrix product: ``z1 + b1``, then ReLU and its mask, then
-``δ1 ⊙ f'(z1)``; the softmax and cross-entropy; and four passes for the momentum
-update over every parameter. Here each group is one loop compiled by Numba, so
-the data is read once, and the large loops run on ``threads()`` cores. The
-matrix products stay with NumPy's BLAS.
+arrays around the matrix products: ``z1 + b1``, then ReLU and its mask; the
+argmax, softmax and cross-entropy of the output layer; and four passes for the
+momentum update over every parameter. Here each group is one loop compiled by
+Numba, so the data is read once, and loops over large arrays (the update at a
+wide hidden layer) run on ``threads()`` cores. The matrix products stay with
+NumPy's BLAS, and so does ``δ1 ⊙ f'(z1)``, already a single pass.
 
 Each kernel does the same float operations, in the same order and precision, as
 the NumPy code it replaces in ``kernels.py``/``optim.py`` (Numba without
