@@ -222,9 +222,11 @@ def _kernels() -> Any:
 
 # --------------------------------------------------------------------------- what the model and optimizer call
 
-# Below this many elements a kernel runs on the calling thread: waking the
-# other threads costs more than they save (measured in bench/NOTES.md).
-PARALLEL_MIN = 1 << 18
+# Below this many elements a kernel runs on the calling thread. On 2 cores,
+# right after a two-thread GEMM (whose BLAS threads still spin), splitting the
+# update of hidden 800's 636k parameters lost more than it gained, and at
+# hidden 1600 (1.27M) it only tied (bench/NOTES.md): only such arrays are split.
+PARALLEL_MIN = 1 << 20
 
 
 def active(xp: Any) -> bool:
