@@ -18,12 +18,15 @@ training loop allocates nothing large per step.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from . import fused_cpu
 from .backend import get_backend, resolve_dtype, to_numpy
 from .checks import AT_LEAST_1, check, check_choice
 from .files import atomic_savez, read_npz
@@ -33,6 +36,28 @@ PARAM_NAMES = ("W1", "b1", "W2", "b2")
 # Rows of a batch pushed through the network at once by predict/evaluate: big
 # enough to keep BLAS busy, small enough to bound memory (4096 x 800 x 4 B = 13 MB).
 EVAL_CHUNK = 4096
+
+
+class PerBatchSize(dict):
+    """Buffers kept per batch size, built on first use by ``build(batch)``.
+
+    A training run uses two sizes (the full batch and the epoch's last,
+    partial one) and evaluation a few chunk sizes, so a handful are kept; a
+    new size beyond ``limit`` starts the cache afresh rather than growing it
+    without bound. The model's workspaces and the GPU step's buffers both use it.
+    """
+
+    def __init__(self, build: Callable[[int], Any], limit: int = 4) -> None:
+        super().__init__()
+        self.build, self.limit = build, limit
+
+    def __call__(self, batch: int) -> Any:
+        found = self.get(batch)
+        if found is None:
+            if len(self) >= self.limit:
+                self.clear()
+            found = self[batch] = self.build(batch)
+        return found
 
 
 class _Workspace:
@@ -53,6 +78,7 @@ class _Workspace:
             self.delta2 = xp.empty((n_outputs, batch), dtype).T  # (B, K), stored transposed
             self.ones = xp.ones(batch, dtype)  # Σ_b v = 1ᵀ v, a matrix-vector product for BLAS
             self.rows = xp.arange(batch)  # the row index of each label, for the softmax
+            self.row_loss = xp.empty(batch, dtype)  # −log ŷ_y of each row (the fused CPU kernel's)
 
 
 class MLP:
@@ -127,8 +153,10 @@ class MLP:
         self.flat_grads[...] = 0
         for name, value in _initial_params(shapes, activation, self.seed).items():
             self.params[name][...] = self.xp.asarray(value.astype(self.dtype))
-        self._workspaces: dict[int, _Workspace] = {}
-        self._eval_workspaces: dict[int, _Workspace] = {}
+        # Training and evaluation keep separate caches, so that evaluating (in
+        # chunks of other sizes) never evicts the training step's buffers.
+        self._workspaces = PerBatchSize(functools.partial(self._new_workspace, training=True))
+        self._eval_workspaces = PerBatchSize(functools.partial(self._new_workspace, training=False))
 
     # ------------------------------------------------------------------ config
     @property
@@ -151,26 +179,20 @@ class MLP:
         )
 
     # ------------------------------------------------------------------ the math
-    def _workspace(self, batch: int, *, training: bool = True) -> _Workspace:
-        # Training and evaluation keep separate caches, so that evaluating (in
-        # chunks of other sizes) never evicts the training step's buffers.
-        cache = self._workspaces if training else self._eval_workspaces
-        ws = cache.get(batch)
-        if ws is None:
-            if len(cache) >= 4:  # training uses two sizes (full and last batch), evaluation a few chunks
-                cache.clear()
-            ws = _Workspace(self.xp, batch, self.n_hidden, self.n_outputs, self.dtype, training=training)
-            cache[batch] = ws
-        return ws
+    def _new_workspace(self, batch: int, *, training: bool) -> _Workspace:
+        return _Workspace(self.xp, batch, self.n_hidden, self.n_outputs, self.dtype, training=training)
 
     def _forward_into(self, x: Any, ws: _Workspace, *, keep_fprime: bool = False) -> None:
         """z1 = x W1ᵀ + b1, a1 = f(z1), z2 = a1 W2ᵀ + b2, into the workspace (and f'(z1) if asked)."""
         xp, p = self.xp, self.params
         xp.matmul(x, p["W1"].T, out=ws.a1)
-        ws.a1 += p["b1"]
-        # ReLU always goes through its mask: z ⊙ [z > 0] is cheaper than NumPy's maximum.
-        keep_fprime = keep_fprime or self.activation == "relu"
-        activation_forward_(ws.a1, self.activation, fprime=ws.fprime if keep_fprime else None)
+        if self.activation == "relu" and fused_cpu.active(xp):
+            fused_cpu.bias_relu_(ws.a1, p["b1"], ws.fprime)  # the two lines below in one pass
+        else:
+            ws.a1 += p["b1"]
+            # ReLU always goes through its mask: z ⊙ [z > 0] is cheaper than NumPy's maximum.
+            keep_fprime = keep_fprime or self.activation == "relu"
+            activation_forward_(ws.a1, self.activation, fprime=ws.fprime if keep_fprime else None)
         xp.matmul(p["W2"], ws.a1.T, out=ws.z2.T)  # z2ᵀ = W2 a1ᵀ: z2 = a1 W2ᵀ into its (K, B) buffer
         ws.z2 += p["b2"]
 
@@ -190,10 +212,13 @@ class MLP:
             How many rows the forward pass classified correctly.
         """
         xp, p, g = self.xp, self.params, self.grads
-        ws = self._workspace(x.shape[0])
+        ws = self._workspaces(x.shape[0])
         self._forward_into(x, ws, keep_fprime=True)
-        n_correct = xp.count_nonzero(ws.z2.argmax(axis=1) == labels)
-        loss = softmax_cross_entropy_(ws.z2, labels, out=ws.delta2, rows=ws.rows)  # δ2 = (ŷ − y) / B
+        if fused_cpu.active(xp):  # the two lines below in one pass per row
+            loss, n_correct = fused_cpu.output_layer_(ws.z2, labels, ws.delta2, ws.row_loss)
+        else:
+            n_correct = xp.count_nonzero(ws.z2.argmax(axis=1) == labels)
+            loss = softmax_cross_entropy_(ws.z2, labels, out=ws.delta2, rows=ws.rows)  # δ2 = (ŷ − y) / B
         xp.matmul(ws.delta2.T, ws.a1, out=g["W2"])  # ∂L/∂W2 = δ2ᵀ a1
         xp.matmul(ws.delta2.T, ws.ones, out=g["b2"])  # ∂L/∂b2 = Σ_b δ2 = δ2ᵀ 1
         xp.matmul(ws.delta2, p["W2"], out=ws.delta1)
@@ -260,7 +285,7 @@ class MLP:
         out = self.xp.empty((x.shape[0], self.n_outputs), self.dtype)
         for start in range(0, x.shape[0], EVAL_CHUNK):
             chunk = x[start : start + EVAL_CHUNK]
-            ws = self._workspace(chunk.shape[0], training=False)
+            ws = self._eval_workspaces(chunk.shape[0])
             self._forward_into(chunk, ws)
             out[start : start + chunk.shape[0]] = ws.z2
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import fused_cpu
 from .backend import array_module
 from .checks import FRACTION, NON_NEGATIVE, POSITIVE, check
 
@@ -80,6 +81,12 @@ class SGD:
         """
         xp = self.model.xp
         w, g, scratch = self.model.flat_params, self.model.flat_grads, self._scratch
+        if fused_cpu.active(xp):  # the same arithmetic in one multi-core pass, bit for bit
+            if self.velocity is not None:
+                fused_cpu.momentum_update_(w, g, self.velocity, self.lr, self.momentum, self.weight_decay)
+            else:
+                fused_cpu.sgd_update_(w, g, self.lr, self.weight_decay)
+            return
         if self.weight_decay:
             g += xp.multiply(w, self.weight_decay, dtype=w.dtype, out=scratch)  # g ← ∂L/∂w + λ w
         if self.velocity is not None:

@@ -47,7 +47,7 @@ def profile(hidden: int, batch: int, clock) -> dict[str, float]:
     bound = w.GemmBound(hidden, batch)
     xb, yb = batches[0]
     m.backprop(xb, yb)
-    ws, p, g = m._workspace(batch), m.params, m.grads
+    ws, p, g = m._workspaces(batch), m.params, m.grads
 
     def steps():
         for a, b in batches:

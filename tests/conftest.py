@@ -105,3 +105,23 @@ def cupy():
     import cupy
 
     return cupy
+
+
+def _require_fast() -> bool:
+    # CI installs the [fast] extra and sets this: there, a missing Numba is a failure, not a skip.
+    return os.environ.get("BACKPROP_XP_REQUIRE_FAST", "") not in ("", "0")
+
+
+@pytest.fixture(params=["numpy", "fast"])
+def cpu_path(request):
+    """Runs the test on the plain NumPy CPU path and on the fused Numba one (``backprop_xp.fused_cpu``)."""
+    from backprop_xp import fused_cpu
+
+    if request.param == "fast" and not fused_cpu.available():
+        message = "Numba not installed: the fast CPU path (pip install 'backprop-xp[fast]') is not tested"
+        if _require_fast():
+            pytest.fail(message + " but BACKPROP_XP_REQUIRE_FAST is set")
+        pytest.skip(message)
+    previous = fused_cpu.set_enabled(request.param == "fast")
+    yield request.param
+    fused_cpu.set_enabled(previous)

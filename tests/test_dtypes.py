@@ -15,6 +15,9 @@ import backprop_xp as bx
 from backprop_xp.kernels import ACTIVATIONS
 
 
+
+pytestmark = pytest.mark.usefixtures("cpu_path")  # the NumPy and the fused CPU paths alike
+
 def hot_path_arrays(model: bx.MLP, optimizer: bx.SGD) -> dict[str, np.ndarray]:
     """Every floating-point array one training step reads or writes, by name."""
     arrays = {"flat_params": model.flat_params, "flat_grads": model.flat_grads}

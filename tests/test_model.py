@@ -24,6 +24,7 @@ def small_problem(activation: str, seed: int = 0, dtype: str = "float64"):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.usefixtures("cpu_path")
 def test_gradients_match_central_differences(activation):
     m, x, y = small_problem(activation)
     if activation == "relu":
@@ -38,6 +39,7 @@ def test_gradients_match_central_differences(activation):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.usefixtures("cpu_path")
 def test_gradients_match_pytorch_autograd(activation, torch):
     m, x, y = small_problem(activation, seed=3)
     loss, grads = m.loss_and_grads(x, y)
@@ -125,6 +127,7 @@ def test_one_small_step_lowers_the_batch_loss():
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.usefixtures("cpu_path")
 def test_training_separates_a_tiny_problem(activation):
     # Four well-separated Gaussian blobs in 2-D: a few hundred steps reach zero training error.
     rng = np.random.default_rng(0)

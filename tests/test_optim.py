@@ -8,6 +8,9 @@ import pytest
 import backprop_xp as bx
 
 
+
+pytestmark = pytest.mark.usefixtures("cpu_path")  # the NumPy and the fused CPU paths alike
+
 def test_sgd_update_is_the_textbook_rule():
     w = np.array([1.0, -2.0], np.float32)
     out = bx.sgd_update(w, np.array([0.5, 0.25], np.float32), lr=0.1)

@@ -18,6 +18,9 @@ import backprop_xp as bx
 from backprop_xp.kernels import ACTIVATIONS, activation_forward_
 
 
+
+pytestmark = pytest.mark.usefixtures("cpu_path")  # the NumPy and the fused CPU paths alike
+
 def textbook_step(params: dict, x: np.ndarray, y: np.ndarray, activation: str) -> tuple[float, dict, int]:
     """The README's formulas, one NumPy expression each, in float64."""
     p = {k: v.astype(np.float64) for k, v in params.items()}

@@ -65,15 +65,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..model import MLP
+from ..model import MLP, PerBatchSize
 from ..optim import SGD
 from . import kernels as kc
 from ..backend import error_line
 from .cublas import Blas
 
-# How many batch sizes keep buffers (and graphs): a training run uses two, the
-# full batch and the epoch's last, partial one.
-MAX_SIZES = 4
 # Graphs per batch size, one per input buffer: Minibatches alternates two.
 GRAPHS_PER_SIZE = 2
 
@@ -183,7 +180,7 @@ class GpuStep:
         self._loss_sum = cupy.zeros((), cupy.float64)  # running totals, added to by every step
         self._correct_sum = cupy.zeros((), cupy.int64)
         self._n_samples = 0
-        self._buffers: dict[int, _Buffers] = {}
+        self._buffers = PerBatchSize(self._new_buffers)  # and their graphs
         self._capture_stream: Any = None
 
     # ------------------------------------------------------------------ the step
@@ -202,7 +199,7 @@ class GpuStep:
         if not isinstance(x, xp.ndarray) or not isinstance(labels, xp.ndarray):
             raise ValueError("step: x and labels must be CuPy arrays already on the device")
         self._refresh_hyper()
-        buf = self._buffers_for(batch)
+        buf = self._buffers(batch)
         buf.seen += 1
         self._n_samples += batch
         stream = xp.cuda.get_current_stream()
@@ -293,21 +290,15 @@ class GpuStep:
                 self._hyper[i : i + 1].fill(value)
             self._hyper_host = hyper
 
-    def _buffers_for(self, batch: int) -> _Buffers:
-        buf = self._buffers.get(batch)
-        if buf is None:
-            model = self.model
-            fits = kc.output_layer_fits(batch, model.n_hidden, model.n_outputs, model.dtype, self._shared_limit)
-            if self._fused_choice is True and not fits:
-                raise ValueError(
-                    f"the fused output layer does not fit {model.n_outputs} classes x {model.n_hidden} hidden units "
-                    f"at batch {batch} in {self._shared_limit} bytes of shared memory; use fused=None"
-                )
-            fused = fits and self._fused_choice is not False
-            if len(self._buffers) >= MAX_SIZES:
-                self._buffers.clear()
-            buf = self._buffers[batch] = _Buffers(self.xp, model, batch, fused)
-        return buf
+    def _new_buffers(self, batch: int) -> _Buffers:
+        model = self.model
+        fits = kc.output_layer_fits(batch, model.n_hidden, model.n_outputs, model.dtype, self._shared_limit)
+        if self._fused_choice is True and not fits:
+            raise ValueError(
+                f"the fused output layer does not fit {model.n_outputs} classes x {model.n_hidden} hidden units "
+                f"at batch {batch} in {self._shared_limit} bytes of shared memory; use fused=None"
+            )
+        return _Buffers(self.xp, model, batch, fits and self._fused_choice is not False)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph_for(self, buf: _Buffers, x: Any, labels: Any) -> Any:

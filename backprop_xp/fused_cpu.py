@@ -1,0 +1,293 @@
+"""Fused, multi-core CPU kernels for the training step (optional: ``pip install backprop-xp[fast]``).
+
+The NumPy training step makes several single-threaded passes over the same
+arrays around the matrix products: ``z1 + b1``, then ReLU and its mask; the
+argmax, softmax and cross-entropy of the output layer; and four passes for the
+momentum update over every parameter. Here each group is one loop compiled by
+Numba, so the data is read once, and loops over large arrays (the update at a
+wide hidden layer) run on ``threads()`` cores. The matrix products stay with
+NumPy's BLAS, and so does ``δ1 ⊙ f'(z1)``, already a single pass.
+
+Each kernel does the same float operations, in the same order and precision, as
+the NumPy code it replaces in ``kernels.py``/``optim.py`` (Numba without
+``fastmath`` neither reorders nor fuses multiply-adds), so its results are
+bit-identical to it, with one exception: ``output_layer_`` computes ``exp`` and
+``log`` with the C library rather than NumPy's own SIMD routines, which may
+differ in the last bits; ``tests/test_fused_cpu.py`` bounds the difference.
+
+Nothing here is imported unless Numba is installed and the fast path is on
+(``enabled()``): ``BACKPROP_XP_FAST=0`` in the environment, or
+``set_enabled(False)``, keeps the plain NumPy path.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+_state: dict[str, Any] = {"enabled": None, "threads": None, "kernels": None}
+
+
+def available() -> bool:
+    """Whether Numba can be imported (the ``[fast]`` extra is installed)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def enabled() -> bool:
+    """Whether the training step uses these kernels: Numba installed and ``BACKPROP_XP_FAST`` not ``0``."""
+    if _state["enabled"] is None:
+        _state["enabled"] = os.environ.get("BACKPROP_XP_FAST", "1") != "0" and available()
+    return _state["enabled"]
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the fast path on or off for steps from now on; returns the previous setting.
+
+    Turning it on without Numba installed raises ``ImportError``.
+    """
+    previous = enabled()
+    if flag and not available():
+        raise ImportError("the fast CPU path needs Numba: pip install 'backprop-xp[fast]'")
+    _state["enabled"] = bool(flag)
+    return previous
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def _blas_threads() -> int | None:
+    """The thread count of NumPy's BLAS (threadpoolctl if installed, else its environment variables)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        threadpool_info = None
+    if threadpool_info is not None:
+        counts = [pool["num_threads"] for pool in threadpool_info() if pool.get("user_api") == "blas"]
+        if counts:
+            return max(counts)
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").split(",")[0]
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def threads() -> int:
+    """Threads the parallel kernels use: ``set_threads``'s value, else the BLAS's (read at first use)."""
+    if _state["threads"] is None:
+        import numba
+
+        _state["threads"] = max(1, min(_blas_threads() or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
+    return _state["threads"]
+
+
+def set_threads(n: int | None) -> None:
+    """Use ``n`` threads in the parallel kernels (``None``: follow the BLAS again, read at next use).
+
+    Capped at Numba's maximum (``NUMBA_NUM_THREADS``, the core count by default).
+    """
+    if n is not None and (isinstance(n, bool) or int(n) < 1):
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    _state["threads"] = None if n is None else int(n)
+    if n is not None and available():
+        import numba
+
+        _state["threads"] = min(int(n), numba.config.NUMBA_NUM_THREADS)
+
+
+def info() -> dict[str, Any]:
+    """What the fast path is doing, for reports: enabled, threads, Numba version and threading layer."""
+    out: dict[str, Any] = {"enabled": enabled(), "available": available()}
+    if out["available"]:
+        import numba
+
+        out["numba"] = numba.__version__
+        out["threads"] = threads()
+        try:
+            out["threading_layer"] = numba.threading_layer()
+        except ValueError:  # no parallel kernel has run yet
+            out["threading_layer"] = numba.config.THREADING_LAYER
+    return out
+
+
+# --------------------------------------------------------------------------- kernels
+# Each kernel is written once as a plain Python function and compiled twice by
+# Numba: parallel (``prange`` spreads the outer loop over the threads) and
+# serial (``prange`` is ``range``), for arrays too small to be worth waking
+# threads for. The comments give the NumPy expression each line reproduces.
+
+
+def _bias_relu(z, b, fprime):  # pragma: no cover - compiled by Numba
+    for i in _prange(z.shape[0]):
+        for j in range(z.shape[1]):
+            zb = z[i, j] + b[j]  # z1 = x W1ᵀ + b1
+            fprime[i, j] = zb > 0  # relu'(z) = [z > 0]
+            z[i, j] = zb * fprime[i, j]  # relu(z) = z ⊙ [z > 0]
+
+
+def _output_layer(z, labels, delta, row_loss, inv_batch, batch):  # pragma: no cover
+    n_correct = 0
+    for i in range(z.shape[0]):
+        # argmax z2 (the first maximum; the first NaN if any, as NumPy's argmax)
+        best = 0
+        top = z[i, 0]
+        for k in range(1, z.shape[1]):
+            zk = z[i, k]
+            if top == top and (zk > top or zk != zk):
+                top, best = zk, k
+        y = labels[i]
+        n_correct += best == y
+        # softmax_cross_entropy_: z − max, exp, the row sum in class order, −log ŷ_y, (ŷ − y) / B
+        total = delta[i, 0] = np.exp(z[i, 0] - top)
+        for k in range(1, z.shape[1]):
+            e = np.exp(z[i, k] - top)
+            delta[i, k] = e
+            total += e
+        row_loss[i] = np.log(total) - (z[i, y] - top)
+        total *= batch
+        for k in range(z.shape[1]):
+            delta[i, k] = delta[i, k] / total
+        delta[i, y] -= inv_batch
+    return n_correct
+
+
+def _momentum(w, g, v, lr, mu, wd):  # pragma: no cover
+    for i in _prange(w.shape[0]):
+        gi = g[i]
+        if wd != 0:
+            gi = gi + w[i] * wd  # g ← ∂L/∂w + λ w (kept in the gradient buffer, as SGD.step does)
+            g[i] = gi
+        vi = v[i] * mu + gi  # v ← μ v + g
+        v[i] = vi
+        w[i] = w[i] - vi * lr  # w ← w − η v
+
+
+def _plain(w, g, lr, wd):  # pragma: no cover
+    for i in _prange(w.shape[0]):
+        gi = g[i]
+        if wd != 0:
+            gi = gi + w[i] * wd
+            g[i] = gi
+        w[i] = w[i] - gi * lr  # w ← w − η g
+
+
+_prange = range  # numba.prange once Numba is imported (Numba reads globals when it compiles)
+
+
+def _renamed(fn: Any, suffix: str) -> Any:
+    """A copy of ``fn`` under another name.
+
+    Numba's disk cache is keyed by the function's name and line, not by the
+    compile options, so a serial and a parallel build of one function would
+    load each other's machine code; the serial twin gets a name of its own.
+    """
+    import types
+
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + suffix
+    return twin
+
+
+def _kernels() -> Any:
+    """The compiled kernels (compiled on first use, cached on disk by Numba)."""
+    if _state["kernels"] is None:
+        import types
+
+        import numba
+
+        global _prange
+        _prange = numba.prange
+        if "NUMBA_THREADING_LAYER" not in os.environ:
+            # Numba's own pool sleeps between launches. OpenMP's busy-waits, and
+            # so do OpenBLAS's threads: on a machine with few cores the two pools
+            # then take the cores from each other (measured: a 1 ms GEMM took
+            # 36 ms, bench/NOTES.md). Only if no parallel Numba code ran yet.
+            numba.config.THREADING_LAYER = "workqueue"
+        options = {"fastmath": False, "cache": True, "nogil": True}
+        k = types.SimpleNamespace()
+        for name, fn in (("bias_relu", _bias_relu), ("momentum", _momentum), ("plain", _plain)):
+            setattr(k, name, numba.njit(parallel=True, **options)(fn))
+            setattr(k, name + "_serial", numba.njit(**options)(_renamed(fn, "_serial")))
+        k.output_layer = numba.njit(**options)(_output_layer)
+        _state["kernels"] = k
+    return _state["kernels"]
+
+
+# --------------------------------------------------------------------------- what the model and optimizer call
+
+# Below this many elements a kernel runs on the calling thread. On 2 cores,
+# right after a two-thread GEMM (whose BLAS threads still spin), splitting the
+# update of hidden 800's 636k parameters lost more than it gained, and at
+# hidden 1600 (1.27M) it only tied (bench/NOTES.md): only such arrays are split.
+PARALLEL_MIN = 1 << 20
+
+
+def active(xp: Any) -> bool:
+    """Whether arrays of module ``xp`` take the fast path (NumPy arrays, and ``enabled()``)."""
+    return xp is np and enabled()
+
+
+_launch = threading.Lock()
+
+
+def _run(name: str, size: int, *args: Any) -> Any:
+    """Kernel ``name`` on ``threads()`` threads if the array is large enough, else its serial twin.
+
+    One parallel launch at a time: a second thread arriving meanwhile (a
+    threaded sweep, say) runs the serial twin instead of waiting.
+    """
+    kernels = _kernels()
+    n = threads()
+    if n > 1 and size >= PARALLEL_MIN and _launch.acquire(blocking=False):
+        try:
+            import numba
+
+            if numba.get_num_threads() != n:  # a per-thread setting in Numba
+                numba.set_num_threads(n)
+            return getattr(kernels, name)(*args)
+        finally:
+            _launch.release()
+    return getattr(kernels, name + "_serial")(*args)
+
+
+def bias_relu_(z: Any, b: Any, fprime: Any) -> Any:
+    """``z ← relu(z + b)`` and ``fprime ← [z + b > 0]`` in one pass; bit-identical to
+    ``z += b`` then ``activation_forward_(z, "relu", fprime)``. Returns ``z``."""
+    _run("bias_relu", z.size, z, b, fprime)
+    return z
+
+
+def output_layer_(logits: Any, labels: Any, out: Any, row_loss: Any) -> tuple[Any, int]:
+    """``softmax_cross_entropy_(logits, labels, out)`` and the count of rows whose argmax is the label.
+
+    One pass per row. ``row_loss`` (length B) receives ``−log ŷ_y`` of each row;
+    the returned loss is their mean, summed by NumPy as ``softmax_cross_entropy_``
+    sums. ``exp`` and ``log`` are the C library's, so ``out`` and the loss may
+    differ from the NumPy function's in the last bits (see the module's docstring).
+    """
+    batch = logits.shape[0]
+    dtype = logits.dtype.type
+    n_correct = _kernels().output_layer(logits, labels, out, row_loss, dtype(1.0 / batch), dtype(batch))
+    return row_loss.sum() / batch, n_correct
+
+
+def momentum_update_(w: Any, g: Any, v: Any, lr: float, momentum: float, weight_decay: float) -> None:
+    """``SGD.step`` with momentum in one pass: ``g ← g + λ w`` (if ``λ``), ``v ← μ v + g``, ``w ← w − η v``.
+
+    Bit-identical to the NumPy passes (the scalars are rounded to ``w``'s dtype first, as there).
+    """
+    t = w.dtype.type
+    _run("momentum", w.size, w, g, v, t(lr), t(momentum), t(weight_decay))
+
+
+def sgd_update_(w: Any, g: Any, lr: float, weight_decay: float) -> None:
+    """``SGD.step`` without momentum in one pass: ``g ← g + λ w`` (if ``λ``), ``w ← w − η g``."""
+    t = w.dtype.type
+    _run("plain", w.size, w, g, t(lr), t(weight_decay))
