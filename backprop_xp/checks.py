@@ -33,7 +33,11 @@ def _integer(value: Any) -> bool:
 
 
 def _number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float, np.integer, np.floating))
+        and math.isfinite(value)
+    )
 
 
 AT_LEAST_1 = Rule("an integer >= 1", lambda v: _integer(v) and v >= 1)

@@ -113,9 +113,17 @@ def list_of(parse: Callable[[str], Any]) -> Callable[[str], list]:
 
 def _add_show_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show-data", help="draw sample digits and print the class counts")
-    p.add_argument("--dataset", type=choice_of(tuple(DATASETS)), default="mnist", metavar="{" + ",".join(DATASETS) + "}", help="which data set (default: mnist)")
+    p.add_argument(
+        "--dataset",
+        type=choice_of(tuple(DATASETS)),
+        default="mnist",
+        metavar="{" + ",".join(DATASETS) + "}",
+        help="which data set (default: mnist)",
+    )
     p.add_argument("--data-dir", type=existing_dir, help=DATA_HELP)
-    p.add_argument("--out", default=os.path.join("runs", "digits.png"), help="PNG file to write (default: runs/digits.png)")
+    p.add_argument(
+        "--out", default=os.path.join("runs", "digits.png"), help="PNG file to write (default: runs/digits.png)"
+    )
     p.add_argument("--count", type=positive_int, default=40, help="how many training digits to draw (default: 40)")
     p.set_defaults(handler=_cmd_show_data)
 
@@ -137,8 +145,6 @@ def _cmd_show_data(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 # --------------------------------------------------------------------------- train
 
 
@@ -156,16 +162,47 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
     d = _defaults()
     many = (lambda parse: list_of(parse)) if lists else (lambda parse: parse)
     each = " (comma-separated list)" if lists else ""
-    p.add_argument("--dataset", type=choice_of(tuple(DATASETS)), metavar="{" + ",".join(DATASETS) + "}", help=f"the data set (default: {d.dataset})")
+    p.add_argument(
+        "--dataset",
+        type=choice_of(tuple(DATASETS)),
+        metavar="{" + ",".join(DATASETS) + "}",
+        help=f"the data set (default: {d.dataset})",
+    )
     p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=DATA_HELP)
-    p.add_argument("--backend", type=choice_of(BACKENDS), metavar="{" + ",".join(BACKENDS) + "}", help=f"numpy (CPU), cupy (CUDA GPU) or auto: cupy when usable (default: {d.backend})")
+    p.add_argument(
+        "--backend",
+        type=choice_of(BACKENDS),
+        metavar="{" + ",".join(BACKENDS) + "}",
+        help=f"numpy (CPU), cupy (CUDA GPU) or auto: cupy when usable (default: {d.backend})",
+    )
     p.add_argument("--hidden", type=many(positive_int), metavar="N", help=f"hidden units{each} (default: {d.hidden})")
-    p.add_argument("--activation", type=many(choice_of(ACTIVATIONS)), metavar="{" + ",".join(ACTIVATIONS) + "}", help=f"{', '.join(ACTIVATIONS)}{each} (default: {d.activation})")
-    p.add_argument("--epochs", type=positive_int, metavar="N", help=f"passes over the training set (default: {d.epochs})")
-    p.add_argument("--batch-size", type=many(positive_int), metavar="B", help=f"images per step{each} (default: {d.batch_size})")
-    p.add_argument("--lr", type=many(positive_float), metavar="LR", help=f"learning rate, > 0{each} (default: {d.lr:g})")
-    p.add_argument("--momentum", type=many(momentum_float), metavar="M", help=f"SGD momentum in [0, 1){each} (default: {d.momentum:g})")
-    p.add_argument("--weight-decay", type=many(nonnegative_float), metavar="WD", help=f"L2 weight decay{each} (default: {d.weight_decay:g})")
+    p.add_argument(
+        "--activation",
+        type=many(choice_of(ACTIVATIONS)),
+        metavar="{" + ",".join(ACTIVATIONS) + "}",
+        help=f"{', '.join(ACTIVATIONS)}{each} (default: {d.activation})",
+    )
+    p.add_argument(
+        "--epochs", type=positive_int, metavar="N", help=f"passes over the training set (default: {d.epochs})"
+    )
+    p.add_argument(
+        "--batch-size", type=many(positive_int), metavar="B", help=f"images per step{each} (default: {d.batch_size})"
+    )
+    p.add_argument(
+        "--lr", type=many(positive_float), metavar="LR", help=f"learning rate, > 0{each} (default: {d.lr:g})"
+    )
+    p.add_argument(
+        "--momentum",
+        type=many(momentum_float),
+        metavar="M",
+        help=f"SGD momentum in [0, 1){each} (default: {d.momentum:g})",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=many(nonnegative_float),
+        metavar="WD",
+        help=f"L2 weight decay{each} (default: {d.weight_decay:g})",
+    )
     p.add_argument(
         "--lr-schedule", type=many(choice_of(tuple(SCHEDULES))), metavar="{" + ",".join(SCHEDULES) + "}",
         help=f"constant; step: /10 after 1/2 and 3/4 of the epochs; cosine: half a cosine to 0{each} (default: {d.lr_schedule})",
@@ -179,18 +216,31 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
         "--keep-best", action="store_true", default=None,
         help="model.npz gets the parameters of the epoch with the best validation accuracy (needs --val-size)",
     )  # fmt: skip
-    p.add_argument("--patience", type=count, metavar="K", help="stop after K epochs without a better validation accuracy (needs --val-size; default: 0, never)")
-    p.add_argument("--train-size", type=count, metavar="N", help="train on the first N training images only; 0 = all (default: 0)")
+    p.add_argument(
+        "--patience",
+        type=count,
+        metavar="K",
+        help="stop after K epochs without a better validation accuracy (needs --val-size; default: 0, never)",
+    )
+    p.add_argument(
+        "--train-size", type=count, metavar="N", help="train on the first N training images only; 0 = all (default: 0)"
+    )
     p.add_argument(
         "--augment", action="store_true", default=None,
         help="distort the training images afresh every epoch: random shifts, small rotations and scalings, elastic distortions",
     )  # fmt: skip
     p.add_argument(
         "--tf32", action="store_true", default=None,
-        help="let float32 matrix products on a GPU use TF32 tensor cores (faster, about 3 fewer significant digits; cupy only, no effect on numpy)",
+        help="let float32 matrix products on a GPU use TF32 tensor cores "
+        "(faster, about 3 fewer significant digits; cupy only, no effect on numpy)",
     )  # fmt: skip
     p.add_argument("--seed", type=count, help=f"seeds the initial weights and the shuffling (default: {d.seed})")
-    p.add_argument("--dtype", type=choice_of(DTYPES), metavar="{" + ",".join(DTYPES) + "}", help=f"float32 or float64 (default: {d.dtype})")
+    p.add_argument(
+        "--dtype",
+        type=choice_of(DTYPES),
+        metavar="{" + ",".join(DTYPES) + "}",
+        help=f"float32 or float64 (default: {d.dtype})",
+    )
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -207,8 +257,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         ),
     )
     _add_model_flags(p, lists=False)
-    p.add_argument("--out", metavar="DIR", help="folder for metrics, checkpoint, model and pictures (default: a new folder under runs/)")
-    p.add_argument("--resume", metavar="DIR", type=existing_dir, help="continue the run in DIR from its last checkpoint; its saved settings are used")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for metrics, checkpoint, model and pictures (default: a new folder under runs/)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        type=existing_dir,
+        help="continue the run in DIR from its last checkpoint; its saved settings are used",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the summary line at the end")
     p.add_argument("--verbose", action="store_true", help="also print the full reason for the backend choice")
     p.set_defaults(handler=_cmd_train)
@@ -248,7 +307,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
     except KeyboardInterrupt:
-        print(f"backprop-xp: interrupted; the last finished epoch is saved: continue with --resume {out}", file=sys.stderr)
+        print(
+            f"backprop-xp: interrupted; the last finished epoch is saved: continue with --resume {out}", file=sys.stderr
+        )
         return 130
     if args.quiet and "final" in metrics:
         print(summary_line(metrics, out))
@@ -260,8 +321,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a saved model")
-    p.add_argument("model", metavar="MODEL", help="a model.npz (or checkpoint.npz) written by train, or the run folder holding it")
-    p.add_argument("--dataset", type=choice_of(tuple(DATASETS)), metavar="{" + ",".join(DATASETS) + "}", help="the data set to test on (default: the one the model was trained on)")
+    p.add_argument(
+        "model", metavar="MODEL", help="a model.npz (or checkpoint.npz) written by train, or the run folder holding it"
+    )
+    p.add_argument(
+        "--dataset",
+        type=choice_of(tuple(DATASETS)),
+        metavar="{" + ",".join(DATASETS) + "}",
+        help="the data set to test on (default: the one the model was trained on)",
+    )
     p.add_argument("--data-dir", type=existing_dir, help=DATA_HELP)
     p.add_argument("--backend", type=choice_of(BACKENDS), default="auto", help="where to run it (default: auto)")
     p.set_defaults(handler=_cmd_evaluate)
@@ -273,7 +341,9 @@ def _load_model(path: str, backend: str) -> Any:
     if os.path.isdir(path):  # a run folder: its model
         folder, path = path, os.path.join(path, "model.npz")
         if not os.path.isfile(path):
-            raise UserError(f"{folder} holds no model.npz (a run writes it when it finishes; resume it with --resume {folder})")
+            raise UserError(
+                f"{folder} holds no model.npz (a run writes it when it finishes; resume it with --resume {folder})"
+            )
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such model file")
     model = MLP.load(path, backend=backend)
@@ -431,8 +501,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     import time
 
     from .backend import get_backend
-    from .training.sweep import SWEEP_VAL_SIZE, SWEPT, grid, run_name, run_sweep
     from .training import plural
+    from .training.sweep import SWEEP_VAL_SIZE, SWEPT, grid, run_name, run_sweep
 
     given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
     default_val = "val_size" not in given
@@ -455,7 +525,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         for config in configs:
             TrainConfig.from_dict(config).validate()
     except SettingError as exc:
-        hint = f" (a sweep holds out {SWEEP_VAL_SIZE} training images by default: give a smaller --val-size)" if default_val else ""
+        hint = (
+            f" (a sweep holds out {SWEEP_VAL_SIZE} training images by default: give a smaller --val-size)"
+            if default_val
+            else ""
+        )
         print(f"backprop-xp: error: {exc}{hint}", file=sys.stderr)
         return 2
     varied = [name for name in SWEPT if len(options.get(name, [])) > 1]
@@ -465,14 +539,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.scheduler:  # each worker resolves the backend on its own machine: "auto" uses its GPU
         jobs = min(args.jobs, len(configs))
         where = f"{jobs} local Dask workers" if args.scheduler == "local" else f"the Dask cluster at {args.scheduler}"
-        print(f"sweep: {plural(len(configs), 'run')} of {plural(base.epochs, 'epoch')} (backend {base.backend}) on {where} into {out}")
+        print(
+            f"sweep: {plural(len(configs), 'run')} of {plural(base.epochs, 'epoch')} (backend {base.backend}) on {where} into {out}"
+        )
         summaries = run_sweep_dask(configs, names, out, scheduler=args.scheduler, jobs=jobs, title=title)
     else:
         jobs = 1 if backend.is_gpu else min(args.jobs, len(configs))
-        print(f"sweep: {plural(len(configs), 'run')} of {plural(base.epochs, 'epoch')} on {backend.name} ({jobs} at a time) into {out}")
+        print(
+            f"sweep: {plural(len(configs), 'run')} of {plural(base.epochs, 'epoch')} on {backend.name} ({jobs} at a time) into {out}"
+        )
         summaries = run_sweep(configs, names, out, jobs=jobs, title=title)
     bad = [s for s in summaries if s["status"] != "finished"]
-    print(f"wrote {os.path.join(out, 'sweep.md')}, sweep.csv and sweep.png; {len(summaries) - len(bad)} finished, {len(bad)} failed or diverged")
+    print(
+        f"wrote {os.path.join(out, 'sweep.md')}, sweep.csv and sweep.png; "
+        f"{len(summaries) - len(bad)} finished, {len(bad)} failed or diverged"
+    )
     return 0
 
 
@@ -493,18 +574,50 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             "reason; Ctrl-C prints the table of what was measured so far. The defaults take about 3 minutes on a 2-core CPU."
         ),
     )
-    p.add_argument("--hidden", type=list_of(positive_int), default=[128, 800], metavar="N,N", help="hidden sizes (default: 128,800)")
-    p.add_argument("--batch-size", type=list_of(positive_int), default=[32, 128, 4096], metavar="B,B", help="batch sizes (default: 32,128,4096)")
-    p.add_argument("--engines", type=list_of(choice_of(tuple(ENGINES))), default=list(ENGINES), metavar="E,E", help=f"a subset of {','.join(ENGINES)} (default: all)")
-    p.add_argument("--epochs", type=positive_int, default=3, help="timed epochs per engine and shape, after one first epoch (default: 3)")
-    p.add_argument("--budget-s", type=positive_float, default=180.0, metavar="S", help="start no round that would end after S seconds; at least one runs (default: 180)")
+    p.add_argument(
+        "--hidden",
+        type=list_of(positive_int),
+        default=[128, 800],
+        metavar="N,N",
+        help="hidden sizes (default: 128,800)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=list_of(positive_int),
+        default=[32, 128, 4096],
+        metavar="B,B",
+        help="batch sizes (default: 32,128,4096)",
+    )
+    p.add_argument(
+        "--engines",
+        type=list_of(choice_of(tuple(ENGINES))),
+        default=list(ENGINES),
+        metavar="E,E",
+        help=f"a subset of {','.join(ENGINES)} (default: all)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=3,
+        help="timed epochs per engine and shape, after one first epoch (default: 3)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=positive_float,
+        default=180.0,
+        metavar="S",
+        help="start no round that would end after S seconds; at least one runs (default: 180)",
+    )
     p.add_argument("--threads", type=positive_int, help="CPU threads of every CPU engine (default: all cores)")
     p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=DATA_HELP)
     p.add_argument(
         "--train-size", type=count, default=20_000, metavar="N",
-        help="an epoch is the first N training images; 0 = all 60,000 (default: 20000, so that the default run with every CPU engine fits its budget)",
+        help="an epoch is the first N training images; 0 = all 60,000 "
+        "(default: 20000, so that the default run with every CPU engine fits its budget)",
     )  # fmt: skip
-    p.add_argument("--out", metavar="DIR", help="folder for bench.json, bench.md and bench.png (default: a new folder under runs/)")
+    p.add_argument(
+        "--out", metavar="DIR", help="folder for bench.json, bench.md and bench.png (default: a new folder under runs/)"
+    )
     p.set_defaults(handler=_cmd_bench)
 
 

@@ -84,7 +84,9 @@ def threads() -> int:
     if _state["threads"] is None:
         import numba
 
-        _state["threads"] = max(1, min(_blas_threads() or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
+        _state["threads"] = max(
+            1, min(_blas_threads() or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
+        )
     return _state["threads"]
 
 

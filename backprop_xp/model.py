@@ -312,7 +312,7 @@ class MLP:
         atomic_savez(path, arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, backend: str = "numpy") -> "MLP":
+    def load(cls, path: str | os.PathLike, *, backend: str = "numpy") -> MLP:
         """Read a model written by ``save`` onto ``backend`` (NumPy unless asked).
 
         A model trained on a GPU loads anywhere; pass ``backend="auto"`` or
@@ -352,7 +352,9 @@ def _flat_buffer(xp: Any, shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -
         offsets[name] = total
         total += -(-math.prod(shape) // align) * align
     flat = xp.empty(total, dtype)
-    views = {name: flat[offsets[name] : offsets[name] + math.prod(shape)].reshape(shape) for name, shape in shapes.items()}
+    views = {
+        name: flat[offsets[name] : offsets[name] + math.prod(shape)].reshape(shape) for name, shape in shapes.items()
+    }
     return flat, views
 
 

@@ -114,7 +114,11 @@ def training_curves(rows: Sequence[dict], path: str | os.PathLike, *, title: str
         raise ValueError("training_curves needs at least one epoch")
     epochs = [row["epoch"] for row in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    styles = {"train": dict(color="tab:blue"), "val": dict(color="tab:green", ls=":"), "test": dict(color="tab:orange", ls="--")}
+    styles = {
+        "train": dict(color="tab:blue"),
+        "val": dict(color="tab:green", ls=":"),
+        "test": dict(color="tab:orange", ls="--"),
+    }
     losses = []
     for split, style in styles.items():
         if f"{split}_loss" not in rows[0]:
@@ -130,7 +134,9 @@ def training_curves(rows: Sequence[dict], path: str | os.PathLike, *, title: str
     else:
         ax_loss.set(ylabel="cross-entropy loss")
     ax_loss.set(xlabel="epoch", title="Loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Accuracy (final test {100 * rows[-1]['test_accuracy']:.2f}%)")
+    ax_acc.set(
+        xlabel="epoch", ylabel="accuracy (%)", title=f"Accuracy (final test {100 * rows[-1]['test_accuracy']:.2f}%)"
+    )
     if "val_accuracy" in rows[0]:  # the best epoch as a legend entry: the legend finds a free corner
         best = max(rows, key=lambda row: (row["val_accuracy"], -row["epoch"]))
         ax_acc.plot(
@@ -166,7 +172,9 @@ def confusion_plot(counts: np.ndarray, path: str | os.PathLike, *, title: str = 
         for j in range(k):
             if counts[i, j] or i == j:
                 dark = (i == j and share[i, j] > 50) or (i != j and off[i, j] > 0.6 * np.nanmax(off))
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color="white" if dark else "black")
+                ax.text(
+                    j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color="white" if dark else "black"
+                )
     ax.set(xticks=range(k), yticks=range(k), xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class (mistakes, off the diagonal)")
     save_figure(fig, path)

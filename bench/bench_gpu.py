@@ -32,14 +32,26 @@ GPU_ENGINES = ["cupy", "cupy-eager", "torch-cuda", "torch-cuda-graph"]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=os.environ.get("BACKPROP_XP_DATA"), help="MNIST folder (default $BACKPROP_XP_DATA)")
+    parser.add_argument(
+        "--data", default=os.environ.get("BACKPROP_XP_DATA"), help="MNIST folder (default $BACKPROP_XP_DATA)"
+    )
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 800])
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 128, 512, 4096])
-    parser.add_argument("--epochs", type=int, default=3, help="timed rounds per engine and shape, after a first epoch (default 3)")
-    parser.add_argument("--engines", nargs="+", default=GPU_ENGINES, choices=GPU_ENGINES + ["numpy", "torch-cpu", "sklearn"])
-    parser.add_argument("--tf32", action="store_true", help="accepted for gpu_check.sh; the benchmark is float32 without TF32")
-    parser.add_argument("--budget-s", type=float, default=150.0, help="start no round that would end after this (default 150)")
-    parser.add_argument("--out", default=None, help="JSON file to write (default: $OUT/bench_gpu.json or bench/gpu-results/)")
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="timed rounds per engine and shape, after a first epoch (default 3)"
+    )
+    parser.add_argument(
+        "--engines", nargs="+", default=GPU_ENGINES, choices=GPU_ENGINES + ["numpy", "torch-cpu", "sklearn"]
+    )
+    parser.add_argument(
+        "--tf32", action="store_true", help="accepted for gpu_check.sh; the benchmark is float32 without TF32"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=150.0, help="start no round that would end after this (default 150)"
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON file to write (default: $OUT/bench_gpu.json or bench/gpu-results/)"
+    )
     args = parser.parse_args(argv)
 
     from backprop_xp.bench import Settings, run, write_files
@@ -82,14 +94,22 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     verdicts: dict[str, Any] = {}
     for hidden, minimum in ((128, 3.0), (800, 2.0)):
         value = speedup(hidden, 128)
-        verdicts[f"cupy_vs_torch_graph_h{hidden}_b128"] = {"value": value, "target": f">= {minimum:g}", "met": None if value is None else value >= minimum}
+        verdicts[f"cupy_vs_torch_graph_h{hidden}_b128"] = {
+            "value": value,
+            "target": f">= {minimum:g}",
+            "met": None if value is None else value >= minimum,
+        }
     row = by.get((128, 128, "cupy"))
     ms = 1000 * row["median_s"] if row else None
     verdicts["epoch_ms_h128_b128"] = {"value": ms, "target": "<= 20", "met": None if ms is None else ms <= 20}
     for hidden in (128, 800):  # the epoch over the five products alone, timed inside a graph
         row = by.get((hidden, 4096, "cupy"))
         over = 1 / row["fraction_of_bound"] if row else None
-        verdicts[f"epoch_over_gemm_h{hidden}_b4096"] = {"value": over, "target": "<= 1.5", "met": None if over is None else over <= 1.5}
+        verdicts[f"epoch_over_gemm_h{hidden}_b4096"] = {
+            "value": over,
+            "target": "<= 1.5",
+            "met": None if over is None else over <= 1.5,
+        }
     return verdicts
 
 

@@ -77,8 +77,12 @@ def _parse(argv):
         help="wall: elapsed time (the real measure); cpu: CPU time of the one thread doing the work, "
         "which other processes on a busy machine barely disturb (needs --threads 1)",
     )
-    parser.add_argument("--out", help="folder for results-cpu.json and RESULTS.md (default: bench/; a temporary one with --quick)")
-    parser.add_argument("--keep-openblas-env", action="store_true", help="leave OPENBLAS_CORETYPE/L2_SIZE alone (tests)")
+    parser.add_argument(
+        "--out", help="folder for results-cpu.json and RESULTS.md (default: bench/; a temporary one with --quick)"
+    )
+    parser.add_argument(
+        "--keep-openblas-env", action="store_true", help="leave OPENBLAS_CORETYPE/L2_SIZE alone (tests)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.rounds = min(args.samples, 2048), min(args.rounds, 2)
@@ -183,7 +187,11 @@ def _rows(bench: dict) -> list[dict]:
         theirs = by_key[(hidden, batch, workload, "torch-cpu")]
         rounds = min(row["rounds"], theirs["rounds"])  # pairs: the same round of each
         t_ours, t_torch = np.array(row["seconds"][:rounds]), np.array(theirs["seconds"][:rounds])
-        gemm = [m["bound_seconds"] for m in bench["rounds"] if (m["engine"], m["hidden"], m["batch"], m["workload"]) == ("numpy", hidden, batch, workload)]
+        gemm = [
+            m["bound_seconds"]
+            for m in bench["rounds"]
+            if (m["engine"], m["hidden"], m["batch"], m["workload"]) == ("numpy", hidden, batch, workload)
+        ]
         n = row["samples"]
         rows.append(
             {
@@ -299,7 +307,11 @@ def _markdown(result) -> str:
     lines = [
         "# CPU benchmark: backprop-xp against PyTorch",
         "",
-        *([] if result.get("complete", True) else ["**Incomplete: the run was cut short; these are the shapes it finished.**", ""]),
+        *(
+            []
+            if result.get("complete", True)
+            else ["**Incomplete: the run was cut short; these are the shapes it finished.**", ""]
+        ),
         f"Written by `{result['command'].strip()}` on {result['date']} ({result['seconds']:.0f} s). "
         "Reproduce with `python bench/compare.py`; `bench/NOTES.md` says how each number is measured and what changed.",
         "",
@@ -314,8 +326,13 @@ def _markdown(result) -> str:
         "- of bound = the time of the step's five matrix products alone (same shapes, same BLAS) / our time",
         "- best = the fastest round of each side against each other (and against the fastest bound): "
         "what each does when nothing else on the machine gets in its way",
-        "- clock: " + ("wall time" if result["clock"] == "wall" else "CPU time of the working thread (one thread; "
-                       "robust to other processes on the machine, not a user's wall time)"),
+        "- clock: "
+        + (
+            "wall time"
+            if result["clock"] == "wall"
+            else "CPU time of the working thread (one thread; "
+            "robust to other processes on the machine, not a user's wall time)"
+        ),
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "|".join("---:" if i != 2 else "---" for i in range(len(HEADER))) + "|",

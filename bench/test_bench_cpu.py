@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import workloads as w
 
 SHAPES = [(h, b) for h in w.HIDDEN_SIZES for b in w.BATCH_SIZES]
@@ -146,11 +145,15 @@ def test_compare_script_writes_its_table(tmp_path, torch):
 
     script = Path(__file__).with_name("compare.py")
     args = ["--hidden", "16", "--batch", "32", "--samples", "256", "--rounds", "1", "--out", str(tmp_path)]
-    done = subprocess.run([sys.executable, str(script), *args, "--keep-openblas-env"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--keep-openblas-env"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "results-cpu.json").read_text())
     assert [(r["hidden"], r["batch"], r["workload"]) for r in result["rows"]] == [
-        (16, 32, "epoch"), (16, 32, "step"), (16, 32, "infer")
+        (16, 32, "epoch"),
+        (16, 32, "step"),
+        (16, 32, "infer"),
     ]
     for row in result["rows"]:
         assert row["ours_samples_per_s"] > 0 and row["torch_samples_per_s"] > 0 and row["ratio"] > 0

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 import backprop_xp as bx
+from backprop_xp.bench.engines import GemmBound, mnist_shaped, seconds_per_call, torch_mlp
 from backprop_xp.data import Minibatches
 from backprop_xp.training import make_step, run_epoch
-from backprop_xp.bench.engines import GemmBound, mnist_shaped, seconds_per_call, torch_mlp
 
 __all__ = ["GemmBound", "Ours", "TorchNet", "batches_of", "mnist_shaped", "run_all", "run_all_x", "seconds_per_call"]
 
@@ -81,7 +81,9 @@ class TorchNet:
         import torch
 
         self.torch = torch
-        self.net = torch_mlp(torch, hidden, seed=seed)  # the very same initial parameters as ours (He normal, zero biases)
+        self.net = torch_mlp(
+            torch, hidden, seed=seed
+        )  # the very same initial parameters as ours (He normal, zero biases)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM)
 
     def _step(self, xb: Any, yb: Any) -> tuple[Any, Any]:

@@ -25,7 +25,10 @@ from pathlib import Path
 # name: (target test accuracy, train flags beyond --data-dir and --out)
 RECIPES = {
     "default": (0.980, []),
-    "best": (0.984, ["--hidden", "800", "--epochs", "30", "--lr", "0.1", "--momentum", "0.9", "--weight-decay", "2e-4"]),
+    "best": (
+        0.984,
+        ["--hidden", "800", "--epochs", "30", "--lr", "0.1", "--momentum", "0.9", "--weight-decay", "2e-4"],
+    ),
     # the stretch goal, run only when asked for (--only augment): 20 minutes on a busy 2-core CPU (99.30%)
     "augment": (0.990, ["--hidden", "800", "--epochs", "50", "--lr", "0.1", "--momentum", "0.9", "--augment"]),
 }
@@ -35,7 +38,9 @@ DEFAULT_RECIPES = ["default", "best"]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="folder with the four MNIST files")
-    parser.add_argument("--out", default="runs/check-accuracy", help="parent folder of the runs (default: runs/check-accuracy)")
+    parser.add_argument(
+        "--out", default="runs/check-accuracy", help="parent folder of the runs (default: runs/check-accuracy)"
+    )
     parser.add_argument("--backend", default="numpy", help="numpy, cupy or auto (default: numpy)")
     parser.add_argument("--only", choices=sorted(RECIPES), action="append", help="run only this recipe (repeatable)")
     args = parser.parse_args()

@@ -32,7 +32,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 
 import backprop_xp as bx  # noqa: E402
 from backprop_xp.backend import BackendError, get_backend  # noqa: E402
@@ -67,7 +66,11 @@ def train_one(variant: str, data: tuple, epochs: int) -> dict:
             step = make_step(model, opt)  # exactly what train runs
         else:
             step = make_gpu_step(
-                model, opt, graphs=variant != "cupy_eager", fused=variant != "cupy_cublas", tf32=variant.endswith("tf32")
+                model,
+                opt,
+                graphs=variant != "cupy_eager",
+                fused=variant != "cupy_cublas",
+                tf32=variant.endswith("tf32"),
             )
     batches = Minibatches(x_train, y_train, BATCH, xp=xp, seed=SEED)
     test_x, test_y = model.as_input(x_test), xp.asarray(y_test)
@@ -94,7 +97,9 @@ def train_one(variant: str, data: tuple, epochs: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Short real-MNIST training on the GPU, checked against NumPy.")
-    parser.add_argument("--data", default=os.environ.get("BACKPROP_XP_DATA"), help="MNIST folder (default $BACKPROP_XP_DATA)")
+    parser.add_argument(
+        "--data", default=os.environ.get("BACKPROP_XP_DATA"), help="MNIST folder (default $BACKPROP_XP_DATA)"
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -104,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_train_check: no CUDA device: {exc}", file=sys.stderr)
         return 2
     if not args.data or not Path(args.data).is_dir():
-        print(f"gpu_train_check: MNIST folder not found ({args.data!r}); pass --data or set BACKPROP_XP_DATA", file=sys.stderr)
+        print(
+            f"gpu_train_check: MNIST folder not found ({args.data!r}); pass --data or set BACKPROP_XP_DATA",
+            file=sys.stderr,
+        )
         return 1
     data = bx.load_mnist(args.data, download=False)
     results, ok, problems = {}, True, []
@@ -131,13 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         if acc < 0.95:
             problems.append(f"{variant}: test accuracy {acc:.4f} < 0.95")
         if reference is not None and not variant.endswith("tf32") and abs(acc - reference) > 0.01:
-            problems.append(f"{variant}: test accuracy {acc:.4f} differs from NumPy's {reference:.4f} by more than 0.01")
+            problems.append(
+                f"{variant}: test accuracy {acc:.4f} differs from NumPy's {reference:.4f} by more than 0.01"
+            )
     for variant, fused in (("cupy_graphs", True), ("cupy_cublas", False), ("cupy_graphs_tf32", True)):
         r = results.get(variant, {})
         if "error" in r:
             continue
         if r.get("mode") != "graphs" or not r.get("n_replays"):
-            problems.append(f"{variant} ran {r.get('mode')} with {r.get('n_replays')} graph replays: {r.get('capture_error')}")
+            problems.append(
+                f"{variant} ran {r.get('mode')} with {r.get('n_replays')} graph replays: {r.get('capture_error')}"
+            )
         if r.get("fused") is not fused:
             problems.append(f"{variant}: fused output layer {r.get('fused')}, expected {fused}")
     if "error" in results.get("numpy", {}):

@@ -25,7 +25,9 @@ def main() -> None:
         x, y = rng.normal(size=(6, 7)), rng.integers(0, 4, size=6)
         _, grads = m.loss_and_grads(x, y)
         for name in grads:
-            err = relative_error(numeric_gradient(lambda: m.loss_and_grads(x, y)[0], m.params[name]), grads[name])
+            err = relative_error(
+                numeric_gradient(lambda m=m, x=x, y=y: m.loss_and_grads(x, y)[0], m.params[name]), grads[name]
+            )
             worst = max(worst, err)
             print(f"{activation:8s} {name:3s} relative error {err:.2e}")
     rng = np.random.default_rng(1)

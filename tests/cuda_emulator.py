@@ -187,7 +187,8 @@ class EmulatedKernels:
             raise RuntimeError("g++ is not installed")
         # The one construct C++ cannot take as it is: extern shared memory becomes the emulator's buffer.
         source = source.replace(
-            "extern __shared__ __align__(16) unsigned char shared_bytes[];", "unsigned char* shared_bytes = emu_dynamic_shared;"
+            "extern __shared__ __align__(16) unsigned char shared_bytes[];",
+            "unsigned char* shared_bytes = emu_dynamic_shared;",
         )
         lines = [f"#define {name} {value}" for name, value in (defines or {}).items()]
         text = "\n".join([SHIM, *lines, source, *(_wrapper(k, p, t) for k, p in kernels.items() for t in ("float", "double")

@@ -28,7 +28,9 @@ def write_idx(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def fake_mnist(n_train: int = 30, n_test: int = 12, rows: int = 4, cols: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+def fake_mnist(
+    n_train: int = 30, n_test: int = 12, rows: int = 4, cols: int = 5, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random uint8 images and labels in MNIST's layout, keyed like ``FILES``.
 
     Both ends of the pixel range and every label occur, so range checks see them.

@@ -83,7 +83,9 @@ def test_scalings_stay_within_max_scale_and_reach_it():
 
 
 def test_an_augmented_run_resumes_bit_for_bit(mnist_dir, tmp_path):
-    config = TrainConfig(hidden=16, train_size=1000, epochs=2, batch_size=100, augment=True, backend="numpy", data_dir=str(mnist_dir))
+    config = TrainConfig(
+        hidden=16, train_size=1000, epochs=2, batch_size=100, augment=True, backend="numpy", data_dir=str(mnist_dir)
+    )
     straight = train(config, tmp_path / "a", echo=None, pictures=False)
     train(config, tmp_path / "b", echo=None, pictures=False, stop_after=1)
     resumed = train(config, tmp_path / "b", resume=True, echo=None, pictures=False)

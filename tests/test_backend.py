@@ -47,12 +47,21 @@ def test_unknown_backend():
         get_backend("gpu")
 
 
-@pytest.mark.parametrize("module, message", [
-    (None, "CuPy, which is not installed"),
-    (fake_cupy(device_count=0), "no CUDA device"),
-    (fake_cupy(count_error=RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")), "no usable CUDA device"),
-    (fake_cupy(driver=11080, runtime=12020), r"driver is too old \(driver supports CUDA 11.8, CuPy was built for CUDA 12.2\)"),
-])
+@pytest.mark.parametrize(
+    "module, message",
+    [
+        (None, "CuPy, which is not installed"),
+        (fake_cupy(device_count=0), "no CUDA device"),
+        (
+            fake_cupy(count_error=RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")),
+            "no usable CUDA device",
+        ),
+        (
+            fake_cupy(driver=11080, runtime=12020),
+            r"driver is too old \(driver supports CUDA 11.8, CuPy was built for CUDA 12.2\)",
+        ),
+    ],
+)
 def test_cupy_that_cannot_work_says_why(monkeypatch, module, message):
     monkeypatch.setitem(sys.modules, "cupy", module)  # None makes `import cupy` raise ImportError
     with pytest.raises(BackendError, match=message):
@@ -63,14 +72,17 @@ def test_cupy_that_cannot_work_says_why(monkeypatch, module, message):
     assert message.split(" (")[0].replace("\\", "") in auto.reason
 
 
-@pytest.mark.parametrize("driver, runtime, accepted", [
-    (13000, 13020, True),   # a newer minor runtime on an older minor driver: CUDA minor-version compatibility
-    (12040, 12080, True),
-    (13000, 13000, True),
-    (13020, 12080, True),   # a newer driver runs older runtimes
-    (12080, 13000, False),  # a lower major version: refused
-    (11080, 12020, False),
-])
+@pytest.mark.parametrize(
+    "driver, runtime, accepted",
+    [
+        (13000, 13020, True),  # a newer minor runtime on an older minor driver: CUDA minor-version compatibility
+        (12040, 12080, True),
+        (13000, 13000, True),
+        (13020, 12080, True),  # a newer driver runs older runtimes
+        (12080, 13000, False),  # a lower major version: refused
+        (11080, 12020, False),
+    ],
+)
 def test_cuda_versions_compare_by_major_version(monkeypatch, nvmath_installed, driver, runtime, accepted):
     assert (cuda_version_problem(driver, runtime) is None) == accepted
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy(driver=driver, runtime=runtime))
@@ -121,10 +133,17 @@ def test_import_does_not_import_cupy():
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("dtype, name", [
-    ("float32", "float32"), ("float64", "float64"), (np.float32, "float32"), (np.dtype("float64"), "float64"),
-    (np.dtype("float32"), "float32"), (np.float64, "float64"),
-])
+@pytest.mark.parametrize(
+    "dtype, name",
+    [
+        ("float32", "float32"),
+        ("float64", "float64"),
+        (np.float32, "float32"),
+        (np.dtype("float64"), "float64"),
+        (np.dtype("float32"), "float32"),
+        (np.float64, "float64"),
+    ],
+)
 def test_supported_dtypes(dtype, name):
     resolved = resolve_dtype(dtype)
     assert isinstance(resolved, np.dtype) and resolved == np.dtype(name) and resolved.name == name

@@ -60,7 +60,9 @@ def test_unknown_engine_is_one_line_and_exit_2(capsys):
 def test_too_large_train_size_is_one_line_and_exit_1(tmp_path, mnist_dir, capsys):
     code = cli.main(["bench", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--train-size", "60001"])
     assert code == 1
-    assert capsys.readouterr().err.strip() == "backprop-xp: error: train-size 60001 is more than the 60000 training images"
+    assert (
+        capsys.readouterr().err.strip() == "backprop-xp: error: train-size 60001 is more than the 60000 training images"
+    )
 
 
 # --------------------------------------------------------------------------- the tiny run
@@ -104,7 +106,15 @@ def test_tiny_run_writes_three_files_with_consistent_numbers(tmp_path, mnist_dir
 
 
 def _round(engine: str, r: int, seconds: float, bound: float = 0.01) -> dict:
-    return {"round": r, "engine": engine, "hidden": 16, "batch": 64, "workload": "epoch", "seconds": seconds, "bound_seconds": bound}
+    return {
+        "round": r,
+        "engine": engine,
+        "hidden": 16,
+        "batch": 64,
+        "workload": "epoch",
+        "seconds": seconds,
+        "bound_seconds": bound,
+    }
 
 
 def test_ratio_column_is_computed_from_the_rounds_it_prints():
@@ -132,12 +142,19 @@ def test_ratio_column_is_computed_from_the_rounds_it_prints():
         assert rows[name]["ratio_to_torch"] == pytest.approx(median["torch-cuda-graph"] / median[name])
     # The printed cells are those numbers.
     assert report.cells(rows["numpy"])[4] == "120.0 (100.0-300.0)"
-    assert report.cells(rows["numpy"])[5] == f"{median['torch-cpu'] / median['numpy']:.2f}x torch-cpu" == "1.75x torch-cpu"
+    assert (
+        report.cells(rows["numpy"])[5] == f"{median['torch-cpu'] / median['numpy']:.2f}x torch-cpu" == "1.75x torch-cpu"
+    )
     assert report.cells(rows["cupy"])[5] == "2.00x torch-cuda-graph"
 
 
 def test_without_pytorch_on_a_device_there_is_no_ratio():
-    result = {"rounds": [_round("numpy", 1, 0.1)], "first_epochs": [], "accuracy": [], "engines": {"numpy": {"n_train": 1000}}}
+    result = {
+        "rounds": [_round("numpy", 1, 0.1)],
+        "first_epochs": [],
+        "accuracy": [],
+        "engines": {"numpy": {"n_train": 1000}},
+    }
     (row,) = summarize(result)
     assert row["ratio_to_torch"] is None and report.cells(row)[5] == "-"
 
@@ -156,7 +173,10 @@ def test_the_budget_stops_further_rounds_after_the_first(tmp_path, mnist_dir):
 def test_ctrl_c_prints_the_table_of_the_rounds_so_far(tmp_path, mnist_dir):
     command = [sys.executable, "-m", "backprop_xp", "bench", "--data-dir", str(mnist_dir), "--out", str(tmp_path),
                "--engines", "numpy", "--hidden", "16", "--batch-size", "64", "--train-size", "2000", "--epochs", "100000"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         for line in process.stdout:

@@ -14,8 +14,8 @@ import pytest
 
 from backprop_xp import MLP
 from backprop_xp.backend import to_numpy
-from backprop_xp.training import run as train_module
 from backprop_xp.cli import main
+from backprop_xp.training import run as train_module
 
 QUICK = ["--hidden", "32", "--train-size", "2000", "--epochs", "2", "--batch-size", "100", "--backend", "numpy"]
 
@@ -59,9 +59,14 @@ def test_bad_arguments_are_one_line_and_exit_code_2(argv, fragment, capsys):
 def test_the_module_runs_as_a_program():
     ok = subprocess.run([sys.executable, "-m", "backprop_xp", "train", "--help"], capture_output=True, text=True)
     assert ok.returncode == 0 and "--lr-schedule" in ok.stdout and "--resume" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "backprop_xp", "train", "--hidden", "0"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "backprop_xp", "train", "--hidden", "0"], capture_output=True, text=True
+    )
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "backprop-xp train: error: argument --hidden: must be an integer >= 1, got 0 (see backprop-xp train --help)"
+    assert (
+        bad.stderr.strip()
+        == "backprop-xp train: error: argument --hidden: must be an integer >= 1, got 0 (see backprop-xp train --help)"
+    )
 
 
 def test_an_unusable_cupy_backend_is_a_one_line_error(mnist_dir, capsys):
@@ -269,7 +274,10 @@ def test_ctrl_c_mid_epoch_exits_130_and_resume_through_the_command_line_ends_exa
     assert metrics["status"] == "finished" and [r["epoch"] for r in metrics["epochs"]] == [1, 2]
     # Interrupted at step 30 and resumed: the very model of the uninterrupted run in `trained`.
     assert _same_model(out / "model.npz", trained / "model.npz")
-    assert metrics["epochs"][-1]["test_accuracy"] == json.loads((trained / "metrics.json").read_text())["epochs"][-1]["test_accuracy"]
+    assert (
+        metrics["epochs"][-1]["test_accuracy"]
+        == json.loads((trained / "metrics.json").read_text())["epochs"][-1]["test_accuracy"]
+    )
 
 
 @pytest.mark.slow
@@ -290,7 +298,10 @@ def test_a_real_sigint_mid_epoch_exits_130_with_a_resumable_checkpoint(mnist_dir
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == f"backprop-xp: interrupted; the last finished epoch is saved: continue with --resume {out}"
+    assert (
+        err.strip().splitlines()[-1]
+        == f"backprop-xp: interrupted; the last finished epoch is saved: continue with --resume {out}"
+    )
     with np.load(out / "checkpoint.npz", allow_pickle=False) as f:
         done = int(f["train.epochs_done"])
     assert 1 <= done < 6
@@ -329,7 +340,17 @@ def test_a_loss_that_explodes_but_stays_finite_is_divergence_too(mnist_dir, tmp_
 
 
 def test_a_batch_larger_than_the_training_set_is_refused(mnist_dir, tmp_path, capsys):
-    argv = ["train", *QUICK, "--batch-size", "100000", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "r"), "--quiet"]
+    argv = [
+        "train",
+        *QUICK,
+        "--batch-size",
+        "100000",
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(tmp_path / "r"),
+        "--quiet",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
@@ -362,7 +383,11 @@ def test_the_first_line_names_the_backend_briefly_and_the_last_line_sums_up(mnis
     lines = capsys.readouterr().out.splitlines()
     metrics = json.loads((out / "metrics.json").read_text())
     if get_backend("auto").name == "numpy":
-        expected = "backend numpy (a GPU is here but not usable; --verbose says why)" if os.path.exists("/dev/nvidia0") else "backend numpy (no GPU found)"
+        expected = (
+            "backend numpy (a GPU is here but not usable; --verbose says why)"
+            if os.path.exists("/dev/nvidia0")
+            else "backend numpy (no GPU found)"
+        )
         assert lines[0] == expected
         assert metrics["config"]["backend_reason"].startswith("auto: using numpy because")
     final = metrics["epochs"][-1]
@@ -375,7 +400,12 @@ def test_the_first_line_names_the_backend_briefly_and_the_last_line_sums_up(mnis
     assert main(["train", "--resume", str(out), "--epochs", "3", "--quiet"]) == 0
     quiet = capsys.readouterr().out.splitlines()
     assert len(quiet) == 1 and quiet[0].startswith("done: test accuracy ") and ", 3 epochs in " in quiet[0]
-    assert main(["train", *QUICK, "--epochs", "1", "--verbose", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "v")]) == 0
+    assert (
+        main(
+            ["train", *QUICK, "--epochs", "1", "--verbose", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "v")]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "backend choice: " in printed and " 1 epoch, " in printed and "1 epochs" not in printed
 
@@ -403,7 +433,12 @@ def test_resume_works_from_another_folder_and_says_when_the_data_is_gone(mnist_d
     data = tmp_path / "data"
     shutil.copytree(mnist_dir, data)  # a copy in the test's own folder, given by a relative path
     monkeypatch.chdir(tmp_path)
-    assert main(["train", *QUICK, "--data-dir", "data", "--out", "runs/r", "--quiet"], ) == 0
+    assert (
+        main(
+            ["train", *QUICK, "--data-dir", "data", "--out", "runs/r", "--quiet"],
+        )
+        == 0
+    )
     saved = json.loads((tmp_path / "runs/r/metrics.json").read_text())["config"]["data_dir"]
     assert saved == str(data)  # absolute
     monkeypatch.chdir(tmp_path / "runs")

@@ -143,7 +143,16 @@ def test_real_bindings_have_the_functions_blas_calls(reference_missing):
         from nvmath.bindings import cublas
     except ImportError as exc:
         reference_missing(f"nvmath-python is not installed ({exc}): pip install nvmath-python")
-    for name in ("create", "destroy", "set_stream", "set_workspace", "set_pointer_mode", "set_math_mode", "sgemm", "dgemm"):
+    for name in (
+        "create",
+        "destroy",
+        "set_stream",
+        "set_workspace",
+        "set_pointer_mode",
+        "set_math_mode",
+        "sgemm",
+        "dgemm",
+    ):
         assert callable(getattr(cublas, name)), name
     assert cublas.Operation.N != cublas.Operation.T
     assert {"HOST"} <= set(cublas.PointerMode.__members__)

@@ -34,7 +34,14 @@ ARCHS_BY_MAJOR = {
     12: (("compute_70", "c++11"), ("compute_90", "c++17")),
     13: (("compute_75", "c++17"), ("compute_90", "c++17")),
 }
-CTYPES = {"T": "T", "int64": "long long", "int32": "int", "uint32": "unsigned int", "float32": "float", "float64": "double"}
+CTYPES = {
+    "T": "T",
+    "int64": "long long",
+    "int32": "int",
+    "uint32": "unsigned int",
+    "float32": "float",
+    "float64": "double",
+}
 
 
 class NVRTCError(RuntimeError):
@@ -123,7 +130,9 @@ def nvrtc(request, reference_missing) -> Nvrtc:
     """NVRTC of one CUDA major version through ctypes; a skip (a failure in CI) saying why it is missing."""
     major = request.param
     if major not in _NVRTC:
-        reference_missing(f"NVRTC {major} not available (pip install {WHEELS[major]}); tried: {'; '.join(_NVRTC_ERRORS[-3:])}")
+        reference_missing(
+            f"NVRTC {major} not available (pip install {WHEELS[major]}); tried: {'; '.join(_NVRTC_ERRORS[-3:])}"
+        )
     return _NVRTC[major]
 
 
@@ -215,7 +224,11 @@ def test_output_layer_raw_kernel_compiles(nvrtc, activation, n_classes):
 
 def test_output_layer_needs_the_class_count(nvrtc):
     with pytest.raises(NVRTCError, match="N_CLASSES"):
-        nvrtc.compile(kc.ACTIVATION_SOURCES["relu"] + kc.OUTPUT_LAYER_SOURCE, "no_k.cu", [f"--gpu-architecture={nvrtc.archs[-1][0]}"])
+        nvrtc.compile(
+            kc.ACTIVATION_SOURCES["relu"] + kc.OUTPUT_LAYER_SOURCE,
+            "no_k.cu",
+            [f"--gpu-architecture={nvrtc.archs[-1][0]}"],
+        )
 
 
 def test_nvrtc_versions_pick_their_architectures():

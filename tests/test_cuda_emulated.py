@@ -14,10 +14,9 @@ import shutil
 
 import numpy as np
 import pytest
+from cuda_emulator import OUTPUT_LAYER_PARAMS, XENT_STEP_PARAMS, EmulatedKernels
 
 from backprop_xp.cuda import kernels as kc
-
-from cuda_emulator import OUTPUT_LAYER_PARAMS, XENT_STEP_PARAMS, EmulatedKernels
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
 

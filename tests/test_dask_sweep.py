@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from backprop_xp.training.dask_sweep import connect, run_sweep_dask, sweep_with_client
 from backprop_xp.model import MLP
 from backprop_xp.training import TrainConfig
+from backprop_xp.training.dask_sweep import connect, run_sweep_dask, sweep_with_client
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,9 @@ def test_a_run_whose_worker_is_killed_mid_run_is_resumed_elsewhere_and_ends_exac
     # The same sweep again: nothing is trained, nothing is rewritten.
     before = {name: (out / name / "model.npz").stat().st_mtime_ns for name in rows}
     lines.clear()
-    again = run_sweep_dask([config, config], ["killed", "never-killed"], out, scheduler=scheduler_address, echo=lines.append)
+    again = run_sweep_dask(
+        [config, config], ["killed", "never-killed"], out, scheduler=scheduler_address, echo=lines.append
+    )
     assert [s["status"] for s in again] == ["finished", "finished"]
     assert sum("already finished, skipped" in line for line in lines) == 2
     assert before == {name: (out / name / "model.npz").stat().st_mtime_ns for name in rows}
@@ -282,4 +284,7 @@ def test_the_command_line_without_distributed_is_one_line_saying_what_to_install
     monkeypatch.setitem(sys.modules, "distributed", None)
     assert main(["sweep", "--hidden", "8", "--epochs", "1", "--scheduler", "local", "--out", str(tmp_path / "s")]) == 1
     err = capsys.readouterr().err
-    assert err == "backprop-xp: error: --scheduler needs the optional dependency 'distributed': pip install 'backprop-xp[dask]'\n"
+    assert (
+        err
+        == "backprop-xp: error: --scheduler needs the optional dependency 'distributed': pip install 'backprop-xp[dask]'\n"
+    )

@@ -17,13 +17,12 @@ from hypothesis import strategies as st
 from idx_files import TYPE_BYTES, fake_mnist, idx_bytes, write_idx, write_mnist_folder
 
 import backprop_xp
-from backprop_xp.data import datasets
-from backprop_xp.data import download as data
 from backprop_xp.data import (
     FILES,
     SHA256,
     DataFormatError,
     Minibatches,
+    datasets,
     epoch_permutation,
     fit_standardizer,
     load_mnist,
@@ -31,6 +30,7 @@ from backprop_xp.data import (
     standardize,
     train_val_split,
 )
+from backprop_xp.data import download as data
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

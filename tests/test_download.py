@@ -20,8 +20,16 @@ import numpy as np
 import pytest
 from idx_files import fake_mnist, idx_bytes, sha256_of
 
+from backprop_xp.data import (
+    FILES,
+    ChecksumError,
+    DataFormatError,
+    DownloadError,
+    download_file,
+    fetch_mnist,
+    load_mnist,
+)
 from backprop_xp.data import download as data
-from backprop_xp.data import FILES, ChecksumError, DataFormatError, DownloadError, download_file, fetch_mnist, load_mnist
 
 
 class Mirror(http.server.ThreadingHTTPServer):

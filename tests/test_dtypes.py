@@ -14,9 +14,8 @@ import pytest
 import backprop_xp as bx
 from backprop_xp.kernels import ACTIVATIONS
 
-
-
 pytestmark = pytest.mark.usefixtures("cpu_path")  # the NumPy and the fused CPU paths alike
+
 
 def hot_path_arrays(model: bx.MLP, optimizer: bx.SGD) -> dict[str, np.ndarray]:
     """Every floating-point array one training step reads or writes, by name."""

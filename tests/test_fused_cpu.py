@@ -43,7 +43,9 @@ def kernel_mode(request, monkeypatch):
 
 def identical(a: np.ndarray, b: np.ndarray) -> bool:
     """Same bits: values, NaNs and the sign of zeros (``array_equal`` alone treats -0 == 0)."""
-    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}"))
+    return (
+        a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}"))
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -157,7 +159,9 @@ def test_threads_follow_the_blas_and_can_be_set():
             fused_cpu.set_threads(None)
             assert fused_cpu.threads() == 1 == fused_cpu.info()["threads"]
         fused_cpu.set_threads(None)
-        assert fused_cpu.threads() == max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
+        assert fused_cpu.threads() == max(
+            p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"
+        )
         fused_cpu.set_threads(1)
         assert fused_cpu.info()["threads"] == 1
         with pytest.raises(ValueError, match="positive integer"):

@@ -207,7 +207,9 @@ def test_xent_step_bad_label_poisons_the_loss(cupy):
     y[299] = 10
     delta, bias_grad = cupy.empty((300, 10), cupy.float32), cupy.empty(10, cupy.float32)
     loss, correct = cupy.empty((), cupy.float32), cupy.empty((), cupy.int64)
-    kc.softmax_xent_step(z, cupy.zeros(10, cupy.float32), y, delta, bias_grad, loss, correct, kc.XentScratch(cupy, 300, 10, "float32"))
+    kc.softmax_xent_step(
+        z, cupy.zeros(10, cupy.float32), y, delta, bias_grad, loss, correct, kc.XentScratch(cupy, 300, 10, "float32")
+    )
     assert np.isnan(float(loss)) and np.isnan(delta[299].get()).all() and np.isfinite(delta[:299].get()).all()
 
 
@@ -248,7 +250,16 @@ def _run_output_layer(cupy, z1, params, labels, activation, n_classes, times=2):
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
 @pytest.mark.parametrize(
     "batch, n_hidden, n_classes",
-    [(1, 128, 10), (37, 37, 10), (128, 128, 10), (128, 800, 10), (1000, 512, 10), (4096, 800, 10), (50, 70, 3), (64, 96, 32)],
+    [
+        (1, 128, 10),
+        (37, 37, 10),
+        (128, 128, 10),
+        (128, 800, 10),
+        (1000, 512, 10),
+        (4096, 800, 10),
+        (50, 70, 3),
+        (64, 96, 32),
+    ],
 )
 def test_output_layer_kernel_matches_twin(cupy, dtype, activation, batch, n_hidden, n_classes):
     """Every array the fused output layer writes, against its NumPy twin (kernels.py's functions)."""
@@ -423,7 +434,9 @@ def test_step_follows_the_reference(cupy, graphs, fused, activation, dtype, mome
     # the running totals the kernel keeps on the device, read once
     loss_sum, correct_sum, n_samples = step.sums()
     assert n_samples == sum(SIZES)
-    np.testing.assert_allclose(float(loss_sum), sum(loss * size for (loss, _), size in zip(ref_history, SIZES)), rtol=rtol)
+    np.testing.assert_allclose(
+        float(loss_sum), sum(loss * size for (loss, _), size in zip(ref_history, SIZES)), rtol=rtol
+    )
     assert int(correct_sum) == sum(correct for _, correct in history)  # the per-step counts it returned
     step.reset_sums()
     assert float(step.sums()[0]) == 0 and int(step.sums()[1]) == 0 and step.sums()[2] == 0

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 from backprop_xp import MLP
-from backprop_xp.training import run as train_module
 from backprop_xp.backend import to_numpy
 from backprop_xp.training import CHECKPOINT, SCHEDULES, Diverged, TrainConfig, evaluate, train
+from backprop_xp.training import run as train_module
 
 pytestmark = pytest.mark.gpu
 
@@ -70,11 +70,21 @@ def _clear_rows(z, margin=1e-3):
 
 def test_train_on_cupy_end_to_end_agrees_with_numpy(cupy, set_tf32, mnist_dir, mnist, tmp_path):
     gpu = train(TrainConfig(**SMALL, backend="cupy", data_dir=str(mnist_dir)), tmp_path / "gpu", echo=None)
-    cpu = train(TrainConfig(**SMALL, backend="numpy", data_dir=str(mnist_dir)), tmp_path / "cpu", echo=None, pictures=False)
+    cpu = train(
+        TrainConfig(**SMALL, backend="numpy", data_dir=str(mnist_dir)), tmp_path / "cpu", echo=None, pictures=False
+    )
     assert gpu["status"] == "finished" and [r["epoch"] for r in gpu["epochs"]] == [1, 2]
     saved = json.loads((tmp_path / "gpu" / "metrics.json").read_text())
     assert saved["config"]["backend_used"] == "cupy" and "cupy" in saved["config"]["environment"]
-    for name in ("model.npz", "checkpoint.npz", "metrics.csv", "curves.png", "confusion.png", "misclassified.png", "weights.png"):
+    for name in (
+        "model.npz",
+        "checkpoint.npz",
+        "metrics.csv",
+        "curves.png",
+        "confusion.png",
+        "misclassified.png",
+        "weights.png",
+    ):
         assert (tmp_path / "gpu" / name).stat().st_size > 0, name
     # Same initial weights, same shuffles: the two backends train the same network, up to rounding.
     for g, c in zip(gpu["epochs"], cpu["epochs"]):

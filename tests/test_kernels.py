@@ -63,12 +63,15 @@ def test_input_is_left_unchanged_and_dtype_kept():
     assert loss == pytest.approx(reference_loss(z, np.array([1, 2, 3, 4])), rel=1e-6)
 
 
-@pytest.mark.parametrize("labels, message", [
-    ([0, 1, 10], "label 10 is outside"),
-    ([0, -1, 2], "label -1 is outside"),  # must not wrap around to the last class
-    ([0, 1], r"labels must have shape \(3,\)"),
-    ([0.0, 1.0, 2.0], "labels must be integers"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([0, 1, 10], "label 10 is outside"),
+        ([0, -1, 2], "label -1 is outside"),  # must not wrap around to the last class
+        ([0, 1], r"labels must have shape \(3,\)"),
+        ([0.0, 1.0, 2.0], "labels must be integers"),
+    ],
+)
 def test_bad_labels_raise(labels, message):
     with pytest.raises(ValueError, match=message):
         bx.softmax_cross_entropy(np.zeros((3, 10)), labels)

@@ -7,9 +7,8 @@ import pytest
 
 import backprop_xp as bx
 
-
-
 pytestmark = pytest.mark.usefixtures("cpu_path")  # the NumPy and the fused CPU paths alike
+
 
 def test_sgd_update_is_the_textbook_rule():
     w = np.array([1.0, -2.0], np.float32)
@@ -46,15 +45,18 @@ def test_learning_rate_can_change_between_steps():
     np.testing.assert_allclose(m.params["W1"], w - 0.25)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"lr": 0}, "learning rate must be a finite number > 0"),
-    ({"lr": -1}, "learning rate must be a finite number > 0"),
-    ({"lr": float("nan")}, "learning rate must be a finite number > 0"),
-    ({"lr": float("inf")}, "learning rate must be a finite number > 0"),
-    ({"lr": 0.1, "momentum": 1.0}, r"momentum must be in \[0, 1\)"),
-    ({"lr": 0.1, "weight_decay": -1e-4}, "weight decay must be a finite number >= 0"),
-    ({"lr": 0.1, "weight_decay": float("inf")}, "weight decay must be a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": 0}, "learning rate must be a finite number > 0"),
+        ({"lr": -1}, "learning rate must be a finite number > 0"),
+        ({"lr": float("nan")}, "learning rate must be a finite number > 0"),
+        ({"lr": float("inf")}, "learning rate must be a finite number > 0"),
+        ({"lr": 0.1, "momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"lr": 0.1, "weight_decay": -1e-4}, "weight decay must be a finite number >= 0"),
+        ({"lr": 0.1, "weight_decay": float("inf")}, "weight decay must be a finite number >= 0"),
+    ],
+)
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bx.SGD(bx.MLP(4, 3, 2), **kwargs)

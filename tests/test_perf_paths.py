@@ -17,16 +17,19 @@ import pytest
 import backprop_xp as bx
 from backprop_xp.kernels import ACTIVATIONS, activation_forward_
 
-
-
 pytestmark = pytest.mark.usefixtures("cpu_path")  # the NumPy and the fused CPU paths alike
+
 
 def textbook_step(params: dict, x: np.ndarray, y: np.ndarray, activation: str) -> tuple[float, dict, int]:
     """The README's formulas, one NumPy expression each, in float64."""
     p = {k: v.astype(np.float64) for k, v in params.items()}
     x = x.astype(np.float64)
     f = {"relu": lambda z: np.maximum(z, 0), "sigmoid": lambda z: 1 / (1 + np.exp(-z)), "tanh": np.tanh}[activation]
-    df = {"relu": lambda z: (z > 0) * 1.0, "sigmoid": lambda z: f(z) * (1 - f(z)), "tanh": lambda z: 1 - np.tanh(z) ** 2}
+    df = {
+        "relu": lambda z: (z > 0) * 1.0,
+        "sigmoid": lambda z: f(z) * (1 - f(z)),
+        "tanh": lambda z: 1 - np.tanh(z) ** 2,
+    }
     z1 = x @ p["W1"].T + p["b1"]
     a1 = f(z1)
     z2 = a1 @ p["W2"].T + p["b2"]

@@ -66,7 +66,8 @@ def drawn(monkeypatch):
 @pytest.mark.parametrize("n_epochs", [1, 2, 30])
 def test_curves_have_whole_epoch_ticks_plain_numbers_and_mark_only_a_validation_best(n_epochs, drawn):
     rows = [{"epoch": e, "train_loss": 0.3 / e, "train_accuracy": 0.9, "test_loss": 0.32 / e ** 0.5,
-             "test_accuracy": 0.95 - 0.001 * e, "val_loss": 0.31, "val_accuracy": 0.96 - 0.001 * e} for e in range(1, n_epochs + 1)]  # fmt: skip
+             "test_accuracy": 0.95 - 0.001 * e, "val_loss": 0.31, "val_accuracy": 0.96 - 0.001 * e}
+            for e in range(1, n_epochs + 1)]  # fmt: skip
     plots.training_curves(rows, "unused.png")
     fig = drawn[-1]
     fig.canvas.draw()
@@ -77,7 +78,9 @@ def test_curves_have_whole_epoch_ticks_plain_numbers_and_mark_only_a_validation_
         labels = [t.get_text() for t in ax.get_yticklabels() + ax.yaxis.get_minorticklabels()]
         assert not any("times" in label or "^" in label or "×" in label for label in labels), labels
     legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
-    assert any(text.startswith("best val 95.90% (epoch 1)") for text in legend), legend  # the first epoch, inside the axes
+    assert any(text.startswith("best val 95.90% (epoch 1)") for text in legend), (
+        legend
+    )  # the first epoch, inside the axes
     plots.training_curves([{k: v for k, v in row.items() if not k.startswith("val")} for row in rows], "unused.png")
     legend = [t.get_text() for t in drawn[-1].axes[1].get_legend().get_texts()]
     assert not any("best" in text for text in legend)  # no "best test" epoch: that would be choosing on the test set

@@ -11,8 +11,8 @@ import pytest
 
 from backprop_xp.cli import main
 from backprop_xp.model import MLP
-from backprop_xp.training.sweep import blas_threads, grid, run_name, run_one, run_sweep
 from backprop_xp.training import TrainConfig, train
+from backprop_xp.training.sweep import blas_threads, grid, run_name, run_one, run_sweep
 
 TINY = dict(hidden=8, epochs=2, batch_size=50, backend="numpy")
 
@@ -51,14 +51,18 @@ class InWorker:
 
 
 def test_grid_and_names_cover_every_combination_once():
-    configs = grid({"epochs": 1, "batch_size": 32}, {"hidden": [8, 16], "lr": [0.1, 1.0], "activation": ["relu", "tanh"]})
+    configs = grid(
+        {"epochs": 1, "batch_size": 32}, {"hidden": [8, 16], "lr": [0.1, 1.0], "activation": ["relu", "tanh"]}
+    )
     names = [run_name(c, ["hidden", "lr", "activation"]) for c in configs]
     assert len(configs) == 8 and len(set(names)) == 8
     assert names[0] == "h8-lr0.1-b32-relu" and names[-1] == "h16-lr1-b32-tanh"
 
 
 def test_run_one_records_a_failure_instead_of_raising(tmp_path, mnist_dir):
-    config = TrainConfig(hidden=8, train_size=100, val_size=100, epochs=1, backend="numpy", data_dir=str(mnist_dir)).to_dict()
+    config = TrainConfig(
+        hidden=8, train_size=100, val_size=100, epochs=1, backend="numpy", data_dir=str(mnist_dir)
+    ).to_dict()
     summary = run_one(config, str(tmp_path / "bad"))
     assert summary["status"] == "failed"
     assert "val-size 100 leaves no training images" in summary["error"]
@@ -112,7 +116,9 @@ def _same_params(a, b):
 
 def test_run_one_resumes_an_interrupted_run_where_it_stopped(tmp_path, small_data):
     config = TrainConfig(**TINY, data_dir=small_data)
-    train(config, tmp_path / "run", echo=None, pictures=False, stop_after=1)  # as a sweep killed after epoch 1 leaves it
+    train(
+        config, tmp_path / "run", echo=None, pictures=False, stop_after=1
+    )  # as a sweep killed after epoch 1 leaves it
     summary = run_one(config.to_dict(), str(tmp_path / "run"))
     assert summary["status"] == "finished" and summary["epochs_done"] == 2 and not summary["skipped"]
     assert "resuming" in _log(tmp_path / "run") and "training 784-8-10" not in _log(tmp_path / "run")
@@ -170,7 +176,9 @@ def test_a_worker_process_that_dies_is_recorded_and_the_sweep_goes_on(tmp_path, 
     lines = []
     summaries = run_sweep([base, doomed], ["fine", "doomed"], tmp_path, jobs=2, echo=lines.append)
     assert [s["name"] for s in summaries] == ["fine", "doomed"]
-    assert summaries[1]["status"] == "failed" and summaries[1]["error"].startswith("worker process failed"), summaries[1]
+    assert summaries[1]["status"] == "failed" and summaries[1]["error"].startswith("worker process failed"), summaries[
+        1
+    ]
     # A dead worker breaks the whole pool, so "fine" may have been lost with it: either way it is recorded.
     assert summaries[0]["status"] in ("finished", "failed")
     with open(tmp_path / "sweep.csv") as f:
@@ -185,8 +193,24 @@ def test_runs_are_ranked_by_validation_accuracy_never_by_test_accuracy(tmp_path)
     common = {"status": "finished", "lr": 0.1, "batch_size": 32, "activation": "relu", "momentum": 0.9,
               "weight_decay": 0.0, "epochs_done": 2, "seconds_per_epoch": 1.0, "train_seconds": 2.0}  # fmt: skip
     summaries = [
-        {"name": "a", "hidden": 8, "val_accuracy": 0.90, "best_val_accuracy": 0.91, "best_val_epoch": 1, "test_accuracy": 0.95, **common},
-        {"name": "b", "hidden": 16, "val_accuracy": 0.93, "best_val_accuracy": 0.93, "best_val_epoch": 2, "test_accuracy": 0.92, **common},
+        {
+            "name": "a",
+            "hidden": 8,
+            "val_accuracy": 0.90,
+            "best_val_accuracy": 0.91,
+            "best_val_epoch": 1,
+            "test_accuracy": 0.95,
+            **common,
+        },
+        {
+            "name": "b",
+            "hidden": 16,
+            "val_accuracy": 0.93,
+            "best_val_accuracy": 0.93,
+            "best_val_epoch": 2,
+            "test_accuracy": 0.92,
+            **common,
+        },
     ]
     write_tables(tmp_path, summaries)
     table = (tmp_path / "sweep.md").read_text().splitlines()

@@ -63,7 +63,9 @@ def test_run_epoch_weights_losses_by_batch_size_and_finds_the_first_bad_step():
 
     seen = []
     losses = iter([np.float32(1.0), np.float32(np.inf), np.float32(np.nan)])
-    sums = run_epoch(lambda xb, yb: (next(losses), 0), batches, 0, progress=lambda n, loss: seen.append(n), progress_every=2)
+    sums = run_epoch(
+        lambda xb, yb: (next(losses), 0), batches, 0, progress=lambda n, loss: seen.append(n), progress_every=2
+    )
     assert sums.first_bad_step == 1
     assert math.isnan(sums.loss_sum)
     assert sum(seen) == 10  # the progress callback saw every sample once
@@ -263,7 +265,9 @@ def test_the_network_sizes_come_from_the_data(tmp_path):
     assert (tmp_path / "run" / "weights.png").is_file() and (tmp_path / "run" / "confusion.png").is_file()
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="apt-get install dataset-fashion-mnist"
+)
 def test_train_on_fashion_mnist(tmp_path):
     config = TrainConfig(hidden=32, train_size=2000, epochs=1, batch_size=100, backend="numpy", dataset="fashion-mnist",
                          data_dir="/usr/share/datasets/fashion-mnist")  # fmt: skip

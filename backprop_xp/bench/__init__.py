@@ -52,7 +52,9 @@ def command(args: Any) -> int:
         budget_s=args.budget_s, threads=threads, data_dir=args.data_dir, train_size=args.train_size, command=command_line,
     )  # fmt: skip
     print(f"{command_line}: writing to {out}", flush=True)
-    result = run(settings, echo=lambda line: print(line, flush=True), on_round=lambda r: write_files(r, out, picture=False))
+    result = run(
+        settings, echo=lambda line: print(line, flush=True), on_round=lambda r: write_files(r, out, picture=False)
+    )
     paths = write_files(result, out)
     print()
     print(table(result))

@@ -148,7 +148,13 @@ def load_data(data_dir: str | None, train_size: int = 0, random_samples: int = 0
             raise ValueError(f"train-size {train_size} is more than the {len(x)} training images")
         x, y = x[:train_size], y[:train_size]
     where = data_dir or "$BACKPROP_XP_DATA or the cache"
-    return Data(np.ascontiguousarray(x), y, x_test, y_test, f"MNIST from {where}: {len(x):,} training, {len(x_test):,} test images")
+    return Data(
+        np.ascontiguousarray(x),
+        y,
+        x_test,
+        y_test,
+        f"MNIST from {where}: {len(x):,} training, {len(x_test):,} test images",
+    )
 
 
 def initial_params(hidden: int, seed: int = SEED) -> dict[str, np.ndarray]:
@@ -174,7 +180,11 @@ def fixed_batch_count(n: int, batch: int) -> int:
 
 
 def seconds_per_call(
-    fn: Callable[[], Any], *, min_seconds: float = 0.2, min_calls: int = 3, clock: Callable[[], float] = time.perf_counter
+    fn: Callable[[], Any],
+    *,
+    min_seconds: float = 0.2,
+    min_calls: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
     """Time of one call of ``fn``: the median over as many calls as fit in ``min_seconds``."""
     fn()  # warm up: buffers, caches, thread pools
@@ -302,7 +312,9 @@ class NumpyEngine(_CpuEngine):
 
     def infer(self) -> float:
         x = self.data.x
-        return seconds_per_call(lambda: [self.model.predict(x[s]) for s in self.fixed], min_seconds=0.3, clock=self.clock)
+        return seconds_per_call(
+            lambda: [self.model.predict(x[s]) for s in self.fixed], min_seconds=0.3, clock=self.clock
+        )
 
     def test_accuracy(self) -> float | None:
         if self.data.x_test is None:
@@ -328,7 +340,14 @@ class SklearnEngine(_CpuEngine):
     that order and cuts the same batches, the last one shorter).
     """
 
-    def __init__(self, hidden: int, batch: int, data: Data, shared: dict[str, Any], clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        batch: int,
+        data: Data,
+        shared: dict[str, Any],
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         from sklearn.neural_network import MLPClassifier
 
         super().__init__(hidden, batch, data, clock)
@@ -385,7 +404,13 @@ class TorchEngine:
     """
 
     def __init__(
-        self, hidden: int, batch: int, data: Data, shared: dict[str, Any], device: str = "cpu", clock: Callable[[], float] = time.perf_counter
+        self,
+        hidden: int,
+        batch: int,
+        data: Data,
+        shared: dict[str, Any],
+        device: str = "cpu",
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         import torch
 
@@ -396,7 +421,9 @@ class TorchEngine:
         self.net = torch_mlp(torch, hidden, device)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM)
         # The data on the device once, like our Minibatches, and one gather buffer: shared by every shape.
-        self.x, self.y = _shared(shared, "data", lambda: (torch.from_numpy(data.x).to(device), torch.from_numpy(data.y).to(device)))
+        self.x, self.y = _shared(
+            shared, "data", lambda: (torch.from_numpy(data.x).to(device), torch.from_numpy(data.y).to(device))
+        )
         self.xs, self.ys = _shared(shared, "gather", lambda: (torch.empty_like(self.x), torch.empty_like(self.y)))
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.n_correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -547,7 +574,14 @@ class TorchGraphEngine(TorchEngine):
     (a zero buffer then gives PyTorch's first-step ``v = g`` exactly).
     """
 
-    def __init__(self, hidden: int, batch: int, data: Data, shared: dict[str, Any], clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        batch: int,
+        data: Data,
+        shared: dict[str, Any],
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         super().__init__(hidden, batch, data, shared, device="cuda", clock=clock)
         torch = self.torch
         start = [p.detach().clone() for p in self.net.parameters()]
@@ -608,12 +642,12 @@ class CupyEngine:
     """
 
     def __init__(self, hidden: int, batch: int, data: Data, shared: dict[str, Any], graphs: bool) -> None:
+        import cupy as cp
+
         from ..data import Minibatches
         from ..model import MLP
         from ..optim import SGD
         from ..training import make_step
-
-        import cupy as cp
 
         self.cp, self.hidden, self.batch, self.data = cp, hidden, batch, data
         self.model = MLP(N_INPUTS, hidden, N_OUTPUTS, activation="relu", backend="cupy", dtype="float32", seed=SEED)

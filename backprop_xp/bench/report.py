@@ -40,7 +40,9 @@ def table(result: dict[str, Any]) -> str:
     """The rows as aligned text, then the engines that did not run and why."""
     rows = [HEADER] + [cells(r) for r in result["rows"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
-    lines = ["  ".join(c.ljust(w) if i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+    ]
     if not result["rows"]:
         lines.append("(no engine finished a timed round)")
     lines += [f"not run: {name}: {reason}" for name, reason in result["missing"].items()]
@@ -61,12 +63,18 @@ def _versions(result: dict[str, Any]) -> list[str]:
         )
     torch_info = next((e for e in engines.values() if "torch" in e), None)
     if torch_info:
-        lines.append(f"- PyTorch {torch_info['torch']} ({torch_info['torch_threads']} CPU threads, BLAS {torch_info['torch_blas']})")
+        lines.append(
+            f"- PyTorch {torch_info['torch']} ({torch_info['torch_threads']} CPU threads, BLAS {torch_info['torch_blas']})"
+        )
     if "sklearn" in engines:
         lines.append(f"- scikit-learn {engines['sklearn']['sklearn']}")
     gpu = next((e for e in engines.values() if "gpu" in e), None)
     if gpu:
-        extra = f", CuPy {gpu['cupy']}, CUDA runtime {gpu['cuda_runtime']}, driver {gpu['cuda_driver']}" if "cupy" in gpu else ""
+        extra = (
+            f", CuPy {gpu['cupy']}, CUDA runtime {gpu['cuda_runtime']}, driver {gpu['cuda_driver']}"
+            if "cupy" in gpu
+            else ""
+        )
         lines.append(f"- GPU: {gpu['gpu']}{extra}")
     return lines
 
@@ -102,7 +110,11 @@ def markdown(result: dict[str, Any]) -> str:
     if result["missing"]:
         lines += ["Not run here:", ""] + [f"- `{name}`: {reason}" for name, reason in result["missing"].items()] + [""]
     if result["errors"]:
-        lines += ["Errors:", ""] + [f"- `{e['engine']}`: {e.get('during', '')} {e['error']}".replace("  ", " ") for e in result["errors"]] + [""]
+        lines += (
+            ["Errors:", ""]
+            + [f"- `{e['engine']}`: {e.get('during', '')} {e['error']}".replace("  ", " ") for e in result["errors"]]
+            + [""]
+        )
     return "\n".join(lines)
 
 

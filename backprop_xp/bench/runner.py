@@ -93,7 +93,9 @@ def _shape_name(hidden: int, batch: int) -> str:
     return f"784-{hidden}-10 batch {batch}"
 
 
-def run(settings: Settings, echo: Callable[[str], None] = print, on_round: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def run(
+    settings: Settings, echo: Callable[[str], None] = print, on_round: Callable[[dict], None] | None = None
+) -> dict[str, Any]:
     """Run the benchmark; return everything it measured (``bench.json``'s content).
 
     Ctrl-C stops it where it is: the result then has ``stopped`` set and holds
@@ -181,7 +183,9 @@ def _timed_round(
             for workload in settings.workloads:
                 if workload != "epoch" and device_of(name) != "cpu":
                     continue
-                answer = _ask(workers, name, result, echo, "time", hidden=hidden, batch=batch, workload=workload, epoch=r)
+                answer = _ask(
+                    workers, name, result, echo, "time", hidden=hidden, batch=batch, workload=workload, epoch=r
+                )
                 if answer is None or "error" in answer:
                     failed.add((name, hidden, batch))
                     _error(result, echo, name, hidden, batch, f"round {r} {workload}", answer)
@@ -232,7 +236,9 @@ def _describe(info: dict[str, Any]) -> str:
     """One line of versions: the library, its BLAS and the kernel OpenBLAS picked, threads, GPU."""
     parts = [f"NumPy {info['numpy']}"]
     if "blas" in info:
-        parts.append(f"BLAS {info['blas']} ({info.get('blas_kernel') or '?'} kernels, {info.get('blas_threads') or '?'} threads)")
+        parts.append(
+            f"BLAS {info['blas']} ({info.get('blas_kernel') or '?'} kernels, {info.get('blas_threads') or '?'} threads)"
+        )
     if "sklearn" in info:
         parts.append(f"scikit-learn {info['sklearn']}")
     if "torch" in info:
@@ -244,7 +250,9 @@ def _describe(info: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _ask(workers: dict[str, Worker], name: str, result: dict, echo: Callable[[str], None], job: str, **fields: Any) -> dict | None:
+def _ask(
+    workers: dict[str, Worker], name: str, result: dict, echo: Callable[[str], None], job: str, **fields: Any
+) -> dict | None:
     """One job; a worker that died is dropped (and listed among the errors), the others go on."""
     try:
         return workers[name].ask(job, **fields)
@@ -255,14 +263,20 @@ def _ask(workers: dict[str, Worker], name: str, result: dict, echo: Callable[[st
         return None
 
 
-def _error(result: dict, echo: Callable[[str], None], name: str, hidden: int, batch: int, what: str, answer: dict | None) -> None:
+def _error(
+    result: dict, echo: Callable[[str], None], name: str, hidden: int, batch: int, what: str, answer: dict | None
+) -> None:
     if answer is None:
         return  # a dead worker, already recorded
-    result["errors"].append({"engine": name, "hidden": hidden, "batch": batch, "during": what, "error": answer["error"]})
+    result["errors"].append(
+        {"engine": name, "hidden": hidden, "batch": batch, "during": what, "error": answer["error"]}
+    )
     echo(f"{name} at {_shape_name(hidden, batch)}: {what} failed: {answer['error']}")
 
 
-def _round_line(r: int, rounds: int, name: str, hidden: int, batch: int, workload: str, answer: dict, result: dict) -> str:
+def _round_line(
+    r: int, rounds: int, name: str, hidden: int, batch: int, workload: str, answer: dict, result: dict
+) -> str:
     n = _samples(result, name, workload, batch)
     return (
         f"round {r}/{rounds}   {_shape_name(hidden, batch):24s} {name:17s} {workload:5s} {answer['seconds']:8.3f} s"
@@ -305,7 +319,9 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     accuracy = {(a["engine"], a["hidden"], a["batch"]): a["test_accuracy"] for a in result["accuracy"]}
     order = {name: i for i, name in enumerate(ENGINES)}
     rows = []
-    for (hidden, batch, workload, name), ms in sorted(groups.items(), key=lambda kv: (*kv[0][:2], WORKLOADS.index(kv[0][2]), order[kv[0][3]])):
+    for (hidden, batch, workload, name), ms in sorted(
+        groups.items(), key=lambda kv: (*kv[0][:2], WORKLOADS.index(kv[0][2]), order[kv[0][3]])
+    ):
         seconds = [m["seconds"] for m in ms]
         bounds = [m["bound_seconds"] for m in ms]
         n = _samples(result, name, workload, batch)

@@ -60,7 +60,17 @@ class Worker:
         env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
         # The worker imports the very backprop_xp this command runs, installed or not.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        command = [sys.executable, "-m", "backprop_xp.bench", engine, "--threads", str(threads), "--clock", clock, *data_args]
+        command = [
+            sys.executable,
+            "-m",
+            "backprop_xp.bench",
+            engine,
+            "--threads",
+            str(threads),
+            "--clock",
+            clock,
+            *data_args,
+        ]
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
             start_new_session=True,  # Ctrl-C reaches the command, which stops its workers itself
@@ -226,7 +236,9 @@ def _notes(contestant: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backprop_xp.bench", description="one engine of backprop-xp bench (not for people)")
+    parser = argparse.ArgumentParser(
+        prog="python -m backprop_xp.bench", description="one engine of backprop-xp bench (not for people)"
+    )
     parser.add_argument("engine", choices=tuple(ENGINES))
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")

@@ -419,6 +419,7 @@ OUTPUT_LAYER_MAX_BLOCKS = 32
 # Classes at most for the fused kernel: a lane keeps K accumulators in registers.
 OUTPUT_LAYER_MAX_CLASSES = 32
 
+
 class ElementwiseSpec(NamedTuple):
     """Everything ``cupy.ElementwiseKernel`` needs (and the NVRTC compile test reads)."""
 
@@ -463,8 +464,6 @@ def _xent_step_kernel(dtype_name: str) -> Any:
     import cupy
 
     return cupy.RawKernel(XENT_STEP_SOURCE, f"xent_step_{'float' if dtype_name == 'float32' else 'double'}")
-
-
 
 
 # --------------------------------------------------------------------------- CuPy wrappers
@@ -576,9 +575,19 @@ def softmax_xent_step(
         (scratch.n_blocks,),
         (XENT_BLOCK,),
         (
-            z, bias, labels, np.int32(batch), np.int32(n_classes), z.dtype.type(1.0 / batch),
-            delta, bias_grad, loss, n_correct,
-            scratch.partial_sums, scratch.partial_correct, scratch.blocks_done,
+            z,
+            bias,
+            labels,
+            np.int32(batch),
+            np.int32(n_classes),
+            z.dtype.type(1.0 / batch),
+            delta,
+            bias_grad,
+            loss,
+            n_correct,
+            scratch.partial_sums,
+            scratch.partial_correct,
+            scratch.blocks_done,
             np.uint64(0) if loss_sum is None else loss_sum,
             np.uint64(0) if correct_sum is None else correct_sum,
         ),

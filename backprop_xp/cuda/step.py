@@ -60,15 +60,16 @@ and the GPU tests fail on a real GPU when that happens.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from ..backend import error_line
 from ..model import MLP, PerBatchSize
 from ..optim import SGD
 from . import kernels as kc
-from ..backend import error_line
 from .cublas import Blas
 
 # Graphs per batch size, one per input buffer: Minibatches alternates two.
@@ -164,12 +165,16 @@ class GpuStep:
         if optimizer.model is not model:
             raise ValueError("the optimizer belongs to another model")
         if type(optimizer).step is not SGD.step:  # the update kernel is SGD.step's rule, read from its settings
-            raise ValueError(f"the fused GPU step applies SGD's update; {type(optimizer).__name__} has a step() of its own")
+            raise ValueError(
+                f"the fused GPU step applies SGD's update; {type(optimizer).__name__} has a step() of its own"
+            )
         self.model, self.optimizer, self.xp = model, optimizer, cupy
         self.mode = "graphs" if graphs else "eager"
         self._fused_choice = fused
         runtime = cupy.cuda.runtime
-        self._shared_limit = runtime.deviceGetAttribute(97, runtime.getDevice())  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+        self._shared_limit = runtime.deviceGetAttribute(
+            97, runtime.getDevice()
+        )  # cudaDevAttrMaxSharedMemoryPerBlockOptin
         self.capture_error: str | None = None
         self.n_captures = self.n_replays = 0
         self.blas = Blas(cupy, tf32=tf32)
@@ -347,7 +352,9 @@ class GpuStep:
             self.capture_error = error or "capture returned no graph"
             for other in self._buffers.values():
                 other.graphs.clear()
-            self._notice(f"backprop-xp: CUDA graph capture failed ({self.capture_error}); running the fused step eagerly")
+            self._notice(
+                f"backprop-xp: CUDA graph capture failed ({self.capture_error}); running the fused step eagerly"
+            )
             return False
         buf.graphs[(x.data.ptr, labels.data.ptr)] = (graph, pool)
         self.n_captures += 1

@@ -12,7 +12,15 @@
 from .config import SCHEDULES, SettingError, TrainConfig, constant_lr, cosine_lr, step_lr
 from .run import DIVERGED_EXIT_CODE, Diverged, divergence, plural, summary_line, train
 from .run_files import (
-    BEST, CHECKPOINT, METRICS_CSV, METRICS_JSON, MODEL, default_out_dir, environment, load_metrics, read_checkpoint,
+    BEST,
+    CHECKPOINT,
+    METRICS_CSV,
+    METRICS_JSON,
+    MODEL,
+    default_out_dir,
+    environment,
+    load_metrics,
+    read_checkpoint,
 )  # fmt: skip
 from .step import EpochSums, confusion_matrix, evaluate, make_step, run_epoch
 

@@ -1,6 +1,5 @@
 """Every setting of a training run, checked once, and the learning-rate schedules it names."""
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -9,11 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-
 from ..backend import BACKENDS, DTYPES
 from ..checks import AT_LEAST_0, AT_LEAST_1, BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, check, check_choice
 from ..kernels import ACTIVATIONS
-
 
 # --------------------------------------------------------------------------- schedules
 # Plain functions of (epoch, total epochs, base lr); epoch counts from 0. The
@@ -119,18 +116,20 @@ class TrainConfig:
         ):
             check_choice(name.replace("_", "-"), getattr(self, name), allowed, SettingError)
         if self.train_size and self.val_size >= self.train_size:
-            raise SettingError(f"--val-size {self.val_size} leaves no training images (--train-size is {self.train_size})")
+            raise SettingError(
+                f"--val-size {self.val_size} leaves no training images (--train-size is {self.train_size})"
+            )
         if (self.keep_best or self.patience) and not self.val_size:
             flag = "keep-best" if self.keep_best else "patience"
-            raise SettingError(f"{flag} chooses by validation accuracy: give it a validation set with --val-size N (e.g. 5000)")
+            raise SettingError(
+                f"{flag} chooses by validation accuracy: give it a validation set with --val-size N (e.g. 5000)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """A config from a dict, ignoring keys that are not settings (backend_used, versions...)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
-
-

@@ -279,7 +279,9 @@ def sweep_with_client(
             summary = future.result()
         except KilledWorker as exc:  # the scheduler already retried it after the first death
             tries = exc.allowed_failures + 1
-            message = f"KilledWorker: {tries} workers died while it was assigned to them (last {exc.last_worker.address})"
+            message = (
+                f"KilledWorker: {tries} workers died while it was assigned to them (last {exc.last_worker.address})"
+            )
             summary = summarize(name, config, load_metrics(out / name), message)
         except Exception as exc:
             error = str(exc) if isinstance(exc, WorkerRunError) else f"{type(exc).__name__}: {exc}"

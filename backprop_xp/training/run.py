@@ -32,18 +32,26 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..backend import synchronize
-from ..files import make_out_dir
-from ..progress import progress_bar
-from ..backend import Backend, get_backend
+from ..backend import Backend, get_backend, synchronize
 from ..data import Minibatches, load_dataset, train_val_split
 from ..data.augment import distort
+from ..files import make_out_dir
 from ..model import MLP
 from ..optim import SGD
+from ..progress import progress_bar
 from .config import SCHEDULES, SettingError, TrainConfig
 from .run_files import (
-    BEST, CHECKPOINT, MODEL, draw_run_pictures, environment, load_metrics, load_params, read_checkpoint,
-    restore_state, save_checkpoint, write_metrics,
+    BEST,
+    CHECKPOINT,
+    MODEL,
+    draw_run_pictures,
+    environment,
+    load_metrics,
+    load_params,
+    read_checkpoint,
+    restore_state,
+    save_checkpoint,
+    write_metrics,
 )  # fmt: skip
 from .step import evaluate, make_step, run_epoch
 
@@ -59,7 +67,6 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-
 # --------------------------------------------------------------------------- a whole run
 
 
@@ -72,7 +79,9 @@ class Diverged(RuntimeError):
     the base rate and never above the default's.
     """
 
-    def __init__(self, epoch: int, reason: str, lr: float, out_dir: str, *, step: int | None = None, base_lr: float | None = None) -> None:
+    def __init__(
+        self, epoch: int, reason: str, lr: float, out_dir: str, *, step: int | None = None, base_lr: float | None = None
+    ) -> None:
         self.epoch, self.reason, self.step, self.lr, self.out_dir = epoch, reason, step, lr, out_dir
         base_lr = lr if base_lr is None else base_lr
         # lr / 10 of an absurd rate is still absurd (1e29 for 1e30): never suggest more than the default.
@@ -125,7 +134,6 @@ def divergence(row: dict[str, Any], first_loss: float | None, n_classes: int, ch
             f"gives {chance:.1%}) and the loss {loss:.3g} no better than guessing"
         )
     return None
-
 
 
 class RunData(NamedTuple):
@@ -336,7 +344,13 @@ def build_model(
 
 
 def announce(
-    config: TrainConfig, out: Path, backend: Backend, data: RunData, epochs_done: int, say: Callable[[str], None], verbose: bool
+    config: TrainConfig,
+    out: Path,
+    backend: Backend,
+    data: RunData,
+    epochs_done: int,
+    say: Callable[[str], None],
+    verbose: bool,
 ) -> None:
     """The first lines of a run: the backend, then what is trained (or where a resume continues)."""
     say(f"backend {backend.name} ({_backend_note(config.backend, backend)})")
@@ -365,7 +379,9 @@ class EpochLoop:
         if config.augment:  # each epoch's distorted copy is written here, then served by a fresh Minibatches
             self.x_distorted = np.empty_like(data.x_train)
         else:
-            self.batches = Minibatches(data.x_train, data.y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype)
+            self.batches = Minibatches(
+                data.x_train, data.y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype
+            )
         self.test = model.as_input(data.x_test), xp.asarray(data.y_test)  # on the device once, not every epoch
         self.val = (model.as_input(data.x_val), xp.asarray(data.y_val)) if data.x_val is not None else None
         self.step = make_step(model, optimizer, tf32=config.tf32)
@@ -429,7 +445,10 @@ class EpochLoop:
             why, bad_step = divergence(row, first_loss, self.data.n_classes, self.data.chance), None
         if why is None:
             return
-        lr, epoch = self.optimizer.lr, row["epoch"]  # this epoch's parameters are not checkpointed: the last good ones stay
+        lr, epoch = (
+            self.optimizer.lr,
+            row["epoch"],
+        )  # this epoch's parameters are not checkpointed: the last good ones stay
         self.metrics["status"] = "diverged"
         self.metrics["diverged"] = {"epoch": epoch, "step": bad_step, "lr": lr, "reason": why}
         write_metrics(self.out, self.metrics)
@@ -471,7 +490,9 @@ def finish(
     metrics["status"] = "finished"
     if stopped_early is not None:
         metrics["stopped_early"] = stopped_early
-        say(f"stopped early: no better validation accuracy in the {plural(config.patience, 'epoch')} after epoch {epochs.best_epoch}")
+        say(
+            f"stopped early: no better validation accuracy in the {plural(config.patience, 'epoch')} after epoch {epochs.best_epoch}"
+        )
     kept = len(metrics["epochs"])
     if config.keep_best and epochs.best_epoch is not None and epochs.best_epoch != kept:
         kept = int(load_params(out / BEST, model))
@@ -532,5 +553,3 @@ def _best_val(rows: list[dict[str, Any]]) -> tuple[int | None, float | None]:
         return None, None
     best = max(scored, key=lambda row: (row["val_accuracy"], -row["epoch"]))
     return best["epoch"], best["val_accuracy"]
-
-

@@ -1,6 +1,5 @@
 """The files of a run folder: checkpoint, metrics (JSON and CSV), model, pictures; and the machine it ran on."""
 
-
 from __future__ import annotations
 
 import csv
@@ -105,8 +104,6 @@ def save_checkpoint(out_dir: Path, model: MLP, optimizer: SGD, epochs_done: int,
             "train.metrics": json.dumps(metrics),
         },
     )
-
-
 
 
 def load_params(path: Path, model: MLP) -> int:

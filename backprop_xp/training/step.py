@@ -11,7 +11,6 @@ Two rules shape the loop:
   math fused and captured as a CUDA graph, checked against this one.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -24,7 +23,6 @@ from ..backend import array_module, to_numpy
 from ..kernels import softmax_cross_entropy_
 from ..model import MLP
 from ..optim import SGD
-
 
 # --------------------------------------------------------------------------- one step, one epoch
 
@@ -150,5 +148,3 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int |
     if n_classes is None:
         n_classes = int(max(labels.max(initial=0), predicted.max(initial=0))) + 1
     return np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-
-

@@ -33,7 +33,15 @@ from .run_files import CHECKPOINT, load_metrics, read_checkpoint
 
 # Settings a sweep may vary (each given as a comma-separated list on the command line).
 SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule")
-_SHORT = {"hidden": "h", "lr": "lr", "batch_size": "b", "activation": "", "momentum": "m", "weight_decay": "wd", "lr_schedule": ""}
+_SHORT = {
+    "hidden": "h",
+    "lr": "lr",
+    "batch_size": "b",
+    "activation": "",
+    "momentum": "m",
+    "weight_decay": "wd",
+    "lr_schedule": "",
+}
 SWEEP_VAL_SIZE = 5000  # training images held out (seeded, the same for every run) to rank the runs by
 DONE = ("finished", "diverged")  # a deterministic run that diverged would diverge again: not retried
 SUMMARY_FIELDS = (
@@ -59,8 +67,12 @@ def run_name(config: dict[str, Any], varied: Sequence[str]) -> str:
     >>> run_name({"hidden": 128, "lr": 0.1, "batch_size": 32, "activation": "tanh"}, ["activation"])
     'h128-lr0.1-b32-tanh'
     """
-    shown = ["hidden", "lr", "batch_size"] + [k for k in SWEPT if k in varied and k not in ("hidden", "lr", "batch_size")]
-    return "-".join(f"{_SHORT[k]}{config[k]:g}" if isinstance(config[k], float) else f"{_SHORT[k]}{config[k]}" for k in shown)
+    shown = ["hidden", "lr", "batch_size"] + [
+        k for k in SWEPT if k in varied and k not in ("hidden", "lr", "batch_size")
+    ]
+    return "-".join(
+        f"{_SHORT[k]}{config[k]:g}" if isinstance(config[k], float) else f"{_SHORT[k]}{config[k]}" for k in shown
+    )
 
 
 def summarize(name: str, config: dict[str, Any], metrics: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
@@ -85,7 +97,9 @@ def summarize(name: str, config: dict[str, Any], metrics: dict[str, Any] | None,
         )
         if "val_accuracy" in last:
             best = max(rows, key=lambda row: (row["val_accuracy"], -row["epoch"]))
-            summary.update(val_accuracy=last["val_accuracy"], best_val_accuracy=best["val_accuracy"], best_val_epoch=best["epoch"])
+            summary.update(
+                val_accuracy=last["val_accuracy"], best_val_accuracy=best["val_accuracy"], best_val_epoch=best["epoch"]
+            )
     if status == "diverged" and not error:
         d = metrics.get("diverged", {})
         where = f"epoch {d.get('epoch')}, step {d['step']}" if d.get("step") is not None else f"epoch {d.get('epoch')}"
@@ -209,7 +223,9 @@ def markdown_table(ranked: list[dict[str, Any]]) -> str:
         status = s["status"] if not s.get("error") or s["status"] == "finished" else f"{s['status']}: {s['error']}"
         status = status.replace("|", "/").replace("\n", " ")[:120]
         spe = s.get("seconds_per_epoch")
-        best_val = f"{pct(s['best_val_accuracy'])} ({s['best_val_epoch']})" if s.get("best_val_accuracy") is not None else "–"
+        best_val = (
+            f"{pct(s['best_val_accuracy'])} ({s['best_val_epoch']})" if s.get("best_val_accuracy") is not None else "–"
+        )
         lines.append(
             f"| {s['name']} | {s['hidden']} | {s['lr']:g} | {s['batch_size']} | {s['activation']} | {s['momentum']:g} | "
             f"{s['weight_decay']:g} | {s.get('epochs_done', 0)} | {pct(s.get('val_accuracy'))} | {best_val} | "
