@@ -62,7 +62,9 @@ def distort(
         out = np.empty_like(images)
     g = gaussian_matrix(side, sigma)
     centre = (side - 1) / 2
-    ys, xs = np.meshgrid(np.arange(side, dtype=np.float32) - centre, np.arange(side, dtype=np.float32) - centre, indexing="ij")
+    ys, xs = np.meshgrid(
+        np.arange(side, dtype=np.float32) - centre, np.arange(side, dtype=np.float32) - centre, indexing="ij"
+    )
     for start in range(0, n, chunk):
         block = images[start : start + chunk]
         m = block.shape[0]

@@ -6,7 +6,6 @@ together, and returns float32 images in [0, 1] and int64 labels;
 ``train_val_split``, ``fit_standardizer`` and ``standardize`` prepare them.
 """
 
-
 from __future__ import annotations
 
 import os
@@ -16,6 +15,8 @@ import numpy as np
 
 from .download import FILES, cache_dir, dataset_info, fetch_mnist, find_file
 from .idx import DataFormatError, read_idx
+
+
 def _check_images(images: np.ndarray, path: Path) -> None:
     if images.dtype != np.uint8 or images.ndim != 3:
         raise DataFormatError(
@@ -135,8 +136,6 @@ def load_dataset(
     return load_mnist(data_dir, download=download, dataset=name)
 
 
-
-
 def check_pair(x, y) -> int:
     if getattr(x, "ndim", None) != 2:
         raise ValueError(f"x must be a 2-D array (n_samples, n_features), got shape {getattr(x, 'shape', None)}")
@@ -183,7 +182,9 @@ def train_val_split(
         val_size = max(1, round(val_size * n))
     val_size = int(val_size)
     if not 0 <= val_size < n:
-        raise ValueError(f"val_size must be in [0, {n - 1}] for {n} samples (some must remain to train on), got {val_size}")
+        raise ValueError(
+            f"val_size must be in [0, {n - 1}] for {n} samples (some must remain to train on), got {val_size}"
+        )
     if val_size == 0:
         return x, y, x[:0], y[:0]
     # Its own stream (spawn_key), independent of the minibatch order drawn from [seed, epoch].
@@ -223,7 +224,9 @@ def fit_standardizer(x: np.ndarray, *, min_std: float = 0.1, chunk: int = 4096) 
     ([0.0, 2.0], [0.10000000149011612, 1.0])
     """
     if getattr(x, "ndim", None) != 2 or len(x) == 0:
-        raise ValueError(f"x must be a non-empty 2-D array (n_samples, n_features), got shape {getattr(x, 'shape', None)}")
+        raise ValueError(
+            f"x must be a non-empty 2-D array (n_samples, n_features), got shape {getattr(x, 'shape', None)}"
+        )
     if not min_std > 0:
         raise ValueError(f"min_std must be > 0, got {min_std}")
     count, mean, m2 = 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
@@ -254,5 +257,3 @@ def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     out = np.subtract(x, np.asarray(mean, np.float32), dtype=np.float32)
     out /= np.asarray(std, np.float32)
     return out
-
-

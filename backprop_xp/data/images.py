@@ -73,7 +73,9 @@ def fit_in_box(pixels: np.ndarray, box: int) -> np.ndarray:
     height, width = pixels.shape
     scale = box / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL wants (width, height)
-    resized = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F").resize(size, Image.Resampling.LANCZOS)
+    resized = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F").resize(
+        size, Image.Resampling.LANCZOS
+    )
     return np.clip(np.asarray(resized), 0.0, 1.0)  # Lanczos rings slightly past the range
 
 
