@@ -162,6 +162,12 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
     d = _defaults()
     many = (lambda parse: list_of(parse)) if lists else (lambda parse: parse)
     each = " (comma-separated list)" if lists else ""
+    _add_data_flags(p, d, lists)
+    _add_network_flags(p, d, many, each)
+
+
+def _add_data_flags(p: argparse.ArgumentParser, d: Any, lists: bool) -> None:
+    """Where the data comes from, how it is split and served, and where the arithmetic runs."""
     p.add_argument(
         "--dataset",
         type=choice_of(tuple(DATASETS)),
@@ -175,38 +181,6 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
         metavar="{" + ",".join(BACKENDS) + "}",
         help=f"numpy (CPU), cupy (CUDA GPU) or auto: cupy when usable (default: {d.backend})",
     )
-    p.add_argument("--hidden", type=many(positive_int), metavar="N", help=f"hidden units{each} (default: {d.hidden})")
-    p.add_argument(
-        "--activation",
-        type=many(choice_of(ACTIVATIONS)),
-        metavar="{" + ",".join(ACTIVATIONS) + "}",
-        help=f"{', '.join(ACTIVATIONS)}{each} (default: {d.activation})",
-    )
-    p.add_argument(
-        "--epochs", type=positive_int, metavar="N", help=f"passes over the training set (default: {d.epochs})"
-    )
-    p.add_argument(
-        "--batch-size", type=many(positive_int), metavar="B", help=f"images per step{each} (default: {d.batch_size})"
-    )
-    p.add_argument(
-        "--lr", type=many(positive_float), metavar="LR", help=f"learning rate, > 0{each} (default: {d.lr:g})"
-    )
-    p.add_argument(
-        "--momentum",
-        type=many(momentum_float),
-        metavar="M",
-        help=f"SGD momentum in [0, 1){each} (default: {d.momentum:g})",
-    )
-    p.add_argument(
-        "--weight-decay",
-        type=many(nonnegative_float),
-        metavar="WD",
-        help=f"L2 weight decay{each} (default: {d.weight_decay:g})",
-    )
-    p.add_argument(
-        "--lr-schedule", type=many(choice_of(tuple(SCHEDULES))), metavar="{" + ",".join(SCHEDULES) + "}",
-        help=f"constant; step: /10 after 1/2 and 3/4 of the epochs; cosine: half a cosine to 0{each} (default: {d.lr_schedule})",
-    )  # fmt: skip
     p.add_argument(
         "--val-size", type=count, metavar="N",
         help="hold out N training images (seeded) for validation, shown each epoch instead of test "
@@ -241,6 +215,42 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
         metavar="{" + ",".join(DTYPES) + "}",
         help=f"float32 or float64 (default: {d.dtype})",
     )
+
+
+def _add_network_flags(p: argparse.ArgumentParser, d: Any, many: Callable, each: str) -> None:
+    """The network and its optimisation: the settings a sweep takes lists of."""
+    p.add_argument("--hidden", type=many(positive_int), metavar="N", help=f"hidden units{each} (default: {d.hidden})")
+    p.add_argument(
+        "--activation",
+        type=many(choice_of(ACTIVATIONS)),
+        metavar="{" + ",".join(ACTIVATIONS) + "}",
+        help=f"{', '.join(ACTIVATIONS)}{each} (default: {d.activation})",
+    )
+    p.add_argument(
+        "--epochs", type=positive_int, metavar="N", help=f"passes over the training set (default: {d.epochs})"
+    )
+    p.add_argument(
+        "--batch-size", type=many(positive_int), metavar="B", help=f"images per step{each} (default: {d.batch_size})"
+    )
+    p.add_argument(
+        "--lr", type=many(positive_float), metavar="LR", help=f"learning rate, > 0{each} (default: {d.lr:g})"
+    )
+    p.add_argument(
+        "--momentum",
+        type=many(momentum_float),
+        metavar="M",
+        help=f"SGD momentum in [0, 1){each} (default: {d.momentum:g})",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=many(nonnegative_float),
+        metavar="WD",
+        help=f"L2 weight decay{each} (default: {d.weight_decay:g})",
+    )
+    p.add_argument(
+        "--lr-schedule", type=many(choice_of(tuple(SCHEDULES))), metavar="{" + ",".join(SCHEDULES) + "}",
+        help=f"constant; step: /10 after 1/2 and 3/4 of the epochs; cosine: half a cosine to 0{each} (default: {d.lr_schedule})",
+    )  # fmt: skip
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

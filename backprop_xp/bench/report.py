@@ -61,6 +61,10 @@ def _versions(result: dict[str, Any]) -> list[str]:
             f"- NumPy {cpu_info['numpy']}, BLAS {cpu_info['blas']} ({kernel} kernels, {cpu_info.get('blas_threading') or '?'}, "
             f"{cpu_info.get('blas_threads') or '?'} threads), Python {cpu_info['python']}"
         )
+    step = engines.get("numpy", {}).get("cpu_step")
+    if step:
+        how = f"fused Numba {step.get('numba')} loops" if step.get("enabled") else "the plain NumPy path"
+        lines.append(f"- our CPU step: {how} (backprop_xp.fused_cpu; BACKPROP_XP_FAST=0 turns it off)")
     torch_info = next((e for e in engines.values() if "torch" in e), None)
     if torch_info:
         lines.append(

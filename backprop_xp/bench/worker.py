@@ -152,6 +152,10 @@ def _engine_info(engine: str, threads: int) -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "numpy": np.__version__, "backprop_xp": __version__}
     if engine in ("numpy", "sklearn"):
         info.update(_blas_info())
+    if engine == "numpy":
+        from .. import fused_cpu
+
+        info["cpu_step"] = fused_cpu.info()  # the [fast] extra's fused loops, or the plain NumPy path
     if engine == "sklearn":
         import sklearn
 
