@@ -74,6 +74,8 @@ from .cublas import Blas
 
 # Graphs per batch size, one per input buffer: Minibatches alternates two.
 GRAPHS_PER_SIZE = 2
+# cudaDevAttrMaxSharedMemoryPerBlockOptin: the shared memory a block may opt in to (227 KiB on an H100)
+SHARED_MEMORY_OPT_IN = 97
 
 
 def set_tf32(enabled: bool) -> None:
@@ -172,9 +174,7 @@ class GpuStep:
         self.mode = "graphs" if graphs else "eager"
         self._fused_choice = fused
         runtime = cupy.cuda.runtime
-        self._shared_limit = runtime.deviceGetAttribute(
-            97, runtime.getDevice()
-        )  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+        self._shared_limit = runtime.deviceGetAttribute(SHARED_MEMORY_OPT_IN, runtime.getDevice())
         self.capture_error: str | None = None
         self.n_captures = self.n_replays = 0
         self.blas = Blas(cupy, tf32=tf32)
