@@ -90,9 +90,8 @@ class SGD:
         if self.weight_decay:
             g += xp.multiply(w, self.weight_decay, dtype=w.dtype, out=scratch)  # g ← ∂L/∂w + λ w
         if self.velocity is not None:
-            xp.multiply(
-                self.velocity, self.momentum, dtype=w.dtype, out=self.velocity
-            )  # a float64 μ must not widen the pass
+            # dtype=: a float64 μ must not widen the pass
+            xp.multiply(self.velocity, self.momentum, dtype=w.dtype, out=self.velocity)
             self.velocity += g  # v ← μ v + g
             g = self.velocity
         sgd_update(w, g, self.lr, scratch=scratch)  # w ← w − η v

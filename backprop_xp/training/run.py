@@ -445,10 +445,8 @@ class EpochLoop:
             why, bad_step = divergence(row, first_loss, self.data.n_classes, self.data.chance), None
         if why is None:
             return
-        lr, epoch = (
-            self.optimizer.lr,
-            row["epoch"],
-        )  # this epoch's parameters are not checkpointed: the last good ones stay
+        # this epoch's parameters are not checkpointed: the last good ones stay
+        lr, epoch = self.optimizer.lr, row["epoch"]
         self.metrics["status"] = "diverged"
         self.metrics["diverged"] = {"epoch": epoch, "step": bad_step, "lr": lr, "reason": why}
         write_metrics(self.out, self.metrics)
