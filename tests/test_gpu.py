@@ -64,51 +64,6 @@ def random_logits(rng, batch, n_classes, dtype, spread=5.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", [1, 37, 300])
-def test_softmax_cross_entropy_fused_matches_numpy(cupy, dtype, batch):
-    rng = np.random.default_rng(batch)
-    z = random_logits(rng, batch, 10, dtype)
-    y = rng.integers(0, 10, batch)
-    expected_d = np.empty_like(z)
-    expected_loss = k.softmax_cross_entropy_(z, y, out=expected_d)
-    z_dev = cupy.asarray(z)
-    d_dev = cupy.empty_like(z_dev)
-    loss = kc.softmax_cross_entropy_fused(z_dev, cupy.asarray(y), out=d_dev)
-    assert isinstance(loss, cupy.ndarray) and loss.shape == ()  # stays on the device
-    close(loss, expected_loss, dtype)
-    close(d_dev, expected_d, dtype)
-    np.testing.assert_array_equal(z_dev.get(), z)  # logits untouched when out is another array
-
-
-def test_softmax_fused_in_place_and_other_class_counts(cupy):
-    rng = np.random.default_rng(1)
-    z = random_logits(rng, 20, 3, "float32")
-    y = rng.integers(0, 3, 20)
-    expected_d = np.empty_like(z)
-    expected_loss = k.softmax_cross_entropy_(z, y, out=expected_d)
-    z_dev = cupy.asarray(z)
-    loss = kc.softmax_cross_entropy_fused(z_dev, cupy.asarray(y), out=z_dev)
-    close(loss, expected_loss, "float32")
-    close(z_dev, expected_d, "float32")
-
-
-def test_softmax_fused_bad_label_gives_nan_not_a_wild_read(cupy):
-    """The kernel never indexes with a bad label: that row (and the mean) become NaN, other rows are exact."""
-    rng = np.random.default_rng(2)
-    z = random_logits(rng, 6, 10, "float32")
-    y = np.array([1, -1, 10, 2**40, 3, 9])
-    d_dev = cupy.empty((6, 10), cupy.float32)
-    loss = kc.softmax_cross_entropy_fused(cupy.asarray(z), cupy.asarray(y), out=d_dev)
-    d = d_dev.get()
-    assert np.isnan(float(loss))
-    assert np.isnan(d[1:4]).all()
-    good = [0, 4, 5]
-    expected_d = np.empty((3, 10), np.float32)
-    k.softmax_cross_entropy_(z[good], y[good], out=expected_d)
-    close(d[good] * 6 / 3, expected_d, "float32")  # the kernel divides by the full batch of 6, the reference by 3
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_public_softmax_cross_entropy_cupy_equals_numpy(cupy, dtype):
     rng = np.random.default_rng(3)
     z = random_logits(rng, 50, 10, dtype)

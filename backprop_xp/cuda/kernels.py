@@ -3,8 +3,6 @@
 Each kernel does in one launch what ``kernels.py``/``model.py``/``optim.py``
 do in several whole-array operations:
 
-* ``softmax_cross_entropy_fused``: the loss terms and the whole gradient row
-  ``(softmax(z) − onehot(y)) / B`` (public, used by ``kernels.softmax_cross_entropy``);
 * ``bias_activation_``: ``a1 = f(z1 + b1)`` in the forward pass;
 * ``activation_backward_``: ``δ1 ⊙= f'(z1)``, the derivative folded into ``δ1``;
 * ``output_layer_step``: the training step's whole output layer and the
@@ -102,17 +100,6 @@ __device__ T xent_row(const T* z, const T* bias, long long label, int n_classes,
 
 # ---- ElementwiseKernel bodies: (in_params, out_params, body, preamble, options)
 # ``i`` is the element index CuPy provides.
-
-# One thread per row: the row is only K (=10) numbers, so a thread keeps it in
-# registers/L1 and a block-per-row layout would leave 90% of every warp idle.
-# The output array that sets the launch size is ``row_loss`` (one per row).
-SOFTMAX_XENT = (
-    "raw T logits, int64 label, int32 n_classes, T inv_batch",
-    "raw T dlogits, T row_loss",
-    "int correct; row_loss = xent_row<T>(&logits[i * n_classes], (const T*)0, label, n_classes, inv_batch,"
-    " &dlogits[i * n_classes], &correct);",
-    XENT_ROW_SOURCE,
-)
 
 # a = f(z + b), in place on the (B, H) buffer that holds z = x W1ᵀ.
 BIAS_ACTIVATION = ("raw T bias, int32 n_cols", "T a", "a = act_forward<T>(a + bias[i % n_cols]);")
@@ -435,7 +422,6 @@ class ElementwiseSpec(NamedTuple):
 def elementwise_specs() -> list[ElementwiseSpec]:
     """Every ElementwiseKernel this module builds, one per activation where it depends on one."""
     specs = [
-        ElementwiseSpec("softmax_xent_rows", *SOFTMAX_XENT, (), ("n_classes", "inv_batch")),
         ElementwiseSpec("sgd_momentum", *SGD_MOMENTUM, "", EXACT_OPTIONS),
         ElementwiseSpec("sgd_plain", *SGD_PLAIN, "", EXACT_OPTIONS),
     ]
@@ -467,31 +453,6 @@ def _xent_step_kernel(dtype_name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- CuPy wrappers
-
-
-def softmax_cross_entropy_fused(logits: Any, labels: Any, out: Any) -> Any:
-    """Mean softmax cross-entropy of ``logits`` (CuPy, (B, K)) and its gradient, in one kernel launch.
-
-    Writes ``(softmax(logits) − onehot(labels)) / B`` into ``out`` (same shape
-    and dtype, any layout; may be ``logits`` itself) and returns the mean loss as a
-    0-d device array. ``labels`` must be int64 of shape (B,); a label outside
-    ``[0, K)`` gives NaN for that row (and so for the loss) instead of a read
-    out of bounds. The NumPy twin is ``kernels.softmax_cross_entropy_``.
-    """
-    import cupy
-
-    batch, n_classes = logits.shape
-    if out.shape != logits.shape or out.dtype != logits.dtype:
-        raise ValueError(f"out must be a {logits.dtype} array of shape {logits.shape}, got {out.dtype} {out.shape}")
-    # The kernel walks rows as contiguous K-element runs; other layouts go through a copy.
-    rows_in = cupy.ascontiguousarray(logits)
-    rows_out = out if out.flags.c_contiguous else cupy.empty(logits.shape, logits.dtype)
-    row_loss = cupy.empty(batch, logits.dtype)
-    inv_batch = logits.dtype.type(1.0 / batch)
-    _elementwise("softmax_xent_rows")(rows_in, labels, np.int32(n_classes), inv_batch, rows_out, row_loss)
-    if rows_out is not out:
-        out[...] = rows_out
-    return row_loss.mean()
 
 
 def bias_activation_(z: Any, bias: Any, activation: str) -> Any:
