@@ -178,3 +178,93 @@ def test_the_switch():
         assert fused_cpu.active(np)
     finally:
         fused_cpu.set_enabled(previous)
+
+
+def _numpy_step(m: bx.MLP, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """``backprop`` on the plain NumPy path: every array the fused output layer writes."""
+    previous = fused_cpu.set_enabled(False)
+    try:
+        loss, n_correct = m.backprop(x, y)
+    finally:
+        fused_cpu.set_enabled(previous)
+    ws = m._workspaces(x.shape[0])
+    out = {name: getattr(ws, name).copy() for name in ("a1", "z2", "delta2", "delta1")}
+    out.update({name: m.grads[name].copy() for name in ("W2", "b2", "b1", "W1")})
+    out.update(loss=np.asarray(loss), n_correct=np.asarray(n_correct))
+    return out
+
+
+def _fused_step(m: bx.MLP, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    previous = fused_cpu.set_enabled(True)
+    try:
+        ws = m._workspaces(x.shape[0])
+        for name in ("z2", "delta2", "delta1"):  # stale values must not leak into the result
+            getattr(ws, name)[...] = np.nan
+        m.grads["W2"][...] = np.nan
+        loss, n_correct = m.backprop(x, y)
+    finally:
+        fused_cpu.set_enabled(previous)
+    out = {name: getattr(ws, name).copy() for name in ("a1", "z2", "delta2", "delta1")}
+    out.update({name: m.grads[name].copy() for name in ("W2", "b2", "b1", "W1")})
+    out.update(loss=np.asarray(loss), n_correct=np.asarray(n_correct))
+    return out
+
+
+# (batch, hidden, classes): one row, a partial row block, blocks of eight, hidden sizes
+# that are not a multiple of the vector width, and the widest output layer the GPU kernel takes.
+RELU_SHAPES = [(1, 1, 2), (5, 33, 10), (8, 17, 3), (19, 300, 10), (130, 70, 32)]
+
+
+@pytest.mark.parametrize(("batch", "hidden", "classes"), RELU_SHAPES)
+def test_relu_output_layer_is_as_accurate_as_the_blas_path(batch, hidden, classes):
+    """float32: each array the fused loop writes is as close to the float64 truth as the NumPy path's.
+
+    The truth is the NumPy path in float64 from the same float32 parameters and
+    inputs. Both float32 paths round differently (the BLAS and LLVM order their
+    sums differently), so the stated tolerance is relative to the NumPy path's
+    own error: at most 4 times it, or 4 eps of the array's largest entry.
+    """
+    rng = np.random.default_rng(batch * hidden)
+    x = rng.random((batch, 24), dtype=np.float32)
+    y = rng.integers(0, classes, size=batch)
+    m32 = bx.MLP(24, hidden, classes, seed=batch)
+    m32.params["b1"][...] = rng.normal(size=hidden) * 0.1
+    m32.params["b2"][...] = rng.normal(size=classes)
+    m64 = bx.MLP(24, hidden, classes, dtype="float64")
+    for name, value in m32.params.items():
+        m64.params[name][...] = value
+    truth = _numpy_step(m64, x.astype(np.float64), y)
+    plain = _numpy_step(m32, x, y)
+    fused = _fused_step(m32, x, y)
+    eps = np.finfo(np.float32).eps
+    assert fused["n_correct"] == plain["n_correct"] == truth["n_correct"]
+    assert identical(fused["a1"], plain["a1"]), "a1 = relu(x W1ᵀ + b1) involves no sum of the kernel's own"
+    for name in ("z2", "delta2", "delta1", "W2", "b2", "b1", "W1", "loss"):
+        assert fused[name].dtype == np.float32, name
+        fused_error = np.abs(fused[name] - truth[name]).max()
+        plain_error = np.abs(plain[name] - truth[name]).max()
+        allowed = 4 * max(plain_error, eps * np.abs(truth[name]).max())
+        assert fused_error <= allowed, f"{name}: error {fused_error:.3g}, NumPy path's {plain_error:.3g}"
+
+
+@pytest.mark.parametrize(("batch", "hidden", "classes"), RELU_SHAPES)
+def test_relu_output_layer_in_float64_agrees_with_the_numpy_path(batch, hidden, classes):
+    rng = np.random.default_rng(hidden)
+    x = rng.random((batch, 24))
+    y = rng.integers(0, classes, size=batch)
+    m = bx.MLP(24, hidden, classes, dtype="float64", seed=1)
+    plain, fused = _numpy_step(m, x, y), _fused_step(m, x, y)
+    for name, want in plain.items():
+        assert fused[name].dtype == want.dtype, name
+        np.testing.assert_allclose(
+            fused[name], want, rtol=0, atol=64 * np.finfo(np.float64).eps * max(1, np.abs(want).max())
+        )
+
+
+def test_relu_output_layer_counts_ties_like_argmax():
+    m = bx.MLP(4, 3, 10)
+    m.params["W2"][...] = 0  # z2 = b2 in every row
+    m.params["b2"][...] = [0, 0, 3, 0, 0, 3, 0, 0, 0, 0]  # a tie: argmax takes the first
+    x = np.ones((2, 4), np.float32)
+    assert int(_fused_step(m, x, np.array([2, 5]))["n_correct"]) == 1
+    assert int(_fused_step(m, x, np.array([2, 2]))["n_correct"]) == 2
