@@ -29,11 +29,19 @@ def cells(row: dict[str, Any]) -> tuple[str, ...]:
         row["engine"],
         f"{row['samples_per_s']:,.0f}",
         f"{1000 * row['median_s']:,.1f} ({1000 * row['min_s']:,.1f}-{1000 * row['max_s']:,.1f})",
-        "-" if ratio is None else f"{ratio:.2f}x {row['torch_reference']}",
+        "-" if ratio is None else f"{ratio:.2f}x {row['torch_reference']}" + _spread(row),
         "-" if row["test_accuracy"] is None else f"{100 * row['test_accuracy']:.2f}%",
         f"{100 * row['fraction_of_bound']:.0f}%",
         "-" if row["first_epoch_s"] is None else f"{row['first_epoch_s']:.2f} s",
     )
+
+
+def _spread(row: dict[str, Any]) -> str:
+    """`` (min-max)`` of the per-round ratios, where there are several rounds and the row is not the reference."""
+    low, high = row.get("ratio_min"), row.get("ratio_max")
+    if low is None or row["engine"] == row["torch_reference"] or row.get("rounds", 1) < 2:
+        return ""
+    return f" ({low:.2f}-{high:.2f})"
 
 
 def table(result: dict[str, Any]) -> str:
@@ -63,7 +71,12 @@ def _versions(result: dict[str, Any]) -> list[str]:
         )
     step = engines.get("numpy", {}).get("cpu_step")
     if step:
-        how = f"fused Numba {step.get('numba')} loops" if step.get("enabled") else "the plain NumPy path"
+        how = (
+            f"fused Numba {step.get('numba')} loops, {step.get('threads')} thread(s) for the parallel ones "
+            f"({step.get('threading_layer')} layer)"
+            if step.get("enabled")
+            else "the plain NumPy path"
+        )
         lines.append(f"- our CPU step: {how} (backprop_xp.fused_cpu; BACKPROP_XP_FAST=0 turns it off)")
     torch_info = next((e for e in engines.values() if "torch" in e), None)
     if torch_info:
@@ -102,7 +115,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- data: {data}",
         f"- 784-H-10, ReLU, softmax cross-entropy, SGD lr {s['lr']:g} momentum {s['momentum']:g}, float32; one first "
         f"epoch, then up to {s['epochs']} timed rounds, engines interleaved; every number is the median over the rounds",
-        "- vs fastest PyTorch: samples/s over those of the fastest PyTorch engine on the same device and shape",
+        "- vs fastest PyTorch: samples/s over those of the fastest PyTorch engine on the same device and shape "
+        "(in brackets: the lowest and highest ratio of a single round)",
         "- of GEMM bound: time of the step's five matrix products alone (same shapes, the engine's own BLAS) over the epoch's time",
         "- test accuracy: on the 10,000 test images after all the epochs trained (first epoch included)",
         "",

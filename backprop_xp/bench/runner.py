@@ -311,6 +311,9 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     fastest PyTorch engine on the same device at the same shape (1.0 for that
     engine itself; None where no PyTorch engine ran on that device);
     ``fraction_of_bound`` is the median bound time over the median time.
+    ``ratio_min`` and ``ratio_max`` are the spread of the same ratio round by
+    round (each round's time of that PyTorch engine over this engine's time in
+    the same round), so a reader sees how far a noisy machine moved it.
     """
     groups: dict[tuple, list[dict]] = {}
     for m in result["rounds"]:
@@ -356,4 +359,17 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
         fastest = max(torch_rows, key=lambda r: r["samples_per_s"], default=None)
         row["torch_reference"] = fastest["engine"] if fastest else None
         row["ratio_to_torch"] = row["samples_per_s"] / fastest["samples_per_s"] if fastest else None
+        spread = _round_ratios(groups, row, fastest)
+        row["ratio_min"], row["ratio_max"] = (min(spread), max(spread)) if spread else (None, None)
     return rows
+
+
+def _round_ratios(
+    groups: dict[tuple, list[dict]], row: dict[str, Any], reference: dict[str, Any] | None
+) -> list[float]:
+    """The reference engine's time over this row's, in each round both timed."""
+    if reference is None:
+        return []
+    shape = (row["hidden"], row["batch"], row["workload"])
+    theirs = {m["round"]: m["seconds"] for m in groups[(*shape, reference["engine"])]}
+    return [theirs[m["round"]] / m["seconds"] for m in groups[(*shape, row["engine"])] if m["round"] in theirs]
