@@ -13,7 +13,10 @@ and, by the chain rule::
 
 ``MLP.backprop`` is exactly these lines, written against the array module
 ``xp`` (NumPy or CuPy) into buffers allocated once per batch size, so the
-training loop allocates nothing large per step.
+training loop allocates nothing large per step. On the CPU with the ``[fast]``
+extra and ReLU, the lines between ``x W1ᵀ`` and ``δ1ᵀ x`` run as one compiled
+loop instead (``fused_cpu.relu_output_layer_``, the same formulas, checked
+against these lines by ``tests/test_fused_cpu.py``).
 """
 
 from __future__ import annotations
