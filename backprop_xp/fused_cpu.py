@@ -117,8 +117,8 @@ def info() -> dict[str, Any]:
         out["threads"] = threads()
         try:
             out["threading_layer"] = numba.threading_layer()
-        except ValueError:  # no parallel kernel has run yet
-            out["threading_layer"] = numba.config.THREADING_LAYER
+        except ValueError:  # no parallel kernel has run yet: the layer the first one will use
+            out["threading_layer"] = os.environ.get("NUMBA_THREADING_LAYER", "workqueue")
     return out
 
 
