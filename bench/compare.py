@@ -222,8 +222,8 @@ def _rows(bench: dict) -> list[dict]:
                 "gemm_bound_samples_per_s": n / float(np.median(gemm)),
                 "fraction_of_gemm_bound": float(np.median(gemm)) / float(np.median(t_ours)),
                 "fraction_of_gemm_bound_best": float(np.min(gemm)) / float(np.min(t_ours)),
-                # The ratio ours would have if its step took exactly the five products' time:
-                # the ceiling of what work around the matrix products can win.
+                # The ratio ours would have if its step took exactly the five products' time.
+                # Not a hard ceiling: the fused CPU loop does the three small products itself.
                 "ratio_at_bound": float(np.median(t_torch)) / float(np.median(gemm)),
                 "ours_seconds": [round(t, 5) for t in t_ours.tolist()],
                 "torch_seconds": [round(t, 5) for t in t_torch.tolist()],
@@ -261,14 +261,14 @@ def _targets(rows):
                 "hidden": hidden,
                 "batch": batch,
                 "min_ratio": min_ratio,
-                "ratio": round(row["ratio"], 3),
+                "ratio": row["ratio"],
                 "min_fraction_of_gemm_bound": min_fraction,
-                "fraction_of_gemm_bound": round(row["fraction_of_gemm_bound"], 3),
+                "fraction_of_gemm_bound": row["fraction_of_gemm_bound"],
                 "met": bool(met),
-                "ratio_best": round(row["ratio_best"], 3),
-                "fraction_of_gemm_bound_best": round(row["fraction_of_gemm_bound_best"], 3),
+                "ratio_best": row["ratio_best"],
+                "fraction_of_gemm_bound_best": row["fraction_of_gemm_bound_best"],
                 "met_best": bool(met_best),
-                "ratio_at_bound": round(row["ratio_at_bound"], 3),
+                "ratio_at_bound": row["ratio_at_bound"],
             }
         )
     return found
@@ -276,11 +276,11 @@ def _targets(rows):
 
 def _format_target(t) -> str:
     want = f">= {t['min_ratio']}x PyTorch"
-    got = f"{t['ratio']:.2f}x"
+    got = f"{t['ratio']:.3f}x"  # three decimals: 1.797x is not 1.8x
     if t["min_fraction_of_gemm_bound"] is not None:
         want += f" and >= {t['min_fraction_of_gemm_bound']:.0%} of the GEMM bound"
         got += f", {t['fraction_of_gemm_bound']:.0%}"
-    best = f"{t['ratio_best']:.2f}x"
+    best = f"{t['ratio_best']:.3f}x"
     if t["min_fraction_of_gemm_bound"] is not None:
         best += f", {t['fraction_of_gemm_bound_best']:.0%}"
     return (
@@ -347,7 +347,8 @@ def _markdown(result) -> str:
         "- best = the fastest round of each side against each other (and against the fastest bound): "
         "what each does when nothing else on the machine gets in its way",
         "- ratio at bound = PyTorch's time / the GEMM bound's (medians): the ratio ours would reach if its step "
-        "cost no more than its five matrix products, the ceiling for any work around them",
+        "cost as much as its five matrix products alone (not a hard ceiling: the fused CPU loop does the three "
+        "small ones itself, so a step can beat the bound)",
         "- clock: "
         + (
             "wall time"
