@@ -293,7 +293,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
     if args.resume:
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
-            raise UserError(f"--out {args.out} and --resume {args.resume} differ: a resumed run stays in its folder")
+            message = f"--out {args.out} and --resume {args.resume} differ: a resumed run stays in its folder"
+            print(f"backprop-xp: error: {message}", file=sys.stderr)
+            return 2
         saved, _ = read_checkpoint(args.resume)
         config = dataclasses.replace(saved, **given)  # train() refuses changed math settings, naming them
         out = args.resume

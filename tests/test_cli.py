@@ -213,12 +213,12 @@ def test_a_truncated_model_file_is_a_one_line_error(trained, tmp_path, capsys):
 
 
 def test_resume_through_the_command_line(trained, mnist_dir, tmp_path, capsys):
-    # Changed settings are refused, naming them; a finished run resumes to itself.
-    assert main(["train", "--resume", str(trained), "--lr", "0.5"]) == 1
+    # Changed settings are refused, naming them, as bad arguments (exit 2); a finished run resumes to itself.
+    assert main(["train", "--resume", str(trained), "--lr", "0.5"]) == 2
     assert "different settings: lr 0.5 (the run has 0.1)" in capsys.readouterr().err
-    assert main(["train", *QUICK, "--data-dir", str(mnist_dir), "--out", str(trained), "--quiet"]) == 1
+    assert main(["train", *QUICK, "--data-dir", str(mnist_dir), "--out", str(trained), "--quiet"]) == 2
     assert f"resume it with --resume {trained}" in capsys.readouterr().err
-    assert main(["train", "--resume", str(trained), "--out", str(tmp_path)]) == 1
+    assert main(["train", "--resume", str(trained), "--out", str(tmp_path)]) == 2
     assert "a resumed run stays in its folder" in capsys.readouterr().err
 
 

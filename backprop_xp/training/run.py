@@ -195,7 +195,9 @@ def train(
         The loss became NaN or infinite or exploded (metrics.json then says
         so, and the last good checkpoint is kept).
     SettingError
-        A setting that cannot work with this data (a batch larger than the training set, say).
+        A setting that cannot work with this data (a batch larger than the
+        training set, say), an ``out`` that already holds a run (without
+        ``resume``), or a resume with a changed setting.
     KeyboardInterrupt
         Passed on after metrics.json says "interrupted".
     """
@@ -242,7 +244,7 @@ def open_run_folder(config: TrainConfig, out: Path, resume: bool) -> tuple[Train
     """
     if not resume:
         if (out / CHECKPOINT).exists():
-            raise ValueError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
+            raise SettingError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
         make_out_dir(out)
         return None
     saved, metrics = read_checkpoint(out)
@@ -252,7 +254,7 @@ def open_run_folder(config: TrainConfig, out: Path, resume: bool) -> tuple[Train
         if name != "epochs" and getattr(config, name) != getattr(saved, name)
     ]
     if conflicts:
-        raise ValueError(f"cannot resume {out}: different settings: {'; '.join(conflicts)}")
+        raise SettingError(f"cannot resume {out}: different settings: {'; '.join(conflicts)}")
     done_before = len(metrics["epochs"])
     if config.epochs < done_before:
         raise SettingError(f"cannot resume {out} with --epochs {config.epochs}: it has already done {done_before}")
