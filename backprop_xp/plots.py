@@ -102,12 +102,16 @@ def _plain_numbers(axis) -> None:
     axis.set_minor_formatter(FuncFormatter(one_two_five))
 
 
-def training_curves(rows: Sequence[dict], path: str | os.PathLike, *, title: str | None = None) -> None:
+def training_curves(
+    rows: Sequence[dict], path: str | os.PathLike, *, title: str | None = None, final: dict | None = None
+) -> None:
     """Loss and accuracy against epoch, train and test (and validation if present), side by side.
 
     ``rows`` are the ``epochs`` of a run's ``metrics.json``. The best epoch is
     marked on the validation curve only: picking an epoch by test accuracy
-    would be choosing on the test set.
+    would be choosing on the test set. ``final`` (the run's ``final`` entry)
+    puts the test accuracy of the model kept in the title; with ``--keep-best``
+    that is an earlier epoch's model, not the last epoch's.
     """
     plt = _pyplot()
     if not rows:
@@ -134,9 +138,13 @@ def training_curves(rows: Sequence[dict], path: str | os.PathLike, *, title: str
     else:
         ax_loss.set(ylabel="cross-entropy loss")
     ax_loss.set(xlabel="epoch", title="Loss")
-    ax_acc.set(
-        xlabel="epoch", ylabel="accuracy (%)", title=f"Accuracy (final test {100 * rows[-1]['test_accuracy']:.2f}%)"
-    )
+    kept = (final or {}).get("epoch_kept", rows[-1]["epoch"])
+    if final is not None and kept != rows[-1]["epoch"]:
+        accuracy_title = f"Accuracy (test {100 * final['test_accuracy']:.2f}% with the model of epoch {kept})"
+    else:
+        test = final["test_accuracy"] if final is not None else rows[-1]["test_accuracy"]
+        accuracy_title = f"Accuracy (final test {100 * test:.2f}%)"
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=accuracy_title)
     if "val_accuracy" in rows[0]:  # the best epoch as a legend entry: the legend finds a free corner
         best = max(rows, key=lambda row: (row["val_accuracy"], -row["epoch"]))
         ax_acc.plot(

@@ -90,3 +90,13 @@ def test_digits_are_drawn_white_on_black_like_mnist(drawn):
     plots.digit_grid(np.eye(1, 784), ["one pixel"], "unused.png")
     image = drawn[-1].axes[0].get_images()[0]
     assert image.get_cmap().name == "gray" and image.get_clim() == (0, 1)  # 0 black, 1 white
+
+
+def test_the_accuracy_title_names_the_model_kept(drawn):
+    """With --keep-best the test accuracy is that of an earlier epoch's model; the title must say so."""
+    plots.training_curves(ROWS, "unused.png")
+    assert drawn[-1].axes[1].get_title() == "Accuracy (final test 91.00%)"  # the last row's
+    plots.training_curves(ROWS, "unused.png", final={"epoch_kept": 2, "test_accuracy": 0.9})
+    assert drawn[-1].axes[1].get_title() == "Accuracy (test 90.00% with the model of epoch 2)"
+    plots.training_curves(ROWS, "unused.png", final={"epoch_kept": 3, "test_accuracy": 0.905})
+    assert drawn[-1].axes[1].get_title() == "Accuracy (final test 90.50%)"  # the run's own final score

@@ -138,7 +138,9 @@ def draw_run_pictures(out: Path, model: MLP, metrics: dict[str, Any], x_test: np
 
     proba = to_numpy(model.predict_proba(x_test))
     predicted = proba.argmax(axis=1)
-    plots.training_curves(metrics["epochs"], out / "curves.png", title=_run_title(metrics["config"], model))
+    plots.training_curves(
+        metrics["epochs"], out / "curves.png", title=_run_title(metrics["config"], model), final=metrics.get("final")
+    )
     accuracy = float((predicted == y_test).mean())
     counts = confusion_matrix(y_test, predicted, model.n_outputs)
     plots.confusion_plot(counts, out / "confusion.png", title=f"Test confusion matrix (accuracy {accuracy:.2%})")
