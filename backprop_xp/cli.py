@@ -10,11 +10,14 @@ and exit 1; a training run whose loss became NaN or infinite exits 3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -287,6 +290,29 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a job scheduler's stop, ``kill``) ends a run as Ctrl-C does.
+
+    Without it the process dies on the spot: metrics.json keeps saying
+    "running" and a file being written leaves its temporary beside it. As a
+    KeyboardInterrupt, the run records "interrupted" and the temporary is
+    removed; the last finished epoch is in the checkpoint either way.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import Diverged, default_out_dir, read_checkpoint, summary_line, train
 
@@ -308,10 +334,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 2
         out = args.out or default_out_dir(config)
     try:
-        metrics = train(
-            config, out, resume=bool(args.resume), echo=None if args.quiet else print,
-            progress=None if not args.quiet else False, verbose=args.verbose,
-        )  # fmt: skip
+        with _sigterm_as_interrupt():
+            metrics = train(
+                config, out, resume=bool(args.resume), echo=None if args.quiet else print,
+                progress=None if not args.quiet else False, verbose=args.verbose,
+            )  # fmt: skip
     except SettingError as exc:  # a setting that does not fit the data: a bad argument
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return 2

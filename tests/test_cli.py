@@ -281,7 +281,9 @@ def test_ctrl_c_mid_epoch_exits_130_and_resume_through_the_command_line_ends_exa
 
 
 @pytest.mark.slow
-def test_a_real_sigint_mid_epoch_exits_130_with_a_resumable_checkpoint(mnist_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_real_sigint_or_sigterm_mid_epoch_exits_130_with_a_resumable_checkpoint(mnist_dir, tmp_path, signum):
+    """Ctrl-C (SIGINT) and a scheduler's stop (SIGTERM) end a run alike: recorded, resumable, nothing half-written."""
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "backprop_xp", "train", "--hidden", "64", "--train-size", "20000", "--epochs", "6",
             "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir), "--out", str(out), "--quiet"]  # fmt: skip
@@ -291,7 +293,7 @@ def test_a_real_sigint_mid_epoch_exits_130_with_a_resumable_checkpoint(mnist_dir
         while not (out / "checkpoint.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before it could be interrupted"
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        proc.send_signal(signum)  # SIGINT is what Ctrl-C sends
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -307,6 +309,7 @@ def test_a_real_sigint_mid_epoch_exits_130_with_a_resumable_checkpoint(mnist_dir
     assert 1 <= done < 6
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary file left
     assert not (out / "model.npz").exists()
+    assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
 
 
 def test_train_size_larger_than_the_data_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
