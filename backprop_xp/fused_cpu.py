@@ -217,27 +217,9 @@ def _relu_output_layer(
                 for j in range(n_hidden):
                     s += a[j] * w[j]
                 z2[i, k] = s + b2[k]  # z2 = a1 W2ᵀ + b2
-        for i in range(start, stop):
-            # argmax z2 (the first maximum; the first NaN if any, as NumPy's argmax)
-            best = 0
-            top = z2[i, 0]
-            for k in range(1, n_classes):
-                zk = z2[i, k]
-                if top == top and (zk > top or zk != zk):
-                    top, best = zk, k
-            y = labels[i]
-            n_correct += best == y
-            # ŷ = softmax(z2), L_i = −log ŷ_y, δ2 = (ŷ − y) / B
-            total = delta2[i, 0] = np.exp(z2[i, 0] - top)
-            for k in range(1, n_classes):
-                e = np.exp(z2[i, k] - top)
-                delta2[i, k] = e
-                total += e
-            row_loss[i] = np.log(total) - (z2[i, y] - top)
-            total *= batch
-            for k in range(n_classes):
-                delta2[i, k] = delta2[i, k] / total
-            delta2[i, y] -= inv_batch
+        # argmax, ŷ = softmax(z2), L_i = −log ŷ_y and δ2 = (ŷ − y) / B of these rows: output_layer_'s own loop
+        rows = slice(start, stop)
+        n_correct += _output_rows(z2[rows], labels[rows], delta2[rows], row_loss[rows], inv_batch, batch)
         for k in range(n_classes):
             w = W2[k]
             g = gW2[k]
@@ -265,6 +247,7 @@ def _relu_output_layer(
 
 
 _prange = range  # numba.prange once Numba is imported (Numba reads globals when it compiles)
+_output_rows = _output_layer  # its compiled form once Numba is imported, called by the ReLU loop
 
 
 def _renamed(fn: Any, suffix: str) -> Any:
@@ -288,7 +271,7 @@ def _kernels() -> Any:
 
         import numba
 
-        global _prange
+        global _prange, _output_rows
         _prange = numba.prange
         if "NUMBA_THREADING_LAYER" not in os.environ:
             # Numba's own pool sleeps between launches. OpenMP's busy-waits, and
@@ -301,9 +284,10 @@ def _kernels() -> Any:
         for name, fn in (("bias_relu", _bias_relu), ("momentum", _momentum), ("plain", _plain)):
             setattr(k, name, numba.njit(parallel=True, **options)(fn))
             setattr(k, name + "_serial", numba.njit(**options)(_renamed(fn, "_serial")))
-        k.output_layer = numba.njit(**options)(_output_layer)
+        k.output_layer = _output_rows = numba.njit(**options)(_output_layer)
         # Its three small products sum over the hidden units in an order of
-        # LLVM's choosing (vector lanes, fused multiply-adds), as a BLAS does.
+        # LLVM's choosing (vector lanes, fused multiply-adds), as a BLAS does;
+        # the softmax rows it hands to output_layer keep that kernel's exact arithmetic.
         fast_sums = dict(options, fastmath={"reassoc", "contract"})
         k.relu_output_layer = numba.njit(**fast_sums)(_relu_output_layer)
         _state["kernels"] = k
