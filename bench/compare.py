@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _machine(bench: dict, threads: int, removed: list[str]) -> dict:
     """The machine keys of ``RESULTS.md``, from what the two workers reported."""
+    from backprop_xp.bench.report import cpu_step
+
     ours, theirs = bench["engines"]["numpy"], bench["engines"]["torch-cpu"]
     return {
         "cpu": bench["machine"]["cpu"],
@@ -170,21 +172,9 @@ def _machine(bench: dict, threads: int, removed: list[str]) -> dict:
         "torch_threads": theirs["torch_threads"],
         "torch_blas": theirs["torch_blas"],
         "train_loop": "backprop_xp.training.run_epoch + data.Minibatches + training.make_step (backprop_xp.bench engine numpy)",
-        "cpu_step": _cpu_step(ours.get("cpu_step")),
+        "cpu_step": cpu_step(ours["cpu_step"]) if ours.get("cpu_step") else "?",
         "openblas_env_removed": removed,
     }
-
-
-def _cpu_step(info: dict | None) -> str:
-    """Which CPU step ours ran: the fused Numba loops (with their thread count) or the plain NumPy path."""
-    if not info:
-        return "?"
-    if not info.get("enabled"):
-        return "the plain NumPy path (no Numba, or BACKPROP_XP_FAST=0)"
-    return (
-        f"fused Numba {info.get('numba')} loops (backprop_xp.fused_cpu), {info.get('threads')} thread(s) for "
-        f"the parallel ones ({info.get('threading_layer')} layer)"
-    )
 
 
 def _rows(bench: dict) -> list[dict]:

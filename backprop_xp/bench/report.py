@@ -59,6 +59,16 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cpu_step(info: dict[str, Any]) -> str:
+    """Which CPU step ours ran, from ``fused_cpu.info()``: the fused loops with their threads, or plain NumPy."""
+    if not info.get("enabled"):
+        return "the plain NumPy path (no Numba, or BACKPROP_XP_FAST=0)"
+    return (
+        f"fused Numba {info.get('numba')} loops (backprop_xp.fused_cpu; BACKPROP_XP_FAST=0 turns them off), "
+        f"{info.get('threads')} thread(s) for the parallel ones ({info.get('threading_layer')} layer)"
+    )
+
+
 def _versions(result: dict[str, Any]) -> list[str]:
     engines = result["engines"]
     lines = []
@@ -71,13 +81,7 @@ def _versions(result: dict[str, Any]) -> list[str]:
         )
     step = engines.get("numpy", {}).get("cpu_step")
     if step:
-        how = (
-            f"fused Numba {step.get('numba')} loops, {step.get('threads')} thread(s) for the parallel ones "
-            f"({step.get('threading_layer')} layer)"
-            if step.get("enabled")
-            else "the plain NumPy path"
-        )
-        lines.append(f"- our CPU step: {how} (backprop_xp.fused_cpu; BACKPROP_XP_FAST=0 turns it off)")
+        lines.append(f"- our CPU step: {cpu_step(step)}")
     torch_info = next((e for e in engines.values() if "torch" in e), None)
     if torch_info:
         lines.append(
