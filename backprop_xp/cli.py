@@ -10,14 +10,11 @@ and exit 1; a training run whose loss became NaN or infinite exits 3.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +23,7 @@ from . import __version__
 from .backend import BACKENDS, DTYPES, BackendError
 from .checks import AT_LEAST_0, AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Rule
 from .data import DATASETS
+from .files import signals_as_interrupts
 from .kernels import ACTIVATIONS
 from .training import DIVERGED_EXIT_CODE, SCHEDULES, SettingError, TrainConfig
 
@@ -290,29 +288,6 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a job scheduler's stop, ``kill``) ends a run as Ctrl-C does.
-
-    Without it the process dies on the spot: metrics.json keeps saying
-    "running" and a file being written leaves its temporary beside it. As a
-    KeyboardInterrupt, the run records "interrupted" and the temporary is
-    removed; the last finished epoch is in the checkpoint either way.
-    """
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import Diverged, default_out_dir, read_checkpoint, summary_line, train
 
@@ -334,11 +309,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 2
         out = args.out or default_out_dir(config)
     try:
-        with _sigterm_as_interrupt():
-            metrics = train(
-                config, out, resume=bool(args.resume), echo=None if args.quiet else print,
-                progress=None if not args.quiet else False, verbose=args.verbose,
-            )  # fmt: skip
+        metrics = train(
+            config, out, resume=bool(args.resume), echo=None if args.quiet else print,
+            progress=None if not args.quiet else False, verbose=args.verbose,
+        )  # fmt: skip
     except SettingError as exc:  # a setting that does not fit the data: a bad argument
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return 2
@@ -692,7 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.handler(args)
+        with signals_as_interrupts():  # SIGTERM ends every command as Ctrl-C does, and neither strands a temporary file
+            return args.handler(args)
     except (UserError, OSError, ValueError, BackendError) as exc:  # OSError: FileNotFoundError, a full disk...
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return 1

@@ -3,6 +3,12 @@
 ``os.replace`` is atomic on POSIX and Windows when both paths are on the same
 file system, which is why the temporary file lives in the target's folder. A
 crash or an exception mid-write leaves the old file (or none), never a torn one.
+
+A signal turned into KeyboardInterrupt (Ctrl-C, or SIGTERM under
+``signals_as_interrupts``) can land between any two bytecodes, so the few steps
+that create, rename or remove the temporary file hold it back until they are
+done: otherwise a signal just after the temporary is made leaves it behind.
+The writing itself stays interruptible at once.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -21,6 +29,63 @@ import numpy as np
 # must not happen while other threads may be creating files.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+class _Holds(threading.local):
+    """How deep the current thread is in held bookkeeping, and whether a signal waits for its end."""
+
+    depth = 0
+    pending = False
+
+
+_holds = _Holds()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """The handler ``signals_as_interrupts`` installs: KeyboardInterrupt now, or at the end of a held step."""
+    if _holds.depth:  # signal handlers run in the main thread, so this is the main thread's depth
+        _holds.pending = True
+        return
+    _holds.pending = False
+    raise KeyboardInterrupt
+
+
+class _held:
+    """A few steps that a signal (under ``signals_as_interrupts``) waits for; it is raised as they end."""
+
+    def __enter__(self) -> None:
+        _holds.depth += 1
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _holds.depth -= 1
+        if not _holds.depth and _holds.pending:
+            _holds.pending = False
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Within this block, SIGINT (Ctrl-C) and SIGTERM (``kill``, a job scheduler's stop) raise KeyboardInterrupt.
+
+    Unlike Python's own Ctrl-C handler, the KeyboardInterrupt never lands inside
+    ``atomic_write``'s bookkeeping, so no temporary file is left behind. SIGTERM
+    otherwise kills the process on the spot, with a file perhaps half-written
+    beside its target and a run's metrics.json still saying "running".
+    A signal that was set to something else (ignored, say) is left alone, and
+    outside the main thread (where no handler can be set) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    try:
+        for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(signum) is default:
+                previous[signum] = signal.signal(signum, _interrupt)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -38,23 +103,43 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
         raise ValueError(f"atomic_write writes whole files; mode {mode!r} is not supported")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    tmp = f = None
+    try:
+        with _held():  # from its creation the temporary is named in `tmp`, so the except below removes it
+            tmp = _temporary_beside(path, folder)
+            f = _open_temporary(tmp, mode, **open_kwargs)
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        with _held():
+            os.replace(tmp, path)
+            tmp = None
+    except BaseException:
+        with _held():
+            if f is not None:
+                f.close()
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        raise
+
+
+def _temporary_beside(path: str, folder: str) -> str:
+    """Create an empty hidden temporary file in ``folder`` (``.NAME.<random>.tmp``) and return its path."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     except FileNotFoundError as exc:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist") from None
         raise OSError(f"cannot write {path}: {_why(exc, path)}") from None
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); give it a plain open()'s mode
-        with os.fdopen(fd, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    os.close(fd)
+    return tmp
+
+
+def _open_temporary(tmp: str, mode: str, **open_kwargs: Any) -> IO:
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); give it a plain open()'s mode
+    return open(tmp, mode, **open_kwargs)
 
 
 def _nearest_folder(path: str) -> str:

@@ -14,13 +14,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
 import pytest
 
 from backprop_xp import MLP
-from backprop_xp.files import atomic_write
+from backprop_xp.files import atomic_write, signals_as_interrupts
 from backprop_xp.training import CHECKPOINT, METRICS_JSON, TrainConfig, train
 
 SMALL = dict(hidden=8, train_size=500, epochs=2, batch_size=100, backend="numpy")
@@ -140,3 +141,75 @@ def test_a_process_killed_mid_write_leaves_the_previous_file_whole(tmp_path, sig
     # remove it. It never replaces model.npz, and the next save writes a new one and renames it over.)
     MLP(784, 8, 10, seed=2).save(path)
     np.testing.assert_array_equal(MLP.load(path).params["W1"], MLP(784, 8, 10, seed=2).params["W1"])
+
+
+# --- a signal at the worst moment: just after the temporary file is made, or just as it is renamed
+# (the CI run that found this: SIGTERM right after checkpoint.npz left ".metrics.csv.<random>.tmp")
+
+SIGNALS = pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+
+
+def _then_signal(function, sig):
+    """``function``, followed at once by ``sig`` sent to this process (its handler runs on the next bytecode)."""
+
+    def wrapped(*args, **kwargs):
+        result = function(*args, **kwargs)
+        signal.raise_signal(sig)
+        return result
+
+    return wrapped
+
+
+@SIGNALS
+def test_a_signal_just_after_the_temporary_file_is_made_leaves_nothing_behind(tmp_path, monkeypatch, sig):
+    path = tmp_path / "metrics.csv"
+    path.write_text("old")
+    monkeypatch.setattr(tempfile, "mkstemp", _then_signal(tempfile.mkstemp, sig))
+    body_ran = False
+    with pytest.raises(KeyboardInterrupt), signals_as_interrupts():
+        with atomic_write(path) as f:
+            body_ran = True
+            f.write("new")
+    assert not body_ran  # the interrupt came as soon as the temporary was accounted for
+    assert path.read_text() == "old" and _hidden_files(tmp_path) == []
+
+
+@SIGNALS
+def test_a_signal_during_the_rename_lets_it_finish_then_interrupts(tmp_path, monkeypatch, sig):
+    path = tmp_path / "metrics.csv"
+    path.write_text("old")
+    monkeypatch.setattr(os, "replace", _then_signal(os.replace, sig))
+    with pytest.raises(KeyboardInterrupt), signals_as_interrupts():
+        with atomic_write(path) as f:
+            f.write("new")
+    assert path.read_text() == "new" and _hidden_files(tmp_path) == []
+
+
+@SIGNALS
+def test_a_signal_while_writing_interrupts_at_once_and_keeps_the_old_file(tmp_path, sig):
+    path = tmp_path / "metrics.csv"
+    path.write_text("old")
+    written = []
+    with pytest.raises(KeyboardInterrupt), signals_as_interrupts():
+        with atomic_write(path) as f:
+            for line in ("a", "b", "c"):
+                f.write(line)
+                written.append(line)
+                if line == "a":
+                    signal.raise_signal(sig)
+    assert written == ["a"]  # not held back to the end of the write: a long download stops when asked
+    assert path.read_text() == "old" and _hidden_files(tmp_path) == []
+
+
+def test_signals_as_interrupts_restores_the_handlers_and_leaves_an_ignored_signal_alone():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with signals_as_interrupts():
+            assert signal.getsignal(signal.SIGINT) is not before[0]
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # nohup-like: the user asked to ignore it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with signals_as_interrupts():
+        pass
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
