@@ -172,7 +172,8 @@ def test_the_budget_stops_further_rounds_after_the_first(tmp_path, mnist_dir):
     assert "Stopped early: budget" in (tmp_path / "bench.md").read_text()
 
 
-def test_ctrl_c_prints_the_table_of_the_rounds_so_far(tmp_path, mnist_dir):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_prints_the_table_of_the_rounds_so_far(tmp_path, mnist_dir, signum):
     command = [sys.executable, "-m", "backprop_xp", "bench", "--data-dir", str(mnist_dir), "--out", str(tmp_path),
                "--engines", "numpy", "--hidden", "16", "--batch-size", "64", "--train-size", "2000", "--epochs", "100000"]  # fmt: skip
     env = {
@@ -184,7 +185,7 @@ def test_ctrl_c_prints_the_table_of_the_rounds_so_far(tmp_path, mnist_dir):
         for line in process.stdout:
             if line.startswith("round 2/"):
                 break
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         rest, err = process.communicate(timeout=60)
     finally:
         process.kill()
@@ -195,3 +196,4 @@ def test_ctrl_c_prints_the_table_of_the_rounds_so_far(tmp_path, mnist_dir):
     assert row["rounds"] >= 2
     assert all(cell in rest for cell in report.cells(row)), rest  # the table, printed after Ctrl-C
     assert "stopped: interrupted" in rest
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left

@@ -430,6 +430,29 @@ def test_an_interrupted_run_says_so_in_its_metrics(mnist_dir, tmp_path, monkeypa
     assert f"continue with --resume {tmp_path}" in capsys.readouterr().err
 
 
+def test_a_run_interrupted_while_drawing_its_pictures_says_so_and_a_resume_finishes_it(
+    mnist_dir, tmp_path, monkeypatch, capsys
+):
+    import backprop_xp.training.run as train_module
+
+    real_draw = train_module.draw_run_pictures
+
+    def draw_then_interrupt(out, *args):
+        (out / "confusion.png").write_bytes(b"")  # a picture or two drawn, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "draw_run_pictures", draw_then_interrupt)
+    assert main(["train", *QUICK, "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--quiet"]) == 130
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and len(metrics["epochs"]) == 2  # all epochs trained, not "running"
+    assert f"continue with --resume {tmp_path}" in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "draw_run_pictures", real_draw)
+    assert main(["train", "--resume", str(tmp_path), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and len(metrics["epochs"]) == 2
+    assert (tmp_path / "confusion.png").stat().st_size > 1000 and (tmp_path / "curves.png").exists()
+
+
 def test_resume_works_from_another_folder_and_says_when_the_data_is_gone(mnist_dir, tmp_path, monkeypatch, capsys):
     import shutil
 

@@ -149,7 +149,7 @@ def run(
         result["complete"] = result["stopped"] is None
     except KeyboardInterrupt:
         interrupted = True
-        result["stopped"] = "interrupted (Ctrl-C): the rounds finished before it are kept"
+        result["stopped"] = "interrupted (Ctrl-C or SIGTERM): the rounds finished before it are kept"
     finally:
         for worker in workers.values():
             worker.close(now=interrupted)

@@ -222,17 +222,19 @@ def train(
     epochs = EpochLoop(config, out, model, optimizer, data, metrics, say, show_progress)
     try:
         stopped_early = epochs.run(epochs_done, last_epoch)
+        # --- the end: stopped (to be resumed), or finished with the model kept and the pictures
+        if last_epoch < config.epochs and stopped_early is None:
+            metrics["status"] = "stopped"
+            write_metrics(out, metrics)
+            say(f"stopped after epoch {last_epoch}; continue with --resume {out}")
+            return metrics
+        finish(config, out, epochs, stopped_early, pictures, started, say)
     except KeyboardInterrupt:
-        metrics["status"] = "interrupted"  # the epoch in progress is lost; the checkpoint has the ones before
+        # The epoch in progress is lost; the checkpoint has the ones before. Interrupted while
+        # finishing (the pictures, say), a --resume redoes the finish from the last checkpoint.
+        metrics["status"] = "interrupted"
         write_metrics(out, metrics)
         raise
-    # --- the end: stopped (to be resumed), or finished with the model kept and the pictures
-    if last_epoch < config.epochs and stopped_early is None:
-        metrics["status"] = "stopped"
-        write_metrics(out, metrics)
-        say(f"stopped after epoch {last_epoch}; continue with --resume {out}")
-        return metrics
-    finish(config, out, epochs, stopped_early, pictures, started, say)
     return metrics
 
 
