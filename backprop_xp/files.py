@@ -41,8 +41,11 @@ class _Holds(threading.local):
 _holds = _Holds()
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    """The handler ``signals_as_interrupts`` installs: KeyboardInterrupt now, or at the end of a held step."""
+def interrupt(signum: int, frame: Any) -> None:
+    """A signal handler: KeyboardInterrupt now, or, inside ``atomic_write``'s bookkeeping, as that ends.
+
+    ``signals_as_interrupts`` installs it for SIGINT and SIGTERM.
+    """
     if _holds.depth:  # signal handlers run in the main thread, so this is the main thread's depth
         _holds.pending = True
         return
@@ -81,7 +84,7 @@ def signals_as_interrupts() -> Iterator[None]:
     try:
         for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
             if signal.getsignal(signum) is default:
-                previous[signum] = signal.signal(signum, _interrupt)
+                previous[signum] = signal.signal(signum, interrupt)
         yield
     finally:
         for signum, handler in previous.items():

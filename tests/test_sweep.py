@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -230,3 +234,38 @@ def test_a_sweep_holds_out_a_validation_set_by_default(tmp_path, mnist_dir, caps
     assert metrics["config"]["val_size"] == 5000 and metrics["config"]["n_train"] == 1000
     assert "val_accuracy" in metrics["epochs"][0]
     assert "val accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", [False, True], ids=["sigterm-to-the-sweep", "sigterm-to-its-process-group"])
+def test_a_sigterm_stops_a_parallel_sweep_at_once_and_every_run_in_progress_records_interrupted(
+    tmp_path, mnist_dir, group
+):
+    """A SIGTERM to the sweep alone (``kill PID``) or to all its processes (a job scheduler's stop)."""
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "backprop_xp", "sweep", "--hidden", "32,48,64", "--epochs", "500", "--train-size", "3000",
+            "--val-size", "500", "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir), "--jobs", "2",
+            "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    started = [out / name / "checkpoint.npz" for name in ("h32-lr0.1-b100", "h48-lr0.1-b100")]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(p.exists() for p in started) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)  # without the fix: the 500 epochs of both runs first
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "backprop-xp: interrupted"
+    for checkpoint in started:
+        metrics = json.loads((checkpoint.parent / "metrics.json").read_text())
+        assert metrics["status"] == "interrupted" and 1 <= len(metrics["epochs"]) < 500
+    assert not (out / "h64-lr0.1-b100").exists()  # the third run, queued, never started
+    assert [str(p) for p in out.rglob(".*")] == []  # no temporary file anywhere

@@ -20,13 +20,14 @@ import io
 import itertools
 import multiprocessing
 import os
+import signal
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write, make_out_dir
+from ..files import atomic_write, interrupt, make_out_dir
 from .config import TrainConfig
 from .run import Diverged, train
 from .run_files import CHECKPOINT, load_metrics, read_checkpoint
@@ -290,6 +291,36 @@ def record_run(
     write_tables(out, list(summaries.values()), title=title)
 
 
+# --- a worker process of a parallel sweep, and how it stops
+_worker = {"running": False, "stopping": False}
+
+
+def _worker_start() -> None:
+    """Pool initializer: SIGINT and SIGTERM stop this worker's run in progress, and it starts no other."""
+    signal.signal(signal.SIGINT, _worker_stop)
+    signal.signal(signal.SIGTERM, _worker_stop)
+
+
+def _worker_stop(signum: int, frame: Any) -> None:
+    # Once only: the terminal's Ctrl-C and the sweep's SIGTERM both arrive, and the second must not
+    # cut short the first's bookkeeping (metrics.json saying "interrupted").
+    if _worker["stopping"]:
+        return
+    _worker["stopping"] = True
+    if _worker["running"]:  # between runs (waiting for the next) there is nothing to interrupt
+        interrupt(signum, frame)  # the run records "interrupted"; its checkpoint resumes it
+
+
+def _worker_run(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    if _worker["stopping"]:
+        raise KeyboardInterrupt  # a run already queued when the sweep was interrupted: not started
+    _worker["running"] = True
+    try:
+        return run_one(config, out_dir)
+    finally:
+        _worker["running"] = False
+
+
 def run_sweep(
     configs: list[dict[str, Any]],
     names: list[str],
@@ -315,13 +346,25 @@ def run_sweep(
             finished(run_one(config, str(out / name)))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with blas_threads(threads), ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_one, config, str(out / name)): (config, name) for config, name in todo}
-            for future in as_completed(futures):
-                config, name = futures[future]
-                try:
-                    summary = future.result()
-                except Exception as exc:  # the worker process itself died (killed, out of memory)
-                    summary = summarize(name, config, load_metrics(out / name), f"worker process failed: {exc}")
-                finished(summary)
+        context = multiprocessing.get_context("spawn")
+        others = set(multiprocessing.active_children())
+        with blas_threads(threads), ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start) as pool:
+            futures = {pool.submit(_worker_run, config, str(out / name)): (config, name) for config, name in todo}
+            workers = [p for p in multiprocessing.active_children() if p not in others]  # all started by now
+            try:
+                for future in as_completed(futures):
+                    config, name = futures[future]
+                    try:
+                        summary = future.result()
+                    except Exception as exc:  # the worker process itself died (killed, out of memory)
+                        summary = summarize(name, config, load_metrics(out / name), f"worker process failed: {exc}")
+                    finished(summary)
+            except KeyboardInterrupt:
+                # Ctrl-C in a terminal reaches the workers too; a SIGTERM to this process alone does not,
+                # and leaving the pool would otherwise wait for every run in progress to end.
+                pool.shutdown(wait=False, cancel_futures=True)
+                for worker in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGTERM)
+                raise
     return [summaries[name] for name in names if name in summaries]
