@@ -349,9 +349,8 @@ def run_sweep(
         context = multiprocessing.get_context("spawn")
         others = set(multiprocessing.active_children())
         with blas_threads(threads), ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start) as pool:
-            futures = {pool.submit(_worker_run, config, str(out / name)): (config, name) for config, name in todo}
-            workers = [p for p in multiprocessing.active_children() if p not in others]  # all started by now
             try:
+                futures = {pool.submit(_worker_run, config, str(out / name)): (config, name) for config, name in todo}
                 for future in as_completed(futures):
                     config, name = futures[future]
                     try:
@@ -363,7 +362,7 @@ def run_sweep(
                 # Ctrl-C in a terminal reaches the workers too; a SIGTERM to this process alone does not,
                 # and leaving the pool would otherwise wait for every run in progress to end.
                 pool.shutdown(wait=False, cancel_futures=True)
-                for worker in workers:
+                for worker in set(multiprocessing.active_children()) - others:  # the pool's
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(worker.pid, signal.SIGTERM)
                 raise
