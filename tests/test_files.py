@@ -20,7 +20,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from backprop_xp import MLP
+from backprop_xp import MLP, files
 from backprop_xp.files import atomic_write, signals_as_interrupts
 from backprop_xp.training import CHECKPOINT, METRICS_JSON, TrainConfig, train
 
@@ -101,7 +101,7 @@ _WRITER = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from backprop_xp import MLP
+    from backprop_xp import MLP, files
 
     def stalled_savez(f, **arrays):
         f.write(b"PK\\x03\\x04 half of a zip")
@@ -147,6 +147,15 @@ def test_a_process_killed_mid_write_leaves_the_previous_file_whole(tmp_path, sig
 # (the CI run that found this: SIGTERM right after checkpoint.npz left ".metrics.csv.<random>.tmp")
 
 SIGNALS = pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+
+
+@pytest.fixture(autouse=True)
+def python_default_handlers():
+    """Python's own handlers, as in a terminal, even where the test runner was started with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGINT, previous[0])
+    signal.signal(signal.SIGTERM, previous[1])
 
 
 def _then_signal(function, sig):
@@ -202,14 +211,14 @@ def test_a_signal_while_writing_interrupts_at_once_and_keeps_the_old_file(tmp_pa
 
 
 def test_signals_as_interrupts_restores_the_handlers_and_leaves_an_ignored_signal_alone():
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        with signals_as_interrupts():
-            assert signal.getsignal(signal.SIGINT) is not before[0]
-            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # nohup-like: the user asked to ignore it
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     with signals_as_interrupts():
-        pass
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is files.interrupt
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (
+        signal.default_int_handler,
+        signal.SIG_DFL,
+    )
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a user's nohup-like wrapper may have set it
+    with signals_as_interrupts():
+        assert signal.getsignal(signal.SIGINT) is files.interrupt
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # the user asked to ignore it
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
