@@ -477,6 +477,16 @@ def test_resume_works_from_another_folder_and_says_when_the_data_is_gone(mnist_d
     assert main(["train", "--resume", "r", "--epochs", "4", "--data-dir", str(mnist_dir), "--quiet"]) == 0
 
 
+def test_a_run_found_through_the_environment_variable_resumes_without_it(mnist_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BACKPROP_XP_DATA", str(mnist_dir))
+    assert main(["train", *QUICK, "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "r/metrics.json").read_text())["config"]["data_dir"] == os.path.abspath(mnist_dir)
+    monkeypatch.delenv("BACKPROP_XP_DATA")  # another shell, a later job: the data is still found, not downloaded
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    assert main(["train", "--resume", str(tmp_path / "r"), "--epochs", "3", "--quiet"]) == 0
+    assert len(json.loads((tmp_path / "r/metrics.json").read_text())["epochs"]) == 3
+
+
 def test_resume_with_more_epochs_continues_and_a_finished_run_is_left_alone(trained, tmp_path, capsys):
     import shutil
 

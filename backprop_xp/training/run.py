@@ -35,6 +35,7 @@ import numpy as np
 from ..backend import Backend, get_backend, synchronize
 from ..data import Minibatches, load_dataset, train_val_split
 from ..data.augment import distort
+from ..data.download import dataset_info
 from ..files import make_out_dir
 from ..model import MLP
 from ..optim import SGD
@@ -209,6 +210,8 @@ def train(
     saved = open_run_folder(config, out, resume)
     if saved is not None and (finished := already_finished(config, out, saved, say)) is not None:
         return finished
+    if config.data_dir is None and os.environ.get(env := dataset_info(config.dataset)[1]):
+        config = dataclasses.replace(config, data_dir=os.environ[env])  # so that a --resume without it finds it too
     if config.data_dir is not None:  # absolute, so that --resume works from any folder
         config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
     # --- data, model, optimizer, metrics
