@@ -584,7 +584,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             "in its own process, rounds interleaved across engines: samples/s, ms per epoch, the ratio to the fastest "
             "PyTorch engine on the same device, test accuracy after the epochs, and the fraction of the step's matrix-"
             "product bound. Writes bench.json, bench.md and bench.png; engines that cannot run are listed with the "
-            "reason; Ctrl-C prints the table of what was measured so far. The defaults take about 3 minutes on a 2-core CPU."
+            "reason; Ctrl-C (or SIGTERM) prints the table of what was measured so far. The defaults take about 3 minutes on a 2-core CPU."
         ),
     )
     p.add_argument(
