@@ -91,6 +91,29 @@ def signals_as_interrupts() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+# Signals reach only the main thread. A run on another thread (a sweep's run on a
+# Dask worker's thread) is stopped by asking, and stops where it checks: between
+# two training steps, never inside atomic_write.
+_asked: set[int] = set()  # threading.get_ident() of the threads asked to stop
+
+
+def interrupt_thread(ident: int) -> None:
+    """Ask the thread ``ident`` to raise KeyboardInterrupt at its next ``check_interrupt()``."""
+    _asked.add(ident)
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if ``interrupt_thread`` asked this thread to stop (the training loop's check)."""
+    if _asked and threading.get_ident() in _asked:  # an empty set is the per-step cost
+        _asked.discard(threading.get_ident())
+        raise KeyboardInterrupt
+
+
+def forget_interrupt() -> None:
+    """Withdraw a request that this thread did not reach (its work ended first), before the thread runs other work."""
+    _asked.discard(threading.get_ident())
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; rename it over ``path`` on success.

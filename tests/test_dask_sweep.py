@@ -258,6 +258,96 @@ def test_a_scheduler_that_does_not_answer_is_a_one_line_connection_error(distrib
     assert not (tmp_path / "sweep").exists()
 
 
+# --------------------------------------------------------------------------- interrupted sweeps
+
+
+def _sweep_process(out, mnist_dir, scheduler: str, hidden: str = "32,48"):
+    """``backprop-xp sweep`` in its own session, with Python's own Ctrl-C handler even where the tests' is ignored."""
+    argv = [sys.executable, "-m", "backprop_xp", "sweep", "--hidden", hidden, "--epochs", "500", "--train-size", "3000",
+            "--val-size", "500", "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir),
+            "--scheduler", scheduler, "--jobs", "2", "--out", str(out)]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+
+
+def _interrupt_once_training(proc, started, signum: int, group: bool) -> tuple[str, str]:
+    """Wait until every run of ``started`` (checkpoint paths) has one, send ``signum``; the sweep's output."""
+    try:
+        deadline = time.monotonic() + 120
+        while not all(p.exists() for p in started) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        if group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)  # without the fix: the 500 epochs of every run first
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "backprop-xp: interrupted", err
+    return out, err
+
+
+def _stopped_at_a_step(checkpoint) -> int:
+    """The run of this checkpoint says "interrupted" with some epochs done, and left no temporary file."""
+    metrics = json.loads((checkpoint.parent / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and 1 <= len(metrics["epochs"]) < 500
+    assert [p.name for p in checkpoint.parent.glob(".*")] == []
+    return len(metrics["epochs"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signum, group",
+    [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c-in-a-terminal", "sigterm-to-the-process-group", "sigterm-to-the-sweep"],
+)
+def test_an_interrupted_sweep_on_a_local_cluster_stops_its_runs_at_once_and_each_records_interrupted(
+    distributed, tmp_path, mnist_dir, signum, group
+):
+    """Before, the local workers were killed 4 s later, mid-epoch, their metrics.json saying "running"."""
+    out = tmp_path / "sweep"
+    started = [out / name / "checkpoint.npz" for name in ("h32-lr0.1-b100", "h48-lr0.1-b100")]
+    printed, err = _interrupt_once_training(_sweep_process(out, mnist_dir, "local"), started, signum, group)
+    for checkpoint in started:
+        epochs = _stopped_at_a_step(checkpoint)
+        assert f"{checkpoint.parent.name}: interrupted after {epochs} epoch" in printed
+    assert "killing" not in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_stops_its_runs_on_a_remote_cluster_instead_of_leaving_them_training(
+    distributed, scheduler_address, tmp_path, mnist_dir
+):
+    """Dask cannot cancel a running task: before, the runs trained on after the sweep had exited."""
+    out = tmp_path / "sweep"
+    started = [out / name / "checkpoint.npz" for name in ("h32-lr0.1-b100", "h48-lr0.1-b100")]
+    printed, _ = _interrupt_once_training(
+        _sweep_process(out, mnist_dir, scheduler_address), started, signal.SIGINT, group=False
+    )
+    epochs = [_stopped_at_a_step(checkpoint) for checkpoint in started]
+    assert "interrupted: stopping 2 runs on the workers" in printed
+    with distributed.Client(scheduler_address, timeout=30) as client:
+        assert all(not keys for keys in client.processing().values())  # the workers are free
+    time.sleep(1)
+    assert [_stopped_at_a_step(checkpoint) for checkpoint in started] == epochs  # and nothing trains on
+
+
+def test_a_run_stopped_before_its_worker_starts_it_is_not_started(distributed, scheduler_address, tmp_path):
+    from backprop_xp.training.dask_sweep import _run_on_worker, _stop_runs
+
+    config = TrainConfig(hidden=8, epochs=1, backend="numpy").to_dict()
+    key = f"stopped-early-{os.getpid()}-{time.monotonic_ns()}"
+    with distributed.Client(scheduler_address, timeout=30) as client:
+        client.run(_stop_runs, [key])
+        summary = client.submit(_run_on_worker, config, str(tmp_path / "a"), key, key=key, pure=False).result()
+    assert summary["status"] == "not started" and summary["epochs_done"] == 0
+    assert not (tmp_path / "a").exists()
+
+
 # --------------------------------------------------------------------------- the command line
 
 

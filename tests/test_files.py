@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -222,3 +223,37 @@ def test_signals_as_interrupts_restores_the_handlers_and_leaves_an_ignored_signa
         assert signal.getsignal(signal.SIGINT) is files.interrupt
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # the user asked to ignore it
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def test_interrupt_thread_stops_only_that_thread_and_only_at_its_check():
+    ready, asked = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def worker() -> None:
+        files.check_interrupt()  # nothing asked yet
+        ready.set()
+        asked.wait(5)
+        seen["before the check"] = "running"  # a request waits for the check: it never lands elsewhere
+        try:
+            files.check_interrupt()
+        except KeyboardInterrupt:
+            seen["at the check"] = "KeyboardInterrupt"
+        files.check_interrupt()  # a request is used up by the interrupt it caused
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    ready.wait(5)
+    files.interrupt_thread(thread.ident)
+    files.check_interrupt()  # the request is not this thread's
+    asked.set()
+    thread.join(5)
+    assert seen == {"before the check": "running", "at the check": "KeyboardInterrupt"}
+
+
+def test_a_request_the_thread_never_reached_is_forgotten_before_its_next_work():
+    files.interrupt_thread(threading.get_ident())
+    files.forget_interrupt()  # as a Dask worker's thread does when a run ends before its next step
+    files.check_interrupt()  # the thread's next run is not interrupted
+    files.interrupt_thread(threading.get_ident())
+    with pytest.raises(KeyboardInterrupt):
+        files.check_interrupt()

@@ -32,6 +32,12 @@ Choices, and why:
   joins mid-sweep gets the next run.
 * The local cluster (``--scheduler local``) gives each worker process
   ``cores // workers`` BLAS threads, like ``run_sweep`` does for its processes.
+* Dask cannot cancel a task that is running (it is a thread of the worker),
+  so an interrupted sweep asks its workers (``client.run(_stop_runs)``) to
+  stop its runs, which they do at the next training step
+  (``files.check_interrupt``), each recording "interrupted", and waits for
+  their summaries. Otherwise a remote cluster would go on training them,
+  and a second sweep into the same folder would train the same runs twice.
 
 A worker uses the backend its config asks for on its own machine: with
 ``backend="auto"`` a worker with a GPU trains there. One worker per GPU:
@@ -46,13 +52,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write
+from ..files import atomic_write, forget_interrupt, interrupt_thread
+from .run import plural
 from .run_files import load_metrics
 from .sweep import blas_threads, pending_runs, record_run, run_one, summarize
 
@@ -81,16 +90,62 @@ class WorkerRunError(Exception):
         return f"{self.message} (on worker {self.worker})"
 
 
-def _run_on_worker(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
-    """``run_one`` on a Dask worker; the summary says which worker trained it."""
+# On a worker: the runs of this process in progress, by task key, and the keys asked to stop.
+_training: dict[str, int] = {}  # task key -> threading.get_ident() of the thread training it
+_stopped: set[str] = set()  # keys that _stop_runs reached, started or not (task keys are never reused)
+
+
+def _run_on_worker(config: dict[str, Any], out_dir: str, key: str) -> dict[str, Any]:
+    """``run_one`` on a Dask worker; the summary says which worker trained it.
+
+    A run that ``_stop_runs`` interrupts records "interrupted" (its checkpoint
+    resumes it); one stopped before it began is not started.
+    """
     from distributed import get_worker
 
     where = get_worker().address
+    _training[key] = threading.get_ident()  # first, so that a _stop_runs from now on finds it
     try:
+        if key in _stopped:  # stopped while it waited for this thread
+            return {"name": os.path.basename(out_dir), "status": "not started", "epochs_done": 0, "worker": where}
         summary = run_one(config, out_dir)
+    except KeyboardInterrupt:  # _stop_runs: train() has written "interrupted"
+        summary = summarize(os.path.basename(out_dir), config, load_metrics(out_dir))
     except Exception as exc:  # outside run_one's own net: the folder could not be made or written
         raise WorkerRunError(where, f"{type(exc).__name__}: {exc}") from None
+    finally:
+        del _training[key]
+        forget_interrupt()  # a stop that came after the run's last check must not hit this thread's next task
     return {**summary, "worker": where}
+
+
+def _stop_runs(keys: list[str]) -> list[str]:
+    """On a worker (``client.run``): stop the runs of these task keys at their next step; the keys it was training."""
+    _stopped.update(keys)
+    stopping = [key for key in keys if key in _training]
+    for key in stopping:
+        interrupt_thread(_training[key])
+    return stopping
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask's preload hook, for the workers of a local cluster: SIGINT and SIGTERM stop their runs, not them.
+
+    A terminal's Ctrl-C, and a job scheduler's SIGTERM to the process group,
+    reach the local cluster's worker processes as well as the sweep. Left to
+    Dask, a worker's event loop would die at once, and with it the summaries
+    of its runs, while the runs themselves (on other threads) trained on until
+    the worker was killed mid-epoch. With this, each worker stops its runs at
+    their next step, as the sweep asks it to, and stays up until the sweep
+    closes the cluster.
+    """
+    if threading.current_thread() is threading.main_thread():  # where Dask runs it; only there can it set handlers
+        signal.signal(signal.SIGINT, _stop_own_runs)
+        signal.signal(signal.SIGTERM, _stop_own_runs)
+
+
+def _stop_own_runs(signum: int, frame: Any) -> None:
+    _stop_runs(list(_training))
 
 
 def _sees(marker: str) -> tuple[bool, str]:
@@ -155,6 +210,7 @@ def connect(scheduler: str, *, workers: int = 1, timeout: float = 30.0) -> Itera
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,
+            preload=[__name__],  # dask_setup: a Ctrl-C reaching the workers stops their runs, not them
             # any free port for the scheduler's HTTP endpoints, which it starts even without a dashboard
             scheduler_kwargs={"allowed_failures": ALLOWED_FAILURES, "dashboard_address": "127.0.0.1:0"},
         )
@@ -257,14 +313,16 @@ def sweep_with_client(
 
     queue = deque(todo)
     running: dict[str, tuple[dict[str, Any], str, int]] = {}  # task key -> (config, name, attempt)
+    submitted: dict[str, Any] = {}  # task key -> its future, until its summary is in
     futures = as_completed()
 
     def submit(config: dict[str, Any], name: str, attempt: int, avoid: str | None = None) -> None:
         elsewhere = [w for w in client.nthreads() if w != avoid] if avoid else []
         placement = {"workers": elsewhere, "allow_other_workers": True} if elsewhere else {}  # a preference only
         key = f"{name}-{attempt}-{uuid.uuid4().hex[:8]}"
-        future = client.submit(_run_on_worker, config, str(out / name), key=key, pure=False, **placement)
+        future = client.submit(_run_on_worker, config, str(out / name), key, key=key, pure=False, **placement)
         running[future.key] = (config, name, attempt)
+        submitted[future.key] = future
         futures.add(future)
 
     def fill() -> None:
@@ -272,9 +330,10 @@ def sweep_with_client(
         while queue and futures.count() < slots:
             submit(*queue.popleft(), attempt=1)
 
-    fill()
-    for future in futures:
+    def collect(future: Any) -> None:
+        """A run's task ended: record its summary, or resubmit it once if it raised on its worker."""
         config, name, attempt = running.pop(future.key)
+        del submitted[future.key]
         try:
             summary = future.result()
         except KilledWorker as exc:  # the scheduler already retried it after the first death
@@ -288,7 +347,7 @@ def sweep_with_client(
             if attempt == 1:
                 echo(f"{name}: {error}; retrying elsewhere")
                 submit(config, name, 2, avoid=getattr(exc, "worker", None))
-                continue
+                return
             summary = summarize(name, config, load_metrics(out / name), error)
         future.release()
         if summary.get("epochs_done") and load_metrics(out / name) is None:  # a worker that joined later
@@ -296,7 +355,47 @@ def sweep_with_client(
             summary = {**summary, "status": "failed", "error": error}
         record_run(summaries, summary, len(configs), out, echo=echo, title=title)
         fill()
+
+    try:
+        fill()
+        for future in futures:
+            collect(future)
+    except KeyboardInterrupt:
+        # Dask cannot cancel a task that is executing: without this the runs would go on training on
+        # their workers (or, on a local cluster, be killed a few seconds later, mid-epoch).
+        stop_runs(client, {running[key][1]: future for key, future in submitted.items()}, echo=echo)
+        raise
     return [summaries[name] for name in names if name in summaries]
+
+
+STOP_WAIT = 60.0  # seconds an interrupted sweep waits for its runs to stop on their workers
+
+
+def stop_runs(client: Any, futures: dict[str, Any], *, echo: Callable[[str], None], wait: float = STOP_WAIT) -> None:
+    """Stop the runs of these futures (run name -> future) on their workers, and wait until they have.
+
+    Each run in progress stops at its next training step and records
+    "interrupted" (its checkpoint resumes it when the same sweep runs again);
+    a run not yet started does not start. A second Ctrl-C ends the waiting.
+    """
+    from distributed import wait as wait_for
+
+    if not futures:
+        return
+    echo(f"interrupted: stopping {plural(len(futures), 'run')} on the workers (Ctrl-C again: stop waiting)")
+    # on_error: a worker that is gone has nothing to stop
+    client.run(_stop_runs, [f.key for f in futures.values()], on_error="ignore")
+    with contextlib.suppress(TimeoutError):
+        wait_for(list(futures.values()), timeout=wait)
+    for name, future in futures.items():
+        if not future.done():
+            echo(f"{name}: still running after {wait:g} s; it stops at its next training step")
+        elif future.status == "finished":
+            summary = future.result()
+            epochs = summary.get("epochs_done", 0)
+            echo(f"{name}: {summary['status']}" + (f" after {plural(epochs, 'epoch')}" if epochs else ""))
+        else:  # it failed on its own, or its worker died
+            echo(f"{name}: {future.status}")
 
 
 def run_sweep_dask(

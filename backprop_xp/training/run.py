@@ -36,7 +36,7 @@ from ..backend import Backend, get_backend, synchronize
 from ..data import Minibatches, load_dataset, train_val_split
 from ..data.augment import distort
 from ..data.download import dataset_info
-from ..files import make_out_dir
+from ..files import check_interrupt, make_out_dir
 from ..model import MLP
 from ..optim import SGD
 from ..progress import progress_bar
@@ -398,6 +398,7 @@ class EpochLoop:
         """Epochs ``first`` to ``last - 1``; what early stopping recorded if patience ran out, else None."""
         config = self.config
         for epoch in range(first, last):
+            check_interrupt()  # also before the augmentation, which takes seconds
             if config.patience and self.best_epoch is not None and epoch - self.best_epoch >= config.patience:
                 return {"after_epoch": epoch, "best_epoch": self.best_epoch, "patience": config.patience}
             self.optimizer.lr = SCHEDULES[config.lr_schedule](epoch, config.epochs, config.lr)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..backend import array_module, to_numpy
+from ..files import check_interrupt
 from ..kernels import softmax_cross_entropy_
 from ..model import MLP
 from ..optim import SGD
@@ -86,12 +87,15 @@ def run_epoch(
     NaN or infinite; that check reads each loss, so it is for the CPU, where
     the loss is already on the host (on a GPU it would wait for the device
     every step, and the check happens once, at the end of the epoch).
+    Before each step ``files.check_interrupt()`` raises KeyboardInterrupt if
+    another thread asked this one to stop (a sweep run on a Dask worker).
     """
     n_steps = len(batches)
     sizes = np.zeros(n_steps, np.int64)
     losses = corrects = None
     done, since = 0, 0
     for i, (xb, yb) in enumerate(batches.epoch(epoch)):
+        check_interrupt()  # a run on a thread other than the main one is stopped here, between steps
         loss, n_correct = step(xb, yb)
         if losses is None:  # allocated on the step's backend, once per epoch
             xp = array_module(xb)
