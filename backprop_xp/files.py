@@ -17,13 +17,20 @@ import contextlib
 import errno
 import os
 import signal
+import socket
 import tempfile
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from typing import IO, Any
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no flock, no folder locks (see in_use)
+    fcntl = None
 
 # The process's umask, read once: os.umask can only be read by setting it, which
 # must not happen while other threads may be creating files.
@@ -203,6 +210,65 @@ def make_out_dir(path: str | os.PathLike) -> str:
     except OSError as exc:
         raise OSError(f"cannot write into output folder {path}: {_why(exc, os.path.join(path, 'x'))}") from None
     return path
+
+
+LOCK = ".lock"  # the lock file of a folder in use (see in_use)
+
+
+class FolderInUse(OSError):
+    """Another process (or thread) is writing into the folder: training the same run there."""
+
+
+@contextlib.contextmanager
+def in_use(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder``'s lock for the block, or raise FolderInUse naming the process that holds it.
+
+    Two processes training into one run folder (two terminals resuming the
+    same run, or a sweep started again while a worker still trains its runs)
+    would each write checkpoints and metrics over the other's. The lock is an
+    ``flock`` on ``folder/.lock``: the kernel releases it when its holder dies,
+    however it dies, so a killed run never leaves the folder locked. Where the
+    file system has no locks (some network file systems), nothing is locked.
+    """
+    path = os.path.join(os.fspath(folder), LOCK)
+    with _held():  # an interrupt waits, so that no locked descriptor is left open
+        fd = _lock(path, folder) if fcntl is not None else None
+    try:
+        if fd is not None:
+            stamp = f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            os.write(fd, stamp.encode())
+        yield
+    finally:
+        if fd is not None:
+            with _held():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # before the lock goes: whoever then locks the old file sees it gone and retries
+                os.close(fd)
+
+
+def _lock(path: str, folder: str | os.PathLike) -> int | None:
+    """A descriptor of ``path`` (emptied), exclusively locked; None where the file system has no locks."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            current = os.path.samestat(os.fstat(fd), os.stat(path))  # not a file its holder removed as it ended
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise FolderInUse(
+                f"{folder} is in use by {holder}: wait for it to end or stop it (two processes writing one "
+                "run would overwrite each other's checkpoints)"
+            ) from None
+        except FileNotFoundError:  # os.stat: removed by the holder before us, just now
+            current = False
+        except OSError:  # flock: no locks on this file system
+            os.close(fd)
+            return None
+        if current:
+            os.ftruncate(fd, 0)
+            return fd
+        os.close(fd)
 
 
 def atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:

@@ -312,6 +312,39 @@ def test_a_real_sigint_or_sigterm_mid_epoch_exits_130_with_a_resumable_checkpoin
     assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
 
 
+@pytest.mark.slow
+def test_a_run_folder_being_trained_by_another_process_is_refused_and_freed_when_that_process_dies(
+    mnist_dir, tmp_path, capsys
+):
+    """Two processes training one folder would overwrite each other's checkpoints; a killed one locks nothing."""
+    from backprop_xp import files
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "backprop_xp", "train", "--hidden", "16", "--train-size", "3000", "--epochs", "500",
+            "--val-size", "0", "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir),
+            "--out", str(out), "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before the test could resume it beside itself"
+        assert main(["train", "--resume", str(out), "--data-dir", str(mnist_dir), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"backprop-xp: error: {out} is in use by process {proc.pid} on ") and err.count("\n") == 1
+        assert "wait for it to end or stop it" in err
+        assert proc.poll() is None  # the run in progress is untouched
+        proc.kill()  # SIGKILL: nothing of it runs to unlock
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with files.in_use(out):  # the kernel let go of a dead process's lock
+        assert str(os.getpid()) in (out / files.LOCK).read_text()
+    assert not (out / files.LOCK).exists()
+
+
 def test_train_size_larger_than_the_data_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
     from idx_files import fake_mnist, write_mnist_folder
 

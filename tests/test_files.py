@@ -257,3 +257,45 @@ def test_a_request_the_thread_never_reached_is_forgotten_before_its_next_work():
     files.interrupt_thread(threading.get_ident())
     with pytest.raises(KeyboardInterrupt):
         files.check_interrupt()
+
+
+def test_a_folder_in_use_refuses_a_second_holder_naming_the_first_and_is_free_after(tmp_path):
+    with files.in_use(tmp_path):
+        held = (tmp_path / files.LOCK).read_text()
+        assert held.startswith(f"process {os.getpid()} on ")
+        refused: list[BaseException] = []
+
+        def second() -> None:  # another open of the lock file: flock excludes it even in the same process
+            try:
+                with files.in_use(tmp_path):
+                    pass
+            except files.FolderInUse as exc:
+                refused.append(exc)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(5)
+        assert len(refused) == 1 and str(refused[0]).startswith(f"{tmp_path} is in use by {held}: ")
+        assert isinstance(refused[0], OSError)  # the command line's one-line error, exit code 1
+    assert not (tmp_path / files.LOCK).exists()  # nothing left behind
+    with files.in_use(tmp_path):  # and free again
+        pass
+
+
+def test_a_lock_file_removed_as_it_is_locked_is_not_trusted(tmp_path, monkeypatch):
+    """The holder before us removes the file just before it unlocks: locking that old file locks nothing."""
+    import fcntl
+
+    real_flock, calls = fcntl.flock, []
+
+    def flock_as_the_holder_leaves(fd: int, op: int) -> None:
+        real_flock(fd, op)
+        calls.append(fd)
+        if len(calls) == 1:  # the first file we lock is gone from the folder by then
+            os.unlink(tmp_path / files.LOCK)
+
+    monkeypatch.setattr(fcntl, "flock", flock_as_the_holder_leaves)
+    with files.in_use(tmp_path):
+        assert len(calls) == 2  # it locked again, the file that is now there
+        assert (tmp_path / files.LOCK).read_text().startswith(f"process {os.getpid()} on ")
+    assert not (tmp_path / files.LOCK).exists()

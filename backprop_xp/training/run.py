@@ -20,13 +20,14 @@ Two rules shape the loop:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,7 +37,7 @@ from ..backend import Backend, get_backend, synchronize
 from ..data import Minibatches, load_dataset, train_val_split
 from ..data.augment import distort
 from ..data.download import dataset_info
-from ..files import check_interrupt, make_out_dir
+from ..files import check_interrupt, in_use, make_out_dir
 from ..model import MLP
 from ..optim import SGD
 from ..progress import progress_bar
@@ -199,6 +200,8 @@ def train(
         A setting that cannot work with this data (a batch larger than the
         training set, say), an ``out`` that already holds a run (without
         ``resume``), or a resume with a changed setting.
+    FolderInUse
+        Another process (or thread) is training into ``out_dir``.
     KeyboardInterrupt
         Passed on after metrics.json says "interrupted".
     """
@@ -206,51 +209,63 @@ def train(
     config.validate()
     out = Path(out_dir)
     say = echo or (lambda line: None)
-    # --- the run folder: a new one, or the checkpoint of the run to continue
-    saved = open_run_folder(config, out, resume)
-    if saved is not None and (finished := already_finished(config, out, saved, say)) is not None:
-        return finished
-    if config.data_dir is None and os.environ.get(env := dataset_info(config.dataset)[1]):
-        config = dataclasses.replace(config, data_dir=os.environ[env])  # so that a --resume without it finds it too
-    if config.data_dir is not None:  # absolute, so that --resume works from any folder
-        config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
-    # --- data, model, optimizer, metrics
-    backend = get_backend(config.backend)
-    data = load_run_data(config)
-    model, optimizer, metrics, epochs_done = build_model(config, out, backend, data, saved)
-    announce(config, out, backend, data, epochs_done, say, verbose)
-    # --- the epochs
-    last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
-    show_progress = sys.stderr.isatty() if progress is None else progress
-    epochs = EpochLoop(config, out, model, optimizer, data, metrics, say, show_progress)
-    try:
-        stopped_early = epochs.run(epochs_done, last_epoch)
-        # --- the end: stopped (to be resumed), or finished with the model kept and the pictures
-        if last_epoch < config.epochs and stopped_early is None:
-            metrics["status"] = "stopped"
+    # --- the run folder: ours alone while we train; a new run, or the checkpoint of the run to continue
+    with run_folder_lock(out, resume):
+        saved = open_run_folder(config, out, resume)
+        if saved is not None and (finished := already_finished(config, out, saved, say)) is not None:
+            return finished
+        if config.data_dir is None and os.environ.get(env := dataset_info(config.dataset)[1]):
+            config = dataclasses.replace(config, data_dir=os.environ[env])  # so that a --resume without it finds it too
+        if config.data_dir is not None:  # absolute, so that --resume works from any folder
+            config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
+        # --- data, model, optimizer, metrics
+        backend = get_backend(config.backend)
+        data = load_run_data(config)
+        model, optimizer, metrics, epochs_done = build_model(config, out, backend, data, saved)
+        announce(config, out, backend, data, epochs_done, say, verbose)
+        # --- the epochs
+        last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
+        show_progress = sys.stderr.isatty() if progress is None else progress
+        epochs = EpochLoop(config, out, model, optimizer, data, metrics, say, show_progress)
+        try:
+            stopped_early = epochs.run(epochs_done, last_epoch)
+            # --- the end: stopped (to be resumed), or finished with the model kept and the pictures
+            if last_epoch < config.epochs and stopped_early is None:
+                metrics["status"] = "stopped"
+                write_metrics(out, metrics)
+                say(f"stopped after epoch {last_epoch}; continue with --resume {out}")
+                return metrics
+            finish(config, out, epochs, stopped_early, pictures, started, say)
+        except KeyboardInterrupt:
+            # The epoch in progress is lost; the checkpoint has the ones before. Interrupted while
+            # finishing (the pictures, say), a --resume redoes the finish from the last checkpoint.
+            metrics["status"] = "interrupted"
             write_metrics(out, metrics)
-            say(f"stopped after epoch {last_epoch}; continue with --resume {out}")
-            return metrics
-        finish(config, out, epochs, stopped_early, pictures, started, say)
-    except KeyboardInterrupt:
-        # The epoch in progress is lost; the checkpoint has the ones before. Interrupted while
-        # finishing (the pictures, say), a --resume redoes the finish from the last checkpoint.
-        metrics["status"] = "interrupted"
-        write_metrics(out, metrics)
-        raise
-    return metrics
+            raise
+        return metrics
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path, resume: bool) -> Iterator[None]:
+    """The run folder (made for a new run), locked against another process training into it (FolderInUse)."""
+    if not resume:
+        make_out_dir(out)
+    if not out.is_dir():  # a --resume of nothing: open_run_folder says so
+        yield
+        return
+    with in_use(out):
+        yield
 
 
 def open_run_folder(config: TrainConfig, out: Path, resume: bool) -> tuple[TrainConfig, dict[str, Any]] | None:
     """The saved config and metrics of the run to resume (checked against ``config``), or None for a new run.
 
-    A new run's folder is made here, before the data is loaded, so that a
-    folder that cannot be written fails at once.
+    A new run's folder was made by ``run_folder_lock``, before the data is
+    loaded, so that a folder that cannot be written fails at once.
     """
     if not resume:
         if (out / CHECKPOINT).exists():
             raise SettingError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
-        make_out_dir(out)
         return None
     saved, metrics = read_checkpoint(out)
     conflicts = [
