@@ -7,9 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
+import processes
 import pytest
 
 from backprop_xp import MLP
@@ -285,20 +285,11 @@ def test_ctrl_c_mid_epoch_exits_130_and_resume_through_the_command_line_ends_exa
 def test_a_real_sigint_or_sigterm_mid_epoch_exits_130_with_a_resumable_checkpoint(mnist_dir, tmp_path, signum):
     """Ctrl-C (SIGINT) and a scheduler's stop (SIGTERM) end a run alike: recorded, resumable, nothing half-written."""
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "backprop_xp", "train", "--hidden", "64", "--train-size", "20000", "--epochs", "6",
-            "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir), "--out", str(out), "--quiet"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoint.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        proc.send_signal(signum)  # SIGINT is what Ctrl-C sends
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    argv = ["train", "--hidden", "64", "--train-size", "20000", "--epochs", "6", "--batch-size", "100",
+            "--backend", "numpy", "--data-dir", str(mnist_dir), "--out", str(out), "--quiet"]  # fmt: skip
+    proc = processes.start(argv)
+    processes.wait_until_written(proc, [out / "checkpoint.npz"])
+    _, err = processes.stop(proc, signum)  # SIGINT is what Ctrl-C sends
     assert proc.returncode == 130, err
     assert (
         err.strip().splitlines()[-1]
@@ -320,26 +311,18 @@ def test_a_run_folder_being_trained_by_another_process_is_refused_and_freed_when
     from backprop_xp import files
 
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "backprop_xp", "train", "--hidden", "16", "--train-size", "3000", "--epochs", "500",
-            "--val-size", "0", "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir),
-            "--out", str(out), "--quiet"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = ["train", "--hidden", "16", "--train-size", "3000", "--epochs", "500", "--val-size", "0",
+            "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir), "--out", str(out), "--quiet"]  # fmt: skip
+    proc = processes.start(argv)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoint.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before the test could resume it beside itself"
+        processes.wait_until_written(proc, [out / "checkpoint.npz"])
         assert main(["train", "--resume", str(out), "--data-dir", str(mnist_dir), "--quiet"]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"backprop-xp: error: {out} is in use by process {proc.pid} on ") and err.count("\n") == 1
         assert "wait for it to end or stop it" in err
         assert proc.poll() is None  # the run in progress is untouched
-        proc.kill()  # SIGKILL: nothing of it runs to unlock
-        proc.wait()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        processes.kill(proc)  # SIGKILL: nothing of it runs to unlock
     with files.in_use(out):  # the kernel let go of a dead process's lock
         assert str(os.getpid()) in (out / files.LOCK).read_text()
     assert not (out / files.LOCK).exists()

@@ -12,6 +12,7 @@ import threading
 import time
 
 import numpy as np
+import processes
 import pytest
 
 from backprop_xp.model import MLP
@@ -261,34 +262,17 @@ def test_a_scheduler_that_does_not_answer_is_a_one_line_connection_error(distrib
 # --------------------------------------------------------------------------- interrupted sweeps
 
 
-def _sweep_process(out, mnist_dir, scheduler: str, hidden: str = "32,48"):
-    """``backprop-xp sweep`` in its own session, with Python's own Ctrl-C handler even where the tests' is ignored."""
-    argv = [sys.executable, "-m", "backprop_xp", "sweep", "--hidden", hidden, "--epochs", "500", "--train-size", "3000",
-            "--val-size", "500", "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir),
-            "--scheduler", scheduler, "--jobs", "2", "--out", str(out)]  # fmt: skip
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
-
-
-def _interrupt_once_training(proc, started, signum: int, group: bool) -> tuple[str, str]:
-    """Wait until every run of ``started`` (checkpoint paths) has one, send ``signum``; the sweep's output."""
-    try:
-        deadline = time.monotonic() + 120
-        while not all(p.exists() for p in started) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
-        if group:
-            os.killpg(proc.pid, signum)
-        else:
-            proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)  # without the fix: the 500 epochs of every run first
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def _interrupted_sweep(out, mnist_dir, scheduler: str, signum: int, group: bool) -> tuple[str, str]:
+    """A sweep of two runs, stopped by ``signum`` once both have a checkpoint; its stdout and stderr."""
+    argv = ["sweep", "--hidden", "32,48", "--epochs", "500", "--train-size", "3000", "--val-size", "500",
+            "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir), "--scheduler", scheduler,
+            "--jobs", "2", "--out", str(out)]  # fmt: skip
+    proc = processes.start(argv)
+    processes.wait_until_written(proc, [out / name / "checkpoint.npz" for name in ("h32-lr0.1-b100", "h48-lr0.1-b100")])
+    printed, err = processes.stop(proc, signum, group=group)  # without the fix: the 500 epochs of every run first
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "backprop-xp: interrupted", err
-    return out, err
+    return printed, err
 
 
 def _stopped_at_a_step(checkpoint) -> int:
@@ -311,7 +295,7 @@ def test_an_interrupted_sweep_on_a_local_cluster_stops_its_runs_at_once_and_each
     """Before, the local workers were killed 4 s later, mid-epoch, their metrics.json saying "running"."""
     out = tmp_path / "sweep"
     started = [out / name / "checkpoint.npz" for name in ("h32-lr0.1-b100", "h48-lr0.1-b100")]
-    printed, err = _interrupt_once_training(_sweep_process(out, mnist_dir, "local"), started, signum, group)
+    printed, err = _interrupted_sweep(out, mnist_dir, "local", signum, group)
     for checkpoint in started:
         epochs = _stopped_at_a_step(checkpoint)
         assert f"{checkpoint.parent.name}: interrupted after {epochs} epoch" in printed
@@ -325,9 +309,7 @@ def test_an_interrupted_sweep_stops_its_runs_on_a_remote_cluster_instead_of_leav
     """Dask cannot cancel a running task: before, the runs trained on after the sweep had exited."""
     out = tmp_path / "sweep"
     started = [out / name / "checkpoint.npz" for name in ("h32-lr0.1-b100", "h48-lr0.1-b100")]
-    printed, _ = _interrupt_once_training(
-        _sweep_process(out, mnist_dir, scheduler_address), started, signal.SIGINT, group=False
-    )
+    printed, _ = _interrupted_sweep(out, mnist_dir, scheduler_address, signal.SIGINT, group=False)
     epochs = [_stopped_at_a_step(checkpoint) for checkpoint in started]
     assert "interrupted: stopping 2 runs on the workers" in printed
     with distributed.Client(scheduler_address, timeout=30) as client:

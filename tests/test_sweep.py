@@ -6,11 +6,9 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
+import processes
 import pytest
 
 from backprop_xp.cli import main
@@ -243,25 +241,12 @@ def test_a_sigterm_stops_a_parallel_sweep_at_once_and_every_run_in_progress_reco
 ):
     """A SIGTERM to the sweep alone (``kill PID``) or to all its processes (a job scheduler's stop)."""
     out = tmp_path / "sweep"
-    argv = [sys.executable, "-m", "backprop_xp", "sweep", "--hidden", "32,48,64", "--epochs", "500", "--train-size", "3000",
-            "--val-size", "500", "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir), "--jobs", "2",
-            "--out", str(out)]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    argv = ["sweep", "--hidden", "32,48,64", "--epochs", "500", "--train-size", "3000", "--val-size", "500",
+            "--batch-size", "100", "--backend", "numpy", "--data-dir", str(mnist_dir), "--jobs", "2", "--out", str(out)]  # fmt: skip
+    proc = processes.start(argv)
     started = [out / name / "checkpoint.npz" for name in ("h32-lr0.1-b100", "h48-lr0.1-b100")]
-    try:
-        deadline = time.monotonic() + 120
-        while not all(p.exists() for p in started) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
-        if group:
-            os.killpg(proc.pid, signal.SIGTERM)
-        else:
-            proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)  # without the fix: the 500 epochs of both runs first
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    processes.wait_until_written(proc, started)
+    _, err = processes.stop(proc, signal.SIGTERM, group=group)  # without the fix: the 500 epochs of both runs first
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "backprop-xp: interrupted"
     for checkpoint in started:
