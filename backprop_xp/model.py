@@ -31,7 +31,7 @@ import numpy as np
 
 from . import fused_cpu
 from .backend import get_backend, resolve_dtype, to_numpy
-from .checks import AT_LEAST_1, check, check_choice
+from .checks import AT_LEAST_0, AT_LEAST_1, check, check_choice
 from .files import atomic_savez, read_npz
 from .kernels import ACTIVATIONS, activation_forward_, check_labels, softmax_, softmax_cross_entropy_
 
@@ -132,11 +132,10 @@ class MLP:
         dtype: str = "float32",
         seed: int = 0,
     ) -> None:
-        for name, value in (("n_inputs", n_inputs), ("n_hidden", n_hidden), ("n_outputs", n_outputs)):
-            check(name, value, AT_LEAST_1)
-        if n_outputs < 2:
-            raise ValueError(f"n_outputs must be at least 2 for a softmax, got {n_outputs}")
-        check_choice("activation", activation, ACTIVATIONS)
+        arguments = {"n_inputs": n_inputs, "n_hidden": n_hidden, "n_outputs": n_outputs}
+        arguments.update(activation=activation, dtype=dtype, seed=seed)
+        for name, value in arguments.items():
+            _check_argument(name, value)
         self.backend = get_backend(backend)
         self.xp = self.backend.xp
         self.dtype = resolve_dtype(dtype)
@@ -144,12 +143,7 @@ class MLP:
         self.activation = activation
         self.seed = int(seed)
 
-        shapes = {
-            "W1": (self.n_hidden, self.n_inputs),
-            "b1": (self.n_hidden,),
-            "W2": (self.n_outputs, self.n_hidden),
-            "b2": (self.n_outputs,),
-        }
+        shapes = _param_shapes(self.n_inputs, self.n_hidden, self.n_outputs)
         # One flat buffer for all parameters (and one for all gradients): the
         # optimizer updates everything with a few whole-buffer operations.
         self.flat_params, self.params = _flat_buffer(self.xp, shapes, self.dtype)
@@ -327,29 +321,85 @@ class MLP:
         """Read a model written by ``save`` onto ``backend`` (NumPy unless asked).
 
         A model trained on a GPU loads anywhere; pass ``backend="auto"`` or
-        ``"cupy"`` to put it on a GPU.
+        ``"cupy"`` to put it on a GPU. A file that is not such a model (a
+        config field that breaks the constructor's rules, a parameter of the
+        wrong shape or holding NaN or infinity) is a ValueError naming the
+        file, the field or parameter, and what is wrong with it.
         """
         arrays = read_npz(path, "a model file written by backprop-xp")
-        config = {key[len("config.") :]: value.item() for key, value in arrays.items() if key.startswith("config.")}
+        config = {}
+        for key, value in arrays.items():
+            if key.startswith("config."):
+                field = key[len("config.") :]
+                if value.size != 1:
+                    raise ValueError(f"{path}: config field {field} holds {value.size} values, not one")
+                config[field] = value.item()
         params = {name: arrays[name] for name in PARAM_NAMES if name in arrays}
         missing = [key for key in ("n_inputs", "n_hidden", "n_outputs", "activation", "dtype") if key not in config]
         missing += [name for name in PARAM_NAMES if name not in params]
         if missing:
             raise ValueError(f"{path}: not a backprop-xp model file (missing {', '.join(missing)})")
-        model = cls(
-            int(config["n_inputs"]),
-            int(config["n_hidden"]),
-            int(config["n_outputs"]),
-            activation=str(config["activation"]),
-            backend=backend,
-            dtype=str(config["dtype"]),
-            seed=int(config.get("seed", 0)),
-        )
+
+        # Every field is checked by the constructor's own rules, one at a time, so
+        # that an error can say which field of which file holds what.
+        arguments = {name: config.get(name, 0) for name in ("n_inputs", "n_hidden", "n_outputs", "seed")}
+        arguments.update(activation=str(config["activation"]), dtype=str(config["dtype"]))
+        for name, value in arguments.items():
+            if name not in ("activation", "dtype"):
+                if isinstance(value, float) and value.is_integer():
+                    value = arguments[name] = int(value)  # 16.0 from a hand-written file is 16
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{path}: config field {name} is {config[name]!r}, not a whole number")
+            try:
+                _check_argument(name, value)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{path}: config field {name} is {config.get(name)!r} ({exc})") from None
+
+        # The arrays against the config before the model allocates anything: a
+        # corrupt size must not ask for terabytes.
+        dtype = resolve_dtype(arguments["dtype"])
+        shapes = _param_shapes(arguments["n_inputs"], arguments["n_hidden"], arguments["n_outputs"])
         for name, value in params.items():
-            if value.shape != model.params[name].shape:
-                raise ValueError(f"{path}: {name} has shape {value.shape}, expected {model.params[name].shape}")
+            if value.dtype.kind not in "fiu":
+                raise ValueError(f"{path}: parameter {name} holds {value.dtype} values, not numbers")
+            if value.shape != shapes[name]:
+                raise ValueError(
+                    f"{path}: parameter {name} has shape {value.shape}, but the config says {shapes[name]}"
+                )
+            with np.errstate(over="ignore"):  # float64 past float32's range becomes inf: counted just below
+                params[name] = value = value.astype(dtype, copy=False)
+            bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+            if bad:
+                values = "1 value that is" if bad == 1 else f"{bad} values that are"
+                raise ValueError(f"{path}: parameter {name} has {values} NaN or infinite")
+
+        model = cls(**arguments, backend=backend)
+        for name, value in params.items():
             model.params[name][...] = model.xp.asarray(value)
         return model
+
+
+def _check_argument(name: str, value: Any) -> None:
+    """The constructor's rule for one of its arguments (backend aside); a ValueError naming it if broken.
+
+    One argument at a time, so that ``MLP.load`` can say which field of a
+    file is wrong.
+    """
+    if name in ("n_inputs", "n_hidden", "n_outputs"):
+        check(name, value, AT_LEAST_1)
+        if name == "n_outputs" and value < 2:
+            raise ValueError(f"n_outputs must be at least 2 for a softmax, got {value}")
+    elif name == "seed":
+        check(name, value, AT_LEAST_0)  # NumPy's own message for a negative seed names nothing
+    elif name == "activation":
+        check_choice(name, value, ACTIVATIONS)
+    elif name == "dtype":
+        resolve_dtype(value)
+
+
+def _param_shapes(n_inputs: int, n_hidden: int, n_outputs: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each parameter: ``W1`` ``(n_hidden, n_inputs)``, ``b1``, ``W2``, ``b2``."""
+    return {"W1": (n_hidden, n_inputs), "b1": (n_hidden,), "W2": (n_outputs, n_hidden), "b2": (n_outputs,)}
 
 
 def _flat_buffer(xp: Any, shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> tuple[Any, dict[str, Any]]:

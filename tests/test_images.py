@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from backprop_xp.data.images import centre_by_mass, crop_to_ink, fit_in_box, mnist_like
+from backprop_xp.data.images import centre_by_mass, crop_to_ink, fit_in_box, mnist_like, read_gray
 
 
 def _dark_on_white(digit: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -74,3 +76,19 @@ def test_light_paper_is_inverted_and_a_blank_image_is_refused():
     assert inverted and seen.max() == pytest.approx(1.0, abs=0.05) and seen.reshape(28, 28)[0].max() == 0
     with pytest.raises(ValueError, match="no digit found"):
         mnist_like(np.full((28, 28), 0.8, np.float32))
+
+
+@pytest.mark.parametrize("side", [12, 20], ids=["past-the-warning-limit", "past-the-error-limit"])
+def test_an_image_past_pils_size_limit_is_refused_in_one_line(tmp_path, monkeypatch, side):
+    # PIL warns past MAX_IMAGE_PIXELS and raises DecompressionBombError (not an OSError) past twice it;
+    # a lowered limit makes a small file stand in for a 20000x20000 one.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    path = tmp_path / "huge.png"
+    Image.new("L", (side, side), 255).save(path)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"huge.png: image too large .*PIL's limit of 100 pixels"):
+            read_gray(path)
+    assert not shown  # no Python warning printed to the user either
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10 * side * side)
+    assert read_gray(path).shape == (side, side)  # the same file under the limit reads as before

@@ -215,3 +215,66 @@ def test_integer_images_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="integers"):
         m.predict(pixels)
     assert m.predict(np.zeros((2, 784), np.uint8)).shape == (2,)  # 0/1 integers are valid pixel values
+
+
+def _saved_with(tmp_path, name="model.npz", **changes):
+    """A small saved model with some of its arrays replaced (``config_seed=-1`` sets ``config.seed``)."""
+    path = tmp_path / name
+    bx.MLP(6, 4, 3, seed=1).save(path)
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {key: f[key] for key in f.files}
+    arrays.update({key.replace("config_", "config."): np.asarray(value) for key, value in changes.items()})
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("param", "bad", "count"),
+    [("W1", np.nan, 24), ("b1", np.inf, 4), ("W2", -np.inf, 12), ("b2", np.nan, 3)],
+)
+def test_load_refuses_parameters_that_are_nan_or_infinite(tmp_path, param, bad, count):
+    shape = {"W1": (4, 6), "b1": (4,), "W2": (3, 4), "b2": (3,)}[param]
+    path = _saved_with(tmp_path, **{param: np.full(shape, bad, np.float32)})
+    with pytest.raises(ValueError, match=rf"model.npz: parameter {param} has {count} values that are NaN or infinite"):
+        bx.MLP.load(path)
+    # One bad value is enough, and so is a float64 value beyond float32's range (inf once converted).
+    one = np.zeros(shape, np.float64)
+    one.flat[-1] = 1e300
+    with pytest.raises(ValueError, match=rf"parameter {param} has 1 value that is NaN or infinite"):
+        bx.MLP.load(_saved_with(tmp_path, **{param: one}))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("seed", -1, r"seed must be an integer >= 0"),
+        ("n_hidden", "abc", r"not a whole number"),
+        ("n_hidden", 2.5, r"not a whole number"),
+        ("n_hidden", 0, r"n_hidden must be an integer >= 1"),
+        ("n_inputs", True, r"not a whole number"),
+        ("n_outputs", 1, r"n_outputs must be at least 2"),
+        ("activation", "softplus", r"unknown activation 'softplus'"),
+        ("dtype", "float16", r"unsupported dtype"),
+        ("n_hidden", [4, 4], r"holds 2 values, not one"),
+    ],
+)
+def test_load_names_the_file_field_and_value_of_a_bad_config(tmp_path, field, value, why):
+    path = _saved_with(tmp_path, "bad.npz", **{f"config_{field}": value})
+    with pytest.raises(ValueError) as info:
+        bx.MLP.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: config field {field} ")
+    assert why in message
+    if not isinstance(value, list):
+        assert repr(value) in message
+
+
+def test_load_compares_the_arrays_with_the_config_before_allocating(tmp_path):
+    # 10**11 hidden units would be 289 TiB of float32: refused from the shapes alone.
+    path = _saved_with(tmp_path, config_n_hidden=10**11)
+    with pytest.raises(ValueError, match=r"model.npz: parameter W1 has shape \(4, 6\), but the config says"):
+        bx.MLP.load(path)
+    with pytest.raises(ValueError, match=r"parameter b2 has shape \(3,\), but the config says \(5,\)"):
+        bx.MLP.load(_saved_with(tmp_path, b2=np.zeros(3), config_n_outputs=5, W2=np.zeros((5, 4))))
+    with pytest.raises(ValueError, match=r"model.npz: parameter W1 holds <U3 values, not numbers"):
+        bx.MLP.load(_saved_with(tmp_path, W1=np.full((4, 6), "abc")))

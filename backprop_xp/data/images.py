@@ -11,6 +11,7 @@ sizes everything scales (the box is 20/28 of the side).
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -23,18 +24,29 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
 
     Colour becomes gray; a transparent background becomes white paper
     (drawing programs save ink on transparency, which ``convert("L")`` alone
-    would turn all black). Raises FileNotFoundError or ValueError naming the file.
+    would turn all black). Raises FileNotFoundError or ValueError naming the file;
+    an image past PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``,
+    some 89 million pixels) is such a ValueError too.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            if "A" in image.getbands() or "transparency" in image.info:
-                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-            gray = image.convert("L")
+        # PIL only warns between its limit and twice it: a picture that large is no
+        # digit, so it is refused like one past twice the limit, not printed as a warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                if "A" in image.getbands() or "transparency" in image.info:
+                    image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+                gray = image.convert("L")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # neither is an OSError; PIL's own message speaks of a "DOS attack"
+        raise ValueError(
+            f"{path}: image too large (over PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels; a digit needs far fewer)"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
     return np.asarray(gray, dtype=np.float32) / np.float32(255)
