@@ -289,7 +289,7 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import Diverged, default_out_dir, read_checkpoint, summary_line, train
+    from .training import CHECKPOINT, Diverged, default_out_dir, read_checkpoint, summary_line, train
 
     given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
     if args.resume:
@@ -320,9 +320,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
     except KeyboardInterrupt:
-        print(
-            f"backprop-xp: interrupted; the last finished epoch is saved: continue with --resume {out}", file=sys.stderr
-        )
+        if os.path.exists(os.path.join(out, CHECKPOINT)):
+            advice = f"the last finished epoch is saved: continue with --resume {out}"
+        else:
+            advice = "no epoch had finished, so nothing is saved: run the same command again to start over"
+        print(f"backprop-xp: interrupted; {advice}", file=sys.stderr)
         return 130
     if args.quiet and "final" in metrics:
         print(summary_line(metrics, out))
@@ -515,7 +517,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     from .backend import get_backend
     from .training import plural
-    from .training.sweep import SWEEP_VAL_SIZE, SWEPT, grid, run_name, run_sweep
+    from .training.sweep import SWEEP_VAL_SIZE, SWEPT, grid, run_names, run_sweep
 
     given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
     default_val = "val_size" not in given
@@ -546,7 +548,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"backprop-xp: error: {exc}{hint}", file=sys.stderr)
         return 2
     varied = [name for name in SWEPT if len(options.get(name, [])) > 1]
-    names = [run_name(config, varied) for config in configs]
+    names = run_names(configs, varied)
     out = args.out or os.path.join("sweeps", time.strftime("%Y%m%d-%H%M%S"))
     title = f"Sweep: {plural(len(configs), 'run')}, {plural(base.epochs, 'epoch')}, {base.backend}"
     if args.scheduler:  # each worker resolves the backend on its own machine: "auto" uses its GPU

@@ -280,6 +280,30 @@ def test_ctrl_c_mid_epoch_exits_130_and_resume_through_the_command_line_ends_exa
     )
 
 
+def test_ctrl_c_before_the_first_epoch_ends_says_nothing_is_saved_and_the_same_command_starts_over(
+    mnist_dir, tmp_path, capsys, monkeypatch
+):
+    real_make_step = train_module.make_step
+
+    def make_step(*args, **kwargs):
+        def interrupted_step(xb, yb):
+            raise KeyboardInterrupt  # at the first step: no epoch, no checkpoint
+
+        return interrupted_step
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    out = tmp_path / "run"
+    argv = ["train", *QUICK, "--data-dir", str(mnist_dir), "--out", str(out), "--quiet"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err == (
+        "backprop-xp: interrupted; no epoch had finished, so nothing is saved: run the same command again to start over\n"
+    )  # not "continue with --resume", which has no checkpoint to continue from
+    assert not (out / "checkpoint.npz").exists()
+    monkeypatch.setattr(train_module, "make_step", real_make_step)
+    assert main(argv) == 0  # the advice works
+    assert json.loads((out / "metrics.json").read_text())["status"] == "finished"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_real_sigint_or_sigterm_mid_epoch_exits_130_with_a_resumable_checkpoint(mnist_dir, tmp_path, signum):

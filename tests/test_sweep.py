@@ -128,16 +128,18 @@ def test_run_one_resumes_an_interrupted_run_where_it_stopped(tmp_path, small_dat
     assert _same_params(MLP.load(tmp_path / "run" / "model.npz"), MLP.load(tmp_path / "straight" / "model.npz"))
 
 
-def test_run_one_starts_over_when_the_folder_holds_a_run_with_other_settings(tmp_path, small_data):
-    stale = TrainConfig(**{**TINY, "hidden": 16}, data_dir=small_data)
-    train(stale, tmp_path / "run", echo=None, pictures=False, stop_after=1)
+def test_run_one_refuses_a_folder_holding_a_run_with_other_settings_and_leaves_it_as_it_was(tmp_path, small_data):
+    """Another sweep into the same --out (other --seed, say): that run is somebody's result, not stale."""
+    other = TrainConfig(**{**TINY, "hidden": 16}, data_dir=small_data)
+    train(other, tmp_path / "run", echo=None, pictures=False, stop_after=1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.name != "train.log"}
     config = TrainConfig(**TINY, data_dir=small_data)
     summary = run_one(config.to_dict(), str(tmp_path / "run"))
-    assert summary["status"] == "finished" and summary["epochs_done"] == 2, summary
-    log = _log(tmp_path / "run")
-    assert "training 784-8-10" in log and "resuming" not in log
-    assert MLP.load(tmp_path / "run" / "model.npz").n_hidden == 8
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]["hidden"] == 8
+    assert summary["status"] == "failed" and summary["error"] == (
+        f"SettingError: cannot resume {tmp_path / 'run'}: different settings: hidden 8 (the run has 16)"
+    )
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.name not in ("train.log", "error.txt")}
+    assert after == before  # nothing of the run there was touched
 
 
 def test_blas_threads_sets_and_restores_the_variables(monkeypatch):

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -203,6 +204,65 @@ def test_resume_refuses_changed_settings_and_a_new_run_refuses_an_old_folder(mni
         train(changed, tmp_path, resume=True, echo=None)
     with pytest.raises(ValueError, match="already holds a run"):
         train(config, tmp_path, echo=None)
+
+
+def test_a_new_run_refuses_a_folder_whose_checkpoint_was_deleted_but_not_one_where_no_epoch_ended(mnist_dir, tmp_path):
+    config = TrainConfig(**SMALL, data_dir=str(mnist_dir))
+    train(config, tmp_path / "run", echo=None, pictures=False)
+    (tmp_path / "run" / CHECKPOINT).unlink()  # the largest file, deleted to save room: the run is still there
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(config, tmp_path / "run", echo=None)
+    (tmp_path / "run" / "model.npz").unlink()  # its metrics alone are still somebody's results
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(config, tmp_path / "run", echo=None)
+    # Metrics without an epoch (interrupted before the first ended) hold nothing: a new run starts there.
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "metrics.json").write_text('{"config": {}, "status": "interrupted", "epochs": []}')
+    assert train(config, tmp_path / "new", echo=None, pictures=False)["status"] == "finished"
+
+
+def _tiny_data(folder, n_train: int, n_test: int, side: int = 8) -> str:
+    """A learnable data set of side x side images in 3 classes."""
+    from idx_files import write_mnist_folder
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = (np.arange(n) % 3).astype(np.uint8)
+        images = rng.integers(0, 40, (n, side, side)).astype(np.uint8)
+        for k in range(3):  # each class lights its own rows
+            images[labels == k, 2 * k : 2 * k + 2, :] = 200
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    write_mnist_folder(folder, arrays)
+    return str(folder)
+
+
+def test_a_resume_on_data_of_other_sizes_is_refused_naming_each_difference(tmp_path):
+    first = _tiny_data(tmp_path / "first", 300, 60)
+    config = TrainConfig(hidden=8, epochs=3, batch_size=30, val_size=0, backend="numpy", data_dir=first)
+    train(config, tmp_path / "run", echo=None, pictures=False, stop_after=1)
+    before = (tmp_path / "run" / CHECKPOINT).read_bytes()
+    for other, difference in (
+        (_tiny_data(tmp_path / "fewer", 300, 30), "test images 30 (the run had 60)"),
+        (_tiny_data(tmp_path / "larger", 300, 60, side=10), "image size 100 (the run had 64)"),
+    ):
+        moved = TrainConfig(**{**config.to_dict(), "data_dir": other})
+        with pytest.raises(
+            ValueError, match=r"cannot resume .*: the data in .* is not the run's: " + re.escape(difference)
+        ):
+            train(moved, tmp_path / "run", resume=True, echo=None)
+    assert (tmp_path / "run" / CHECKPOINT).read_bytes() == before
+    assert train(config, tmp_path / "run", resume=True, echo=None, pictures=False)["status"] == "finished"
+
+
+def test_a_corrupt_metrics_json_is_an_error_naming_the_file(mnist_dir, tmp_path):
+    config = TrainConfig(**SMALL, data_dir=str(mnist_dir))
+    train(config, tmp_path, echo=None, pictures=False, stop_after=1)
+    (tmp_path / "metrics.json").write_text("{bad json")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'metrics.json'} is not valid JSON (")):
+        train(config, tmp_path, resume=True, echo=None)
+    (tmp_path / "metrics.json").unlink()  # as the message says: the checkpoint has the metrics
+    assert len(train(config, tmp_path, resume=True, echo=None, pictures=False)["epochs"]) == 3
 
 
 def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch):

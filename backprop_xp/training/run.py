@@ -264,7 +264,7 @@ def open_run_folder(config: TrainConfig, out: Path, resume: bool) -> tuple[Train
     loaded, so that a folder that cannot be written fails at once.
     """
     if not resume:
-        if (out / CHECKPOINT).exists():
+        if holds_a_run(out):
             raise SettingError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
         return None
     saved, metrics = read_checkpoint(out)
@@ -279,6 +279,22 @@ def open_run_folder(config: TrainConfig, out: Path, resume: bool) -> tuple[Train
     if config.epochs < done_before:
         raise SettingError(f"cannot resume {out} with --epochs {config.epochs}: it has already done {done_before}")
     return saved, metrics
+
+
+def holds_a_run(out: Path) -> bool:
+    """Whether ``out`` holds a run that a new one would overwrite.
+
+    Not only its checkpoint (the largest file, the one a user deletes to save
+    room): its model, or metrics with an epoch done. Metrics with no epoch (a
+    run interrupted before its first ended) hold nothing to lose.
+    """
+    if (out / CHECKPOINT).exists() or (out / MODEL).exists():
+        return True
+    try:
+        metrics = load_metrics(out)
+    except ValueError:  # unreadable: not ours to overwrite
+        return True
+    return bool(metrics and metrics.get("epochs"))
 
 
 def already_finished(
@@ -336,6 +352,7 @@ def build_model(
             dtype=config.dtype, seed=config.seed,
         )  # fmt: skip
     else:
+        check_same_data(config, out, saved[1]["config"], data)
         model = MLP.load(out / CHECKPOINT, backend=backend.name)
     optimizer = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if saved is None:
@@ -363,6 +380,28 @@ def build_model(
     metrics["status"] = "running"
     metrics["epochs"] = metrics["epochs"][:epochs_done]
     return model, optimizer, metrics, epochs_done
+
+
+def check_same_data(config: TrainConfig, out: Path, run_config: dict[str, Any], data: RunData) -> None:
+    """SettingError if the data found for a resumed run is not the size of the data it was trained on.
+
+    A resume from another data folder (``--data-dir``) would otherwise train
+    and test on other images while metrics.json still named the first.
+    """
+    found = {
+        "image size": data.n_inputs, "classes": data.n_classes, "training images": len(data.x_train),
+        "validation images": 0 if data.x_val is None else len(data.x_val), "test images": len(data.x_test),
+    }  # fmt: skip
+    keys = {"image size": "n_inputs", "classes": "n_outputs", "training images": "n_train",
+            "validation images": "n_val", "test images": "n_test"}  # fmt: skip
+    differ = [f"{what} {n:,} (the run had {run_config[keys[what]]:,})" for what, n in found.items()
+              if keys[what] in run_config and run_config[keys[what]] != n]  # fmt: skip
+    if differ:
+        where = config.data_dir or "the default data folder"
+        raise SettingError(
+            f"cannot resume {out}: the data in {where} is not the run's: {'; '.join(differ)}; "
+            "pass --data-dir with the folder of the data it was trained on"
+        )
 
 
 def announce(

@@ -163,9 +163,19 @@ def _run_title(config: dict[str, Any], model: MLP) -> str:
 
 
 def load_metrics(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """``out_dir/metrics.json`` as a dict, or None if there is none (a run not started)."""
+    """``out_dir/metrics.json`` as a dict, or None if there is none (a run not started).
+
+    ValueError, naming the file, if it is not a JSON object.
+    """
     path = Path(out_dir) / METRICS_JSON
     if not path.is_file():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); it is rewritten from checkpoint.npz if you delete it "
+                         "and --resume") from None  # fmt: skip
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path} holds a JSON {type(metrics).__name__}, not the object of a run's metrics")
+    return metrics

@@ -30,7 +30,7 @@ from typing import Any
 from ..files import atomic_write, interrupt, make_out_dir
 from .config import TrainConfig
 from .run import Diverged, train
-from .run_files import CHECKPOINT, load_metrics, read_checkpoint
+from .run_files import CHECKPOINT, load_metrics
 
 # Settings a sweep may vary (each given as a comma-separated list on the command line).
 SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule")
@@ -62,8 +62,10 @@ def grid(base: dict[str, Any], options: dict[str, Sequence[Any]]) -> list[dict[s
     return [{**base, **dict(zip(keys, values))} for values in itertools.product(*(options[k] for k in keys))]
 
 
-def run_name(config: dict[str, Any], varied: Sequence[str]) -> str:
+def run_name(config: dict[str, Any], varied: Sequence[str], *, exact: bool = False) -> str:
     """A folder name saying what differs: always hidden size, lr and batch, plus what else varies.
+
+    Numbers are written short (``:g``, 6 digits), or with every digit they need (``exact``).
 
     >>> run_name({"hidden": 128, "lr": 0.1, "batch_size": 32, "activation": "tanh"}, ["activation"])
     'h128-lr0.1-b32-tanh'
@@ -71,9 +73,23 @@ def run_name(config: dict[str, Any], varied: Sequence[str]) -> str:
     shown = ["hidden", "lr", "batch_size"] + [
         k for k in SWEPT if k in varied and k not in ("hidden", "lr", "batch_size")
     ]
+    number = repr if exact else (lambda v: f"{v:g}")
     return "-".join(
-        f"{_SHORT[k]}{config[k]:g}" if isinstance(config[k], float) else f"{_SHORT[k]}{config[k]}" for k in shown
+        f"{_SHORT[k]}{number(config[k])}" if isinstance(config[k], float) else f"{_SHORT[k]}{config[k]}" for k in shown
     )
+
+
+def run_names(configs: Sequence[dict[str, Any]], varied: Sequence[str]) -> list[str]:
+    """One distinct ``run_name`` per config: the short names, unless two of them coincide (lr 0.1 and 0.1000001).
+
+    >>> run_names([{"hidden": 8, "lr": lr, "batch_size": 32} for lr in (0.1, 0.1000001)], ["lr"])
+    ['h8-lr0.1-b32', 'h8-lr0.1000001-b32']
+    """
+    for exact in (False, True):
+        names = [run_name(config, varied, exact=exact) for config in configs]
+        if len(set(names)) == len(names):
+            return names
+    raise ValueError(f"two runs of this sweep would share a folder: {sorted(n for n in names if names.count(n) > 1)}")
 
 
 def summarize(name: str, config: dict[str, Any], metrics: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
@@ -146,12 +162,9 @@ def run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
 
         try:
             cfg = TrainConfig.from_dict(config)
+            # A run already there with other settings (another sweep into the same --out) is refused by
+            # train, naming them: it is somebody's result, not a stale file to start over from.
             resume = os.path.exists(os.path.join(out_dir, CHECKPOINT))
-            if resume:
-                saved, _ = read_checkpoint(out_dir)
-                resume = all(getattr(saved, k) == getattr(cfg, k) for k in TrainConfig.MATH_FIELDS)
-                if not resume:  # a stale run with other settings: start over
-                    os.remove(os.path.join(out_dir, CHECKPOINT))
             train(cfg, out_dir, resume=resume, echo=echo, progress=False)
         except Diverged as exc:
             echo(str(exc))
