@@ -673,6 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, OSError, ValueError, BackendError) as exc:  # OSError: FileNotFoundError, a full disk...
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return 1
+    except MemoryError as exc:  # NumPy's says how much, for what shape: --hidden 10**11, say
+        print(f"backprop-xp: error: not enough memory: {exc or 'an allocation failed'}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("backprop-xp: interrupted", file=sys.stderr)
         return 130

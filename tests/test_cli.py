@@ -69,6 +69,17 @@ def test_the_module_runs_as_a_program():
     )
 
 
+def test_a_network_too_large_for_memory_is_a_one_line_error(tmp_path, capsys):
+    from idx_files import fake_mnist, write_mnist_folder
+
+    write_mnist_folder(tmp_path / "mnist", fake_mnist(n_train=30, n_test=12, rows=28, cols=28), gz=True)
+    argv = ["train", "--hidden", str(10**11), "--epochs", "1", "--batch-size", "10", "--backend", "numpy",
+            "--data-dir", str(tmp_path / "mnist"), "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("backprop-xp: error: not enough memory: Unable to allocate ") and err.count("\n") == 1
+
+
 def test_an_unusable_cupy_backend_is_a_one_line_error(mnist_dir, capsys):
     from backprop_xp.backend import BackendError, get_backend
 
