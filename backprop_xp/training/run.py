@@ -110,8 +110,9 @@ def divergence(row: dict[str, Any], first_loss: float | None, n_classes: int, ch
     ln(K); a run 10 times worse than that, or 10 times worse than its own
     first epoch, is exploding; and after a whole epoch of learning, accuracy
     no better than always naming the most frequent class with a loss no better
-    than guessing, and no better than the first epoch's, means nothing is
-    being learned.
+    than guessing means nothing is being learned, if that loss is also no
+    better than the first epoch's or clearly worse than guessing (2% above
+    ln K: confidently wrong, not merely slow to start).
 
     >>> divergence({"epoch": 2, "train_loss": 1e6, "train_accuracy": 0.1}, 3.0, 10, 0.11)
     'the training loss 1e+06 is more than 10 times that of guessing (2.3)'
@@ -121,15 +122,18 @@ def divergence(row: dict[str, Any], first_loss: float | None, n_classes: int, ch
     'training accuracy 10.0% is at cha'
     >>> divergence({"epoch": 2, "train_loss": 2.29, "train_accuracy": 0.1}, 2.33, 10, 0.11) is None  # slow, still falling
     True
+    >>> divergence({"epoch": 2, "train_loss": 2.37, "train_accuracy": 0.095}, 3.1, 10, 0.11)[:33]  # lr 3: no learning
+    'training accuracy 9.5% is at chan'
     """
     loss, accuracy, guess = row["train_loss"], row["train_accuracy"], math.log(n_classes)
     if loss > 10 * guess:
         return f"the training loss {loss:.3g} is more than 10 times that of guessing ({guess:.2g})"
     if row["epoch"] >= 2 and first_loss is not None and loss > 10 * first_loss:
         return f"the training loss {loss:.3g} is more than 10 times the first epoch's ({first_loss:.3g})"
-    # "Stopped learning" needs a loss that got worse than the first epoch's too: a small or short run
-    # that is merely slow to start (loss still falling from ln K) must not be stopped as diverged.
-    stuck = first_loss is not None and loss >= first_loss
+    # "Stopped learning" needs a loss that got worse than the first epoch's, or clearly worse than
+    # guessing: a small or short run merely slow to start (its loss still falling from ln K, where an
+    # untrained network starts) must not be stopped as diverged.
+    stuck = (first_loss is not None and loss >= first_loss) or loss >= 1.02 * guess
     if row["epoch"] >= 2 and stuck and accuracy <= chance + 0.01 and loss >= 0.98 * guess:
         return (
             f"training accuracy {accuracy:.1%} is at chance level (always naming the most frequent class "
