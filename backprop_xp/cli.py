@@ -32,6 +32,10 @@ class UserError(Exception):
     """An error the user can fix; printed as one line without a traceback."""
 
 
+class BadArgument(UserError):
+    """A bad argument found after parsing (a data folder named by the environment, say): exit code 2."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr (no usage block) and exit code 2."""
 
@@ -82,12 +86,62 @@ count = _checked(int, AT_LEAST_0)
 positive_float = _checked(float, POSITIVE)
 nonnegative_float = _checked(float, NON_NEGATIVE)
 momentum_float = _checked(float, FRACTION)
+# show-data's grid makes one matplotlib axes per digit: 100 take about 4 s on a 2-core CPU, 1000 about 40 s.
+MAX_SHOW_COUNT = 100
+show_count = _checked(
+    int, Rule(f"an integer from 1 to {MAX_SHOW_COUNT}", lambda v: AT_LEAST_1.ok(v) and v <= MAX_SHOW_COUNT)
+)
+# More threads than cores only make the CPU engines fight over them; 4x leaves room to measure that, not 1000.
+MAX_BENCH_THREADS = 4 * (os.cpu_count() or 1)
+bench_threads = _checked(
+    int,
+    Rule(
+        f"an integer from 1 to {MAX_BENCH_THREADS} (4 per CPU here)",
+        lambda v: AT_LEAST_1.ok(v) and v <= MAX_BENCH_THREADS,
+    ),
+)
+
+
+def _not_a_folder(text: str) -> str | None:
+    """What is wrong with ``text`` as a folder to read from, or None when it is one."""
+    if os.path.isdir(text):
+        return None
+    if os.path.exists(text):
+        return f"{text!r} is a file, not a folder"
+    return f"folder {text!r} does not exist"
 
 
 def existing_dir(text: str) -> str:
-    if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"folder {text!r} does not exist")
+    if problem := _not_a_folder(text):
+        raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def png_file(text: str) -> str:
+    """A picture to write: a .png name that is not a folder (the pictures are always PNG)."""
+    if not text:
+        raise argparse.ArgumentTypeError("the file name is empty; give one ending in .png")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name ending in .png")
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a .png file name (the picture is written as PNG)")
+    return text
+
+
+def check_data_env(dataset: str, data_dir: str | None) -> None:
+    """Refuse a data folder named by the environment that --data-dir would have refused (exit code 2).
+
+    The loader would report it later as if ``data_dir`` had named it, with exit
+    code 1; the user set the variable, so name it and its value.
+    """
+    from .data.download import dataset_info
+
+    if data_dir is not None:
+        return
+    env = dataset_info(dataset)[1]
+    folder = os.environ.get(env)
+    if folder and (problem := _not_a_folder(folder)):  # an empty variable is unset for the loader too
+        raise BadArgument(f"${env}: {problem} (unset it or give --data-dir)")
 
 
 def choice_of(allowed: Sequence[str]) -> Callable[[str], str]:
@@ -123,9 +177,17 @@ def _add_show_data(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data-dir", type=existing_dir, help=DATA_HELP)
     p.add_argument(
-        "--out", default=os.path.join("runs", "digits.png"), help="PNG file to write (default: runs/digits.png)"
+        "--out",
+        type=png_file,
+        default=os.path.join("runs", "digits.png"),
+        help="PNG file to write (default: runs/digits.png)",
     )
-    p.add_argument("--count", type=positive_int, default=40, help="how many training digits to draw (default: 40)")
+    p.add_argument(
+        "--count",
+        type=show_count,
+        default=40,
+        help=f"how many training digits to draw, at most {MAX_SHOW_COUNT} (default: 40)",
+    )
     p.set_defaults(handler=_cmd_show_data)
 
 
@@ -133,6 +195,7 @@ def _cmd_show_data(args: argparse.Namespace) -> int:
     from .data import DATASETS, load_dataset
     from .plots import digit_grid
 
+    check_data_env(args.dataset, args.data_dir)
     _prepare_out_dir(os.path.dirname(args.out) or ".")
     x_train, y_train, x_test, y_test = load_dataset(args.dataset, args.data_dir)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
@@ -308,6 +371,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"backprop-xp: error: {exc}", file=sys.stderr)
             return 2
         out = args.out or default_out_dir(config)
+    check_data_env(config.dataset, config.data_dir)
     try:
         metrics = train(
             config, out, resume=bool(args.resume), echo=None if args.quiet else print,
@@ -386,6 +450,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model, args.backend)
     dataset = args.dataset or _trained_on(model.path)
+    check_data_env(dataset, args.data_dir)
     _, _, x_test, y_test = load_dataset(dataset, args.data_dir)
     if x_test.shape[1] != model.n_inputs or y_test.max() >= model.n_outputs:
         raise UserError(
@@ -431,7 +496,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="a model.npz written by train, or the run folder holding it")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
-    p.add_argument("--show", metavar="PNG", help="also draw each image as the network saw it into this PNG file")
+    p.add_argument(
+        "--show", metavar="PNG", type=png_file, help="also draw each image as the network saw it into this PNG file"
+    )
     p.add_argument("--backend", type=choice_of(BACKENDS), default="numpy", help="where to run it (default: numpy)")
     p.set_defaults(handler=_cmd_predict)
 
@@ -456,6 +523,8 @@ def read_digit(path: str, side: int = 28) -> tuple[np.ndarray, bool]:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .backend import to_numpy
 
+    if args.show:  # its folder first: a picture with nowhere to go is an error before any work
+        _prepare_out_dir(os.path.dirname(args.show) or ".")
     model = _load_model(args.model, args.backend)
     side = math.isqrt(model.n_inputs)
     if side * side != model.n_inputs:
@@ -478,7 +547,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.show and seen:
         from .plots import digit_grid
 
-        _prepare_out_dir(os.path.dirname(args.show) or ".")
         digit_grid(np.stack(seen), titles, args.show, suptitle=f"What the network saw ({side}x{side}, white on black)")
         print(f"wrote {args.show}")
     return 1 if failed else 0
@@ -524,6 +592,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     given.setdefault("val_size", SWEEP_VAL_SIZE)  # choose settings on held-out training images, never on the test set
     options = {name: given.pop(name) for name in SWEPT if name in given}
     base = TrainConfig(**given)
+    if args.scheduler in (None, "local"):  # a remote cluster's workers have their own environment
+        check_data_env(base.dataset, base.data_dir)
     if args.scheduler:
         from .training.dask_sweep import require_distributed, run_sweep_dask
 
@@ -623,7 +693,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="start no round that would end after S seconds; at least one runs (default: 180)",
     )
-    p.add_argument("--threads", type=positive_int, help="CPU threads of every CPU engine (default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=bench_threads,
+        help=f"CPU threads of every CPU engine, at most {MAX_BENCH_THREADS} (4 per CPU; default: all cores)",
+    )
     p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=DATA_HELP)
     p.add_argument(
         "--train-size", type=count, default=20_000, metavar="N",
@@ -639,6 +713,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import command
 
+    check_data_env("mnist", args.data_dir)
     return command(args)
 
 
@@ -670,6 +745,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with signals_as_interrupts():  # SIGTERM ends every command as Ctrl-C does, and neither strands a temporary file
             return args.handler(args)
+    except (BadArgument, SettingError) as exc:
+        # Bad arguments found after parsing: SettingError is a setting that does not fit the data.
+        print(f"backprop-xp: error: {exc}", file=sys.stderr)
+        return 2
     except (UserError, OSError, ValueError, BackendError) as exc:  # OSError: FileNotFoundError, a full disk...
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return 1

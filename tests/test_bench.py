@@ -57,11 +57,46 @@ def test_unknown_engine_is_one_line_and_exit_2(capsys):
     assert len(err.splitlines()) == 1 and "'tensorflow' is not one of" in err
 
 
-def test_too_large_train_size_is_one_line_and_exit_1(tmp_path, mnist_dir, capsys):
-    code = cli.main(["bench", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--train-size", "60001"])
-    assert code == 1
+def test_too_large_train_size_is_one_line_and_exit_2_as_for_train(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["bench", "--data-dir", str(mnist_dir), "--out", str(out), "--train-size", "60001"])
+    assert code == 2  # a setting that does not fit the data: a bad argument, as train says it
+    assert capsys.readouterr().err == "backprop-xp: error: --train-size 60001 is more than the 60000 training images\n"
+    assert not out.exists()  # refused before the output folder is made
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_output_folder_that_cannot_be_made_is_one_clear_line(where, tmp_path, mnist_dir, capsys):
+    if where == "proc":
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc here")
+        out = "/proc/backprop-xp-test"
+    else:
+        out = str(tmp_path / "afile")
+        Path(out).write_text("")
+    assert cli.main(["bench", "--data-dir", str(mnist_dir), "--out", out, "--engines", "numpy", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"backprop-xp: error: cannot create output folder {out}: ")
+    assert "Errno" not in err and "No such file" not in err
+
+
+def test_more_threads_than_four_per_cpu_are_refused(capsys):
+    limit = 4 * (os.cpu_count() or 1)
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["bench", "--threads", str(limit + 1)])  # parsing only: never a real bench
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--threads: must be an integer from 1 to {limit} " in err
+    assert cli.build_parser().parse_args(["bench", "--threads", str(limit)]).threads == limit
+
+
+def test_a_data_folder_named_by_the_environment_is_checked_like_data_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BACKPROP_XP_DATA", str(tmp_path / "gone"))
+    assert cli.main(["bench", "--out", str(tmp_path / "out"), "--engines", "numpy", *TINY]) == 2
+    err = capsys.readouterr().err
     assert (
-        capsys.readouterr().err.strip() == "backprop-xp: error: train-size 60001 is more than the 60000 training images"
+        err
+        == f"backprop-xp: error: $BACKPROP_XP_DATA: folder '{tmp_path / 'gone'}' does not exist (unset it or give --data-dir)\n"
     )
 
 

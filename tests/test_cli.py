@@ -592,3 +592,87 @@ def test_small_things_a_new_user_trips_over(trained, mnist_dir, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert main(["show-data", "--data-dir", str(mnist_dir), "--count", "10"]) == 0
     assert (tmp_path / "runs" / "digits.png").is_file() and not (tmp_path / "digits.png").exists()
+
+
+# --------------------------------------------------------------------------- arguments checked before any work
+
+
+def test_show_data_draws_at_most_100_digits(capsys):
+    # matplotlib makes one axes per digit: 100 take about 4 s on 2 cores, 1000 about 40 s.
+    from backprop_xp.cli import build_parser
+
+    assert build_parser().parse_args(["show-data", "--count", "100"]).count == 100
+    for count in ("101", "100000"):
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args(["show-data", "--count", count])  # parsing only: the old code drew them all
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1
+        assert f"argument --count: must be an integer from 1 to 100, got {count}" in err
+
+
+def test_a_data_dir_that_is_a_file_is_called_not_a_folder(tmp_path, capsys):
+    afile = tmp_path / "model.npz"
+    afile.write_bytes(b"")
+    _fails_with_usage_error(
+        ["evaluate", str(afile), "--data-dir", str(afile)],
+        capsys,
+        f"--data-dir: {str(afile)!r} is a file, not a folder",
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--hidden", "8", "--epochs", "1", "--quiet"],
+        ["sweep", "--hidden", "8", "--epochs", "1"],
+        ["show-data", "--count", "1"],
+        ["train", "--dataset", "fashion-mnist", "--hidden", "8", "--epochs", "1", "--quiet"],
+    ],
+    ids=["train", "sweep", "show-data", "fashion"],
+)
+@pytest.mark.parametrize("what", ["missing", "file"])
+def test_a_data_folder_named_by_the_environment_is_checked_like_data_dir(command, what, tmp_path, monkeypatch, capsys):
+    env = "BACKPROP_XP_FASHION_DATA" if "fashion-mnist" in command else "BACKPROP_XP_DATA"
+    folder = tmp_path / "mnist"
+    if what == "file":
+        folder.write_text("")
+    monkeypatch.setenv(env, str(folder))
+    out = tmp_path / ("out.png" if command[0] == "show-data" else "out")
+    assert main([*command, "--out", str(out)]) == 2  # a bad argument, as --data-dir with that folder is
+    err = capsys.readouterr().err
+    problem = (
+        f"folder {str(folder)!r} does not exist" if what == "missing" else f"{str(folder)!r} is a file, not a folder"
+    )
+    assert err == f"backprop-xp: error: ${env}: {problem} (unset it or give --data-dir)\n"
+    assert not out.exists()  # refused before anything was made
+
+
+def test_evaluate_checks_the_environment_data_folder_of_the_models_data_set(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BACKPROP_XP_DATA", str(tmp_path / "gone"))
+    assert main(["evaluate", str(trained), "--backend", "numpy"]) == 2
+    assert capsys.readouterr().err.startswith(f"backprop-xp: error: $BACKPROP_XP_DATA: folder '{tmp_path / 'gone'}'")
+
+
+@pytest.mark.parametrize("name, problem", [("img", "is a folder"), ("", "empty"), ("seen.jpg", "not a .png file")])
+def test_a_picture_path_that_cannot_be_a_png_file_is_refused_before_any_work(name, problem, trained, tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    digit = tmp_path / "d.png"
+    ink = np.zeros((28, 28), np.uint8)
+    ink[6:22, 12:16] = 255  # a "1"
+    Image.fromarray(ink).save(digit)
+    path = str(tmp_path / name) if name else ""
+    for argv, flag in (
+        (["predict", str(trained), str(digit), "--show", path], "--show"),
+        (["show-data", "--count", "1", "--out", path], "--out"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        captured = capsys.readouterr()
+        assert info.value.code == 2, captured
+        assert captured.out == ""  # nothing classified, no data loaded
+        assert captured.err.count("\n") == 1 and f"argument {flag}: " in captured.err and problem in captured.err
+        assert (repr(path) in captured.err) if name else True
+        assert "Errno" not in captured.err and ".tmp" not in captured.err
+    assert os.listdir(tmp_path / "img") == [] and not (tmp_path / "seen.jpg").exists()

@@ -27,21 +27,25 @@ def command(args: Any) -> int:
     """The ``bench`` command (``cli.py`` parses its flags): run, print the table, write the three files.
 
     Exit status 0; 1 when no engine could run; 130 after Ctrl-C (the table of
-    the rounds finished so far is printed and written first).
+    the rounds finished so far is printed and written first). A ``--train-size``
+    larger than the data raises SettingError (exit 2, as for ``train``); an
+    output folder that cannot be made, OSError (exit 1).
     """
     import os
     import time
 
     from ..data import load_mnist
+    from ..files import make_out_dir
+    from ..training import SettingError
 
     threads = args.threads or os.cpu_count() or 1
     # The data once here, before the workers start: a missing folder is one error line (not one per
     # engine), the download cache is filled by one process, and --train-size is checked.
     n_train = len(load_mnist(args.data_dir)[1])
     if args.train_size > n_train:
-        raise ValueError(f"train-size {args.train_size} is more than the {n_train} training images")
-    out = args.out or os.path.join("runs", time.strftime("bench-%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
+        raise SettingError(f"--train-size {args.train_size} is more than the {n_train} training images")
+    # After the arguments are checked (a refused one leaves no empty folder), before any worker starts.
+    out = make_out_dir(args.out or os.path.join("runs", time.strftime("bench-%Y%m%d-%H%M%S")))
     command_line = (
         f"backprop-xp bench --hidden {','.join(map(str, args.hidden))} --batch-size {','.join(map(str, args.batch_size))} "
         f"--engines {','.join(args.engines)} --epochs {args.epochs} --budget-s {args.budget_s:g} --threads {threads} "
