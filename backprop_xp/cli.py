@@ -430,28 +430,38 @@ def _load_model(path: str, backend: str) -> Any:
     return model
 
 
-def _trained_on(path: str) -> str:
-    """The data set a model file says it was trained on (older files say nothing: MNIST)."""
+def _trained_on(path: str) -> tuple[str, str | None]:
+    """The data set a model file says it was trained on, and the folder its data came from, if it says.
+
+    Older files say nothing: MNIST, from wherever the loader looks.
+    """
     import json
 
     from .files import read_npz
 
     arrays = read_npz(path, "a model file written by backprop-xp")
     try:
-        return str(json.loads(str(arrays["train.config"])).get("dataset", "mnist"))
+        config = json.loads(str(arrays["train.config"]))
     except (KeyError, ValueError):
-        return "mnist"
+        return "mnist", None
+    folder = config.get("data_dir")
+    return str(config.get("dataset", "mnist")), str(folder) if folder else None
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .backend import to_numpy
     from .data import load_dataset
+    from .data.download import dataset_info
     from .training import confusion_matrix, evaluate
 
     model = _load_model(args.model, args.backend)
-    dataset = args.dataset or _trained_on(model.path)
-    check_data_env(dataset, args.data_dir)
-    _, _, x_test, y_test = load_dataset(dataset, args.data_dir)
+    trained_on, trained_from = _trained_on(model.path)
+    dataset, data_dir = args.dataset or trained_on, args.data_dir
+    check_data_env(dataset, data_dir)
+    if data_dir is None and dataset == trained_on and trained_from and os.path.isdir(trained_from):
+        if not os.environ.get(dataset_info(dataset)[1]):  # else the download cache: the run's own folder first
+            data_dir = trained_from
+    _, _, x_test, y_test = load_dataset(dataset, data_dir)
     if x_test.shape[1] != model.n_inputs or y_test.max() >= model.n_outputs:
         raise UserError(
             f"{model.path}: a {model.n_inputs}-{model.n_hidden}-{model.n_outputs} network cannot be tested on {dataset} "

@@ -102,6 +102,16 @@ def trained(mnist_dir, tmp_path_factory):
     return out
 
 
+def test_evaluate_finds_the_data_folder_the_run_was_trained_on(trained, tmp_path, monkeypatch, capsys):
+    """Without --data-dir or $BACKPROP_XP_DATA, the run's own folder, not the (empty) download cache."""
+    monkeypatch.delenv("BACKPROP_XP_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))  # a download would be attempted there
+    assert main(["evaluate", str(trained)]) == 0
+    accuracy = json.loads((trained / "metrics.json").read_text())["final"]["test_accuracy"]
+    assert f"test accuracy {100 * accuracy:.2f}%  (" in capsys.readouterr().out
+    assert not (tmp_path / "empty-cache").exists()
+
+
 def test_train_writes_its_folder(trained):
     for name in ("metrics.json", "metrics.csv", "model.npz", "checkpoint.npz", "curves.png", "confusion.png",
                  "misclassified.png", "weights.png"):  # fmt: skip
