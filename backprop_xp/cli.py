@@ -117,6 +117,13 @@ def existing_dir(text: str) -> str:
     return text
 
 
+def nonempty(text: str) -> str:
+    """A folder or address: an empty one is a mistake (a shell variable that was not set), not the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; leave the option out for its default")
+    return text
+
+
 def png_file(text: str) -> str:
     """A picture to write: a .png name that is not a folder (the pictures are always PNG)."""
     if not text:
@@ -157,9 +164,9 @@ def list_of(parse: Callable[[str], Any]) -> Callable[[str], list]:
     """A comma-separated list, each item checked by ``parse`` (for ``sweep``)."""
 
     def parse_list(text: str) -> list:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        items = [item.strip() for item in text.split(",")]
+        if not all(items):  # "8,,16" or "8,": a value lost in typing, not one to skip
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of values, got {text!r}")
         values = [parse(item) for item in items]
         return list(dict.fromkeys(values))  # repeated values would train the same run twice
 
@@ -334,6 +341,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         metavar="DIR",
+        type=nonempty,
         help="folder for metrics, checkpoint, model and pictures (default: a new folder under runs/)",
     )
     p.add_argument(
@@ -582,11 +590,13 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     _add_model_flags(p, lists=True)
     p.add_argument("--jobs", type=positive_int, default=1, help="runs trained at once on the CPU (default: 1)")
     p.add_argument(
-        "--scheduler", metavar="ADDRESS",
+        "--scheduler", metavar="ADDRESS", type=nonempty,
         help="train the runs on a Dask cluster instead: tcp://host:port of a running dask scheduler, or 'local' "
         "for --jobs worker processes here (needs the optional dependency 'distributed'; see dask_sweep.py)",
     )  # fmt: skip
-    p.add_argument("--out", metavar="DIR", help="folder for the sweep (default: a new folder under sweeps/)")
+    p.add_argument(
+        "--out", metavar="DIR", type=nonempty, help="folder for the sweep (default: a new folder under sweeps/)"
+    )
     p.set_defaults(handler=_cmd_sweep)
 
 
@@ -715,7 +725,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "(default: 20000, so that the default run with every CPU engine fits its budget)",
     )  # fmt: skip
     p.add_argument(
-        "--out", metavar="DIR", help="folder for bench.json, bench.md and bench.png (default: a new folder under runs/)"
+        "--out",
+        metavar="DIR",
+        type=nonempty,
+        help="folder for bench.json, bench.md and bench.png (default: a new folder under runs/)",
     )
     p.set_defaults(handler=_cmd_bench)
 
