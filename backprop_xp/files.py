@@ -231,9 +231,10 @@ def in_use(folder: str | os.PathLike) -> Iterator[None]:
     file system has no locks (some network file systems), nothing is locked.
     """
     path = os.path.join(os.fspath(folder), LOCK)
-    with _held():  # an interrupt waits, so that no locked descriptor is left open
-        fd = _lock(path, folder) if fcntl is not None else None
+    fd = None
     try:
+        with _held():  # a signal under signals_as_interrupts waits for the lock to be taken, then is raised
+            fd = _lock(path, folder) if fcntl is not None else None
         if fd is not None:
             stamp = f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
             os.write(fd, stamp.encode())
@@ -265,6 +266,9 @@ def _lock(path: str, folder: str | os.PathLike) -> int | None:
         except OSError:  # flock: no locks on this file system
             os.close(fd)
             return None
+        except BaseException:  # Python's own Ctrl-C, outside signals_as_interrupts: no lock left held
+            os.close(fd)
+            raise
         if current:
             os.ftruncate(fd, 0)
             return fd

@@ -299,3 +299,17 @@ def test_a_lock_file_removed_as_it_is_locked_is_not_trusted(tmp_path, monkeypatc
         assert len(calls) == 2  # it locked again, the file that is now there
         assert (tmp_path / files.LOCK).read_text().startswith(f"process {os.getpid()} on ")
     assert not (tmp_path / files.LOCK).exists()
+
+
+@SIGNALS
+def test_a_signal_as_the_folder_lock_is_taken_leaves_the_folder_unlocked(tmp_path, monkeypatch, sig):
+    """The interrupt waits for the lock to be taken, then is raised: the lock must go with it."""
+    monkeypatch.setattr(files, "_lock", _then_signal(files._lock, sig))
+    body_ran = False
+    with pytest.raises(KeyboardInterrupt), signals_as_interrupts():
+        with files.in_use(tmp_path):
+            body_ran = True
+    assert not body_ran and _hidden_files(tmp_path) == []
+    monkeypatch.undo()
+    with files.in_use(tmp_path):  # not held by this process's forgotten descriptor
+        pass

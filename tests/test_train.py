@@ -210,7 +210,7 @@ def test_a_new_run_refuses_a_folder_whose_checkpoint_was_deleted_but_not_one_whe
     config = TrainConfig(**SMALL, data_dir=str(mnist_dir))
     train(config, tmp_path / "run", echo=None, pictures=False)
     (tmp_path / "run" / CHECKPOINT).unlink()  # the largest file, deleted to save room: the run is still there
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(ValueError, match=r"already holds a run \(no checkpoint to resume it from\); choose another"):
         train(config, tmp_path / "run", echo=None)
     (tmp_path / "run" / "model.npz").unlink()  # its metrics alone are still somebody's results
     with pytest.raises(ValueError, match="already holds a run"):

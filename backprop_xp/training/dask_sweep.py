@@ -50,6 +50,7 @@ imported only inside the functions here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -104,6 +105,7 @@ def _run_on_worker(config: dict[str, Any], out_dir: str, key: str) -> dict[str, 
     from distributed import get_worker
 
     where = get_worker().address
+    forget_interrupt()  # a stop meant for this thread's previous task, which ended as it came
     _training[key] = threading.get_ident()  # first, so that a _stop_runs from now on finds it
     try:
         if key in _stopped:  # stopped while it waited for this thread
@@ -122,9 +124,12 @@ def _run_on_worker(config: dict[str, Any], out_dir: str, key: str) -> dict[str, 
 def _stop_runs(keys: list[str]) -> list[str]:
     """On a worker (``client.run``): stop the runs of these task keys at their next step; the keys it was training."""
     _stopped.update(keys)
-    stopping = [key for key in keys if key in _training]
-    for key in stopping:
-        interrupt_thread(_training[key])
+    stopping = []
+    for key in keys:
+        ident = _training.get(key)  # the run's thread may be deleting it right now
+        if ident is not None:
+            interrupt_thread(ident)
+            stopping.append(key)
     return stopping
 
 
@@ -332,8 +337,8 @@ def sweep_with_client(
 
     def collect(future: Any) -> None:
         """A run's task ended: record its summary, or resubmit it once if it raised on its worker."""
+        del submitted[future.key]  # first: an interrupt between the two must still find the run's name
         config, name, attempt = running.pop(future.key)
-        del submitted[future.key]
         try:
             summary = future.result()
         except KilledWorker as exc:  # the scheduler already retried it after the first death
@@ -385,7 +390,7 @@ def stop_runs(client: Any, futures: dict[str, Any], *, echo: Callable[[str], Non
     echo(f"interrupted: stopping {plural(len(futures), 'run')} on the workers (Ctrl-C again: stop waiting)")
     # on_error: a worker that is gone has nothing to stop
     client.run(_stop_runs, [f.key for f in futures.values()], on_error="ignore")
-    with contextlib.suppress(TimeoutError):
+    with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # two classes before Python 3.11
         wait_for(list(futures.values()), timeout=wait)
     for name, future in futures.items():
         if not future.done():

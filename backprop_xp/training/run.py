@@ -101,7 +101,9 @@ class Diverged(RuntimeError):
         )
 
 
-def divergence(row: dict[str, Any], first_loss: float | None, n_classes: int, chance: float) -> str | None:
+def divergence(
+    row: dict[str, Any], first_loss: float | None, n_classes: int, chance: float, previous_loss: float | None = None
+) -> str | None:
     """Why an epoch whose loss stayed finite still counts as diverged, or None if it does not.
 
     A finite loss can explode (lr 50: loss 1e6, accuracy 10%) or the network
@@ -110,9 +112,9 @@ def divergence(row: dict[str, Any], first_loss: float | None, n_classes: int, ch
     ln(K); a run 10 times worse than that, or 10 times worse than its own
     first epoch, is exploding; and after a whole epoch of learning, accuracy
     no better than always naming the most frequent class with a loss no better
-    than guessing means nothing is being learned, if that loss is also no
-    better than the first epoch's or clearly worse than guessing (2% above
-    ln K: confidently wrong, not merely slow to start).
+    than guessing, and no better than the first epoch's or the previous one's,
+    means nothing is being learned. A run slow to start (its loss falling,
+    from a little above ln K where an untrained network starts) goes on.
 
     >>> divergence({"epoch": 2, "train_loss": 1e6, "train_accuracy": 0.1}, 3.0, 10, 0.11)
     'the training loss 1e+06 is more than 10 times that of guessing (2.3)'
@@ -120,20 +122,19 @@ def divergence(row: dict[str, Any], first_loss: float | None, n_classes: int, ch
     True
     >>> divergence({"epoch": 3, "train_loss": 2.31, "train_accuracy": 0.1}, 2.30, 10, 0.11)[:33]
     'training accuracy 10.0% is at cha'
-    >>> divergence({"epoch": 2, "train_loss": 2.29, "train_accuracy": 0.1}, 2.33, 10, 0.11) is None  # slow, still falling
+    >>> divergence({"epoch": 2, "train_loss": 2.38, "train_accuracy": 0.1}, 2.52, 10, 0.11) is None  # slow, still falling
     True
-    >>> divergence({"epoch": 2, "train_loss": 2.37, "train_accuracy": 0.095}, 3.1, 10, 0.11)[:33]  # lr 3: no learning
-    'training accuracy 9.5% is at chan'
+    >>> divergence({"epoch": 3, "train_loss": 2.40, "train_accuracy": 0.095}, 2.81, 10, 0.11, 2.37)[:30]  # lr 3
+    'training accuracy 9.5% is at c'
     """
     loss, accuracy, guess = row["train_loss"], row["train_accuracy"], math.log(n_classes)
     if loss > 10 * guess:
         return f"the training loss {loss:.3g} is more than 10 times that of guessing ({guess:.2g})"
     if row["epoch"] >= 2 and first_loss is not None and loss > 10 * first_loss:
         return f"the training loss {loss:.3g} is more than 10 times the first epoch's ({first_loss:.3g})"
-    # "Stopped learning" needs a loss that got worse than the first epoch's, or clearly worse than
-    # guessing: a small or short run merely slow to start (its loss still falling from ln K, where an
-    # untrained network starts) must not be stopped as diverged.
-    stuck = (first_loss is not None and loss >= first_loss) or loss >= 1.02 * guess
+    # "Stopped learning" needs a loss that stopped falling, too: an untrained network starts a little
+    # above ln K, and a small or short run merely slow to start must not be stopped as diverged.
+    stuck = any(earlier is not None and loss >= earlier for earlier in (first_loss, previous_loss))
     if row["epoch"] >= 2 and stuck and accuracy <= chance + 0.01 and loss >= 0.98 * guess:
         return (
             f"training accuracy {accuracy:.1%} is at chance level (always naming the most frequent class "
@@ -269,7 +270,9 @@ def open_run_folder(config: TrainConfig, out: Path, resume: bool) -> tuple[Train
     """
     if not resume:
         if holds_a_run(out):
-            raise SettingError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
+            if (out / CHECKPOINT).exists():
+                raise SettingError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
+            raise SettingError(f"{out} already holds a run (no checkpoint to resume it from); choose another --out")
         return None
     saved, metrics = read_checkpoint(out)
     conflicts = [
@@ -507,8 +510,9 @@ class EpochLoop:
         if first_bad_step is not None:
             why, bad_step = "the loss became NaN or infinite", first_bad_step + 1
         else:
-            first_loss = self.metrics["epochs"][0]["train_loss"] if self.metrics["epochs"] else None
-            why, bad_step = divergence(row, first_loss, self.data.n_classes, self.data.chance), None
+            losses = [earlier["train_loss"] for earlier in self.metrics["epochs"]]
+            first, previous = (losses[0], losses[-1]) if losses else (None, None)
+            why, bad_step = divergence(row, first, self.data.n_classes, self.data.chance, previous), None
         if why is None:
             return
         # this epoch's parameters are not checkpointed: the last good ones stay
