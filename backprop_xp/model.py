@@ -211,6 +211,9 @@ class MLP:
             How many rows the forward pass classified correctly.
         """
         xp, p, g = self.xp, self.params, self.grads
+        if x.ndim != 2 or labels.shape != (x.shape[0],):  # the compiled kernels would read past the labels
+            raise ValueError(f"backprop needs x (batch, {self.n_inputs}) and labels (batch,), got "
+                             f"{tuple(x.shape)} and {tuple(labels.shape)}")  # fmt: skip
         ws = self._workspaces(x.shape[0])
         if self.activation == "relu" and fused_cpu.active(xp):
             # The lines below, the two large products aside, in one compiled pass per block of rows.
@@ -234,7 +237,7 @@ class MLP:
 
     # ------------------------------------------------------------------ public API
     def as_input(self, x: Any) -> Any:
-        """``x`` as a C-contiguous ``(B, n_inputs)`` array of this model's backend and dtype."""
+        """``x`` as a C-contiguous ``(B, n_inputs)`` array of this model's backend and dtype, all finite."""
         xp = self.xp
         if xp is np:
             x = to_numpy(x)
@@ -246,6 +249,9 @@ class MLP:
         x = xp.ascontiguousarray(xp.asarray(x, dtype=self.dtype))
         if x.ndim != 2 or x.shape[1] != self.n_inputs:
             raise ValueError(f"x must have shape (batch, {self.n_inputs}), got {tuple(x.shape)}")
+        finite = xp.isfinite(x).all(axis=1)
+        if not bool(finite.all()):  # one NaN pixel makes that row's class a guess, and a step's update all NaN
+            raise ValueError(f"x holds NaN or infinite values (row {int(xp.argmin(finite))} is the first)")
         return x
 
     def as_labels(self, labels: Any, n_rows: int) -> Any:

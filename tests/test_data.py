@@ -617,3 +617,12 @@ def test_public_names_exported():
     assert backprop_xp.DataFormatError is DataFormatError and issubclass(DataFormatError, ValueError)
     assert backprop_xp.load_mnist is load_mnist
     assert os.fspath(data.cache_dir()).endswith(os.path.join("backprop_xp", "mnist"))
+
+
+def test_minibatches_refuse_integer_pixels_as_the_model_does():
+    """uint8 images would be served as floats 0-255 and train to chance level without a word."""
+    x, y = np.full((8, 4), 200, np.uint8), np.arange(8) % 2
+    with pytest.raises(ValueError, match=r"x holds integers \(pixel values 0-255\?\)"):
+        Minibatches(x, y, 4)
+    batches = Minibatches(np.eye(8, 4, dtype=np.uint8), y, 4)  # integer 0/1 features are fine
+    assert next(iter(batches.epoch(0)))[0].dtype == np.float32

@@ -278,3 +278,15 @@ def test_load_compares_the_arrays_with_the_config_before_allocating(tmp_path):
         bx.MLP.load(_saved_with(tmp_path, b2=np.zeros(3), config_n_outputs=5, W2=np.zeros((5, 4))))
     with pytest.raises(ValueError, match=r"model.npz: parameter W1 holds <U3 values, not numbers"):
         bx.MLP.load(_saved_with(tmp_path, W1=np.full((4, 6), "abc")))
+
+
+def test_nan_or_infinite_inputs_are_refused_naming_the_first_row():
+    """Before: predict named a class for a NaN row, and one step made every weight NaN."""
+    model = bx.MLP(4, 3, 2, seed=0)
+    x = np.zeros((5, 4), np.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        x[3, 1] = bad
+        for call in (model.predict, model.predict_proba, lambda x: model.loss_and_grads(x, np.zeros(5, int))):
+            with pytest.raises(ValueError, match=r"x holds NaN or infinite values \(row 3 is the first\)"):
+                call(x)
+    assert np.isfinite(model.flat_params).all()

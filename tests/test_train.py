@@ -333,3 +333,29 @@ def test_train_on_fashion_mnist(tmp_path):
                          data_dir="/usr/share/datasets/fashion-mnist")  # fmt: skip
     metrics = train(config, tmp_path, echo=None, pictures=False)
     assert metrics["config"]["dataset"] == "fashion-mnist" and 0.5 < metrics["final"]["test_accuracy"] < 0.9
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["label too large", "negative label", "float labels", "labels shorter than the batch", "1-D x", "uint8 pixels"],
+)
+def test_make_step_checks_its_batch_instead_of_reading_past_a_row(cpu_path, case):
+    """The step a user builds checks its batch (a bad label once crashed the interpreter in the compiled kernels)."""
+    rng = np.random.default_rng(0)
+    model = MLP(784, 16, 10, seed=0)
+    step = make_step(model, SGD(model, lr=0.1, momentum=0.9))
+    x, y = rng.random((32, 784), dtype=np.float32), np.arange(32) % 10
+    before = model.flat_params.copy()
+    bad = {
+        "label too large": (x, np.where(np.arange(32) == 0, 100_000_000, y)),
+        "negative label": (x, np.where(np.arange(32) == 0, -1, y)),
+        "float labels": (x, y.astype(float)),
+        "labels shorter than the batch": (x, y[:20]),
+        "1-D x": (x[0], y),
+        "uint8 pixels": ((x * 255).astype(np.uint8), y),
+    }[case]
+    with pytest.raises(ValueError, match="label|x "):
+        step(*bad)
+    assert np.array_equal(model.flat_params, before)  # no update from a refused batch
+    loss, n_correct = step(x, y)  # a good batch still trains
+    assert np.isfinite(loss) and 0 <= n_correct <= 32

@@ -293,7 +293,7 @@ class NumpyEngine(_CpuEngine):
 
         super().__init__(hidden, batch, data, clock)
         self.model = MLP(N_INPUTS, hidden, N_OUTPUTS, activation="relu", backend="numpy", dtype="float32", seed=SEED)
-        self.train_step = make_step(self.model, SGD(self.model, lr=LR, momentum=MOMENTUM))
+        self.train_step = make_step(self.model, SGD(self.model, lr=LR, momentum=MOMENTUM), checked=False)
         self.batches = Minibatches(data.x, data.y, batch, xp=np, seed=SEED)
 
     def epoch(self, epoch: int) -> float:

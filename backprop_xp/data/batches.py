@@ -86,6 +86,9 @@ class Minibatches:
         check("seed", seed, AT_LEAST_0)
         if y.dtype.kind not in "iu":
             raise ValueError(f"y must hold integer labels, got dtype {y.dtype}")
+        if getattr(x, "dtype", None) is not None and x.dtype.kind in "iu" and float(x.max()) > 1:
+            # as MLP.as_input: uint8 pixels would become floats 0-255 and train to nothing, silently
+            raise ValueError("x holds integers (pixel values 0-255?): give float images scaled to [0, 1], e.g. x / 255")
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)

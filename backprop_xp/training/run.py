@@ -452,7 +452,7 @@ class EpochLoop:
             )
         self.test = model.as_input(data.x_test), xp.asarray(data.y_test)  # on the device once, not every epoch
         self.val = (model.as_input(data.x_val), xp.asarray(data.y_val)) if data.x_val is not None else None
-        self.step = make_step(model, optimizer, tf32=config.tf32)
+        self.step = make_step(model, optimizer, tf32=config.tf32, checked=False)  # the data was checked on loading
         self.best_epoch, self.best_acc = _best_val(metrics["epochs"])
 
     def run(self, first: int, last: int) -> dict[str, int] | None:

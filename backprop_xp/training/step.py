@@ -29,7 +29,7 @@ from ..optim import SGD
 
 
 def make_step(
-    model: MLP, optimizer: SGD, *, graphs: bool = True, tf32: bool = False
+    model: MLP, optimizer: SGD, *, graphs: bool = True, tf32: bool = False, checked: bool = True
 ) -> Callable[[Any, Any], tuple[Any, Any]]:
     """The training step ``step(xb, yb) -> (loss, n_correct)`` for this model's backend.
 
@@ -41,6 +41,12 @@ def make_step(
     CuPy too, so its update is never silently replaced. Both results are 0-d
     arrays left on the device (no synchronisation). This is the one place the
     training loop looks at the backend.
+
+    On NumPy, ``checked`` (the default) makes each call check its batch as
+    ``loss_and_grads`` does: a label out of range would read past the end of
+    a row in the compiled kernels. The training loop, whose batches come from
+    data checked once when it was loaded, passes ``checked=False``. On CuPy
+    the batch is not checked (that would read the labels back every step).
     """
     if model.xp is not np and type(optimizer).step is SGD.step:
         from ..cuda.step import make_gpu_step  # imported only on CuPy: the CPU path never needs it
@@ -50,6 +56,9 @@ def make_step(
     backprop, update = model.backprop, optimizer.step
 
     def step(xb: Any, yb: Any) -> tuple[Any, Any]:
+        if checked:
+            xb = model.as_input(xb)
+            yb = model.as_labels(yb, xb.shape[0])
         loss, n_correct = backprop(xb, yb)
         update()
         return loss, n_correct
