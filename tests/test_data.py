@@ -266,6 +266,12 @@ def test_a_named_folder_is_never_downloaded_into(tmp_path, no_env, monkeypatch):
         assert ("($BACKPROP_XP_DATA)" if use_env else "(data_dir)") in str(info.value)
 
 
+def test_a_data_folder_that_is_a_file_is_called_a_file(tmp_path, no_env):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match=r"notes.txt \(data_dir\) is a file, not a folder; point"):
+        load_mnist(tmp_path / "notes.txt")
+
+
 def test_empty_cache_without_download_names_the_cache(no_env):
     with pytest.raises(FileNotFoundError) as info:
         load_mnist(download=False)

@@ -99,7 +99,9 @@ def load_mnist(
     if missing and may_download and download:
         fetch_mnist(folder, dataset=dataset)
     elif missing:
-        if not folder.is_dir():
+        if folder.exists() and not folder.is_dir():
+            problem = "is a file, not a folder"
+        elif not folder.is_dir():
             problem = "does not exist"
         else:
             problem = "lacks " + ", ".join(f"{name}(.gz)" for name in missing)
