@@ -538,6 +538,20 @@ def read_digit(path: str, side: int = 28) -> tuple[np.ndarray, bool]:
         raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") from None
 
 
+def _title_name(path: str, width: int = 17) -> str:
+    """The file name of ``path`` for a picture's title, at most ``width`` characters.
+
+    A longer name keeps its start and its end around a "…": files often differ
+    only at the end (photo_1.png, photo_2.png), so cutting the end alone would
+    give them the same title. 17 characters fit under a picture at the grid's font size.
+    """
+    name = os.path.basename(path)
+    if len(name) <= width:
+        return name
+    tail = (width - 1) * 2 // 3  # the end gets the larger share: the number and the extension
+    return name[: width - 1 - tail] + "…" + name[-tail:]
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .backend import to_numpy
 
@@ -561,7 +575,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         guesses = ", ".join(f"{k} ({100 * proba[k]:.1f}%)" for k in top)
         print(f"{path}: {guesses}" + ("  [inverted: dark digit on light background]" if inverted else ""))
         seen.append(pixels)
-        titles.append(f"{os.path.basename(path)[:14]}\nsaid {top[0]} ({100 * proba[top[0]]:.0f}%)")
+        titles.append(f"{_title_name(path)}\nsaid {top[0]} ({100 * proba[top[0]]:.0f}%)")
     if args.show and seen:
         from .plots import digit_grid
 

@@ -692,3 +692,16 @@ def test_a_picture_path_that_cannot_be_a_png_file_is_refused_before_any_work(nam
         assert (repr(path) in captured.err) if name else True
         assert "Errno" not in captured.err and ".tmp" not in captured.err
     assert os.listdir(tmp_path / "img") == [] and not (tmp_path / "seen.jpg").exists()
+
+
+def test_predicts_picture_titles_keep_long_file_names_apart():
+    from backprop_xp.cli import _title_name
+
+    # Cut to the first 14 characters, both of these read "photo_of_digit" under their pictures.
+    one, two = _title_name("pics/photo_of_digit_1.png"), _title_name("/tmp/photo_of_digit_2.jpg")
+    assert one == "photo_…igit_1.png" and two == "photo_…igit_2.jpg"
+    assert _title_name("scans/3.png") == "3.png" and _title_name("seventeen_chars.x") == "seventeen_chars.x"
+    long = "a_very_long_name_for_a_picture_of_a_seven.jpeg"
+    short = _title_name(long)
+    head, tail = short.split("…")
+    assert len(short) == 17 and long.startswith(head) and long.endswith(tail)  # the start and the end survive

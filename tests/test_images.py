@@ -92,3 +92,57 @@ def test_an_image_past_pils_size_limit_is_refused_in_one_line(tmp_path, monkeypa
     assert not shown  # no Python warning printed to the user either
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10 * side * side)
     assert read_gray(path).shape == (side, side)  # the same file under the limit reads as before
+
+
+def _ring() -> np.ndarray:
+    """An anti-aliased ring (a "0") as 8-bit levels: white ink on black with every gray level in between."""
+    y, x = np.mgrid[:28, :28]
+    distance = np.abs(np.hypot(y - 13.5, x - 13.5) - 8)  # how far each pixel is from the stroke's middle
+    return (255 * np.clip(2.5 - distance, 0, 1)).round().astype(np.uint8)
+
+
+def _save_as(mode: str, ring: np.ndarray, path) -> None:
+    """Save ``ring`` (8-bit levels) in a high-precision ``mode``, the same picture at that precision."""
+    if mode == "F 0..1":
+        Image.fromarray(ring.astype(np.float32) / 255).save(path)
+    elif mode == "F 0..255":
+        Image.fromarray(ring.astype(np.float32)).save(path)
+    elif mode == "F large":  # e.g. raw sensor counts
+        Image.fromarray(ring.astype(np.float32) * 1000).save(path)
+    elif mode == "I;16":  # the usual 16-bit grayscale PNG
+        Image.fromarray(ring.astype(np.uint16) * 257).save(path)
+    elif mode == "I;16 transparent":  # black marked transparent: it becomes white paper, as in 8 bits
+        Image.fromarray(ring.astype(np.uint16) * 257).save(path, transparency=0)
+    elif mode == "I;16B":
+        Image.frombytes("I;16B", (28, 28), (ring.astype(">u2") * 257).tobytes()).save(path)
+    elif mode == "I 16-bit values":
+        Image.fromarray(ring.astype(np.int32) * 257).save(path)
+    elif mode == "I large":
+        Image.fromarray(ring.astype(np.int32) * 100_000).save(path)
+
+
+@pytest.mark.parametrize(
+    "mode, suffix",
+    [
+        ("F 0..1", ".tif"),
+        ("F 0..255", ".tif"),
+        ("F large", ".tif"),
+        ("I;16", ".png"),
+        ("I;16 transparent", ".png"),
+        ("I;16B", ".tif"),
+        ("I 16-bit values", ".tif"),
+        ("I large", ".tif"),
+    ],
+)
+def test_a_high_precision_grayscale_image_reads_like_its_8_bit_version(tmp_path, mode, suffix):
+    # convert("L") clips these modes at 255: a [0, 1] float digit became a solid square,
+    # a 16-bit one hard black and white.
+    ring = _ring()
+    eight_bit, precise = tmp_path / "ring.png", tmp_path / f"precise{suffix}"
+    Image.fromarray(ring).save(eight_bit, **({"transparency": 0} if "transparent" in mode else {}))
+    _save_as(mode, ring, precise)
+    expected = read_gray(eight_bit)
+    got = read_gray(precise)
+    assert got.dtype == np.float32 and got.shape == (28, 28)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1 / 255 / 2)
+    assert len(np.unique(got)) == len(np.unique(expected)) >= 10  # every gray level of the anti-aliased edge

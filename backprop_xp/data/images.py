@@ -17,6 +17,9 @@ import numpy as np
 
 INK = 0.25  # a pixel at least this far from the background (0 to 1) is ink, for the bounding box
 BOX_SHARE = 20 / 28  # MNIST: a 20x20 box in a 28x28 field
+# Single-channel modes of more than 8 bits (16-bit PNG/TIFF, 32-bit integer, float):
+# convert("L") clips them at 255, so they are read as numbers and scaled instead.
+HIGH_PRECISION_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:
@@ -24,7 +27,8 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
 
     Colour becomes gray; a transparent background becomes white paper
     (drawing programs save ink on transparency, which ``convert("L")`` alone
-    would turn all black). Raises FileNotFoundError or ValueError naming the file;
+    would turn all black). A 16-bit, 32-bit or float grayscale image keeps its
+    gray levels (see ``_scale_high_precision``). Raises FileNotFoundError or ValueError naming the file;
     an image past PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``,
     some 89 million pixels) is such a ValueError too.
     """
@@ -37,6 +41,8 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
+                if image.mode in HIGH_PRECISION_MODES:
+                    return _scale_high_precision(image)
                 if "A" in image.getbands() or "transparency" in image.info:
                     image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
                 gray = image.convert("L")
@@ -50,6 +56,32 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
     return np.asarray(gray, dtype=np.float32) / np.float32(255)
+
+
+def _scale_high_precision(image) -> np.ndarray:
+    """A PIL image of one of ``HIGH_PRECISION_MODES`` as a 2-D float32 array in [0, 1].
+
+    16-bit modes are divided by 65535. Mode "I" (32-bit integers) by 65535 too
+    when it fits in 16 bits (that is how PIL often opens 16-bit files), else by
+    its maximum. Mode "F" has no fixed range, so its maximum decides: up to 1
+    it is taken as is (the usual float convention), up to 255 it is 8-bit data
+    stored as floats and divided by 255, above that (raw counts, say) it is
+    divided by its maximum. Negative values become black.
+    """
+    raw = np.asarray(image)
+    values = raw.astype(np.float64)  # float64 holds every 32-bit integer exactly
+    values[~np.isfinite(values)] = 0  # a NaN or infinite float pixel would wreck the scale: black
+    top = float(values.max(initial=0))
+    if image.mode == "F":
+        scale = 1.0 if top <= 1 else 255.0 if top <= 255 else top
+    elif image.mode == "I":
+        scale = 65535.0 if top <= 65535 else top
+    else:
+        scale = 65535.0
+    gray = np.clip(values / scale, 0.0, 1.0)
+    if "transparency" in image.info:  # a 16-bit PNG's transparent gray level: white paper, as on the 8-bit path
+        gray[raw == image.info["transparency"]] = 1.0
+    return gray.astype(np.float32)
 
 
 def white_on_black(pixels: np.ndarray) -> tuple[np.ndarray, bool]:
