@@ -60,6 +60,8 @@ class SGD:
     """
 
     def __init__(self, model: Any, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        if not hasattr(model, "flat_params"):
+            raise TypeError(f"SGD needs the model to train (an MLP), got {type(model).__name__}")
         check("learning rate", lr, POSITIVE)
         check("momentum", momentum, FRACTION)
         check("weight decay", weight_decay, NON_NEGATIVE)

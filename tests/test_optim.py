@@ -60,3 +60,8 @@ def test_learning_rate_can_change_between_steps():
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bx.SGD(bx.MLP(4, 3, 2), **kwargs)
+
+
+def test_sgd_without_a_model_says_so():
+    with pytest.raises(TypeError, match="SGD needs the model to train \\(an MLP\\), got NoneType"):
+        bx.SGD(None, lr=0.1)

@@ -359,3 +359,9 @@ def test_make_step_checks_its_batch_instead_of_reading_past_a_row(cpu_path, case
     assert np.array_equal(model.flat_params, before)  # no update from a refused batch
     loss, n_correct = step(x, y)  # a good batch still trains
     assert np.isfinite(loss) and 0 <= n_correct <= 32
+
+
+def test_train_given_a_dict_says_how_to_make_a_config(tmp_path):
+    with pytest.raises(TypeError, match=r"config must be a TrainConfig \(TrainConfig\(\*\*settings\)\), got dict"):
+        train({"hidden": 8}, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

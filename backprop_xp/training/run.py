@@ -211,6 +211,8 @@ def train(
         Passed on after metrics.json says "interrupted".
     """
     started = time.perf_counter()
+    if not isinstance(config, TrainConfig):  # a dict of settings, say: say how to make one
+        raise TypeError(f"config must be a TrainConfig (TrainConfig(**settings)), got {type(config).__name__}")
     config.validate()
     out = Path(out_dir)
     say = echo or (lambda line: None)
