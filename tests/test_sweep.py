@@ -151,7 +151,9 @@ def test_blas_threads_sets_and_restores_the_variables(monkeypatch):
 
 
 @pytest.mark.slow
-def test_parallel_workers_get_their_share_of_blas_threads(tmp_path, small_data):
+@pytest.mark.parametrize("hidden", [(8, 16), (8,)], ids=["two-runs", "one-run-left"])
+def test_parallel_workers_get_their_share_of_blas_threads(tmp_path, small_data, hidden):
+    """Also a lone run left (the rest finished before an interrupt): a run resumed with other threads differs."""
     pytest.importorskip("threadpoolctl")  # a dev dependency: installed wherever the tests run
     probe = "\n".join([
         "import json, os, threadpoolctl, uuid",
@@ -160,17 +162,32 @@ def test_parallel_workers_get_their_share_of_blas_threads(tmp_path, small_data):
         f"open(os.path.join({str(tmp_path)!r}, 'probe-' + uuid.uuid4().hex + '.json'), 'w').write(json.dumps(seen))",
     ])  # fmt: skip
     configs = [{**TrainConfig(**{**TINY, "epochs": 1, "hidden": h}, data_dir=small_data).to_dict(),
-                "probe": InWorker(probe)} for h in (8, 16)]  # fmt: skip
+                "probe": InWorker(probe)} for h in hidden]  # fmt: skip
+    names = ["a", "b"][: len(hidden)]
     environ = dict(os.environ)
-    summaries = run_sweep(configs, ["a", "b"], tmp_path / "sweep", jobs=2, echo=lambda line: None)
-    assert [s["status"] for s in summaries] == ["finished", "finished"]
+    summaries = run_sweep(configs, names, tmp_path / "sweep", jobs=2, echo=lambda line: None)
+    assert [s["status"] for s in summaries] == ["finished"] * len(hidden)
     assert dict(os.environ) == environ  # the cap was for the workers only
     share = max(1, (os.cpu_count() or 1) // 2)
     probes = [json.loads(p.read_text()) for p in tmp_path.glob("probe-*.json")]
-    assert len(probes) == 2
+    assert len(probes) == len(hidden)
     for seen in probes:
         assert seen["env"] == str(share)
         assert seen["blas"] and set(seen["blas"]) == {share}  # what the BLAS library itself was told
+
+
+def test_run_one_refuses_to_extend_a_run_to_another_epoch_count(tmp_path, small_data):
+    """train --resume --epochs would extend it, its schedule recomputed: not the run this sweep asks for."""
+    config = TrainConfig(**TINY, data_dir=small_data)
+    train(config, tmp_path / "run", echo=None, pictures=False)
+    before = (tmp_path / "run" / "model.npz").read_bytes()
+    longer = TrainConfig(**{**TINY, "epochs": 3}, data_dir=small_data)
+    summary = run_one(longer.to_dict(), str(tmp_path / "run"))
+    assert summary["status"] == "failed" and summary["error"] == (
+        f"SettingError: {tmp_path / 'run'} holds a run of 2 epochs, this sweep asks for 3: sweep into another --out, "
+        f"or extend it with: backprop-xp train --resume {tmp_path / 'run'} --epochs 3"
+    )
+    assert (tmp_path / "run" / "model.npz").read_bytes() == before
 
 
 @pytest.mark.slow

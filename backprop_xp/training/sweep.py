@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write, interrupt, make_out_dir
-from .config import TrainConfig
+from .config import SettingError, TrainConfig
 from .run import Diverged, train
-from .run_files import CHECKPOINT, load_metrics
+from .run_files import CHECKPOINT, load_metrics, read_checkpoint
 
 # Settings a sweep may vary (each given as a comma-separated list on the command line).
 SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule")
@@ -165,6 +165,12 @@ def run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
             # A run already there with other settings (another sweep into the same --out) is refused by
             # train, naming them: it is somebody's result, not a stale file to start over from.
             resume = os.path.exists(os.path.join(out_dir, CHECKPOINT))
+            if resume and (done := read_checkpoint(out_dir)[0].epochs) != cfg.epochs:
+                # train would extend it, with its schedule recomputed: not the run of this sweep's --epochs
+                raise SettingError(
+                    f"{out_dir} holds a run of {done} epochs, this sweep asks for {cfg.epochs}: sweep into another "
+                    f"--out, or extend it with: backprop-xp train --resume {out_dir} --epochs {cfg.epochs}"
+                )
             train(cfg, out_dir, resume=resume, echo=echo, progress=False)
         except Diverged as exc:
             echo(str(exc))
@@ -354,7 +360,9 @@ def run_sweep(
     def finished(summary: dict[str, Any]) -> None:
         record_run(summaries, summary, len(configs), out, echo=echo, title=title)
 
-    if jobs <= 1 or len(todo) <= 1:
+    # With jobs > 1 even a lone run goes to a worker: its BLAS threads (cores // jobs) are those of the
+    # sweep's other runs, and a run resumed with other threads would not end bit for bit as it would have.
+    if jobs <= 1:
         for config, name in todo:
             finished(run_one(config, str(out / name)))
     else:
