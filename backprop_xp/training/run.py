@@ -55,7 +55,7 @@ from .run_files import (
     save_checkpoint,
     write_metrics,
 )  # fmt: skip
-from .step import evaluate, make_step, run_epoch
+from .step import evaluate, make_step, run_epoch, warm_up
 
 DIVERGED_EXIT_CODE = 3
 
@@ -455,6 +455,7 @@ class EpochLoop:
         self.test = model.as_input(data.x_test), xp.asarray(data.y_test)  # on the device once, not every epoch
         self.val = (model.as_input(data.x_val), xp.asarray(data.y_val)) if data.x_val is not None else None
         self.step = make_step(model, optimizer, tf32=config.tf32, checked=False)  # the data was checked on loading
+        warm_up(model, optimizer, min(config.batch_size, len(data.x_train)))  # kernels loaded before any timing
         self.best_epoch, self.best_acc = _best_val(metrics["epochs"])
 
     def run(self, first: int, last: int) -> dict[str, int] | None:
