@@ -273,3 +273,17 @@ def test_a_sigterm_stops_a_parallel_sweep_at_once_and_every_run_in_progress_reco
         assert metrics["status"] == "interrupted" and 1 <= len(metrics["epochs"]) < 500
     assert not (out / "h64-lr0.1-b100").exists()  # the third run, queued, never started
     assert [str(p) for p in out.rglob(".*")] == []  # no temporary file anywhere
+
+
+def test_the_sweep_row_of_a_keep_best_run_gives_the_validation_accuracy_of_the_model_kept():
+    """Its test accuracy is the kept model's (epoch 2): the validation column and the ranking must be too."""
+    from backprop_xp.training.sweep import summarize
+
+    rows = [{"epoch": e, "val_accuracy": v, "seconds": 1.0, "train_loss": 1.0, "test_accuracy": 0.5, "test_loss": 1.0}
+            for e, v in ((1, 0.20), (2, 0.29), (3, 0.27))]  # fmt: skip
+    final = {"epoch_kept": 2, "test_accuracy": 0.2936, "test_loss": 2.0}
+    summary = summarize("r", {"epochs": 3}, {"status": "finished", "epochs": rows, "final": final})
+    assert (summary["val_accuracy"], summary["test_accuracy"]) == (0.29, 0.2936)
+    assert (summary["best_val_accuracy"], summary["best_val_epoch"]) == (0.29, 2)
+    without = summarize("r", {"epochs": 3}, {"status": "finished", "epochs": rows, "final": {**final, "epoch_kept": 3}})
+    assert without["val_accuracy"] == 0.27  # the last epoch's model kept: its own

@@ -114,8 +114,11 @@ def summarize(name: str, config: dict[str, Any], metrics: dict[str, Any] | None,
         )
         if "val_accuracy" in last:
             best = max(rows, key=lambda row: (row["val_accuracy"], -row["epoch"]))
+            # The model kept (--keep-best: its best epoch) is what the test column measured, so rank by its epoch too.
+            kept_epoch = ((metrics or {}).get("final") or {}).get("epoch_kept")
+            kept = next((row for row in rows if row["epoch"] == kept_epoch), last)
             summary.update(
-                val_accuracy=last["val_accuracy"], best_val_accuracy=best["val_accuracy"], best_val_epoch=best["epoch"]
+                val_accuracy=kept["val_accuracy"], best_val_accuracy=best["val_accuracy"], best_val_epoch=best["epoch"]
             )
     if status == "diverged" and not error:
         d = metrics.get("diverged", {})
