@@ -428,8 +428,11 @@ def _load_model(path: str, backend: str) -> Any:
     if os.path.isdir(path):  # a run folder: its model
         folder, path = path, os.path.join(path, "model.npz")
         if not os.path.isfile(path):
+            best = os.path.join(folder, "best.npz")  # --keep-best: the best epoch so far, even of a run that diverged
+            also = f"; its best epoch so far is in {best}" if os.path.isfile(best) else ""
             raise UserError(
-                f"{folder} holds no model.npz (a run writes it when it finishes; resume it with --resume {folder})"
+                f"{folder} holds no model.npz (a run writes it when it finishes; resume it with --resume {folder}"
+                f"{also})"
             )
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such model file")

@@ -705,3 +705,16 @@ def test_predicts_picture_titles_keep_long_file_names_apart():
     short = _title_name(long)
     head, tail = short.split("…")
     assert len(short) == 17 and long.startswith(head) and long.endswith(tail)  # the start and the end survive
+
+
+def test_a_run_folder_without_model_names_its_best_epoch_file_if_it_has_one(tmp_path, capsys):
+    """A --keep-best run that diverged has no model.npz, but its best epoch is in best.npz, which evaluate reads."""
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["evaluate", str(run)]) == 1
+    assert capsys.readouterr().err == (
+        f"backprop-xp: error: {run} holds no model.npz (a run writes it when it finishes; resume it with --resume {run})\n"
+    )
+    (run / "best.npz").write_bytes(b"")
+    assert main(["evaluate", str(run)]) == 1
+    assert f"; its best epoch so far is in {run / 'best.npz'})" in capsys.readouterr().err
