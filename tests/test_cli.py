@@ -469,7 +469,10 @@ def test_the_first_line_names_the_backend_briefly_and_the_last_line_sums_up(mnis
     # --quiet: that line is all there is; --verbose: the backend's full reason
     assert main(["train", "--resume", str(out), "--epochs", "3", "--quiet"]) == 0
     quiet = capsys.readouterr().out.splitlines()
-    assert len(quiet) == 1 and quiet[0].startswith("done: test accuracy ") and ", 3 epochs in " in quiet[0]
+    assert len(quiet) == 1 and quiet[0].startswith("done: test accuracy ") and ", 3 epochs; " in quiet[0]
+    # the time is this session's, and says so (it read "3 epochs in 0.4 s" for one epoch's work)
+    seconds = json.loads((out / "metrics.json").read_text())["final"]["wall_seconds"]
+    assert quiet[0].endswith(f", 3 epochs; {seconds:.1f} s since resuming after epoch 2, in {out}")
     assert (
         main(
             ["train", *QUICK, "--epochs", "1", "--verbose", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "v")]

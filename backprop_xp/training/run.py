@@ -385,6 +385,7 @@ def build_model(
             change = {"after_epoch": epochs_done, "from": saved_config.epochs, "to": config.epochs}
             metrics.setdefault("epochs_changed", []).append(change)
         metrics["config"].update(epochs=config.epochs, data_dir=config.data_dir)
+        metrics.setdefault("resumed", []).append({"after_epoch": epochs_done})  # final.wall_seconds is this session's
     metrics["config"]["backend_used"] = backend.name  # a resume may move a run to another backend
     metrics["status"] = "running"
     metrics["epochs"] = metrics["epochs"][:epochs_done]
@@ -604,7 +605,11 @@ def summary_line(metrics: dict[str, Any], out: str | os.PathLike) -> str:
     else:
         best = max(rows, key=lambda row: row["test_accuracy"])
         accuracy = f"test accuracy {100 * final['test_accuracy']:.2f}% (best {100 * best['test_accuracy']:.2f}% at epoch {best['epoch']})"
-    return f"done: {accuracy}, {plural(len(rows), 'epoch')} in {seconds:.1f} s, in {out}"
+    if metrics.get("resumed"):  # the sessions before were timed by their own processes
+        timing = f"; {seconds:.1f} s since resuming after epoch {metrics['resumed'][-1]['after_epoch']}"
+    else:
+        timing = f" in {seconds:.1f} s"
+    return f"done: {accuracy}, {plural(len(rows), 'epoch')}{timing}, in {out}"
 
 
 def _backend_note(asked: str, backend: Backend) -> str:
