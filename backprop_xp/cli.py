@@ -365,19 +365,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
     if args.resume:
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
-            message = f"--out {args.out} and --resume {args.resume} differ: a resumed run stays in its folder"
-            print(f"backprop-xp: error: {message}", file=sys.stderr)
-            return 2
+            raise BadArgument(f"--out {args.out} and --resume {args.resume} differ: a resumed run stays in its folder")
         saved, _ = read_checkpoint(args.resume)
         config = dataclasses.replace(saved, **given)  # train() refuses changed math settings, naming them
         out = args.resume
     else:
         config = TrainConfig(**given)
-        try:
-            config.validate()
-        except SettingError as exc:
-            print(f"backprop-xp: error: {exc}", file=sys.stderr)
-            return 2
+        config.validate()  # before the default folder is named after it; main() makes a SettingError exit code 2
         out = args.out or default_out_dir(config)
     check_data_env(config.dataset, config.data_dir)
     try:
@@ -385,9 +379,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config, out, resume=bool(args.resume), echo=None if args.quiet else print,
             progress=None if not args.quiet else False, verbose=args.verbose,
         )  # fmt: skip
-    except SettingError as exc:  # a setting that does not fit the data: a bad argument
-        print(f"backprop-xp: error: {exc}", file=sys.stderr)
-        return 2
     except Diverged as exc:
         print(f"backprop-xp: error: {exc}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
