@@ -65,21 +65,6 @@ def test_too_large_train_size_is_one_line_and_exit_2_as_for_train(tmp_path, mnis
     assert not out.exists()  # refused before the output folder is made
 
 
-@pytest.mark.parametrize("where", ["file", "proc"])
-def test_an_output_folder_that_cannot_be_made_is_one_clear_line(where, tmp_path, mnist_dir, capsys):
-    if where == "proc":
-        if not os.path.isdir("/proc/self"):
-            pytest.skip("no /proc here")
-        out = "/proc/backprop-xp-test"
-    else:
-        out = str(tmp_path / "afile")
-        Path(out).write_text("")
-    assert cli.main(["bench", "--data-dir", str(mnist_dir), "--out", out, "--engines", "numpy", *TINY]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"backprop-xp: error: cannot create output folder {out}: ")
-    assert "Errno" not in err and "No such file" not in err
-
-
 def test_more_threads_than_four_per_cpu_are_refused(capsys):
     limit = 4 * (os.cpu_count() or 1)
     with pytest.raises(SystemExit) as exc:

@@ -443,6 +443,11 @@ def test_an_output_folder_that_cannot_be_made_is_one_clear_line(where, mnist_dir
     assert main(["show-data", "--data-dir", str(mnist_dir), "--out", out + "/digits.png"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"output folder {out}: " in err and "does not exist" not in err.split(": ", 2)[2]
+    bench = ["bench", "--data-dir", str(mnist_dir), "--out", out, "--engines", "numpy", "--train-size", "2000"]
+    assert main(bench) == 1  # refused before any engine starts
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"backprop-xp: error: cannot create output folder {out}: ")
+    assert "Errno" not in err
 
 
 def test_the_first_line_names_the_backend_briefly_and_the_last_line_sums_up(mnist_dir, tmp_path, capsys):
