@@ -20,6 +20,11 @@ log = logging.getLogger("backprop_xp")
 
 BACKENDS = ("auto", "numpy", "cupy")
 DTYPES = ("float32", "float64")
+# CUDA majors with an extra of their own in pyproject.toml (cuda12, cuda13): CuPy, its toolkit, nvmath-python
+GPU_EXTRAS = (12, 13)
+INSTALL_GPU = "pip install 'backprop-xp[cuda12]' or 'backprop-xp[cuda13]', matching the CUDA driver"
+# cudaErrorInsufficientDriver: the CUDA runtime is newer than the driver, or there is no driver
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35
 
 
 class BackendError(RuntimeError):
@@ -50,46 +55,63 @@ class Backend:
 
 
 def _import_cupy() -> ModuleType:
-    """Import CuPy and check that it can run a kernel; raise BackendError saying why not."""
+    """Import CuPy and check that it can run a kernel and a matrix product; raise BackendError saying why not.
+
+    nvmath-python is not needed here: only the fused training step calls it,
+    and without it that step runs eagerly (``training.step.make_step``).
+    """
     try:
         import cupy
     except ImportError as exc:
-        raise BackendError(
-            "backend 'cupy' needs CuPy, which is not installed "
-            "(pip install 'backprop-xp[cuda12]' or 'backprop-xp[cuda13]')"
-        ) from exc
+        raise BackendError(f"backend 'cupy' needs CuPy, which is not installed ({INSTALL_GPU})") from exc
     except Exception as exc:  # a broken install (missing CUDA libraries) fails here
         raise BackendError(f"backend 'cupy': CuPy is installed but fails to import: {exc}") from exc
+    runtime = cupy.cuda.runtime
     try:
-        n_devices = cupy.cuda.runtime.getDeviceCount()
+        n_devices = runtime.getDeviceCount()
     except Exception as exc:
-        raise BackendError(f"backend 'cupy': no usable CUDA device ({error_line(exc)})") from exc
+        raise BackendError(f"backend 'cupy': {_device_count_problem(runtime, exc)}") from exc
     if n_devices < 1:
         raise BackendError("backend 'cupy': CuPy is installed but there is no CUDA device")
     try:
-        driver = cupy.cuda.runtime.driverGetVersion()
-        runtime = cupy.cuda.runtime.runtimeGetVersion()
+        driver = runtime.driverGetVersion()
+        built_for = runtime.runtimeGetVersion()
     except Exception as exc:
         raise BackendError(f"backend 'cupy': cannot query the CUDA driver ({error_line(exc)})") from exc
-    problem = cuda_version_problem(driver, runtime)
+    problem = cuda_version_problem(driver, built_for)
     if problem is not None:
         raise BackendError(f"backend 'cupy': {problem}")
     try:  # the first real allocation and launch: catches a device that exists but cannot be used
         (cupy.arange(4, dtype=cupy.float32) * 2).sum().item()
     except Exception as exc:
         raise BackendError(f"backend 'cupy': the CUDA device cannot run a kernel ({error_line(exc)})") from exc
-    try:  # the training step's matrix products go through cuBLAS via nvmath-python (cuda/cublas.py)
-        from nvmath.bindings import cublas
-    except ImportError as exc:
-        raise BackendError(
-            "backend 'cupy' needs nvmath-python for the training step's cuBLAS calls, which is not installed "
-            "(pip install 'backprop-xp[cuda12]' or 'backprop-xp[cuda13]')"
-        ) from exc
-    try:  # the bindings load libcublas at the first call: make that call now, not inside the first step
-        cublas.destroy(cublas.create())
+    try:  # CuPy loads cuBLAS at its first product: make it now, not inside the first forward pass
+        ones = cupy.ones((2, 2), dtype=cupy.float32)
+        (ones @ ones).sum().item()
     except Exception as exc:
-        raise BackendError(f"backend 'cupy': nvmath-python cannot open cuBLAS ({error_line(exc)})") from exc
+        raise BackendError(f"backend 'cupy': CuPy cannot multiply matrices with cuBLAS ({error_line(exc)})") from exc
     return cupy
+
+
+def _device_count_problem(runtime: Any, exc: BaseException) -> str:
+    """Why ``cudaGetDeviceCount`` failed, in words: no driver, a driver too old, or no usable device.
+
+    A CUDA runtime newer than the driver fails right there, with
+    cudaErrorInsufficientDriver (as does a machine with no driver at all),
+    before any version can be compared: say which versions, and what to install.
+    """
+    if getattr(exc, "status", None) != CUDA_ERROR_INSUFFICIENT_DRIVER and "cudaErrorInsufficientDriver" not in str(exc):
+        return f"no usable CUDA device ({error_line(exc)})"
+    try:  # both answer without a usable driver (cudaDriverGetVersion gives 0 when there is none)
+        driver, built_for = runtime.driverGetVersion(), runtime.runtimeGetVersion()
+    except Exception:
+        return f"the NVIDIA driver is missing or too old for this CuPy ({error_line(exc)}); install or update it"
+    if driver == 0:
+        return (
+            f"no NVIDIA driver is installed (CuPy was built for CUDA {_cuda_version(built_for)}); "
+            "install the NVIDIA driver for the GPU"
+        )
+    return driver_too_old(driver, built_for)
 
 
 def cuda_version_problem(driver: int, runtime: int) -> str | None:
@@ -102,15 +124,34 @@ def cuda_version_problem(driver: int, runtime: int) -> str | None:
 
     >>> cuda_version_problem(13000, 13020) is None   # 13.2 runtime on a 13.0 driver: fine
     True
-    >>> cuda_version_problem(12080, 13000)
-    'the CUDA driver is too old (driver supports CUDA 12.8, CuPy was built for CUDA 13.0); update the driver or install cupy-cuda12x'
+    >>> problem = cuda_version_problem(12080, 13000)
+    >>> problem.split("; ")[0]
+    'the CUDA driver is too old (driver supports CUDA 12.8, CuPy was built for CUDA 13.0)'
+    >>> problem.split("; ")[1]
+    "update the NVIDIA driver, or use CuPy for CUDA 12: pip uninstall cupy-cuda13x, then pip install 'backprop-xp[cuda12]'"
     """
     if driver // 1000 >= runtime // 1000:
         return None
-    return (
+    return driver_too_old(driver, runtime)
+
+
+def driver_too_old(driver: int, runtime: int) -> str:
+    """What to tell a user whose NVIDIA driver cannot run this CuPy's CUDA runtime (versions as CUDA's integers).
+
+    >>> driver_too_old(12000, 12080)   # same major, yet refused by the driver: only an update helps
+    'the CUDA driver is too old (driver supports CUDA 12.0, CuPy was built for CUDA 12.8); update the NVIDIA driver'
+    """
+    line = (
         f"the CUDA driver is too old (driver supports CUDA {_cuda_version(driver)}, CuPy was built for "
-        f"CUDA {_cuda_version(runtime)}); update the driver or install cupy-cuda{driver // 1000}x"
+        f"CUDA {_cuda_version(runtime)}); update the NVIDIA driver"
     )
+    major = driver // 1000
+    if major < runtime // 1000 and major in GPU_EXTRAS:  # the driver runs the CuPy built for its own major
+        line += (
+            f", or use CuPy for CUDA {major}: pip uninstall cupy-cuda{runtime // 1000}x, "
+            f"then pip install 'backprop-xp[cuda{major}]'"
+        )
+    return line
 
 
 def _cuda_version(v: int) -> str:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import sys
 import types
 
 import numpy as np
 import pytest
 
-from backprop_xp.cuda.cublas import WORKSPACE_BYTES, Blas, gemm_arguments
+from backprop_xp.cuda.cublas import WORKSPACE_BYTES, Blas, CublasUnavailable, gemm_arguments
 
 
 def _column_major(address: int, dtype: np.dtype, rows: int, cols: int, ld: int) -> np.ndarray:
@@ -135,6 +136,22 @@ def test_handle_setup_order():
         ("destroy", 7),
     ]  # fmt: skip
     assert Blas(np, bindings=emulated_cublas(calls)).tf32 is False and calls[-1] == ("math_mode", "DEFAULT_MATH")
+
+
+def test_blas_without_usable_nvmath_raises_the_error_make_step_falls_back_on(monkeypatch):
+    """Only CublasUnavailable makes ``make_step`` run the generic step instead: both causes must raise it."""
+    monkeypatch.setitem(sys.modules, "nvmath", None)
+    with pytest.raises(CublasUnavailable, match=r"^nvmath-python \(the fused step's cuBLAS calls\) is not installed$"):
+        Blas(np)
+    monkeypatch.undo()
+
+    def no_library():
+        raise RuntimeError("libcublas.so.12: cannot open shared object file")
+
+    bindings = emulated_cublas([])
+    bindings.create = no_library
+    with pytest.raises(CublasUnavailable, match=r"^nvmath-python cannot open cuBLAS \(libcublas.so.12: cannot open"):
+        Blas(np, bindings=bindings)
 
 
 def test_real_bindings_have_the_functions_blas_calls(reference_missing):

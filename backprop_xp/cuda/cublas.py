@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..backend import error_line
+
 # cuBLAS's own recommendation for Hopper is 32 MiB (4 MiB for older GPUs); the
 # workspace is set explicitly so that cuBLAS never allocates during a capture.
 WORKSPACE_BYTES = 32 * 1024 * 1024
@@ -81,15 +83,18 @@ def _address(array: Any) -> int:
     return data.ptr if hasattr(data, "ptr") else array.ctypes.data
 
 
+class CublasUnavailable(ImportError):
+    """nvmath-python's cuBLAS bindings cannot be used here (the message says why); CuPy itself still works."""
+
+
 def import_bindings() -> ModuleType:
-    """``nvmath.bindings.cublas``, or ImportError saying which extra installs it."""
+    """``nvmath.bindings.cublas``, or CublasUnavailable saying why not."""
     try:
         from nvmath.bindings import cublas
     except ImportError as exc:
-        raise ImportError(
-            "the GPU step calls cuBLAS through nvmath-python, which is not installed "
-            "(pip install 'backprop-xp[cuda12]' or 'backprop-xp[cuda13]')"
-        ) from exc
+        raise CublasUnavailable("nvmath-python (the fused step's cuBLAS calls) is not installed") from exc
+    except Exception as exc:  # noqa: BLE001 - a broken install (a cuda-bindings of another major) fails here
+        raise CublasUnavailable(f"nvmath-python fails to import ({error_line(exc, with_type=True)})") from exc
     return cublas
 
 
@@ -105,6 +110,11 @@ class Blas:
     bindings : module, optional
         ``nvmath.bindings.cublas`` (the default) or a stand-in with the same
         functions (the tests emulate cuBLAS on the CPU).
+
+    Raises
+    ------
+    CublasUnavailable
+        nvmath-python is not installed, fails to import, or cannot open cuBLAS.
     """
 
     def __init__(self, xp: ModuleType, *, tf32: bool = False, bindings: ModuleType | None = None) -> None:
@@ -113,7 +123,10 @@ class Blas:
         # alpha = 1 and beta = 0 for each float type, in host memory (pointer mode HOST)
         self._scalars = {np.dtype(t): (np.ones(1, t), np.zeros(1, t)) for t in (np.float32, np.float64)}
         self._gemm = {np.dtype(np.float32): self._cublas.sgemm, np.dtype(np.float64): self._cublas.dgemm}
-        self.handle = self._cublas.create()
+        try:  # the bindings load libcublas at the first call
+            self.handle = self._cublas.create()
+        except Exception as exc:  # noqa: BLE001 - reported: whatever the cause, this handle cannot be had
+            raise CublasUnavailable(f"nvmath-python cannot open cuBLAS ({error_line(exc)})") from exc
         self._cublas.set_pointer_mode(self.handle, self._cublas.PointerMode.HOST)
         self.stream_ptr: int | None = None
         self.tf32 = tf32

@@ -8,18 +8,20 @@ Two rules shape the loop:
   run ahead of the device; on the CPU it costs two scalar stores per step.
 * The step on NumPy is the definition: ``model.backprop`` then
   ``optimizer.step()``. On CuPy it is ``cuda.step.make_gpu_step``, the same
-  math fused and captured as a CUDA graph, checked against this one.
+  math fused and captured as a CUDA graph, checked against this one (or,
+  without nvmath-python, this one run eagerly).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..backend import array_module, to_numpy
+from ..backend import GPU_EXTRAS, INSTALL_GPU, array_module, to_numpy
 from ..files import check_interrupt
 from ..kernels import softmax_cross_entropy_
 from ..model import MLP
@@ -38,7 +40,11 @@ def make_step(
     math fused and captured as CUDA graphs (``cuda/step.py``, with TF32
     matrix products if ``tf32``), checked against this definition by the GPU
     tests; an optimizer with a ``step()`` of its own keeps the definition on
-    CuPy too, so its update is never silently replaced. Both results are 0-d
+    CuPy too, so its update is never silently replaced. Without nvmath-python
+    (the fused step's cuBLAS calls), or where it cannot open cuBLAS, CuPy
+    still trains with the definition, run eagerly on CuPy's own products: the
+    process says once why graphs are off and what to install, and the step's
+    ``mode`` is "eager", as the fused step's is when capture fails. Both results are 0-d
     arrays left on the device (no synchronisation). This is the one place the
     training loop looks at the backend.
 
@@ -48,11 +54,18 @@ def make_step(
     data checked once when it was loaded, passes ``checked=False``. On CuPy
     the batch is not checked (that would read the labels back every step).
     """
+    graphs_off = None  # why a CuPy model's SGD step is the definition below, when it is
     if model.xp is not np and type(optimizer).step is SGD.step:
-        from ..cuda.step import make_gpu_step  # imported only on CuPy: the CPU path never needs it
+        from ..cuda.cublas import CublasUnavailable  # imported only on CuPy: the CPU path never needs them
+        from ..cuda.step import make_gpu_step, set_tf32
 
-        # tf32=False leaves CuPy's global setting alone (a CUPY_TF32=1 the user set stays); the step is float32
-        return make_gpu_step(model, optimizer, graphs=graphs, tf32=True if tf32 else None)
+        try:  # tf32=False leaves CuPy's global setting alone (a CUPY_TF32=1 the user set stays); the step is float32
+            return make_gpu_step(model, optimizer, graphs=graphs, tf32=True if tf32 else None)
+        except CublasUnavailable as exc:  # CuPy still trains: the definition, eagerly, with CuPy's own cuBLAS
+            graphs_off = str(exc)
+            say_once(f"backprop-xp: the GPU training step runs eagerly, without CUDA graphs: {exc} ({_install(model)})")
+            if tf32:
+                set_tf32(True)
     backprop, update = model.backprop, optimizer.step
 
     def step(xb: Any, yb: Any) -> tuple[Any, Any]:
@@ -63,7 +76,30 @@ def make_step(
         update()
         return loss, n_correct
 
+    if graphs_off is not None:  # what the GPU step reports about itself (the bench records it)
+        step.mode, step.capture_error = "eager", graphs_off
     return step
+
+
+_SAID: set[str] = set()  # notices already given by this process
+
+
+def say_once(line: str) -> None:
+    """Print ``line`` to stderr the first time this process says it (a sweep builds a step per run)."""
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, file=sys.stderr)
+
+
+def _install(model: MLP) -> str:
+    """The pip command that brings nvmath-python and cuBLAS for the CUDA major this CuPy was built for."""
+    try:
+        major = model.xp.cuda.runtime.runtimeGetVersion() // 1000
+    except Exception:  # noqa: BLE001 - only the advice depends on it
+        major = None
+    if major in GPU_EXTRAS:
+        return f"pip install 'backprop-xp[cuda{major}]'"
+    return INSTALL_GPU
 
 
 def warm_up(model: MLP, optimizer: SGD, batch_size: int) -> None:
