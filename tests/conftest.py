@@ -125,3 +125,17 @@ def cpu_path(request):
     previous = fused_cpu.set_enabled(request.param == "fast")
     yield request.param
     fused_cpu.set_enabled(previous)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """End the run with one line per group of skipped tests: why, and how to run them (skip_reasons.py)."""
+    from skip_reasons import summary_lines
+
+    reasons = [
+        report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        for report in terminalreporter.stats.get("skipped", [])
+    ]
+    if reasons:
+        terminalreporter.write_sep("-", "skipped tests: what they need")
+        for line in summary_lines(reasons):
+            terminalreporter.write_line(line)
