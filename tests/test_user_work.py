@@ -87,6 +87,12 @@ def test_a_second_sweep_with_other_settings_is_refused_before_training_and_leave
         "of the sweep there\n"
     )
     assert _contents(out) == before  # sweep.md, sweep.csv, sweep.png and every run as they were
+    assert main([*argv, "--lr", "0.05"]) == 2  # other run names: the first sweep's rows would vanish from sweep.md
+    assert capsys.readouterr().err == (
+        f"backprop-xp: error: {out} holds runs that this sweep does not have (h12-lr0.1-b50, h8-lr0.1-b50), whose "
+        "rows its sweep.md would lose: sweep into another --out, or give the settings of the sweep there\n"
+    )
+    assert _contents(out) == before
     assert main(argv) == 0  # the same sweep again: both runs skipped, still fine
     assert "2 finished, 0 failed" in capsys.readouterr().out
 

@@ -164,11 +164,27 @@ def check_sweep_folder(configs: Sequence[dict[str, Any]], names: Sequence[str], 
                 differ.setdefault(setting, []).append(name)
     if differ:
         runs = sorted({name for names_ in differ.values() for name in names_})
-        shown = ", ".join(runs[:4]) + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
         raise SettingError(
-            f"{out} holds runs of a sweep with other settings ({shown}): this sweep asks for "
+            f"{out} holds runs of a sweep with other settings ({_few(runs)}): this sweep asks for "
             f"{'; '.join(differ)}; sweep into another --out, or give the settings of the sweep there"
         )
+    # Runs this sweep does not have (another --lr list, say) would lose their rows in the tables it rewrites.
+    folders = sorted(p for p in Path(out).iterdir() if p.is_dir()) if Path(out).is_dir() else []
+    others = [p.name for p in folders if p.name not in wanted and _saved_config(p) is not None]
+    if others:
+        raise SettingError(
+            f"{out} holds runs that this sweep does not have ({_few(others)}), whose rows its sweep.md would "
+            "lose: sweep into another --out, or give the settings of the sweep there"
+        )
+
+
+def _few(names: Sequence[str], shown: int = 4) -> str:
+    """``"a, b, c and 2 more"``.
+
+    >>> _few(["a", "b", "c", "d", "e", "f"])
+    'a, b, c, d and 2 more'
+    """
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _saved_config(run_dir: Path) -> TrainConfig | None:
