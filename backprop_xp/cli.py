@@ -48,6 +48,8 @@ DATA_HELP = (
     "$BACKPROP_XP_FASHION_DATA for fashion-mnist, else the download cache)"
 )
 
+MNIST_DATA_HELP = "folder with MNIST's four IDX files (default: $BACKPROP_XP_DATA, else the download cache)"  # bench
+
 
 def _prepare_out_dir(path: str) -> str:
     from .files import make_out_dir
@@ -182,7 +184,7 @@ def _add_show_data(sub: argparse._SubParsersAction) -> None:
         metavar="{" + ",".join(DATASETS) + "}",
         help="which data set (default: mnist)",
     )
-    p.add_argument("--data-dir", type=existing_dir, help=DATA_HELP)
+    p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=DATA_HELP)
     p.add_argument(
         "--out",
         type=png_file,
@@ -398,7 +400,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a saved model")
+    p = sub.add_parser(
+        "evaluate",
+        help="test accuracy, per-class accuracy and confusion matrix of a saved model",
+        description=(
+            "Test a saved model (a run folder, its model.npz, or a checkpoint.npz) on the test set of the data set it "
+            "was trained on, found where the run found it, unless --dataset or --data-dir say otherwise. Prints "
+            "the test accuracy and loss, the accuracy of each class and the confusion matrix. Exit codes: 0 done, "
+            "1 an error (no model, no data), 2 bad arguments."
+        ),
+    )
     p.add_argument(
         "model", metavar="MODEL", help="a model.npz (or checkpoint.npz) written by train, or the run folder holding it"
     )
@@ -408,9 +419,20 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         metavar="{" + ",".join(DATASETS) + "}",
         help="the data set to test on (default: the one the model was trained on)",
     )
-    p.add_argument("--data-dir", type=existing_dir, help=DATA_HELP)
-    p.add_argument("--backend", type=choice_of(BACKENDS), default="auto", help="where to run it (default: auto)")
+    p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=DATA_HELP)
+    _add_backend_flag(p)
     p.set_defaults(handler=_cmd_evaluate)
+
+
+def _add_backend_flag(p: argparse.ArgumentParser) -> None:
+    """evaluate's and predict's --backend: train's choices and default."""
+    p.add_argument(
+        "--backend",
+        type=choice_of(BACKENDS),
+        default=_defaults().backend,
+        metavar="{" + ",".join(BACKENDS) + "}",
+        help=f"numpy (CPU), cupy (CUDA GPU) or auto: cupy when usable (default: {_defaults().backend})",
+    )
 
 
 def _load_model(path: str, backend: str) -> Any:
@@ -419,17 +441,30 @@ def _load_model(path: str, backend: str) -> Any:
     if os.path.isdir(path):  # a run folder: its model
         folder, path = path, os.path.join(path, "model.npz")
         if not os.path.isfile(path):
-            best = os.path.join(folder, "best.npz")  # --keep-best: the best epoch so far, even of a run that diverged
-            also = f"; its best epoch so far is in {best}" if os.path.isfile(best) else ""
-            raise UserError(
-                f"{folder} holds no model.npz (a run writes it when it finishes; resume it with --resume {folder}"
-                f"{also})"
-            )
+            raise UserError(_no_model(folder))
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such model file")
     model = MLP.load(path, backend=backend)
     model.path = path  # the file actually read (a run folder names its model.npz)
     return model
+
+
+def _no_model(folder: str) -> str:
+    """Why the run folder ``folder`` has no model.npz, and the command that writes it."""
+    from .training.run_files import load_metrics
+
+    try:
+        finished = (load_metrics(folder) or {}).get("status") == "finished"
+    except ValueError:
+        finished = False
+    if finished and os.path.isfile(os.path.join(folder, "checkpoint.npz")):  # deleted since: resume writes it again
+        return (
+            f"{folder} holds no model.npz (it was removed after the run finished); "
+            f"write it again with: backprop-xp train --resume {folder}"
+        )
+    best = os.path.join(folder, "best.npz")  # --keep-best: the best epoch so far, even of a run that diverged
+    also = f"; its best epoch so far is in {best}" if os.path.isfile(best) else ""
+    return f"{folder} holds no model.npz (a run writes it when it finishes; resume it with --resume {folder}{also})"
 
 
 def _trained_on(path: str) -> tuple[str, str | None]:
@@ -511,7 +546,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--show", metavar="PNG", type=png_file, help="also draw each image as the network saw it into this PNG file"
     )
-    p.add_argument("--backend", type=choice_of(BACKENDS), default="numpy", help="where to run it (default: numpy)")
+    _add_backend_flag(p)
     p.set_defaults(handler=_cmd_predict)
 
 
@@ -546,6 +581,20 @@ def _title_name(path: str, width: int = 17) -> str:
     return name[: width - 1 - tail] + "…" + name[-tail:]
 
 
+def _title_names(paths: Sequence[str], width: int = 17) -> dict[str, str]:
+    """``_title_name`` of each path, numbered by its place on the command line where two would read the same.
+
+    Names that differ only in their middle (scan_of_page_1_left.png, scan_of_page_2_left.png)
+    are cut to the same start and end; their number tells them apart, as the printed lines do.
+    """
+    titles = {path: _title_name(path, width) for path in paths}
+    same = {title for title in titles.values() if list(titles.values()).count(title) > 1}
+    for k, path in enumerate(dict.fromkeys(paths), 1):
+        if titles[path] in same:
+            titles[path] = f"{k}. " + _title_name(path, width - len(f"{k}. "))
+    return titles
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .backend import to_numpy
 
@@ -556,7 +605,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if side * side != model.n_inputs:
         raise UserError(f"{args.model}: {model.n_inputs} inputs are not a square image; predict needs one")
     failed = 0
-    seen, titles = [], []
+    seen, titles, names = [], [], _title_names(args.images)
     for path in args.images:
         try:
             pixels, inverted = read_digit(path, side)
@@ -569,7 +618,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         guesses = ", ".join(f"{k} ({100 * proba[k]:.1f}%)" for k in top)
         print(f"{path}: {guesses}" + ("  [inverted: dark digit on light background]" if inverted else ""))
         seen.append(pixels)
-        titles.append(f"{_title_name(path)}\nsaid {top[0]} ({100 * proba[top[0]]:.0f}%)")
+        titles.append(f"{names[path]}\nsaid {top[0]} ({100 * proba[top[0]]:.0f}%)")
     if args.show and seen:
         from .plots import digit_grid
 
@@ -613,7 +662,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     from .backend import get_backend
     from .training import plural
-    from .training.sweep import SWEEP_VAL_SIZE, SWEPT, grid, run_names, run_sweep
+    from .training.sweep import SWEEP_VAL_SIZE, SWEPT, check_sweep_folder, grid, run_names
 
     given = _given(args, [f.name for f in dataclasses.fields(TrainConfig)])
     default_val = "val_size" not in given
@@ -623,7 +672,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.scheduler in (None, "local"):  # a remote cluster's workers have their own environment
         check_data_env(base.dataset, base.data_dir)
     if args.scheduler:
-        from .training.dask_sweep import require_distributed, run_sweep_dask
+        from .training.dask_sweep import require_distributed
 
         try:
             require_distributed()
@@ -648,26 +697,65 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     varied = [name for name in SWEPT if len(options.get(name, [])) > 1]
     names = run_names(configs, varied)
     out = args.out or os.path.join("sweeps", time.strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BadArgument(f"--out {out} is a file, not a folder")
+    check_sweep_folder(configs, names, out)  # before anything is trained: main() makes it exit code 2
     title = f"Sweep: {plural(len(configs), 'run')}, {plural(base.epochs, 'epoch')}, {base.backend}"
+    try:
+        summaries = _sweep_runs(args, base, configs, names, out, title)
+    except KeyboardInterrupt:
+        _say_sweep_interrupted(args, names, out)
+        return 130
+    bad = [s for s in summaries if s["status"] != "finished"]
+    print(
+        f"wrote {os.path.join(out, 'sweep.md')}, sweep.csv and sweep.png; "
+        f"{len(summaries) - len(bad)} finished, {len(bad)} failed or diverged"
+    )
+    if summaries and len(bad) == len(summaries):  # nothing to compare: a failure, not a result
+        print(f"backprop-xp: error: no run of the sweep finished; see {os.path.join(out, 'sweep.md')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _sweep_runs(
+    args: argparse.Namespace, base: TrainConfig, configs: list[dict[str, Any]], names: list[str], out: str, title: str
+) -> list[dict[str, Any]]:
+    """Train the sweep's runs here (processes) or on a Dask cluster; their summaries."""
+    from .backend import get_backend
+    from .training import plural
+    from .training.sweep import run_sweep
+
     if args.scheduler:  # each worker resolves the backend on its own machine: "auto" uses its GPU
         jobs = min(args.jobs, len(configs))
         where = f"{jobs} local Dask workers" if args.scheduler == "local" else f"the Dask cluster at {args.scheduler}"
         print(
             f"sweep: {plural(len(configs), 'run')} of {plural(base.epochs, 'epoch')} (backend {base.backend}) on {where} into {out}"
         )
-        summaries = run_sweep_dask(configs, names, out, scheduler=args.scheduler, jobs=jobs, title=title)
-    else:
-        jobs = 1 if backend.is_gpu else min(args.jobs, len(configs))
-        print(
-            f"sweep: {plural(len(configs), 'run')} of {plural(base.epochs, 'epoch')} on {backend.name} ({jobs} at a time) into {out}"
-        )
-        summaries = run_sweep(configs, names, out, jobs=jobs, title=title)
-    bad = [s for s in summaries if s["status"] != "finished"]
+        from .training.dask_sweep import run_sweep_dask
+
+        return run_sweep_dask(configs, names, out, scheduler=args.scheduler, jobs=jobs, title=title)
+    backend = get_backend(base.backend)  # the name _cmd_sweep resolved "auto" to
+    jobs = 1 if backend.is_gpu else min(args.jobs, len(configs))
     print(
-        f"wrote {os.path.join(out, 'sweep.md')}, sweep.csv and sweep.png; "
-        f"{len(summaries) - len(bad)} finished, {len(bad)} failed or diverged"
+        f"sweep: {plural(len(configs), 'run')} of {plural(base.epochs, 'epoch')} on {backend.name} ({jobs} at a time) into {out}"
     )
-    return 0
+    return run_sweep(configs, names, out, jobs=jobs, title=title)
+
+
+def _say_sweep_interrupted(args: argparse.Namespace, names: list[str], out: str) -> None:
+    """Name the runs an interrupt stopped, and the command that resumes them (the same sweep, into the same folder)."""
+    import shlex
+
+    from .training.sweep import interrupted_runs
+
+    argv = list(args.argv) + ([] if args.out else ["--out", out])  # the folder the default named, this time
+    command = shlex.join(["backprop-xp", *argv])
+    stopped = interrupted_runs(names, out)
+    if stopped:
+        what = f"runs stopped: {', '.join(stopped)} (their finished epochs are saved)"
+    else:
+        what = "no run in progress had finished an epoch"
+    print(f"backprop-xp: interrupted; {what}; resume the sweep with: {command}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- bench
@@ -726,7 +814,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         type=bench_threads,
         help=f"CPU threads of every CPU engine, at most {MAX_BENCH_THREADS} (4 per CPU; default: all cores)",
     )
-    p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=DATA_HELP)
+    p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=MNIST_DATA_HELP)
     p.add_argument(
         "--train-size", type=count, default=20_000, metavar="N",
         help="an epoch is the first N training images; 0 = all 60,000 "
@@ -769,7 +857,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # a command's own words, for the advice to run it again (an interrupted sweep)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2

@@ -240,6 +240,24 @@ def weight_grid(w1: np.ndarray, path: str | os.PathLike, *, count: int = 100, co
     save_figure(fig, path)
 
 
+def _sweep_zoom(finals: Sequence[float]) -> tuple[float, float]:
+    """The accuracy axis of sweep.png (%): every run's final accuracy on it, except runs that failed to learn.
+
+    Zoomed on the final accuracies, which the table ranks (earlier epochs may
+    start below); a run more than 30 points below the best one learned
+    nothing worth comparing and would squash the others into a line, so it is
+    left below (and marked there).
+
+    >>> _sweep_zoom([98.0, 93.0, 91.0])  # every run shown, however far apart (5 points was the limit)
+    (90.5, 98.5)
+    >>> _sweep_zoom([98.0, 97.5, 11.3])  # the run at chance is left below the chart
+    (97.0, 98.5)
+    """
+    best = max(finals)
+    learned = [final for final in finals if final >= best - 30.0]
+    return min(learned) - 0.5, min(100.0, best + 0.5)
+
+
 def sweep_plot(runs: Sequence[dict], path: str | os.PathLike, *, title: str = "Sweep") -> None:
     """Validation accuracy (test accuracy for runs without validation) against epoch and training time.
 
@@ -257,19 +275,22 @@ def sweep_plot(runs: Sequence[dict], path: str | os.PathLike, *, title: str = "S
     # Ten distinct colours, then the same ten dashed, then dotted...: best runs first.
     styles = [(colors[k % 10], ("-", "--", ":", "-.")[(k // 10) % 4]) for k in range(len(runs))]
     ranked = sorted(runs, key=lambda run: -run["epochs"][-1][key])
-    for (color, ls), run in zip(styles, ranked):
+    finals = [100 * run["epochs"][-1][key] for run in ranked]
+    low, top = _sweep_zoom(finals)
+    for (color, ls), run, final in zip(styles, ranked, finals):
         rows = run["epochs"]
         acc = [100 * row[key] for row in rows]
         elapsed = np.cumsum([row["seconds"] for row in rows])
         style = dict(marker="o", ms=3, color=color, ls=ls)
-        ax_epoch.plot([row["epoch"] for row in rows], acc, label=f"{run['name']} ({acc[-1]:.2f}%)", **style)
+        below = " below the chart" if final < low else ""
+        ax_epoch.plot([row["epoch"] for row in rows], acc, label=f"{run['name']} ({final:.2f}%{below})", **style)
         ax_time.plot(elapsed, acc, **style)
-    finals = [100 * run["epochs"][-1][key] for run in runs]
-    lowest = min(min(100 * r[key] for r in run["epochs"]) for run in runs)
-    # Zoom on the good runs: a run that failed to learn would squash them into a line.
-    low = max(lowest - 0.5, max(finals) - 5.0)
-    ax_epoch.set_ylim(low, min(100.0, max(finals) + 0.5))
-    cut = f" (below {low:.1f}% off the chart)" if low > lowest else ""
+        if below:  # a run that failed to learn: a mark at the chart's foot, at its last epoch, rather than nothing
+            ax_epoch.plot([rows[-1]["epoch"]], [low], marker="v", ms=8, color=color, clip_on=False, ls="")
+            ax_time.plot([elapsed[-1]], [low], marker="v", ms=8, color=color, clip_on=False, ls="")
+    ax_epoch.set_ylim(low, top)
+    n_below = sum(final < low for final in finals)
+    cut = f" ({n_below} below {low:.1f}%, marked \u25bc)" if n_below else ""
     ax_epoch.set(xlabel="epoch", ylabel=f"{words} (%)", title=f"{words.capitalize()} by epoch" + cut)
     ax_time.set(xlabel="training time (s, evaluation excluded)", title=f"{words.capitalize()} against training time")
     ax_time.set_xscale("log")

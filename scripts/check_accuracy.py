@@ -35,6 +35,11 @@ RECIPES = {
 DEFAULT_RECIPES = ["default", "best"]
 
 
+def shown(command: list[str]) -> str:
+    """The command as a line a reader can paste: ``$ python -m backprop_xp train ...`` (the interpreter as "python")."""
+    return "$ " + shlex.join(["python", *command[1:]])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="folder with the four MNIST files")
@@ -54,7 +59,7 @@ def main() -> int:
         metrics_path = out / "metrics.json"
         wall = None
         if not (metrics_path.is_file() and json.loads(metrics_path.read_text()).get("status") == "finished"):
-            print("$ " + shlex.join(command[1:]).replace(sys.executable, "python"), flush=True)
+            print(shown(command), flush=True)
             start = time.perf_counter()
             code = subprocess.run(command).returncode
             wall = time.perf_counter() - start

@@ -65,7 +65,7 @@ def mnist_dir() -> Path:
         if _require_data():
             pytest.fail(message + f" but {REQUIRE_DATA} is set")
         pytest.skip(message)
-    return Path(folder)
+    return Path(os.path.abspath(folder))  # the README's ../shared/mnist is relative: tests that chdir pass it on
 
 
 @pytest.fixture(scope="session")

@@ -452,6 +452,7 @@ def test_an_output_folder_that_cannot_be_made_is_one_clear_line(where, mnist_dir
 
 def test_the_first_line_names_the_backend_briefly_and_the_last_line_sums_up(mnist_dir, tmp_path, capsys):
     from backprop_xp.backend import get_backend
+    from backprop_xp.training.run_files import cpu_step, cpu_step_words
 
     out = tmp_path / "run"
     assert main(["train", *QUICK, "--backend", "auto", "--data-dir", str(mnist_dir), "--out", str(out)]) == 0
@@ -459,9 +460,9 @@ def test_the_first_line_names_the_backend_briefly_and_the_last_line_sums_up(mnis
     metrics = json.loads((out / "metrics.json").read_text())
     if get_backend("auto").name == "numpy":
         expected = (
-            "backend numpy (a GPU is here but not usable; --verbose says why)"
+            f"backend numpy ({cpu_step_words(cpu_step())}; a GPU is here but not usable; --verbose says why)"
             if os.path.exists("/dev/nvidia0")
-            else "backend numpy (no GPU found)"
+            else f"backend numpy ({cpu_step_words(cpu_step())}; no GPU found)"
         )
         assert lines[0] == expected
         assert metrics["config"]["backend_reason"].startswith("auto: using numpy because")

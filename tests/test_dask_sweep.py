@@ -271,7 +271,10 @@ def _interrupted_sweep(out, mnist_dir, scheduler: str, signum: int, group: bool)
     processes.wait_until_written(proc, [out / name / "checkpoint.npz" for name in ("h32-lr0.1-b100", "h48-lr0.1-b100")])
     printed, err = processes.stop(proc, signum, group=group)  # without the fix: the 500 epochs of every run first
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "backprop-xp: interrupted", err
+    assert err.strip().splitlines()[-1] == (
+        "backprop-xp: interrupted; runs stopped: h32-lr0.1-b100, h48-lr0.1-b100 (their finished epochs are saved); "
+        f"resume the sweep with: backprop-xp {' '.join(argv)}"
+    ), err
     return printed, err
 
 

@@ -267,10 +267,16 @@ def test_a_sigterm_stops_a_parallel_sweep_at_once_and_every_run_in_progress_reco
     processes.wait_until_written(proc, started)
     _, err = processes.stop(proc, signal.SIGTERM, group=group)  # without the fix: the 500 epochs of both runs first
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "backprop-xp: interrupted"
+    command = " ".join(["backprop-xp", *argv])
+    assert err.strip().splitlines()[-1] == (
+        "backprop-xp: interrupted; runs stopped: h32-lr0.1-b100, h48-lr0.1-b100 (their finished epochs are saved); "
+        f"resume the sweep with: {command}"
+    )
+    table = (out / "sweep.md").read_text()
     for checkpoint in started:
         metrics = json.loads((checkpoint.parent / "metrics.json").read_text())
         assert metrics["status"] == "interrupted" and 1 <= len(metrics["epochs"]) < 500
+        assert f"| {checkpoint.parent.name} | " in table  # each run stopped has its row
     assert not (out / "h64-lr0.1-b100").exists()  # the third run, queued, never started
     assert [str(p) for p in out.rglob(".*")] == []  # no temporary file anywhere
 

@@ -88,13 +88,7 @@ def load_mnist(
         outside 0-9, or the training and test images differ in size.
     """
     title, env, _, _ = dataset_info(dataset)
-    if data_dir is not None:
-        folder, chosen_by, may_download = Path(data_dir), "data_dir", False
-    elif os.environ.get(env):
-        folder, chosen_by, may_download = Path(os.environ[env]), f"${env}", False
-    else:
-        folder, chosen_by, may_download = cache_dir(dataset), "the cache", True
-
+    folder, chosen_by, may_download = data_folder(dataset, data_dir)
     missing = [name for name in FILES.values() if find_file(folder, name) is None]
     if missing and may_download and download:
         fetch_mnist(folder, dataset=dataset)
@@ -129,6 +123,22 @@ def load_mnist(
             f"the training images in {paths['train_images']} have {x_train.shape[1]}"
         )
     return x_train, y_train, x_test, y_test
+
+
+def data_folder(dataset: str = "mnist", data_dir: str | os.PathLike | None = None) -> tuple[Path, str, bool]:
+    """Where ``load_mnist`` looks: ``(absolute folder, what chose it, whether it may be downloaded into)``.
+
+    ``data_dir``, else the data set's environment variable, else its cache. A
+    relative folder (``BACKPROP_XP_DATA=../shared/mnist``, ``--data-dir data``) is
+    resolved here, once, against the folder the program runs in, so that a run
+    that records it, or a process that works from another folder, still finds it.
+    """
+    env = dataset_info(dataset)[1]
+    if data_dir is not None:
+        return Path(os.path.abspath(data_dir)), "data_dir", False
+    if os.environ.get(env):
+        return Path(os.path.abspath(os.environ[env])), f"${env}", False
+    return Path(os.path.abspath(cache_dir(dataset))), "the cache", True
 
 
 def load_dataset(

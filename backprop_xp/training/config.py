@@ -120,7 +120,7 @@ class TrainConfig:
                 f"--val-size {self.val_size} leaves no training images (--train-size is {self.train_size})"
             )
         if (self.keep_best or self.patience) and not self.val_size:
-            flag = "keep-best" if self.keep_best else "patience"
+            flag = "--keep-best" if self.keep_best else "--patience"
             raise SettingError(
                 f"{flag} chooses by validation accuracy: give it a validation set with --val-size N (e.g. 5000)"
             )

@@ -36,8 +36,8 @@ import numpy as np
 from ..backend import Backend, get_backend, synchronize
 from ..data import Minibatches, load_dataset, train_val_split
 from ..data.augment import distort
-from ..data.download import dataset_info
-from ..files import check_interrupt, in_use, make_out_dir
+from ..data.datasets import data_folder
+from ..files import LOCK, check_interrupt, in_use, make_out_dir, read_npz
 from ..model import MLP
 from ..optim import SGD
 from ..progress import progress_bar
@@ -45,7 +45,10 @@ from .config import SCHEDULES, SettingError, TrainConfig
 from .run_files import (
     BEST,
     CHECKPOINT,
+    METRICS_JSON,
     MODEL,
+    cpu_step,
+    cpu_step_words,
     draw_run_pictures,
     environment,
     load_metrics,
@@ -95,9 +98,12 @@ class Diverged(RuntimeError):
             else "no epoch had finished, so there is no checkpoint"
         )
         where = f"epoch {epoch}, step {step}" if step is not None else f"epoch {epoch}"
+        # The schedule's rate at that epoch, and the --lr the user gave when the schedule had changed it.
+        rate = (
+            f"learning rate {lr:g}" if lr == base_lr else f"learning rate {lr:g} by the schedule, from --lr {base_lr:g}"
+        )
         super().__init__(
-            f"training diverged at {where}: {reason} (learning rate {lr:g}); "
-            f"try --lr {self.suggested_lr:g} or smaller; {kept}"
+            f"training diverged at {where}: {reason} ({rate}); try --lr {self.suggested_lr:g} or smaller; {kept}"
         )
 
 
@@ -221,10 +227,9 @@ def train(
         saved = open_run_folder(config, out, resume)
         if saved is not None and (finished := already_finished(config, out, saved, say)) is not None:
             return finished
-        if config.data_dir is None and os.environ.get(env := dataset_info(config.dataset)[1]):
-            config = dataclasses.replace(config, data_dir=os.environ[env])  # so that a --resume without it finds it too
-        if config.data_dir is not None:  # absolute, so that --resume works from any folder
-            config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
+        folder, chosen_by, _ = data_folder(config.dataset, config.data_dir)
+        if chosen_by != "the cache":  # recorded absolute, so that a --resume from any folder, without $VAR, finds it
+            config = dataclasses.replace(config, data_dir=str(folder))
         # --- data, model, optimizer, metrics
         backend = get_backend(config.backend)
         data = load_run_data(config)
@@ -252,16 +257,83 @@ def train(
         return metrics
 
 
+# A folder holding one of these holds a run of ours (open_run_folder then refuses it, or starts over in it).
+RUN_MARKS = (METRICS_JSON, CHECKPOINT, MODEL)
+# What a sweep's run_one leaves in a run folder before train starts (its log, a failure's traceback), and the lock.
+RUN_LOGS = {"train.log", "error.txt", LOCK}
+
+
+def check_new_run_folder(out: Path) -> None:
+    """SettingError if ``out`` is a file, or a folder that is not empty and holds no run of ours.
+
+    A new run writes curves.png, metrics.csv...: in a folder of the user's own
+    files it would replace theirs, so such a folder is refused, as ``git
+    clone`` refuses a folder that is not empty.
+    """
+    if out.exists() and not out.is_dir():
+        raise SettingError(f"--out {out} is a file, not a folder")
+    if not out.is_dir():
+        return
+    names = [p.name for p in out.iterdir() if not _temporary(p.name)]
+    if any(name in RUN_MARKS for name in names):
+        return
+    foreign = sorted(name for name in names if name not in RUN_LOGS)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise SettingError(
+            f"--out {out} is not empty and holds no run of backprop-xp ({shown}): choose a new or empty folder"
+        )
+
+
+def _temporary(name: str) -> bool:
+    """Whether ``name`` is one of atomic_write's temporary files (``.NAME.<random>.tmp``) or make_out_dir's probe."""
+    return name.startswith(".") and (name.endswith(".tmp") or name.startswith(".write-test."))
+
+
 @contextlib.contextmanager
 def run_folder_lock(out: Path, resume: bool) -> Iterator[None]:
-    """The run folder (made for a new run), locked against another process training into it (FolderInUse)."""
+    """The run folder (made for a new run), locked against another process training into it (FolderInUse).
+
+    A new run that fails before it wrote anything (no data, a failed
+    download) removes the folders it made, so that no empty run folder is
+    left behind; a folder that was there before is never removed.
+    """
+    made = None
     if not resume:
+        check_new_run_folder(out)
+        made = _first_missing(out)
         make_out_dir(out)
     if not out.is_dir():  # a --resume of nothing: open_run_folder says so
         yield
         return
-    with in_use(out):
-        yield
+    try:
+        with in_use(out):
+            yield
+    except BaseException:
+        if made is not None:
+            _remove_if_empty(out, made)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (the first that make_out_dir would make), or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_if_empty(path: Path, made: Path) -> None:
+    """Remove ``path`` and its parents up to ``made`` while they are empty (folders this run made)."""
+    for folder in (path, *path.parents):
+        try:
+            folder.rmdir()  # only an empty folder: never a file the run or anyone else wrote
+        except OSError:
+            return
+        if folder == made:
+            return
 
 
 def open_run_folder(config: TrainConfig, out: Path, resume: bool) -> tuple[TrainConfig, dict[str, Any]] | None:
@@ -315,10 +387,12 @@ def already_finished(
     """
     on_disk = load_metrics(out) or {}
     if on_disk.get("status") == "finished" and config.epochs == saved[0].epochs:
-        say(
-            f"{out} is already finished ({plural(on_disk['config']['epochs'], 'epoch')}); nothing was changed "
-            "(give --epochs N to train further)"
-        )
+        done = f"{out} is already finished ({plural(on_disk['config']['epochs'], 'epoch')})"
+        if not (out / MODEL).exists():  # deleted since: the checkpoint (or best.npz) still holds its parameters
+            kept, source = restore_model(out, on_disk)
+            say(f"{done}; wrote its {MODEL} again (the parameters of epoch {kept}, from {source})")
+        else:
+            say(f"{done}; nothing was changed (give --epochs N to train further)")
         return on_disk
     if config.data_dir is not None and not os.path.isdir(config.data_dir):
         raise FileNotFoundError(
@@ -326,6 +400,31 @@ def already_finished(
             "pass --data-dir with the folder of its data set"
         )
     return None
+
+
+def restore_model(out: Path, metrics: dict[str, Any]) -> tuple[int, str]:
+    """Write the model.npz of the finished run in ``out`` again; return its epoch and the file it came from.
+
+    The model kept is the last epoch's, which the checkpoint holds, or with
+    ``--keep-best`` the best validation epoch's, which best.npz holds: the very
+    parameters ``finish`` saved. FileNotFoundError if that file is gone too.
+    """
+    kept = int(metrics["final"]["epoch_kept"])
+    for name in (CHECKPOINT, BEST):
+        path = out / name
+        if path.is_file():
+            arrays = read_npz(path, "a backprop-xp checkpoint")
+            epoch = arrays.get("train.epochs_done", arrays.get("train.epoch"))
+            if epoch is not None and int(epoch) == kept:
+                model = MLP.load(path)
+                model.save(
+                    out / MODEL, **{"train.config": json.dumps(metrics["config"]), "train.epoch": np.int64(kept)}
+                )
+                return kept, name
+    raise FileNotFoundError(
+        f"{out}: cannot write {MODEL} again: neither {CHECKPOINT} nor {BEST} holds the parameters of epoch {kept}, "
+        "the model the run kept"
+    )
 
 
 def load_run_data(config: TrainConfig) -> RunData:
@@ -613,13 +712,15 @@ def summary_line(metrics: dict[str, Any], out: str | os.PathLike) -> str:
 
 
 def _backend_note(asked: str, backend: Backend) -> str:
-    """Why this backend, in a few words (the full reason is in metrics.json and --verbose)."""
+    """Which step, and why this backend, in a few words (the full reason is in metrics.json and --verbose)."""
     if backend.is_gpu:
         return environment(backend).get("gpu", "GPU")
+    step = cpu_step_words(cpu_step())  # the fused step and the plain one differ in their last digits
     if asked == "numpy":
-        return "as asked"
+        return step
     # a GPU without a usable CuPy is not "no GPU": point at the reason instead
-    return "a GPU is here but not usable; --verbose says why" if os.path.exists("/dev/nvidia0") else "no GPU found"
+    why = "a GPU is here but not usable; --verbose says why" if os.path.exists("/dev/nvidia0") else "no GPU found"
+    return f"{step}; {why}"
 
 
 def _best_val(rows: list[dict[str, Any]]) -> tuple[int | None, float | None]:

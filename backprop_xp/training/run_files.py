@@ -41,6 +41,9 @@ def environment(backend: Backend) -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }
+    if not backend.is_gpu:  # the result depends on the step (the fused one sums in another order) and its threads
+        info["cpu_step"] = cpu_step()
+        info["blas"] = blas_libraries()
     if backend.is_gpu:
         xp = backend.xp
         info["cupy"] = xp.__version__
@@ -50,6 +53,46 @@ def environment(backend: Backend) -> dict[str, Any]:
         except Exception:  # a name is nice to have, never worth failing a run for
             pass
     return info
+
+
+def cpu_step() -> dict[str, Any]:
+    """Which CPU training step runs: "fused" (Numba's compiled loops, ``fused_cpu``) or "numpy", and its threads.
+
+    The fused step's threads are its kernels' (``fused_cpu.threads``); the
+    plain step's are the BLAS's (None where they cannot be told).
+    """
+    from .. import fused_cpu
+
+    info = fused_cpu.info()
+    if info["enabled"]:
+        return {"step": "fused", "threads": info["threads"], "numba": info["numba"],
+                "threading_layer": info["threading_layer"]}  # fmt: skip
+    blas = [lib["num_threads"] for lib in blas_libraries() or [] if lib.get("user_api") == "blas"]
+    return {"step": "numpy", "threads": max(blas) if blas else None, "numba": info.get("numba")}
+
+
+def blas_libraries() -> list[dict[str, Any]] | None:
+    """The BLAS (and OpenMP) libraries NumPy loaded, with their versions and thread counts (threadpoolctl).
+
+    None without threadpoolctl (``pip install threadpoolctl``, in the ``[fast]`` extra).
+    """
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    keys = ("user_api", "internal_api", "version", "num_threads", "threading_layer", "architecture")
+    return [{key: lib.get(key) for key in keys} for lib in threadpool_info()]
+
+
+def cpu_step_words(step: dict[str, Any]) -> str:
+    """``cpu_step()`` in a few words: "fused CPU step, 2 threads" or "plain NumPy step, 1 thread".
+
+    >>> cpu_step_words({"step": "fused", "threads": 2}), cpu_step_words({"step": "numpy", "threads": 1})
+    ('fused CPU step, 2 threads', 'plain NumPy step, 1 thread')
+    """
+    words = "fused CPU step" if step["step"] == "fused" else "plain NumPy step"
+    threads = step.get("threads")
+    return f"{words}, {threads} thread{'' if threads == 1 else 's'}" if threads else words
 
 
 def default_out_dir(config: TrainConfig, root: str = "runs") -> str:

@@ -142,6 +142,64 @@ def _finished(config: dict[str, Any], out_dir: str) -> dict[str, Any] | None:
     return metrics
 
 
+def check_sweep_folder(configs: Sequence[dict[str, Any]], names: Sequence[str], out: str | os.PathLike) -> None:
+    """SettingError, before anything is trained, if ``out`` holds runs of a sweep with other settings.
+
+    Such runs are somebody's results: a sweep that trained over them (or
+    failed on each of them) would rewrite sweep.md, sweep.csv and sweep.png
+    with its own rows. The message names the runs and the settings that differ.
+    """
+    wanted = dict(zip(names, configs))
+    differ: dict[str, list[str]] = {}  # setting -> runs
+    for name, config in wanted.items():
+        saved = _saved_config(Path(out) / name)
+        if saved is None:
+            continue
+        want = TrainConfig.from_dict(config)
+        for field in TrainConfig.MATH_FIELDS:
+            if getattr(saved, field) != getattr(want, field):
+                setting = (
+                    f"--{field.replace('_', '-')} {getattr(want, field)} (the runs there have {getattr(saved, field)})"
+                )
+                differ.setdefault(setting, []).append(name)
+    if differ:
+        runs = sorted({name for names_ in differ.values() for name in names_})
+        raise SettingError(
+            f"{out} holds runs of a sweep with other settings ({_few(runs)}): this sweep asks for "
+            f"{'; '.join(differ)}; sweep into another --out, or give the settings of the sweep there"
+        )
+    # Runs this sweep does not have (another --lr list, say) would lose their rows in the tables it rewrites.
+    folders = sorted(p for p in Path(out).iterdir() if p.is_dir()) if Path(out).is_dir() else []
+    others = [p.name for p in folders if p.name not in wanted and _saved_config(p) is not None]
+    if others:
+        raise SettingError(
+            f"{out} holds runs that this sweep does not have ({_few(others)}), whose rows its sweep.md would "
+            "lose: sweep into another --out, or give the settings of the sweep there"
+        )
+
+
+def _few(names: Sequence[str], shown: int = 4) -> str:
+    """``"a, b, c and 2 more"``.
+
+    >>> _few(["a", "b", "c", "d", "e", "f"])
+    'a, b, c, d and 2 more'
+    """
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _saved_config(run_dir: Path) -> TrainConfig | None:
+    """The settings of the run in ``run_dir`` (from its metrics, else its checkpoint), or None if it holds none."""
+    try:
+        metrics = load_metrics(run_dir)
+        if metrics and isinstance(metrics.get("config"), dict):
+            return TrainConfig.from_dict(metrics["config"])
+        if (run_dir / CHECKPOINT).is_file():
+            return read_checkpoint(run_dir)[0]
+    except (OSError, ValueError, TypeError):
+        return None  # unreadable: run_one records it failed, naming the file
+    return None
+
+
 def run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """Train one run of a sweep into ``out_dir`` (as ``train --out`` would); return its summary.
 
@@ -252,9 +310,18 @@ def markdown_table(ranked: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {s['name']} | {s['hidden']} | {s['lr']:g} | {s['batch_size']} | {s['activation']} | {s['momentum']:g} | "
             f"{s['weight_decay']:g} | {s.get('epochs_done', 0)} | {pct(s.get('val_accuracy'))} | {best_val} | "
-            f"{pct(s.get('test_accuracy'))} | {f'{spe:.2f}' if spe is not None else '–'} | {status} |"
+            f"{pct(s.get('test_accuracy'))} | {seconds(spe) if spe is not None else '–'} | {status} |"
         )
     return header + "\n".join(lines) + "\n"
+
+
+def seconds(value: float) -> str:
+    """A duration in seconds to three significant digits, however short: a tiny run's epoch is not "0.0".
+
+    >>> seconds(1.25), seconds(0.0123), seconds(12.345), seconds(1234.5)
+    ('1.25', '0.0123', '12.3', '1234')
+    """
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
 @contextlib.contextmanager
@@ -303,7 +370,9 @@ def record_run(
     """Keep a finished run's summary, say how it went (and on which worker, if any), rewrite the tables."""
     summaries[summary["name"]] = summary
     acc, val = summary.get("test_accuracy"), summary.get("val_accuracy")
-    detail = f"test accuracy {100 * acc:.2f}%, {summary['seconds_per_epoch']:.1f} s/epoch" if acc is not None else ""
+    detail = (
+        f"test accuracy {100 * acc:.2f}%, {seconds(summary['seconds_per_epoch'])} s/epoch" if acc is not None else ""
+    )
     if val is not None:
         detail = f"val accuracy {100 * val:.2f}%, " + detail
     if summary["status"] != "finished":
@@ -357,12 +426,25 @@ def run_sweep(
     ``jobs > 1`` trains that many runs at once in spawned processes (CPU only:
     the caller passes 1 for a GPU), each with ``cores // jobs`` BLAS threads.
     """
+    check_sweep_folder(configs, names, out)
     out = Path(make_out_dir(out))
     summaries, todo = pending_runs(configs, names, out, echo=echo, title=title)
 
     def finished(summary: dict[str, Any]) -> None:
         record_run(summaries, summary, len(configs), out, echo=echo, title=title)
 
+    try:
+        train_runs(todo, out, jobs, finished)
+    except KeyboardInterrupt:  # the runs interrupted get their rows too (status "interrupted"), then it goes on up
+        record_interrupted(summaries, configs, names, out, title=title)
+        raise
+    return [summaries[name] for name in names if name in summaries]
+
+
+def train_runs(
+    todo: list[tuple[dict[str, Any], str]], out: Path, jobs: int, finished: Callable[[dict[str, Any]], None]
+) -> None:
+    """Train the (config, name) runs into ``out/<name>``, ``jobs`` at a time, passing each summary to ``finished``."""
     # With jobs > 1 even a lone run goes to a worker: its BLAS threads (cores // jobs) are those of the
     # sweep's other runs, and a run resumed with other threads would not end bit for bit as it would have.
     if jobs <= 1:
@@ -386,8 +468,37 @@ def run_sweep(
                 # Ctrl-C in a terminal reaches the workers too; a SIGTERM to this process alone does not,
                 # and leaving the pool would otherwise wait for every run in progress to end.
                 pool.shutdown(wait=False, cancel_futures=True)
-                for worker in set(multiprocessing.active_children()) - others:  # the pool's
+                workers = set(multiprocessing.active_children()) - others  # the pool's
+                for worker in workers:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(worker.pid, signal.SIGTERM)
+                for worker in workers:  # each stops at its next step, its metrics saying "interrupted"
+                    worker.join(timeout=30)
                 raise
-    return [summaries[name] for name in names if name in summaries]
+
+
+def record_interrupted(
+    summaries: dict[str, dict[str, Any]], configs: list[dict[str, Any]], names: list[str], out: Path, *, title: str
+) -> None:
+    """Add the rows of the runs an interrupt stopped (those that wrote metrics) and rewrite the tables."""
+    for config, name in zip(configs, names):
+        if name in summaries:
+            continue
+        try:
+            metrics = load_metrics(out / name)
+        except (OSError, ValueError):
+            continue
+        if metrics is not None:
+            summaries[name] = summarize(name, config, metrics)
+    if summaries:
+        write_tables(out, list(summaries.values()), title=title)
+
+
+def interrupted_runs(names: Sequence[str], out: str | os.PathLike) -> list[str]:
+    """The runs of a sweep in ``out`` whose metrics say "interrupted" (a rerun of the sweep resumes them)."""
+    found = []
+    for name in names:
+        with contextlib.suppress(OSError, ValueError):
+            if (load_metrics(Path(out) / name) or {}).get("status") == "interrupted":
+                found.append(name)
+    return found
