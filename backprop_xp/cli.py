@@ -432,11 +432,8 @@ def _load_model(path: str, backend: str) -> Any:
     return model
 
 
-def _trained_on(path: str) -> tuple[str, str | None]:
-    """The data set a model file says it was trained on, and the folder its data came from, if it says.
-
-    Older files say nothing: MNIST, from wherever the loader looks.
-    """
+def _train_config(path: str) -> dict[str, Any]:
+    """The run's config saved in a model file by train; empty for files that have none (older ones, MLP.save's)."""
     import json
 
     from .files import read_npz
@@ -445,9 +442,29 @@ def _trained_on(path: str) -> tuple[str, str | None]:
     try:
         config = json.loads(str(arrays["train.config"]))
     except (KeyError, ValueError):
-        return "mnist", None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _trained_on(path: str) -> tuple[str, str | None]:
+    """The data set a model file says it was trained on, and the folder its data came from, if it says.
+
+    Older files say nothing: MNIST, from wherever the loader looks.
+    """
+    config = _train_config(path)
     folder = config.get("data_dir")
     return str(config.get("dataset", "mnist")), str(folder) if folder else None
+
+
+def _class_names_of(model: Any) -> list[str]:
+    """The names of a loaded model's classes: those its run saved, else its data set's (numbers where none)."""
+    from .data.datasets import class_names
+
+    config = _train_config(model.path)
+    saved = config.get("classes")
+    if isinstance(saved, list) and len(saved) == model.n_outputs:
+        return [str(name) for name in saved]
+    return class_names(str(config.get("dataset", "mnist")), model.n_outputs)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -500,8 +517,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         description=(
             "Classify images of digits (PNG, JPEG...; colour is converted to gray, any size). Each is prepared "
             "as MNIST's digits were: an image with a light border (a dark digit on paper) is inverted to white "
-            "on black, cut to the ink, scaled to fit a 20x20 box keeping its aspect ratio, and placed in 28x28 "
-            "with its centre of mass at the centre. Prints the top 3 classes with their probabilities; --show "
+            "on black, its background and uneven lighting removed, its digits found (specks of dirt are left "
+            "out), each cut to its ink, scaled to fit a 20x20 box keeping its aspect ratio, and placed in 28x28 "
+            "with its centre of mass at the centre. Prints the top 3 classes with their probabilities, or, for "
+            "several digits side by side, the number they make and each digit's reading; --show "
             "draws what the network saw. An unreadable file gets an error line and the other files are still "
             "classified (exit code 1 if any failed)."
         ),
@@ -515,21 +534,45 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_predict)
 
 
-def read_digit(path: str, side: int = 28) -> tuple[np.ndarray, bool]:
-    """An image file as ``side*side`` float32 values in [0, 1], prepared like MNIST; and whether it was inverted.
+def read_digits(path: str, side: int = 28) -> tuple[list[np.ndarray], bool]:
+    """The digits of an image file, left to right, each prepared like MNIST (``side*side`` float32 values); and whether it was inverted.
 
-    See ``backprop_xp.images.mnist_like``. Raises UserError naming the file
-    when it is not a readable image or holds no ink.
+    See ``backprop_xp.data.images.mnist_digits``. Raises UserError naming the
+    file when it is not a readable image or holds no ink.
     """
-    from .data.images import mnist_like, read_gray
+    from .data.images import mnist_digits, read_gray
 
     try:
-        return mnist_like(read_gray(path), side)
+        return mnist_digits(read_gray(path), side)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:
         message = str(exc)
         raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def reading(proba: np.ndarray, names: Sequence[str]) -> str:
+    """What predict prints for one image: one digit's 3 likeliest classes, or several digits read left to right.
+
+    ``proba`` holds a row of class probabilities per digit found. Digits side by
+    side are read as the number they make when the classes are digits.
+
+    >>> reading(np.array([[0.1, 0.9], [0.8, 0.2]]), ["0", "1"])
+    '10 (2 digits, left to right: 1 (90.0%), 0 (80.0%))'
+    >>> reading(np.array([[0.1, 0.9], [0.8, 0.2]]), ["Coat", "Bag"])
+    '2 things side by side, left to right: Bag (90.0%), Coat (80.0%)'
+    """
+
+    def guess(p: np.ndarray, k: int) -> str:
+        return f"{names[k]} ({100 * p[k]:.1f}%)"
+
+    if len(proba) == 1:
+        return ", ".join(guess(proba[0], k) for k in np.argsort(-proba[0], kind="stable")[:3])
+    best = proba.argmax(axis=1)
+    each = ", ".join(guess(p, k) for p, k in zip(proba, best))
+    if all(name.isdigit() for name in names):
+        return f"{''.join(names[k] for k in best)} ({len(best)} digits, left to right: {each})"
+    return f"{len(best)} things side by side, left to right: {each}"
 
 
 def _title_name(path: str, width: int = 17) -> str:
@@ -555,21 +598,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     side = math.isqrt(model.n_inputs)
     if side * side != model.n_inputs:
         raise UserError(f"{args.model}: {model.n_inputs} inputs are not a square image; predict needs one")
+    names = _class_names_of(model)
     failed = 0
     seen, titles = [], []
     for path in args.images:
         try:
-            pixels, inverted = read_digit(path, side)
+            digits, inverted = read_digits(path, side)
         except UserError as exc:
             print(f"backprop-xp: error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        proba = to_numpy(model.predict_proba(pixels[None, :]))[0]
-        top = np.argsort(-proba, kind="stable")[:3]
-        guesses = ", ".join(f"{k} ({100 * proba[k]:.1f}%)" for k in top)
-        print(f"{path}: {guesses}" + ("  [inverted: dark digit on light background]" if inverted else ""))
-        seen.append(pixels)
-        titles.append(f"{_title_name(path)}\nsaid {top[0]} ({100 * proba[top[0]]:.0f}%)")
+        proba = to_numpy(model.predict_proba(np.stack(digits)))
+        print(f"{path}: {reading(proba, names)}" + ("  [inverted: dark digit on light background]" if inverted else ""))
+        for i, (pixels, p) in enumerate(zip(digits, proba)):
+            which = f"\ndigit {i + 1} of {len(digits)}" if len(digits) > 1 else ""
+            name = names[p.argmax()]
+            said = f"said {name} ({100 * p.max():.0f}%)" if len(name) <= 4 else f"said {name}\n({100 * p.max():.0f}%)"
+            seen.append(pixels)
+            titles.append(f"{_title_name(path)}{which}\n{said}")
     if args.show and seen:
         from .plots import digit_grid
 
