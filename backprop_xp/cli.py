@@ -200,18 +200,23 @@ def _add_show_data(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_show_data(args: argparse.Namespace) -> int:
     from .data import DATASETS, load_dataset
+    from .data.datasets import class_names
     from .plots import digit_grid
 
     check_data_env(args.dataset, args.data_dir)
     _prepare_out_dir(os.path.dirname(args.out) or ".")
     x_train, y_train, x_test, y_test = load_dataset(args.dataset, args.data_dir)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
-    for name, y in (("train", y_train), ("test", y_test)):
+    names = class_names(args.dataset, n_classes)
+    numbers = names == [str(k) for k in range(n_classes)]  # digits: the counts in order say which is which
+    for split, y in (("train", y_train), ("test", y_test)):
         counts = np.bincount(y, minlength=n_classes)
-        print(f"{name:5s} {len(y):6d} images, per class: " + " ".join(str(c) for c in counts))
+        each = [str(c) for c in counts] if numbers else [f"{name} {c}," for name, c in zip(names, counts)]
+        print(f"{split:5s} {len(y):6d} images, per class: " + " ".join(each).rstrip(","))
     count = min(args.count, len(x_train))
     title = f"{DATASETS[args.dataset][0]} training images"
-    digit_grid(x_train[:count], [f"label {y}" for y in y_train[:count]], args.out, suptitle=title)
+    labels = [f"label {names[y]}" if numbers else names[y] for y in y_train[:count]]
+    digit_grid(x_train[:count], labels, args.out, suptitle=title)
     print(f"wrote {args.out}")
     return 0
 
@@ -458,18 +463,15 @@ def _trained_on(path: str) -> tuple[str, str | None]:
 
 def _class_names_of(model: Any) -> list[str]:
     """The names of a loaded model's classes: those its run saved, else its data set's (numbers where none)."""
-    from .data.datasets import class_names
+    from .data.datasets import classes_of
 
-    config = _train_config(model.path)
-    saved = config.get("classes")
-    if isinstance(saved, list) and len(saved) == model.n_outputs:
-        return [str(name) for name in saved]
-    return class_names(str(config.get("dataset", "mnist")), model.n_outputs)
+    return classes_of(_train_config(model.path), model.n_outputs)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .backend import to_numpy
     from .data import load_dataset
+    from .data.datasets import class_names
     from .data.download import dataset_info
     from .training import confusion_matrix, evaluate
 
@@ -488,23 +490,44 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     loss, accuracy = evaluate(model, x_test, y_test)
     predicted = to_numpy(model.predict(x_test))
-    k_all = range(model.n_outputs)
     counts = confusion_matrix(y_test, predicted, model.n_outputs)
     print(
         f"model {model.path}: {model.n_inputs}-{model.n_hidden}-{model.n_outputs} {model.activation}, "
         f"{model.dtype.name}, on {model.backend.name}; test set of {dataset}"
     )
     print(f"test accuracy {100 * accuracy:.2f}%  ({int(np.trace(counts))} of {len(y_test)}), test loss {loss:.4f}")
+    names = _class_names_of(model) if dataset == trained_on else class_names(dataset, model.n_outputs)
+    _print_per_class(counts, names)
+    return 0
+
+
+def _print_per_class(counts: np.ndarray, names: Sequence[str]) -> None:
+    """evaluate's tables: each class's accuracy, and the confusion matrix, classes by name.
+
+    Digits fit a column each; longer names (Fashion-MNIST's) get a row each,
+    and the matrix's columns are numbered as its rows.
+    """
+    k_all = range(len(names))
+    numbers = list(names) == [str(k) for k in k_all]
+    accuracy = [100 * counts[k, k] / max(counts[k].sum(), 1) for k in k_all]
     print()
     print("per-class accuracy (%):")
-    print("  class    " + " ".join(f"{k:>6d}" for k in k_all))
-    print("  accuracy " + " ".join(f"{100 * counts[k, k] / max(counts[k].sum(), 1):6.2f}" for k in k_all))
+    if numbers:
+        print("  class    " + " ".join(f"{k:>6d}" for k in k_all))
+        print("  accuracy " + " ".join(f"{a:6.2f}" for a in accuracy))
+    else:
+        width = max(len(name) for name in names)
+        for name, a in zip(names, accuracy):
+            print(f"  {name:<{width}}  {a:6.2f}")
     print()
-    print("confusion matrix (rows: true class, columns: predicted class):")
-    print("  true\\pred " + " ".join(f"{k:>5d}" for k in k_all))
-    for k in k_all:
-        print(f"  {k:>9d} " + " ".join(f"{c:>5d}" for c in counts[k]))
-    return 0
+    rows = [str(k) if numbers else f"{k} {name}" for k, name in zip(k_all, names)]
+    width = max(9, *(len(row) for row in rows))
+    columns = "" if numbers else ", numbered as the rows"
+    print(f"confusion matrix (rows: true class, columns: predicted class{columns}):")
+    align = ">" if numbers else "<"  # numbers line up on the right, names on the left
+    print(f"  {'true' + chr(92) + 'pred':{align}{width}} " + " ".join(f"{k:>5d}" for k in k_all))
+    for k, row in zip(k_all, rows):
+        print(f"  {row:{align}{width}} " + " ".join(f"{c:>5d}" for c in counts[k]))
 
 
 # --------------------------------------------------------------------------- predict
@@ -591,6 +614,7 @@ def _title_name(path: str, width: int = 17) -> str:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .backend import to_numpy
+    from .plots import said
 
     if args.show:  # its folder first: a picture with nowhere to go is an error before any work
         _prepare_out_dir(os.path.dirname(args.show) or ".")
@@ -612,10 +636,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"{path}: {reading(proba, names)}" + ("  [inverted: dark digit on light background]" if inverted else ""))
         for i, (pixels, p) in enumerate(zip(digits, proba)):
             which = f"\ndigit {i + 1} of {len(digits)}" if len(digits) > 1 else ""
-            name = names[p.argmax()]
-            said = f"said {name} ({100 * p.max():.0f}%)" if len(name) <= 4 else f"said {name}\n({100 * p.max():.0f}%)"
             seen.append(pixels)
-            titles.append(f"{_title_name(path)}{which}\n{said}")
+            titles.append(f"{_title_name(path)}{which}\n{said(names[p.argmax()], p.max())}")
     if args.show and seen:
         from .plots import digit_grid
 

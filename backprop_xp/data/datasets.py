@@ -37,6 +37,18 @@ def class_names(dataset: str, n_classes: int = 10) -> list[str]:
     return list(names) if len(names) == n_classes else [str(k) for k in range(n_classes)]
 
 
+def classes_of(config: dict, n_classes: int) -> list[str]:
+    """The class names of a run, from its config: the ``classes`` it saved, else its ``dataset``'s (MNIST if none).
+
+    >>> classes_of({"dataset": "fashion-mnist"}, 10)[-1], classes_of({}, 10)[-1]
+    ('Ankle boot', '9')
+    """
+    saved = config.get("classes")
+    if isinstance(saved, list) and len(saved) == n_classes:
+        return [str(name) for name in saved]
+    return class_names(str(config.get("dataset", "mnist")), n_classes)
+
+
 def _check_images(images: np.ndarray, path: Path) -> None:
     if images.dtype != np.uint8 or images.ndim != 3:
         raise DataFormatError(
