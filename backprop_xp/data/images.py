@@ -4,8 +4,11 @@ MNIST's digits were cut to the ink, scaled to fit a 20x20 box keeping their
 aspect ratio (anti-aliased to gray levels), and placed in a 28x28 field so that
 their centre of mass is at its centre (pixel 14, 14), white ink on black. A
 photo or a scan has to go through the same steps: squashing a whole page to
-28x28 shows the network a speck it has never seen. For other square input
-sizes everything scales (the box is 20/28 of the side).
+28x28 shows the network a speck it has never seen. Before them, a page is
+cleaned as a person reads it: the paper's uneven lighting taken away
+(``white_on_black``), the ink told from the paper by Otsu's threshold, specks
+of dirt left out and the digits found, left to right (``find_digits``). For
+other square input sizes everything scales (the box is 20/28 of the side).
 """
 
 from __future__ import annotations
