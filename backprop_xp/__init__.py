@@ -1,12 +1,22 @@
 """backprop-xp: a one-hidden-layer network on MNIST, backpropagation derived by hand.
 
 The same forward/backward/update code runs on NumPy (CPU) and CuPy (CUDA GPU);
-choose with ``backend=``. Quick start::
+choose with ``backend=``. Quick start: one call trains a run, as the ``train``
+command does, and its folder holds the model::
 
     import backprop_xp as bx
+    metrics = bx.train(bx.TrainConfig(hidden=128, epochs=3), "runs/quick")  # metrics.json, model.npz, pictures
+    m = bx.MLP.load("runs/quick/model.npz")
+
+What happens inside, by hand::
+
     x_train, y_train, x_test, y_test = bx.load_mnist()
     m = bx.MLP(784, 128, 10, backend="auto")
-    loss, grads = m.loss_and_grads(x_train[:128], y_train[:128])
+    opt = bx.SGD(m, lr=0.1, momentum=0.9)
+    for xb, yb in bx.Minibatches(x_train, y_train, 128, xp=m.xp).epoch(0):
+        m.loss_and_grads(xb, yb)
+        opt.step()
+    m.save("my-model.npz")  # what MLP.load reads
 """
 
 from .backend import Backend, BackendError, get_backend, to_numpy
@@ -14,6 +24,7 @@ from .data import DataFormatError, Minibatches, load_mnist
 from .kernels import softmax_cross_entropy
 from .model import MLP
 from .optim import SGD, sgd_update
+from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -22,6 +33,7 @@ __all__ = [
     "MLP",
     "Minibatches",
     "SGD",
+    "TrainConfig",
     "Backend",
     "BackendError",
     "DataFormatError",
@@ -30,5 +42,6 @@ __all__ = [
     "sgd_update",
     "softmax_cross_entropy",
     "to_numpy",
+    "train",
     "__version__",
 ]

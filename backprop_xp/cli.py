@@ -202,18 +202,23 @@ def _add_show_data(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_show_data(args: argparse.Namespace) -> int:
     from .data import DATASETS, load_dataset
+    from .data.datasets import class_names
     from .plots import digit_grid
 
     check_data_env(args.dataset, args.data_dir)
     _prepare_out_dir(os.path.dirname(args.out) or ".")
     x_train, y_train, x_test, y_test = load_dataset(args.dataset, args.data_dir)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
-    for name, y in (("train", y_train), ("test", y_test)):
+    names = class_names(args.dataset, n_classes)
+    numbers = names == [str(k) for k in range(n_classes)]  # digits: the counts in order say which is which
+    for split, y in (("train", y_train), ("test", y_test)):
         counts = np.bincount(y, minlength=n_classes)
-        print(f"{name:5s} {len(y):6d} images, per class: " + " ".join(str(c) for c in counts))
+        each = [str(c) for c in counts] if numbers else [f"{name} {c}," for name, c in zip(names, counts)]
+        print(f"{split:5s} {len(y):6d} images, per class: " + " ".join(each).rstrip(","))
     count = min(args.count, len(x_train))
     title = f"{DATASETS[args.dataset][0]} training images"
-    digit_grid(x_train[:count], [f"label {y}" for y in y_train[:count]], args.out, suptitle=title)
+    labels = [f"label {names[y]}" if numbers else names[y] for y in y_train[:count]]
+    digit_grid(x_train[:count], labels, args.out, suptitle=title)
     print(f"wrote {args.out}")
     return 0
 
@@ -467,11 +472,8 @@ def _no_model(folder: str) -> str:
     return f"{folder} holds no model.npz (a run writes it when it finishes; resume it with --resume {folder}{also})"
 
 
-def _trained_on(path: str) -> tuple[str, str | None]:
-    """The data set a model file says it was trained on, and the folder its data came from, if it says.
-
-    Older files say nothing: MNIST, from wherever the loader looks.
-    """
+def _train_config(path: str) -> dict[str, Any]:
+    """The run's config saved in a model file by train; empty for files that have none (older ones, MLP.save's)."""
     import json
 
     from .files import read_npz
@@ -480,14 +482,31 @@ def _trained_on(path: str) -> tuple[str, str | None]:
     try:
         config = json.loads(str(arrays["train.config"]))
     except (KeyError, ValueError):
-        return "mnist", None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _trained_on(path: str) -> tuple[str, str | None]:
+    """The data set a model file says it was trained on, and the folder its data came from, if it says.
+
+    Older files say nothing: MNIST, from wherever the loader looks.
+    """
+    config = _train_config(path)
     folder = config.get("data_dir")
     return str(config.get("dataset", "mnist")), str(folder) if folder else None
+
+
+def _class_names_of(model: Any) -> list[str]:
+    """The names of a loaded model's classes: those its run saved, else its data set's (numbers where none)."""
+    from .data.datasets import classes_of
+
+    return classes_of(_train_config(model.path), model.n_outputs)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .backend import to_numpy
     from .data import load_dataset
+    from .data.datasets import class_names
     from .data.download import dataset_info
     from .training import confusion_matrix, evaluate
 
@@ -506,23 +525,44 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     loss, accuracy = evaluate(model, x_test, y_test)
     predicted = to_numpy(model.predict(x_test))
-    k_all = range(model.n_outputs)
     counts = confusion_matrix(y_test, predicted, model.n_outputs)
     print(
         f"model {model.path}: {model.n_inputs}-{model.n_hidden}-{model.n_outputs} {model.activation}, "
         f"{model.dtype.name}, on {model.backend.name}; test set of {dataset}"
     )
     print(f"test accuracy {100 * accuracy:.2f}%  ({int(np.trace(counts))} of {len(y_test)}), test loss {loss:.4f}")
+    names = _class_names_of(model) if dataset == trained_on else class_names(dataset, model.n_outputs)
+    _print_per_class(counts, names)
+    return 0
+
+
+def _print_per_class(counts: np.ndarray, names: Sequence[str]) -> None:
+    """evaluate's tables: each class's accuracy, and the confusion matrix, classes by name.
+
+    Digits fit a column each; longer names (Fashion-MNIST's) get a row each,
+    and the matrix's columns are numbered as its rows.
+    """
+    k_all = range(len(names))
+    numbers = list(names) == [str(k) for k in k_all]
+    accuracy = [100 * counts[k, k] / max(counts[k].sum(), 1) for k in k_all]
     print()
     print("per-class accuracy (%):")
-    print("  class    " + " ".join(f"{k:>6d}" for k in k_all))
-    print("  accuracy " + " ".join(f"{100 * counts[k, k] / max(counts[k].sum(), 1):6.2f}" for k in k_all))
+    if numbers:
+        print("  class    " + " ".join(f"{k:>6d}" for k in k_all))
+        print("  accuracy " + " ".join(f"{a:6.2f}" for a in accuracy))
+    else:
+        width = max(len(name) for name in names)
+        for name, a in zip(names, accuracy):
+            print(f"  {name:<{width}}  {a:6.2f}")
     print()
-    print("confusion matrix (rows: true class, columns: predicted class):")
-    print("  true\\pred " + " ".join(f"{k:>5d}" for k in k_all))
-    for k in k_all:
-        print(f"  {k:>9d} " + " ".join(f"{c:>5d}" for c in counts[k]))
-    return 0
+    rows = [str(k) if numbers else f"{k} {name}" for k, name in zip(k_all, names)]
+    width = max(9, *(len(row) for row in rows))
+    columns = "" if numbers else ", numbered as the rows"
+    print(f"confusion matrix (rows: true class, columns: predicted class{columns}):")
+    align = ">" if numbers else "<"  # numbers line up on the right, names on the left
+    print(f"  {'true' + chr(92) + 'pred':{align}{width}} " + " ".join(f"{k:>5d}" for k in k_all))
+    for k, row in zip(k_all, rows):
+        print(f"  {row:{align}{width}} " + " ".join(f"{c:>5d}" for c in counts[k]))
 
 
 # --------------------------------------------------------------------------- predict
@@ -535,8 +575,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         description=(
             "Classify images of digits (PNG, JPEG...; colour is converted to gray, any size). Each is prepared "
             "as MNIST's digits were: an image with a light border (a dark digit on paper) is inverted to white "
-            "on black, cut to the ink, scaled to fit a 20x20 box keeping its aspect ratio, and placed in 28x28 "
-            "with its centre of mass at the centre. Prints the top 3 classes with their probabilities; --show "
+            "on black, its background and uneven lighting removed, its digits found (specks of dirt are left "
+            "out), each cut to its ink, scaled to fit a 20x20 box keeping its aspect ratio, and placed in 28x28 "
+            "with its centre of mass at the centre. Prints the top 3 classes with their probabilities, or, for "
+            "several digits side by side, the number they make and each digit's reading; --show "
             "draws what the network saw. An unreadable file gets an error line and the other files are still "
             "classified (exit code 1 if any failed)."
         ),
@@ -550,21 +592,45 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_predict)
 
 
-def read_digit(path: str, side: int = 28) -> tuple[np.ndarray, bool]:
-    """An image file as ``side*side`` float32 values in [0, 1], prepared like MNIST; and whether it was inverted.
+def read_digits(path: str, side: int = 28) -> tuple[list[np.ndarray], bool]:
+    """The digits of an image file, left to right, each prepared like MNIST (``side*side`` float32 values); and whether it was inverted.
 
-    See ``backprop_xp.images.mnist_like``. Raises UserError naming the file
-    when it is not a readable image or holds no ink.
+    See ``backprop_xp.data.images.mnist_digits``. Raises UserError naming the
+    file when it is not a readable image or holds no ink.
     """
-    from .data.images import mnist_like, read_gray
+    from .data.images import mnist_digits, read_gray
 
     try:
-        return mnist_like(read_gray(path), side)
+        return mnist_digits(read_gray(path), side)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:
         message = str(exc)
         raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def reading(proba: np.ndarray, names: Sequence[str]) -> str:
+    """What predict prints for one image: one digit's 3 likeliest classes, or several digits read left to right.
+
+    ``proba`` holds a row of class probabilities per digit found. Digits side by
+    side are read as the number they make when the classes are digits.
+
+    >>> reading(np.array([[0.1, 0.9], [0.8, 0.2]]), ["0", "1"])
+    '10 (2 digits, left to right: 1 (90.0%), 0 (80.0%))'
+    >>> reading(np.array([[0.1, 0.9], [0.8, 0.2]]), ["Coat", "Bag"])
+    '2 things side by side, left to right: Bag (90.0%), Coat (80.0%)'
+    """
+
+    def guess(p: np.ndarray, k: int) -> str:
+        return f"{names[k]} ({100 * p[k]:.1f}%)"
+
+    if len(proba) == 1:
+        return ", ".join(guess(proba[0], k) for k in np.argsort(-proba[0], kind="stable")[:3])
+    best = proba.argmax(axis=1)
+    each = ", ".join(guess(p, k) for p, k in zip(proba, best))
+    if all(name.isdigit() for name in names):
+        return f"{''.join(names[k] for k in best)} ({len(best)} digits, left to right: {each})"
+    return f"{len(best)} things side by side, left to right: {each}"
 
 
 def _title_name(path: str, width: int = 17) -> str:
@@ -597,6 +663,7 @@ def _title_names(paths: Sequence[str], width: int = 17) -> dict[str, str]:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .backend import to_numpy
+    from .plots import said
 
     if args.show:  # its folder first: a picture with nowhere to go is an error before any work
         _prepare_out_dir(os.path.dirname(args.show) or ".")
@@ -604,21 +671,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     side = math.isqrt(model.n_inputs)
     if side * side != model.n_inputs:
         raise UserError(f"{args.model}: {model.n_inputs} inputs are not a square image; predict needs one")
+    names = _class_names_of(model)
     failed = 0
-    seen, titles, names = [], [], _title_names(args.images)
+    seen, titles, title_of = [], [], _title_names(args.images)
     for path in args.images:
         try:
-            pixels, inverted = read_digit(path, side)
+            digits, inverted = read_digits(path, side)
         except UserError as exc:
             print(f"backprop-xp: error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        proba = to_numpy(model.predict_proba(pixels[None, :]))[0]
-        top = np.argsort(-proba, kind="stable")[:3]
-        guesses = ", ".join(f"{k} ({100 * proba[k]:.1f}%)" for k in top)
-        print(f"{path}: {guesses}" + ("  [inverted: dark digit on light background]" if inverted else ""))
-        seen.append(pixels)
-        titles.append(f"{names[path]}\nsaid {top[0]} ({100 * proba[top[0]]:.0f}%)")
+        proba = to_numpy(model.predict_proba(np.stack(digits)))
+        print(f"{path}: {reading(proba, names)}" + ("  [inverted: dark digit on light background]" if inverted else ""))
+        for i, (pixels, p) in enumerate(zip(digits, proba)):
+            which = f"\ndigit {i + 1} of {len(digits)}" if len(digits) > 1 else ""
+            seen.append(pixels)
+            titles.append(f"{title_of[path]}{which}\n{said(names[p.argmax()], p.max())}")
     if args.show and seen:
         from .plots import digit_grid
 

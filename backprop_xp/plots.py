@@ -161,12 +161,19 @@ def training_curves(
     save_figure(fig, path)
 
 
-def confusion_plot(counts: np.ndarray, path: str | os.PathLike, *, title: str = "Confusion matrix") -> None:
+def confusion_plot(
+    counts: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    title: str = "Confusion matrix",
+    names: Sequence[str] | None = None,
+) -> None:
     """A confusion matrix ``counts[true, predicted]`` with every count written in its cell.
 
     Colours show the share of each true class (row), so a rare class's mistakes
     are as visible as a frequent one's; the diagonal is drawn in its own colour
-    map so that the mistakes are not washed out by it.
+    map so that the mistakes are not washed out by it. ``names`` label the
+    classes on both axes (the numbers when None).
     """
     plt = _pyplot()
     counts = np.asarray(counts)
@@ -183,22 +190,45 @@ def confusion_plot(counts: np.ndarray, path: str | os.PathLike, *, title: str = 
                 ax.text(
                     j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color="white" if dark else "black"
                 )
+    names = [str(name) for name in names] if names is not None else [str(c) for c in range(k)]
     ax.set(xticks=range(k), yticks=range(k), xlabel="predicted class", ylabel="true class", title=title)
+    long = max(len(name) for name in names) > 2  # words on the x axis are slanted so that they do not overlap
+    ax.set_xticklabels(names, rotation=45 if long else 0, ha="right" if long else "center")
+    ax.set_yticklabels(names)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class (mistakes, off the diagonal)")
     save_figure(fig, path)
 
 
+def said(name: str, probability: float) -> str:
+    r"""A picture's title for a prediction: "said 7 (98%)"; a long class name puts the probability on its own line.
+
+    >>> said("7", 0.981), said("Ankle boot", 0.5)
+    ('said 7 (98%)', 'said Ankle boot\n(50%)')
+    """
+    return f"said {name}" + (" " if len(name) <= 4 else "\n") + f"({100 * probability:.0f}%)"
+
+
 def mistakes_grid(
-    images: np.ndarray, labels: np.ndarray, proba: np.ndarray, path: str | os.PathLike, *, count: int = 40
+    images: np.ndarray,
+    labels: np.ndarray,
+    proba: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    count: int = 40,
+    names: Sequence[str] | None = None,
 ) -> None:
-    """The ``count`` most confident mistakes: images whose wrong prediction had the highest probability."""
+    """The ``count`` most confident mistakes: images whose wrong prediction had the highest probability.
+
+    Each is titled with its true class and the prediction, by ``names`` (the numbers when None).
+    """
+    names = [str(name) for name in names] if names is not None else [str(c) for c in range(proba.shape[1])]
     predicted = proba.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
     if wrong.size == 0:  # a perfect model still gets a picture, saying so
         digit_grid(images[:1], ["no mistakes"], path, suptitle="No misclassified test images")
         return
     worst = wrong[np.argsort(-proba[wrong, predicted[wrong]], kind="stable")][:count]
-    titles = [f"true {labels[i]}, said {predicted[i]}\n({100 * proba[i, predicted[i]]:.0f}%)" for i in worst]
+    titles = [f"true {names[labels[i]]}\n" + said(names[predicted[i]], proba[i, predicted[i]]) for i in worst]
     digit_grid(
         images[worst], titles, path,
         suptitle=f"The {len(worst)} most confident of {wrong.size} test mistakes (true label, prediction, its probability)",

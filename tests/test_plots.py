@@ -100,3 +100,28 @@ def test_the_accuracy_title_names_the_model_kept(drawn):
     assert drawn[-1].axes[1].get_title() == "Accuracy (test 90.00% with the model of epoch 2)"
     plots.training_curves(ROWS, "unused.png", final={"epoch_kept": 3, "test_accuracy": 0.905})
     assert drawn[-1].axes[1].get_title() == "Accuracy (final test 90.50%)"  # the run's own final score
+
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def test_the_confusion_matrix_names_its_classes_on_both_axes(drawn):
+    plots.confusion_plot(np.eye(10, dtype=int) * 90 + 1, "unused.png", names=FASHION)
+    ax = drawn[-1].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == FASHION
+    assert [t.get_text() for t in ax.get_yticklabels()] == FASHION
+    plots.confusion_plot(np.eye(10, dtype=int), "unused.png")  # no names: the class numbers
+    assert [t.get_text() for t in drawn[-1].axes[0].get_xticklabels()] == [str(k) for k in range(10)]
+
+
+def test_the_mistakes_are_titled_with_class_names(drawn):
+    proba = np.full((2, 10), 0.01)
+    proba[0, 6], proba[1, 0] = 0.91, 0.91  # a coat said shirt, a sandal said T-shirt/top
+    plots.mistakes_grid(np.zeros((2, 784)), np.array([4, 5]), proba, "unused.png", names=FASHION)
+    titles = [ax.get_title() for ax in drawn[-1].axes if ax.get_title()]
+    assert titles == ["true Coat\nsaid Shirt\n(91%)", "true Sandal\nsaid T-shirt/top\n(91%)"]
+    plots.mistakes_grid(np.zeros((2, 784)), np.array([4, 5]), proba, "unused.png")
+    assert [ax.get_title() for ax in drawn[-1].axes if ax.get_title()] == [
+        "true 4\nsaid 6 (91%)",
+        "true 5\nsaid 0 (91%)",
+    ]

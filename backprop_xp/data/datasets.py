@@ -16,6 +16,38 @@ import numpy as np
 from .download import FILES, cache_dir, dataset_info, fetch_mnist, find_file
 from .idx import DataFormatError, read_idx
 
+# The name of each class, by label, for every data set: what pictures and printed tables show for a class.
+CLASS_NAMES = {
+    "mnist": ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"),
+    "fashion-mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+}  # fmt: skip
+
+
+def class_names(dataset: str, n_classes: int = 10) -> list[str]:
+    """The names of classes ``0 .. n_classes-1`` of ``dataset``; the labels as numbers where it has none.
+
+    >>> class_names("fashion-mnist")[:3]
+    ['T-shirt/top', 'Trouser', 'Pullover']
+    >>> class_names("my-own-set", 3)
+    ['0', '1', '2']
+    """
+    names = CLASS_NAMES.get(dataset, ())
+    return list(names) if len(names) == n_classes else [str(k) for k in range(n_classes)]
+
+
+def classes_of(config: dict, n_classes: int) -> list[str]:
+    """The class names of a run, from its config: the ``classes`` it saved, else its ``dataset``'s (MNIST if none).
+
+    >>> classes_of({"dataset": "fashion-mnist"}, 10)[-1], classes_of({}, 10)[-1]
+    ('Ankle boot', '9')
+    """
+    saved = config.get("classes")
+    if isinstance(saved, list) and len(saved) == n_classes:
+        return [str(name) for name in saved]
+    return class_names(str(config.get("dataset", "mnist")), n_classes)
+
 
 def _check_images(images: np.ndarray, path: Path) -> None:
     if images.dtype != np.uint8 or images.ndim != 3:

@@ -36,7 +36,7 @@ import numpy as np
 from ..backend import Backend, get_backend, synchronize
 from ..data import Minibatches, load_dataset, train_val_split
 from ..data.augment import distort
-from ..data.datasets import data_folder
+from ..data.datasets import class_names, data_folder
 from ..files import LOCK, check_interrupt, in_use, make_out_dir, read_npz
 from ..model import MLP
 from ..optim import SGD
@@ -471,6 +471,7 @@ def build_model(
             backend_reason=backend.reason,
             n_inputs=data.n_inputs,
             n_outputs=data.n_classes,
+            classes=class_names(config.dataset, data.n_classes),  # a model knows its classes by name
             n_train=int(len(data.x_train)),
             n_val=int(len(data.x_val)) if data.x_val is not None else 0,
             n_test=int(len(data.x_test)),

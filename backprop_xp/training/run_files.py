@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend, to_numpy
+from ..data.datasets import classes_of
 from ..files import atomic_write, read_npz
 from ..model import MLP, PARAM_NAMES
 from ..optim import SGD
@@ -186,9 +187,11 @@ def draw_run_pictures(out: Path, model: MLP, metrics: dict[str, Any], x_test: np
     )
     accuracy = float((predicted == y_test).mean())
     counts = confusion_matrix(y_test, predicted, model.n_outputs)
-    plots.confusion_plot(counts, out / "confusion.png", title=f"Test confusion matrix (accuracy {accuracy:.2%})")
+    names = classes_of(metrics["config"], model.n_outputs)
+    title = f"Test confusion matrix (accuracy {accuracy:.2%})"
+    plots.confusion_plot(counts, out / "confusion.png", title=title, names=names)
     if math.isqrt(model.n_inputs) ** 2 == model.n_inputs:
-        plots.mistakes_grid(x_test, y_test, proba, out / "misclassified.png")
+        plots.mistakes_grid(x_test, y_test, proba, out / "misclassified.png", names=names)
         plots.weight_grid(to_numpy(model.params["W1"]), out / "weights.png")
 
 
