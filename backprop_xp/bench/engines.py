@@ -668,46 +668,84 @@ class CupyEngine:
         return cp.cuda.get_elapsed_time(start, stop) / 1000.0
 
     def bound(self, workload: str) -> float:
-        """The five products with ``cupy.matmul`` into preallocated buffers, captured as a CUDA graph.
-
-        Where CuPy cannot capture cuBLAS calls, they are launched eagerly and
-        timed with events (then the bound includes launch overhead, and
-        ``bound_note`` says so).
-        """
-        cp, h = self.cp, self.hidden
+        """The five products through our cuBLAS handle, captured as CUDA graphs (``cupy_gemm_bound``)."""
         slices, scale = _bound_scale(len(self.data.x), self.batch)
-        f = cp.float32
-        rand = lambda *shape: cp.random.random_sample(shape, dtype=f)  # noqa: E731 - values do not matter
-        b = self.batch
-        w1, w2, d2 = rand(h, N_INPUTS), rand(N_OUTPUTS, h), rand(b, N_OUTPUTS)
-        a1, z2, d1 = cp.empty((b, h), f), cp.empty((b, N_OUTPUTS), f), cp.empty((b, h), f)
-        g1, g2 = cp.empty_like(w1), cp.empty_like(w2)
+        seconds, self.bound_note = cupy_gemm_bound(self.cp, self.x, self.hidden, self.batch, slices)
+        return seconds * scale
 
-        def five(x: Any) -> None:
-            n = x.shape[0]
-            cp.matmul(x, w1.T, out=a1[:n])
-            cp.matmul(a1[:n], w2.T, out=z2[:n])
-            cp.matmul(d2[:n].T, a1[:n], out=g2)
-            cp.matmul(d2[:n], w2, out=d1[:n])
-            cp.matmul(d1[:n].T, x, out=g1)
+    def test_accuracy(self) -> float | None:
+        if self.data.x_test is None:
+            return None
+        from ..training import evaluate
 
-        launch: dict[int, Callable[[], None]] = {}
-        self.bound_note = "CUDA graph of the five products, replayed"
+        return float(evaluate(self.model, self.data.x_test, self.data.y_test)[1])
+
+
+def cupy_gemm_bound(
+    cp: Any, x: Any, hidden: int, batch: int, slices: list[slice], make_blas: Callable[[], Any] | None = None
+) -> tuple[float, str]:
+    """Seconds of the step's five products over ``slices`` of ``x``, and how they were timed.
+
+    The products go through ``cuda.cublas.Blas`` with the GPU step's own
+    calls (same operands, same transpose flags), captured as one CUDA graph
+    per batch size and replayed, timed with CUDA events: the same GEMMs, the
+    same launch path as the step's graphs, so ``fraction_of_bound`` compares
+    like with like (and with PyTorch's graph-replayed bound). ``cupy.matmul``
+    cannot be used here: CuPy refuses cuBLAS calls during stream capture.
+    Without nvmath-python (``make_blas`` fails) or where capture fails, the
+    products run eagerly and the note says why: that bound includes launch
+    overhead and is not comparable.
+    """
+    from ..cuda.cublas import Blas
+
+    f = cp.float32
+    rand = lambda *shape: cp.random.random_sample(shape, dtype=f)  # noqa: E731 - values do not matter
+    w1, w2, d2 = rand(hidden, N_INPUTS), rand(N_OUTPUTS, hidden), rand(batch, N_OUTPUTS)
+    a1, z2, d1 = cp.empty((batch, hidden), f), cp.empty((batch, N_OUTPUTS), f), cp.empty((batch, hidden), f)
+    g1, g2 = cp.empty_like(w1), cp.empty_like(w2)
+    stream = cp.cuda.Stream(non_blocking=True)  # capture needs a stream other than the default one
+    try:
+        blas = (make_blas or (lambda: Blas(cp)))()
+    except ImportError as exc:
+        blas, note = None, f"eager cupy.matmul launches ({_one_line(exc)})"
+
+    def five(x: Any) -> None:  # as cuda/step.py calls them: z1, z2, ∂L/∂W2, δ1, ∂L/∂W1
+        n = x.shape[0]
+        blas.matmul(x, w1, a1[:n], transpose_b=True)
+        blas.matmul(a1[:n], w2, z2[:n], transpose_b=True)
+        blas.matmul(d2[:n], a1[:n], g2, transpose_a=True)
+        blas.matmul(d2[:n], w2, d1[:n])
+        blas.matmul(d1[:n], x, g1, transpose_a=True)
+
+    def five_cupy(x: Any) -> None:  # the fallback: CuPy's own GEMM, eagerly
+        n = x.shape[0]
+        cp.matmul(x, w1.T, out=a1[:n])
+        cp.matmul(a1[:n], w2.T, out=z2[:n])
+        cp.matmul(d2[:n].T, a1[:n], out=g2)
+        cp.matmul(d2[:n], w2, out=d1[:n])
+        cp.matmul(d1[:n].T, x, out=g1)
+
+    launch: dict[int, Callable[[], None]] = {}
+    if blas is not None:
+        note = "CUDA graph of the five cuBLAS products (the step's own calls), replayed"
+        blas.use_stream(stream.ptr)  # before any capture begins: cuBLAS may not be reconfigured inside one
+    with stream:
         for size in sorted({s.stop - s.start for s in slices}):
-            x = self.x[:size]
-            five(x)  # warm-up: cuBLAS handle and workspace
+            xs = x[:size]
+            if blas is None:
+                launch[size] = lambda xs=xs: five_cupy(xs)
+                continue
+            five(xs)  # warm-up outside capture
             try:
-                stream = cp.cuda.Stream(non_blocking=True)
-                with stream:
-                    stream.begin_capture()
-                    try:
-                        five(x)
-                    finally:
-                        graph = stream.end_capture()
+                stream.begin_capture()
+                try:
+                    five(xs)
+                finally:
+                    graph = stream.end_capture()
                 launch[size] = graph.launch
             except Exception as exc:  # noqa: BLE001 - fall back to eager launches, and say so
-                self.bound_note = f"eager launches (graph capture failed: {_one_line(exc)})"
-                launch[size] = lambda x=x: five(x)
+                note = f"eager cuBLAS launches (graph capture failed: {_one_line(exc)})"
+                launch[size] = lambda xs=xs: five(xs)
         for go in launch.values():
             go()
         start, stop = cp.cuda.Event(), cp.cuda.Event()
@@ -716,14 +754,7 @@ class CupyEngine:
             launch[s.stop - s.start]()
         stop.record()
         stop.synchronize()
-        return cp.cuda.get_elapsed_time(start, stop) / 1000.0 * scale
-
-    def test_accuracy(self) -> float | None:
-        if self.data.x_test is None:
-            return None
-        from ..training import evaluate
-
-        return float(evaluate(self.model, self.data.x_test, self.data.y_test)[1])
+    return cp.cuda.get_elapsed_time(start, stop) / 1000.0, note
 
 
 # --------------------------------------------------------------------------- one place to build them
