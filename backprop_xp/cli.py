@@ -724,7 +724,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads",
         type=bench_threads,
-        help=f"CPU threads of every CPU engine, at most {MAX_BENCH_THREADS} (4 per CPU; default: all cores)",
+        help=f"CPU threads of every CPU engine, at most {MAX_BENCH_THREADS} (4 per CPU; default: 1, steady on a busy machine)",
     )
     p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=DATA_HELP)
     p.add_argument(

@@ -119,7 +119,31 @@ def test_tiny_run_writes_three_files_with_consistent_numbers(tmp_path, mnist_dir
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     engine_info = result["engines"]["numpy"]
     assert engine_info["n_train"] == 2000 and engine_info["blas_threads"] == result["settings"]["threads"]
-    assert result["settings"]["threads"] >= 1 and result["machine"]["cores"] >= 1
+    assert result["machine"]["cores"] >= 1
+    # No --threads: one thread per engine, whatever the cores, and the table says that it was the default.
+    assert (result["settings"]["threads"], result["settings"]["threads_from"]) == (1, "default")
+    assert "threads: 1 per CPU engine (the default: one per engine" in printed
+    assert "threads: 1 per CPU engine (the default: one per engine" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["loaded", "quiet"])
+def test_a_loaded_machine_is_warned_about_in_the_table_and_the_files(tmp_path, mnist_dir, monkeypatch, capsys, busy):
+    cores = os.cpu_count() or 1
+    load = float(cores) if busy else 0.0  # every core busy with something else, or nothing running
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    code, result = _bench(tmp_path, mnist_dir, "--engines", "numpy", "--threads", "2")
+    printed = capsys.readouterr().out
+    md = (tmp_path / "bench.md").read_text()
+    assert code == 0 and result["settings"]["threads_from"] == "--threads"
+    assert "threads: 2 per CPU engine (--threads; the default is 1)" in printed
+    warning = f"the machine is loaded: load average {load:.1f} on {cores} cores leaves about 0.0 free for 2 thread(s)"
+    if busy:
+        assert result["machine"]["load_warning"].startswith(warning)
+        assert printed.count(f"warning: {warning}") == 2  # when the run starts, and under the table
+        assert f"- **warning: {warning}" in md
+    else:
+        assert result["machine"]["load_warning"] is None
+        assert "warning" not in printed and "warning" not in md
 
 
 # --------------------------------------------------------------------------- the ratio column

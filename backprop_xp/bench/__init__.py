@@ -18,7 +18,7 @@ from typing import Any
 
 from .engines import ENGINES, TORCH_ENGINES
 from .report import table, write_files
-from .runner import Settings, run, summarize
+from .runner import DEFAULT_THREADS, Settings, run, summarize
 
 __all__ = ["ENGINES", "TORCH_ENGINES", "Settings", "run", "command", "summarize", "table", "write_files"]
 
@@ -38,7 +38,7 @@ def command(args: Any) -> int:
     from ..files import make_out_dir
     from ..training import SettingError
 
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads or DEFAULT_THREADS
     # The data once here, before the workers start: a missing folder is one error line (not one per
     # engine), the download cache is filled by one process, and --train-size is checked.
     n_train = len(load_mnist(args.data_dir)[1])
@@ -53,7 +53,8 @@ def command(args: Any) -> int:
     )
     settings = Settings(
         hidden=args.hidden, batch_sizes=args.batch_size, engines=args.engines, epochs=args.epochs,
-        budget_s=args.budget_s, threads=threads, data_dir=args.data_dir, train_size=args.train_size, command=command_line,
+        budget_s=args.budget_s, threads=threads, threads_from="--threads" if args.threads else "default",
+        data_dir=args.data_dir, train_size=args.train_size, command=command_line,
     )  # fmt: skip
     print(f"{command_line}: writing to {out}", flush=True)
     result = run(

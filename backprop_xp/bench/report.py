@@ -54,9 +54,22 @@ def table(result: dict[str, Any]) -> str:
     if not result["rows"]:
         lines.append("(no engine finished a timed round)")
     lines += [f"not run: {name}: {reason}" for name, reason in result["missing"].items()]
+    lines.append(threads_line(result))
+    if result["machine"].get("load_warning"):
+        lines.append(f"warning: {result['machine']['load_warning']}")
     if result["stopped"]:
         lines.append(f"stopped: {result['stopped']}")
     return "\n".join(lines)
+
+
+def threads_line(result: dict[str, Any]) -> str:
+    """How many CPU threads each engine had, and whether that was the default or asked for."""
+    s = result["settings"]
+    if s.get("threads_from", "default") == "default":
+        why = "the default: one per engine, the setting that gives steady numbers on a shared machine"
+    else:
+        why = "--threads; the default is 1"
+    return f"threads: {s['threads']} per CPU engine ({why})"
 
 
 def cpu_step(info: dict[str, Any]) -> str:
@@ -112,7 +125,8 @@ def markdown(result: dict[str, Any]) -> str:
         *([f"**Stopped early: {result['stopped']}.**", ""] if result["stopped"] else []),
         f"`{result['command']}`, {result['date']}, {result['seconds']:.0f} s.",
         "",
-        f"- CPU: {m['cpu']}, {m['cores']} cores; {s['threads']} thread(s) for every CPU engine",
+        f"- CPU: {m['cpu']}, {m['cores']} cores; {threads_line(result)}",
+        *([f"- **warning: {m['load_warning']}**"] if m.get("load_warning") else []),
         *_versions(result),
         f"- OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: {env} (left as they were)",
         f"- load average (1, 5, 15 min): {load(m['load_average_start'])} at the start, {load(m.get('load_average_end'))} at the end",

@@ -36,6 +36,7 @@ from .worker import Worker, WorkerDied
 
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 WORKLOADS = ("epoch", "step", "infer")  # the table's order
+DEFAULT_THREADS = 1
 
 
 @dataclass
@@ -47,7 +48,11 @@ class Settings:
     engines: list[str] = field(default_factory=lambda: list(ENGINES))
     epochs: int = 3
     budget_s: float = 180.0
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # One thread per engine by default: on a machine where anything else runs, a BLAS call split over every core
+    # waits for whichever thread was descheduled, and the numbers swing (issue 24: a 2-thread run under load ranked
+    # scikit-learn above ours, a 1-thread run the other way round). ``threads_from`` says which it was.
+    threads: int = DEFAULT_THREADS
+    threads_from: str = "default"  # "default" or "--threads"
     data_dir: str | None = None
     train_size: int = 0  # 0: every training image
     random_samples: int = 0  # > 0: random MNIST-shaped data instead of MNIST (no accuracy); compare.py
@@ -72,6 +77,31 @@ def machine() -> dict[str, Any]:
         # Left as the user has them (they can make OpenBLAS pick slower kernels); recorded, never changed.
         "openblas_env": {name: os.environ[name] for name in OPENBLAS_VARIABLES if name in os.environ},
     }
+
+
+def load_warning(load: list[float] | None, cores: int, threads: int) -> str | None:
+    """One line when the machine is too busy for ``threads`` threads per engine, else None.
+
+    Busy means the 1-minute load average leaves fewer free cores than the
+    threads asked for, with half a core of slack (load counts runnable
+    processes: each one keeps about a core busy).
+
+    >>> load_warning([0.3, 0.2, 0.1], cores=2, threads=2) is None
+    True
+    >>> load_warning([1.2, 1.0, 0.9], cores=2, threads=2)
+    'the machine is loaded: load average 1.2 on 2 cores leaves about 0.8 free for 2 thread(s) per engine; timings will be noisy'
+    >>> load_warning([1.2, 1.0, 0.9], cores=2, threads=1) is None
+    True
+    """
+    if not load:
+        return None
+    free = cores - load[0]
+    if threads <= free + 0.5:
+        return None
+    return (
+        f"the machine is loaded: load average {load[0]:.1f} on {cores} cores leaves about {max(free, 0):.1f} free "
+        f"for {threads} thread(s) per engine; timings will be noisy"
+    )
 
 
 def _load() -> list[float] | None:
@@ -117,6 +147,10 @@ def run(
         "stopped": None,
         "complete": False,
     }
+    m = result["machine"]
+    m["load_warning"] = load_warning(m["load_average_start"], m["cores"] or 1, settings.threads)
+    if m["load_warning"]:
+        echo(f"warning: {m['load_warning']}")
     started = time.perf_counter()
     workers: dict[str, Worker] = {}
     interrupted = False
