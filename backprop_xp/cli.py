@@ -674,7 +674,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .bench.engines import ENGINES  # names only: no engine library is imported here
+    from .bench.engines import DEFAULT_ENGINES, ENGINES  # names only: no engine library is imported here
 
     p = sub.add_parser(
         "bench",
@@ -704,9 +704,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--engines",
         type=list_of(choice_of(tuple(ENGINES))),
-        default=list(ENGINES),
+        default=list(DEFAULT_ENGINES),
         metavar="E,E",
-        help=f"a subset of {','.join(ENGINES)} (default: all)",
+        help=f"a subset of {','.join(ENGINES)} (default: all but torch-compile*, whose compiling takes minutes)",
     )
     p.add_argument(
         "--epochs",

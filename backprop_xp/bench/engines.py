@@ -46,12 +46,23 @@ ENGINES: dict[str, tuple[str, str]] = {
     "numpy": ("cpu", "backprop-xp on NumPy: train's own step and epoch loop"),
     "cupy": ("cuda", "backprop-xp on CuPy: train's step with CUDA graphs"),
     "cupy-eager": ("cuda", "backprop-xp on CuPy: train's step, kernels launched one by one"),
+    "jax": ("cpu", "JAX on the CPU: the whole epoch in one jitted lax.scan"),
+    "jax-step": ("cpu", "JAX on the CPU: the step jitted, called once per batch"),
+    "jax-cuda": ("cuda", "JAX on the GPU: the whole epoch in one jitted lax.scan"),
+    "jax-step-cuda": ("cuda", "JAX on the GPU: the step jitted, called once per batch"),
     "torch-cpu": ("cpu", "PyTorch eager on the CPU"),
+    "torch-compile": ("cpu", "PyTorch on the CPU, forward, loss and optimizer step under torch.compile"),
     "torch-cuda": ("cuda", "PyTorch eager on the GPU"),
     "torch-cuda-graph": ("cuda", "PyTorch with the whole step captured as one CUDA graph"),
+    "torch-compile-cuda": ("cuda", "PyTorch on the GPU under torch.compile(mode='reduce-overhead'): CUDA graphs"),
     "sklearn": ("cpu", "scikit-learn MLPClassifier (solver sgd, partial_fit)"),
 }
+# The "vs fastest PyTorch" column's references: eager, and the whole step as one CUDA graph.
 TORCH_ENGINES = ("torch-cpu", "torch-cuda", "torch-cuda-graph")
+JAX_ENGINES = ("jax", "jax-step", "jax-cuda", "jax-step-cuda")
+TORCH_COMPILE_ENGINES = ("torch-compile", "torch-compile-cuda")
+# What bench runs without --engines: all but torch.compile, whose compiling takes about a minute per shape on 2 cores.
+DEFAULT_ENGINES = [name for name in ENGINES if name not in TORCH_COMPILE_ENGINES]
 
 
 def device_of(engine: str) -> str:
@@ -87,7 +98,11 @@ def missing_reason(engine: str) -> str | None:
         except BackendError as exc:
             return str(exc)
         return None
-    if engine in TORCH_ENGINES:
+    if engine in JAX_ENGINES:
+        from .compiled import jax_missing
+
+        return jax_missing(device_of(engine))
+    if engine in TORCH_ENGINES + TORCH_COMPILE_ENGINES:
         try:
             import torch
         except ImportError:
@@ -299,7 +314,15 @@ class NumpyEngine(_CpuEngine):
     def epoch(self, epoch: int) -> float:
         from ..training import run_epoch
 
-        return self._timed(lambda: run_epoch(self.train_step, self.batches, epoch))
+        def go() -> None:
+            sums = run_epoch(self.train_step, self.batches, epoch)
+            self.last_loss, self.last_correct = sums.loss_sum / sums.n_samples, sums.n_correct
+
+        return self._timed(go)
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The parameters now, as NumPy arrays (``tests/test_bench_compiled.py`` compares every engine's)."""
+        return {name: value.copy() for name, value in self.model.params.items()}
 
     def step(self) -> float:
         x, y = self.data.x, self.data.y
@@ -453,7 +476,18 @@ class TorchEngine:
         torch.index_select(self.y, 0, order, out=self.ys)
         for s in batch_slices(len(self.data.x), self.batch):
             self.train_step(self.xs[s], self.ys[s])
-        self.loss_sum.item(), self.n_correct.item()  # the epoch's one read from the device
+        self._read_sums()
+
+    def _read_sums(self) -> None:
+        """The epoch's one read from the device: its mean loss and correct count."""
+        self.last_loss = self.loss_sum.item() / len(self.data.x)
+        self.last_correct = self.n_correct.item()
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The parameters now, as NumPy arrays, under our names."""
+        net = self.net
+        layers = {"W1": net[0].weight, "b1": net[0].bias, "W2": net[2].weight, "b2": net[2].bias}
+        return {name: value.detach().cpu().numpy().copy() for name, value in layers.items()}
 
     def epoch(self, epoch: int) -> float:
         return self._time(lambda: self._run_epoch(epoch))
@@ -627,7 +661,7 @@ class TorchGraphEngine(TorchEngine):
             torch.index_select(self.x, 0, rows, out=static_x)  # the batch into the graph's input buffers
             torch.index_select(self.y, 0, rows, out=static_y)
             graph.replay()
-        self.loss_sum.item(), self.n_correct.item()
+        self._read_sums()
 
 
 # --------------------------------------------------------------------------- CuPy (ours)
@@ -781,4 +815,10 @@ class Builder:
             return TorchGraphEngine(hidden, batch, data, shared, clock)
         if e in ("cupy", "cupy-eager"):
             return CupyEngine(hidden, batch, data, shared, graphs=(e == "cupy"))
+        from .compiled import JaxEngine, TorchCompileEngine
+
+        if e in JAX_ENGINES:
+            return JaxEngine(hidden, batch, data, shared, device_of(e), per_step="step" in e)
+        if e in TORCH_COMPILE_ENGINES:
+            return TorchCompileEngine(hidden, batch, data, shared, device_of(e), clock=clock)
         raise ValueError(f"unknown engine {e!r}")

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .engines import ENGINES, LR, MOMENTUM, TORCH_ENGINES, device_of
+from .engines import DEFAULT_ENGINES, ENGINES, LR, MOMENTUM, TORCH_ENGINES, device_of
 from .worker import Worker, WorkerDied
 
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -45,7 +45,7 @@ class Settings:
 
     hidden: list[int] = field(default_factory=lambda: [128, 800])
     batch_sizes: list[int] = field(default_factory=lambda: [32, 128, 4096])
-    engines: list[str] = field(default_factory=lambda: list(ENGINES))
+    engines: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINES))
     epochs: int = 3
     budget_s: float = 180.0
     # One thread per engine by default: on a machine where anything else runs, a BLAS call split over every core
@@ -195,13 +195,19 @@ def _first_epochs(shapes: list, workers: dict, result: dict, failed: set, echo: 
     for hidden, batch in shapes:
         for name in list(workers):
             answer = _ask(workers, name, result, echo, "first", hidden=hidden, batch=batch)
+            if answer is not None and answer.get("compile_failed"):  # listed as not run, like a missing library
+                result["missing"][name] = f"{answer['error']} (at {_shape_name(hidden, batch)})"
+                echo(f"{name}: not available: {result['missing'][name]}")
+                workers.pop(name).close()
+                continue
             if answer is None or "error" in answer:
                 failed.add((name, hidden, batch))
                 _error(result, echo, name, hidden, batch, "first epoch", answer)
                 continue
             result["first_epochs"].append({"engine": name, "hidden": hidden, "batch": batch, **answer})
+            compiled = f", compiled in {answer['compile_s']:.2f} s" if "compile_s" in answer else ""
             echo(f"first epoch   {_shape_name(hidden, batch):24s} {name:17s} {answer['seconds']:8.3f} s"
-                 f"  (built in {answer['build_seconds']:.2f} s)")  # fmt: skip
+                 f"  (built in {answer['build_seconds']:.2f} s{compiled})")  # fmt: skip
 
 
 def _timed_round(
@@ -277,6 +283,8 @@ def _describe(info: dict[str, Any]) -> str:
         parts.append(f"scikit-learn {info['sklearn']}")
     if "torch" in info:
         parts.append(f"PyTorch {info['torch']} ({info['torch_threads']} threads, BLAS {info['torch_blas']})")
+    if "jax" in info:
+        parts.append(f"JAX {info['jax']} ({info['jax_device']}, threads: {info['jax_threads']})")
     if "cupy" in info:
         parts.append(f"CuPy {info['cupy']}")
     if "gpu" in info:
@@ -380,6 +388,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "bound_median_s": statistics.median(bounds),
                 "fraction_of_bound": statistics.median(bounds) / median,
                 "first_epoch_s": first.get((name, hidden, batch), {}).get("seconds") if workload == "epoch" else None,
+                "compile_s": first.get((name, hidden, batch), {}).get("compile_s") if workload == "epoch" else None,
                 "test_accuracy": accuracy.get((name, hidden, batch)),
                 "epochs_trained": 1 + sum(1 for m in ms if m["workload"] == "epoch") if workload == "epoch" else None,
             }

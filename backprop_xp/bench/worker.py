@@ -30,9 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .compiled import CompileFailed
 from .engines import ENGINES, Builder, _one_line, load_data, missing_reason
 
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 class WorkerDied(RuntimeError):
@@ -58,6 +60,10 @@ class Worker:
         self.engine = engine
         package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
+        if threads == 1 and engine.startswith("jax"):
+            # XLA reads no thread variable; these flags keep its CPU work on the calling thread. (XLA has no
+            # flag for "N threads": above one, it sizes its own pool from the cores, and info says so.)
+            env["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), XLA_ONE_THREAD)))
         # The worker imports the very backprop_xp this command runs, installed or not.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         command = [
@@ -173,6 +179,15 @@ def _engine_info(engine: str, threads: int) -> dict[str, Any]:
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
             info["torch_cuda"] = torch.version.cuda
+    if engine.startswith("jax"):
+        import jax
+
+        info["jax"] = jax.__version__
+        info["jax_device"] = str(jax.devices("gpu" if engine.endswith("cuda") else "cpu")[0])
+        flags = os.environ.get("XLA_FLAGS", "")
+        info["jax_threads"] = "1 (XLA_FLAGS)" if XLA_ONE_THREAD in flags else "XLA's own pool (up to every core)"
+        if engine.endswith("cuda"):
+            info["gpu"] = jax.devices("gpu")[0].device_kind
     if engine.startswith("cupy"):
         import cupy as cp
 
@@ -211,7 +226,10 @@ def _job(request: dict[str, Any], build: Builder, contestants: dict[tuple[int, i
     job = request["job"]
     if job == "first":
         start = time.perf_counter()
-        contestant = contestants[shape] = build(*shape)
+        try:
+            contestant = contestants[shape] = build(*shape)
+        except CompileFailed as exc:  # the runner lists the engine as not run, with this reason
+            return {"error": str(exc), "compile_failed": True}
         built = time.perf_counter() - start
         seconds = contestant.epoch(0)
         return {"seconds": seconds, "build_seconds": built, **_notes(contestant)}
@@ -234,6 +252,8 @@ def _notes(contestant: Any) -> dict[str, Any]:
         value = getattr(step, name, None)
         if isinstance(value, (str, int, float, bool)):
             notes[f"step_{name}"] = value
+    if getattr(contestant, "compile_s", None) is not None:  # JAX and torch.compile: compiled when built
+        notes["compile_s"] = contestant.compile_s
     if getattr(contestant, "bound_note", None):
         notes["bound_note"] = contestant.bound_note
     return notes
