@@ -311,6 +311,8 @@ def test_a_failed_compile_is_listed_as_not_run_with_the_reason(
         "jax": "jax.jit failed: RuntimeError: faked: XLA could not compile (at 784-16-10 batch 64)"
     }
     assert result["errors"] == [] and [row["engine"] for row in result["rows"]] == ["numpy"]
+    if len(os.sched_getaffinity(0)) > 1:  # XLA obeys no thread setting but the cores it may run on
+        assert result["engines"]["jax"]["jax_threads"].startswith("1 (the process pinned to core(s) ")
     assert "not run: jax: jax.jit failed: RuntimeError: faked" in capsys.readouterr().out
     assert "- `jax`: jax.jit failed: RuntimeError: faked" in (tmp_path / "out" / "bench.md").read_text()
 

@@ -34,7 +34,6 @@ from .compiled import CompileFailed
 from .engines import ENGINES, Builder, _one_line, load_data, missing_reason
 
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
-XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 class WorkerDied(RuntimeError):
@@ -60,10 +59,6 @@ class Worker:
         self.engine = engine
         package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
-        if threads == 1 and engine.startswith("jax"):
-            # XLA reads no thread variable; these flags keep its CPU work on the calling thread. (XLA has no
-            # flag for "N threads": above one, it sizes its own pool from the cores, and info says so.)
-            env["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), XLA_ONE_THREAD)))
         # The worker imports the very backprop_xp this command runs, installed or not.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         command = [
@@ -149,6 +144,28 @@ def _set_threads(threads: int) -> None:
     threadpool_limits(threads)
 
 
+def _pin_to_cores(threads: int) -> None:
+    """Keep this process on ``threads`` cores: the one thread control XLA obeys.
+
+    XLA's CPU runtime reads no thread variable, and in JAX 0.10 its
+    ``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``
+    flags still left a matrix product on two threads (CPU time twice the wall
+    time); with the process on one core it is one thread. Called before JAX
+    is imported; where the OS cannot pin (macOS), ``_jax_cores`` says so.
+    """
+    if hasattr(os, "sched_setaffinity"):
+        allowed = sorted(os.sched_getaffinity(0))
+        if threads < len(allowed):
+            os.sched_setaffinity(0, allowed[:threads])
+
+
+def _jax_cores() -> str:
+    if not hasattr(os, "sched_getaffinity"):
+        return "XLA's own pool (every core: this OS cannot pin a process)"
+    cores = sorted(os.sched_getaffinity(0))
+    return f"{len(cores)} (the process pinned to core(s) {','.join(map(str, cores))})"
+
+
 def _engine_info(engine: str, threads: int) -> dict[str, Any]:
     """Versions and settings that make this engine's numbers reproducible."""
     import numpy as np
@@ -184,8 +201,7 @@ def _engine_info(engine: str, threads: int) -> dict[str, Any]:
 
         info["jax"] = jax.__version__
         info["jax_device"] = str(jax.devices("gpu" if engine.endswith("cuda") else "cpu")[0])
-        flags = os.environ.get("XLA_FLAGS", "")
-        info["jax_threads"] = "1 (XLA_FLAGS)" if XLA_ONE_THREAD in flags else "XLA's own pool (up to every core)"
+        info["jax_threads"] = _jax_cores()
         if engine.endswith("cuda"):
             info["gpu"] = jax.devices("gpu")[0].device_kind
     if engine.startswith("cupy"):
@@ -200,6 +216,8 @@ def _engine_info(engine: str, threads: int) -> dict[str, Any]:
 
 
 def _serve(engine: str, threads: int, data_args: argparse.Namespace, clock: str, reply: Any) -> int:
+    if engine.startswith("jax") and ENGINES[engine][0] == "cpu":
+        _pin_to_cores(threads)
     reason = missing_reason(engine)
     if reason is not None:
         reply({"missing": reason})
