@@ -678,7 +678,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "bench",
-        help="time the same training on every engine installed here (ours, PyTorch, scikit-learn; CPU and GPU)",
+        help="time the same training on every engine installed here (ours, JAX, PyTorch, scikit-learn; CPU and GPU)",
         description=(
             "Train 784-H-10 (ReLU, SGD with momentum 0.9, float32) on MNIST with every engine that can run here, each "
             "in its own process, rounds interleaved across engines: samples/s, ms per epoch, the ratio to the fastest "

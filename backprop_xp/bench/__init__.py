@@ -1,9 +1,12 @@
 """``backprop-xp bench``: the same network trained on every engine installed here, timed side by side.
 
 Engines (``engines.ENGINES``): ``numpy`` (ours on the CPU), ``cupy`` and
-``cupy-eager`` (ours on a GPU, with and without CUDA graphs), ``torch-cpu``,
-``torch-cuda``, ``torch-cuda-graph`` (PyTorch eager, and with the whole step
-captured as one CUDA graph) and ``sklearn`` (scikit-learn's MLPClassifier).
+``cupy-eager`` (ours on a GPU, with and without CUDA graphs), ``jax`` and
+``jax-step`` (the epoch in one jitted ``lax.scan``, or the step jitted alone;
+``-cuda`` on a GPU), ``torch-cpu``, ``torch-cuda``, ``torch-cuda-graph``
+(PyTorch eager, and with the whole step captured as one CUDA graph),
+``torch-compile`` and ``torch-compile-cuda`` (``compiled.py``) and ``sklearn``
+(scikit-learn's MLPClassifier).
 Each runs in its own process (``worker.py``), rounds interleaved across
 engines (``runner.py``); the results go to the terminal and to
 ``bench.json``, ``bench.md`` and ``bench.png`` (``report.py``).
