@@ -830,11 +830,11 @@ def _say_sweep_interrupted(args: argparse.Namespace, names: list[str], out: str)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .bench.engines import ENGINES  # names only: no engine library is imported here
+    from .bench.engines import DEFAULT_ENGINES, ENGINES  # names only: no engine library is imported here
 
     p = sub.add_parser(
         "bench",
-        help="time the same training on every engine installed here (ours, PyTorch, scikit-learn; CPU and GPU)",
+        help="time the same training on every engine installed here (ours, JAX, PyTorch, scikit-learn; CPU and GPU)",
         description=(
             "Train 784-H-10 (ReLU, SGD with momentum 0.9, float32) on MNIST with every engine that can run here, each "
             "in its own process, rounds interleaved across engines: samples/s, ms per epoch, the ratio to the fastest "
@@ -860,9 +860,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--engines",
         type=list_of(choice_of(tuple(ENGINES))),
-        default=list(ENGINES),
+        default=list(DEFAULT_ENGINES),
         metavar="E,E",
-        help=f"a subset of {','.join(ENGINES)} (default: all)",
+        help=f"a subset of {','.join(ENGINES)} (default: all but torch-compile*, whose compiling takes minutes)",
     )
     p.add_argument(
         "--epochs",
@@ -880,7 +880,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads",
         type=bench_threads,
-        help=f"CPU threads of every CPU engine, at most {MAX_BENCH_THREADS} (4 per CPU; default: all cores)",
+        help=f"CPU threads of every CPU engine, at most {MAX_BENCH_THREADS} (4 per CPU; default: 1, steady on a busy machine)",
     )
     p.add_argument("--data-dir", type=existing_dir, metavar="DIR", help=MNIST_DATA_HELP)
     p.add_argument(

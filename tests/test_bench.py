@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from backprop_xp import cli
@@ -119,7 +120,31 @@ def test_tiny_run_writes_three_files_with_consistent_numbers(tmp_path, mnist_dir
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     engine_info = result["engines"]["numpy"]
     assert engine_info["n_train"] == 2000 and engine_info["blas_threads"] == result["settings"]["threads"]
-    assert result["settings"]["threads"] >= 1 and result["machine"]["cores"] >= 1
+    assert result["machine"]["cores"] >= 1
+    # No --threads: one thread per engine, whatever the cores, and the table says that it was the default.
+    assert (result["settings"]["threads"], result["settings"]["threads_from"]) == (1, "default")
+    assert "threads: 1 per CPU engine (the default: one per engine" in printed
+    assert "threads: 1 per CPU engine (the default: one per engine" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["loaded", "quiet"])
+def test_a_loaded_machine_is_warned_about_in_the_table_and_the_files(tmp_path, mnist_dir, monkeypatch, capsys, busy):
+    cores = os.cpu_count() or 1
+    load = float(cores) if busy else 0.0  # every core busy with something else, or nothing running
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    code, result = _bench(tmp_path, mnist_dir, "--engines", "numpy", "--threads", "2")
+    printed = capsys.readouterr().out
+    md = (tmp_path / "bench.md").read_text()
+    assert code == 0 and result["settings"]["threads_from"] == "--threads"
+    assert "threads: 2 per CPU engine (--threads; the default is 1)" in printed
+    warning = f"the machine is loaded: load average {load:.1f} on {cores} cores leaves about 0.0 free for 2 thread(s)"
+    if busy:
+        assert result["machine"]["load_warning"].startswith(warning)
+        assert printed.count(f"warning: {warning}") == 2  # when the run starts, and under the table
+        assert f"- **warning: {warning}" in md
+    else:
+        assert result["machine"]["load_warning"] is None
+        assert "warning" not in printed and "warning" not in md
 
 
 # --------------------------------------------------------------------------- the ratio column
@@ -217,3 +242,92 @@ def test_ctrl_c_or_sigterm_prints_the_table_of_the_rounds_so_far(tmp_path, mnist
     assert all(cell in rest for cell in report.cells(row)), rest  # the table, printed after Ctrl-C
     assert "stopped: interrupted" in rest
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+# --------------------------------------------------------------------------- the compiled peers: JAX, torch.compile
+
+
+@pytest.fixture(scope="module")
+def small_mnist(mnist_dir):
+    """1,000 MNIST training images (15 batches of 64 and a last one of 40) and the test set."""
+    from backprop_xp.bench.engines import load_data
+
+    return load_data(str(mnist_dir), train_size=1000)
+
+
+@pytest.mark.parametrize("engine", ["jax", "jax-step", "torch-compile"])
+def test_compiled_engines_train_exactly_as_ours_on_the_same_start_and_order(engine, small_mnist, reference_missing):
+    # The oracle is our NumPy engine: same He-normal start, same epoch_permutation order, same SGD with momentum.
+    from backprop_xp.bench.engines import Builder
+
+    library = "jax" if engine.startswith("jax") else "torch"
+    if missing_reason(engine) is not None:
+        reference_missing(f"{engine} cannot run here ({missing_reason(engine)}); CI installs {library}")
+    ours, theirs = Builder("numpy", small_mnist)(16, 64), Builder(engine, small_mnist)(16, 64)
+    assert theirs.compile_s > 0  # compiled when built, before any epoch
+    for epoch in (0, 1):
+        ours.epoch(epoch), theirs.epoch(epoch)
+        # float32 rounding in another order of operations is all that separates them
+        assert theirs.last_loss == pytest.approx(ours.last_loss, rel=1e-5), epoch
+        assert abs(theirs.last_correct - ours.last_correct) <= 2, epoch  # of 1,000: a tie may flip
+    mine, other = ours.params(), theirs.params()
+    assert sorted(other) == ["W1", "W2", "b1", "b2"]
+    for name in mine:
+        np.testing.assert_allclose(other[name], mine[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    assert theirs.test_accuracy() == pytest.approx(ours.test_accuracy(), abs=0.002)  # at most 20 of 10,000
+
+
+def test_missing_jax_is_listed_with_the_reason(tmp_path, mnist_dir, monkeypatch, capsys):
+    fake = tmp_path / "fake"
+    (fake / "jax").mkdir(parents=True)
+    (fake / "jax" / "__init__.py").write_text("raise ImportError('faked: no JAX here')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    code, result = _bench(tmp_path / "out", mnist_dir, "--engines", "numpy,jax,jax-step")
+    reason = "JAX is not installed (pip install 'backprop-xp[bench]', or pip install 'jax[cpu]')"
+    assert code == 0 and result["missing"] == {"jax": reason, "jax-step": reason}
+    assert [row["engine"] for row in result["rows"]] == ["numpy"]
+    assert f"not run: jax: {reason}" in capsys.readouterr().out
+
+
+def test_a_failed_compile_is_listed_as_not_run_with_the_reason(
+    tmp_path, mnist_dir, monkeypatch, capsys, reference_missing
+):
+    if missing_reason("jax") is not None:
+        reference_missing(f"JAX cannot run here ({missing_reason('jax')}); CI installs jax[cpu]")
+    # A sitecustomize first on the workers' path makes XLA's compile fail, as a compiler error would.
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import jax\n"
+        "class _Refused:\n"
+        "    def __init__(self, *args, **kwargs): pass\n"
+        "    def lower(self, *args, **kwargs): raise RuntimeError('faked: XLA could not compile\\nsecond line')\n"
+        "jax.jit = _Refused\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    code, result = _bench(tmp_path / "out", mnist_dir, "--engines", "numpy,jax")
+    assert code == 0
+    assert result["missing"] == {
+        "jax": "jax.jit failed: RuntimeError: faked: XLA could not compile (at 784-16-10 batch 64)"
+    }
+    assert result["errors"] == [] and [row["engine"] for row in result["rows"]] == ["numpy"]
+    if len(os.sched_getaffinity(0)) > 1:  # XLA obeys no thread setting but the cores it may run on
+        assert result["engines"]["jax"]["jax_threads"].startswith("1 (the process pinned to core(s) ")
+    assert "not run: jax: jax.jit failed: RuntimeError: faked" in capsys.readouterr().out
+    assert "- `jax`: jax.jit failed: RuntimeError: faked" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_compile_time_is_reported_beside_the_first_epoch_and_never_in_the_epochs():
+    result = {
+        "rounds": [_round("jax", 1, 0.2), _round("jax", 2, 0.4), _round("numpy", 1, 0.3)],
+        "first_epochs": [
+            {"engine": "jax", "hidden": 16, "batch": 64, "seconds": 0.5, "compile_s": 2.04},
+            {"engine": "numpy", "hidden": 16, "batch": 64, "seconds": 0.7},
+        ],
+        "accuracy": [],
+        "engines": {"jax": {"n_train": 1000}, "numpy": {"n_train": 1000}},
+    }
+    rows = {row["engine"]: row for row in summarize(result)}
+    assert rows["jax"]["compile_s"] == 2.04 and rows["jax"]["median_s"] == pytest.approx(0.3)
+    assert report.cells(rows["jax"])[-1] == "0.50 s (+2.0 s compile)"
+    assert rows["numpy"]["compile_s"] is None and report.cells(rows["numpy"])[-1] == "0.70 s"

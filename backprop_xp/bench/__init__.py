@@ -1,9 +1,12 @@
 """``backprop-xp bench``: the same network trained on every engine installed here, timed side by side.
 
 Engines (``engines.ENGINES``): ``numpy`` (ours on the CPU), ``cupy`` and
-``cupy-eager`` (ours on a GPU, with and without CUDA graphs), ``torch-cpu``,
-``torch-cuda``, ``torch-cuda-graph`` (PyTorch eager, and with the whole step
-captured as one CUDA graph) and ``sklearn`` (scikit-learn's MLPClassifier).
+``cupy-eager`` (ours on a GPU, with and without CUDA graphs), ``jax`` and
+``jax-step`` (the epoch in one jitted ``lax.scan``, or the step jitted alone;
+``-cuda`` on a GPU), ``torch-cpu``, ``torch-cuda``, ``torch-cuda-graph``
+(PyTorch eager, and with the whole step captured as one CUDA graph),
+``torch-compile`` and ``torch-compile-cuda`` (``compiled.py``) and ``sklearn``
+(scikit-learn's MLPClassifier).
 Each runs in its own process (``worker.py``), rounds interleaved across
 engines (``runner.py``); the results go to the terminal and to
 ``bench.json``, ``bench.md`` and ``bench.png`` (``report.py``).
@@ -18,7 +21,7 @@ from typing import Any
 
 from .engines import ENGINES, TORCH_ENGINES
 from .report import table, write_files
-from .runner import Settings, run, summarize
+from .runner import DEFAULT_THREADS, Settings, run, summarize
 
 __all__ = ["ENGINES", "TORCH_ENGINES", "Settings", "run", "command", "summarize", "table", "write_files"]
 
@@ -38,7 +41,7 @@ def command(args: Any) -> int:
     from ..files import make_out_dir
     from ..training import SettingError
 
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads or DEFAULT_THREADS
     # The data once here, before the workers start: a missing folder is one error line (not one per
     # engine), the download cache is filled by one process, and --train-size is checked.
     n_train = len(load_mnist(args.data_dir)[1])
@@ -53,7 +56,8 @@ def command(args: Any) -> int:
     )
     settings = Settings(
         hidden=args.hidden, batch_sizes=args.batch_size, engines=args.engines, epochs=args.epochs,
-        budget_s=args.budget_s, threads=threads, data_dir=args.data_dir, train_size=args.train_size, command=command_line,
+        budget_s=args.budget_s, threads=threads, threads_from="--threads" if args.threads else "default",
+        data_dir=args.data_dir, train_size=args.train_size, command=command_line,
     )  # fmt: skip
     print(f"{command_line}: writing to {out}", flush=True)
     result = run(

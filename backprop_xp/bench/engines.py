@@ -46,12 +46,23 @@ ENGINES: dict[str, tuple[str, str]] = {
     "numpy": ("cpu", "backprop-xp on NumPy: train's own step and epoch loop"),
     "cupy": ("cuda", "backprop-xp on CuPy: train's step with CUDA graphs"),
     "cupy-eager": ("cuda", "backprop-xp on CuPy: train's step, kernels launched one by one"),
+    "jax": ("cpu", "JAX on the CPU: the whole epoch in one jitted lax.scan"),
+    "jax-step": ("cpu", "JAX on the CPU: the step jitted, called once per batch"),
+    "jax-cuda": ("cuda", "JAX on the GPU: the whole epoch in one jitted lax.scan"),
+    "jax-step-cuda": ("cuda", "JAX on the GPU: the step jitted, called once per batch"),
     "torch-cpu": ("cpu", "PyTorch eager on the CPU"),
+    "torch-compile": ("cpu", "PyTorch on the CPU, forward, loss and optimizer step under torch.compile"),
     "torch-cuda": ("cuda", "PyTorch eager on the GPU"),
     "torch-cuda-graph": ("cuda", "PyTorch with the whole step captured as one CUDA graph"),
+    "torch-compile-cuda": ("cuda", "PyTorch on the GPU under torch.compile(mode='reduce-overhead'): CUDA graphs"),
     "sklearn": ("cpu", "scikit-learn MLPClassifier (solver sgd, partial_fit)"),
 }
+# The "vs fastest PyTorch" column's references: eager, and the whole step as one CUDA graph.
 TORCH_ENGINES = ("torch-cpu", "torch-cuda", "torch-cuda-graph")
+JAX_ENGINES = ("jax", "jax-step", "jax-cuda", "jax-step-cuda")
+TORCH_COMPILE_ENGINES = ("torch-compile", "torch-compile-cuda")
+# What bench runs without --engines: all but torch.compile, whose compiling takes about a minute per shape on 2 cores.
+DEFAULT_ENGINES = [name for name in ENGINES if name not in TORCH_COMPILE_ENGINES]
 
 
 def device_of(engine: str) -> str:
@@ -87,7 +98,11 @@ def missing_reason(engine: str) -> str | None:
         except BackendError as exc:
             return str(exc)
         return None
-    if engine in TORCH_ENGINES:
+    if engine in JAX_ENGINES:
+        from .compiled import jax_missing
+
+        return jax_missing(device_of(engine))
+    if engine in TORCH_ENGINES + TORCH_COMPILE_ENGINES:
         try:
             import torch
         except ImportError:
@@ -299,7 +314,15 @@ class NumpyEngine(_CpuEngine):
     def epoch(self, epoch: int) -> float:
         from ..training import run_epoch
 
-        return self._timed(lambda: run_epoch(self.train_step, self.batches, epoch))
+        def go() -> None:
+            sums = run_epoch(self.train_step, self.batches, epoch)
+            self.last_loss, self.last_correct = sums.loss_sum / sums.n_samples, sums.n_correct
+
+        return self._timed(go)
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The parameters now, as NumPy arrays (``tests/test_bench_compiled.py`` compares every engine's)."""
+        return {name: value.copy() for name, value in self.model.params.items()}
 
     def step(self) -> float:
         x, y = self.data.x, self.data.y
@@ -453,7 +476,18 @@ class TorchEngine:
         torch.index_select(self.y, 0, order, out=self.ys)
         for s in batch_slices(len(self.data.x), self.batch):
             self.train_step(self.xs[s], self.ys[s])
-        self.loss_sum.item(), self.n_correct.item()  # the epoch's one read from the device
+        self._read_sums()
+
+    def _read_sums(self) -> None:
+        """The epoch's one read from the device: its mean loss and correct count."""
+        self.last_loss = self.loss_sum.item() / len(self.data.x)
+        self.last_correct = self.n_correct.item()
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The parameters now, as NumPy arrays, under our names."""
+        net = self.net
+        layers = {"W1": net[0].weight, "b1": net[0].bias, "W2": net[2].weight, "b2": net[2].bias}
+        return {name: value.detach().cpu().numpy().copy() for name, value in layers.items()}
 
     def epoch(self, epoch: int) -> float:
         return self._time(lambda: self._run_epoch(epoch))
@@ -627,7 +661,7 @@ class TorchGraphEngine(TorchEngine):
             torch.index_select(self.x, 0, rows, out=static_x)  # the batch into the graph's input buffers
             torch.index_select(self.y, 0, rows, out=static_y)
             graph.replay()
-        self.loss_sum.item(), self.n_correct.item()
+        self._read_sums()
 
 
 # --------------------------------------------------------------------------- CuPy (ours)
@@ -668,46 +702,84 @@ class CupyEngine:
         return cp.cuda.get_elapsed_time(start, stop) / 1000.0
 
     def bound(self, workload: str) -> float:
-        """The five products with ``cupy.matmul`` into preallocated buffers, captured as a CUDA graph.
-
-        Where CuPy cannot capture cuBLAS calls, they are launched eagerly and
-        timed with events (then the bound includes launch overhead, and
-        ``bound_note`` says so).
-        """
-        cp, h = self.cp, self.hidden
+        """The five products through our cuBLAS handle, captured as CUDA graphs (``cupy_gemm_bound``)."""
         slices, scale = _bound_scale(len(self.data.x), self.batch)
-        f = cp.float32
-        rand = lambda *shape: cp.random.random_sample(shape, dtype=f)  # noqa: E731 - values do not matter
-        b = self.batch
-        w1, w2, d2 = rand(h, N_INPUTS), rand(N_OUTPUTS, h), rand(b, N_OUTPUTS)
-        a1, z2, d1 = cp.empty((b, h), f), cp.empty((b, N_OUTPUTS), f), cp.empty((b, h), f)
-        g1, g2 = cp.empty_like(w1), cp.empty_like(w2)
+        seconds, self.bound_note = cupy_gemm_bound(self.cp, self.x, self.hidden, self.batch, slices)
+        return seconds * scale
 
-        def five(x: Any) -> None:
-            n = x.shape[0]
-            cp.matmul(x, w1.T, out=a1[:n])
-            cp.matmul(a1[:n], w2.T, out=z2[:n])
-            cp.matmul(d2[:n].T, a1[:n], out=g2)
-            cp.matmul(d2[:n], w2, out=d1[:n])
-            cp.matmul(d1[:n].T, x, out=g1)
+    def test_accuracy(self) -> float | None:
+        if self.data.x_test is None:
+            return None
+        from ..training import evaluate
 
-        launch: dict[int, Callable[[], None]] = {}
-        self.bound_note = "CUDA graph of the five products, replayed"
+        return float(evaluate(self.model, self.data.x_test, self.data.y_test)[1])
+
+
+def cupy_gemm_bound(
+    cp: Any, x: Any, hidden: int, batch: int, slices: list[slice], make_blas: Callable[[], Any] | None = None
+) -> tuple[float, str]:
+    """Seconds of the step's five products over ``slices`` of ``x``, and how they were timed.
+
+    The products go through ``cuda.cublas.Blas`` with the GPU step's own
+    calls (same operands, same transpose flags), captured as one CUDA graph
+    per batch size and replayed, timed with CUDA events: the same GEMMs, the
+    same launch path as the step's graphs, so ``fraction_of_bound`` compares
+    like with like (and with PyTorch's graph-replayed bound). ``cupy.matmul``
+    cannot be used here: CuPy refuses cuBLAS calls during stream capture.
+    Without nvmath-python (``make_blas`` fails) or where capture fails, the
+    products run eagerly and the note says why: that bound includes launch
+    overhead and is not comparable.
+    """
+    from ..cuda.cublas import Blas
+
+    f = cp.float32
+    rand = lambda *shape: cp.random.random_sample(shape, dtype=f)  # noqa: E731 - values do not matter
+    w1, w2, d2 = rand(hidden, N_INPUTS), rand(N_OUTPUTS, hidden), rand(batch, N_OUTPUTS)
+    a1, z2, d1 = cp.empty((batch, hidden), f), cp.empty((batch, N_OUTPUTS), f), cp.empty((batch, hidden), f)
+    g1, g2 = cp.empty_like(w1), cp.empty_like(w2)
+    stream = cp.cuda.Stream(non_blocking=True)  # capture needs a stream other than the default one
+    try:
+        blas = (make_blas or (lambda: Blas(cp)))()
+    except ImportError as exc:
+        blas, note = None, f"eager cupy.matmul launches ({_one_line(exc)})"
+
+    def five(x: Any) -> None:  # as cuda/step.py calls them: z1, z2, ∂L/∂W2, δ1, ∂L/∂W1
+        n = x.shape[0]
+        blas.matmul(x, w1, a1[:n], transpose_b=True)
+        blas.matmul(a1[:n], w2, z2[:n], transpose_b=True)
+        blas.matmul(d2[:n], a1[:n], g2, transpose_a=True)
+        blas.matmul(d2[:n], w2, d1[:n])
+        blas.matmul(d1[:n], x, g1, transpose_a=True)
+
+    def five_cupy(x: Any) -> None:  # the fallback: CuPy's own GEMM, eagerly
+        n = x.shape[0]
+        cp.matmul(x, w1.T, out=a1[:n])
+        cp.matmul(a1[:n], w2.T, out=z2[:n])
+        cp.matmul(d2[:n].T, a1[:n], out=g2)
+        cp.matmul(d2[:n], w2, out=d1[:n])
+        cp.matmul(d1[:n].T, x, out=g1)
+
+    launch: dict[int, Callable[[], None]] = {}
+    if blas is not None:
+        note = "CUDA graph of the five cuBLAS products (the step's own calls), replayed"
+        blas.use_stream(stream.ptr)  # before any capture begins: cuBLAS may not be reconfigured inside one
+    with stream:
         for size in sorted({s.stop - s.start for s in slices}):
-            x = self.x[:size]
-            five(x)  # warm-up: cuBLAS handle and workspace
+            xs = x[:size]
+            if blas is None:
+                launch[size] = lambda xs=xs: five_cupy(xs)
+                continue
+            five(xs)  # warm-up outside capture
             try:
-                stream = cp.cuda.Stream(non_blocking=True)
-                with stream:
-                    stream.begin_capture()
-                    try:
-                        five(x)
-                    finally:
-                        graph = stream.end_capture()
+                stream.begin_capture()
+                try:
+                    five(xs)
+                finally:
+                    graph = stream.end_capture()
                 launch[size] = graph.launch
             except Exception as exc:  # noqa: BLE001 - fall back to eager launches, and say so
-                self.bound_note = f"eager launches (graph capture failed: {_one_line(exc)})"
-                launch[size] = lambda x=x: five(x)
+                note = f"eager cuBLAS launches (graph capture failed: {_one_line(exc)})"
+                launch[size] = lambda xs=xs: five(xs)
         for go in launch.values():
             go()
         start, stop = cp.cuda.Event(), cp.cuda.Event()
@@ -716,14 +788,7 @@ class CupyEngine:
             launch[s.stop - s.start]()
         stop.record()
         stop.synchronize()
-        return cp.cuda.get_elapsed_time(start, stop) / 1000.0 * scale
-
-    def test_accuracy(self) -> float | None:
-        if self.data.x_test is None:
-            return None
-        from ..training import evaluate
-
-        return float(evaluate(self.model, self.data.x_test, self.data.y_test)[1])
+    return cp.cuda.get_elapsed_time(start, stop) / 1000.0, note
 
 
 # --------------------------------------------------------------------------- one place to build them
@@ -750,4 +815,10 @@ class Builder:
             return TorchGraphEngine(hidden, batch, data, shared, clock)
         if e in ("cupy", "cupy-eager"):
             return CupyEngine(hidden, batch, data, shared, graphs=(e == "cupy"))
+        from .compiled import JaxEngine, TorchCompileEngine
+
+        if e in JAX_ENGINES:
+            return JaxEngine(hidden, batch, data, shared, device_of(e), per_step="step" in e)
+        if e in TORCH_COMPILE_ENGINES:
+            return TorchCompileEngine(hidden, batch, data, shared, device_of(e), clock=clock)
         raise ValueError(f"unknown engine {e!r}")

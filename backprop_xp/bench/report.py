@@ -32,8 +32,16 @@ def cells(row: dict[str, Any]) -> tuple[str, ...]:
         "-" if ratio is None else f"{ratio:.2f}x {row['torch_reference']}" + _spread(row),
         "-" if row["test_accuracy"] is None else f"{100 * row['test_accuracy']:.2f}%",
         f"{100 * row['fraction_of_bound']:.0f}%",
-        "-" if row["first_epoch_s"] is None else f"{row['first_epoch_s']:.2f} s",
+        _first(row),
     )
+
+
+def _first(row: dict[str, Any]) -> str:
+    """The first epoch, and for a compiled engine its compile time beside it (never inside the epochs)."""
+    if row["first_epoch_s"] is None:
+        return "-"
+    compiled = row.get("compile_s")
+    return f"{row['first_epoch_s']:.2f} s" + ("" if compiled is None else f" (+{compiled:.1f} s compile)")
 
 
 def _spread(row: dict[str, Any]) -> str:
@@ -54,9 +62,22 @@ def table(result: dict[str, Any]) -> str:
     if not result["rows"]:
         lines.append("(no engine finished a timed round)")
     lines += [f"not run: {name}: {reason}" for name, reason in result["missing"].items()]
+    lines.append(threads_line(result))
+    if result["machine"].get("load_warning"):
+        lines.append(f"warning: {result['machine']['load_warning']}")
     if result["stopped"]:
         lines.append(f"stopped: {result['stopped']}")
     return "\n".join(lines)
+
+
+def threads_line(result: dict[str, Any]) -> str:
+    """How many CPU threads each engine had, and whether that was the default or asked for."""
+    s = result["settings"]
+    if s.get("threads_from", "default") == "default":
+        why = "the default: one per engine, the setting that gives steady numbers on a shared machine"
+    else:
+        why = "--threads; the default is 1"
+    return f"threads: {s['threads']} per CPU engine ({why})"
 
 
 def cpu_step(info: dict[str, Any]) -> str:
@@ -87,6 +108,9 @@ def _versions(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"- PyTorch {torch_info['torch']} ({torch_info['torch_threads']} CPU threads, BLAS {torch_info['torch_blas']})"
         )
+    jax_info = next((e for e in engines.values() if "jax" in e), None)
+    if jax_info:
+        lines.append(f"- JAX {jax_info['jax']} (CPU threads: {jax_info['jax_threads']})")
     if "sklearn" in engines:
         lines.append(f"- scikit-learn {engines['sklearn']['sklearn']}")
     gpu = next((e for e in engines.values() if "gpu" in e), None)
@@ -112,14 +136,17 @@ def markdown(result: dict[str, Any]) -> str:
         *([f"**Stopped early: {result['stopped']}.**", ""] if result["stopped"] else []),
         f"`{result['command']}`, {result['date']}, {result['seconds']:.0f} s.",
         "",
-        f"- CPU: {m['cpu']}, {m['cores']} cores; {s['threads']} thread(s) for every CPU engine",
+        f"- CPU: {m['cpu']}, {m['cores']} cores; {threads_line(result)}",
+        *([f"- **warning: {m['load_warning']}**"] if m.get("load_warning") else []),
         *_versions(result),
         f"- OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: {env} (left as they were)",
         f"- load average (1, 5, 15 min): {load(m['load_average_start'])} at the start, {load(m.get('load_average_end'))} at the end",
         f"- data: {data}",
         f"- 784-H-10, ReLU, softmax cross-entropy, SGD lr {s['lr']:g} momentum {s['momentum']:g}, float32; one first "
         f"epoch, then up to {s['epochs']} timed rounds, engines interleaved; every number is the median over the rounds",
-        "- vs fastest PyTorch: samples/s over those of the fastest PyTorch engine on the same device and shape "
+        "- first epoch: compilation, allocation and graph capture happen there; a compiled engine (JAX, torch.compile) "
+        "compiles before it, and that time is given beside it, never counted in an epoch",
+        "- vs fastest PyTorch: samples/s over those of the fastest eager or CUDA-graph PyTorch engine on the same device and shape "
         "(in brackets: the lowest and highest ratio of a single round)",
         "- of GEMM bound: time of the step's five matrix products alone (same shapes, the engine's own BLAS) over the epoch's time",
         "- test accuracy: on the 10,000 test images after all the epochs trained (first epoch included)",

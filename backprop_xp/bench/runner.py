@@ -31,11 +31,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .engines import ENGINES, LR, MOMENTUM, TORCH_ENGINES, device_of
+from .engines import DEFAULT_ENGINES, ENGINES, LR, MOMENTUM, TORCH_ENGINES, device_of
 from .worker import Worker, WorkerDied
 
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 WORKLOADS = ("epoch", "step", "infer")  # the table's order
+DEFAULT_THREADS = 1
 
 
 @dataclass
@@ -44,10 +45,14 @@ class Settings:
 
     hidden: list[int] = field(default_factory=lambda: [128, 800])
     batch_sizes: list[int] = field(default_factory=lambda: [32, 128, 4096])
-    engines: list[str] = field(default_factory=lambda: list(ENGINES))
+    engines: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINES))
     epochs: int = 3
     budget_s: float = 180.0
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # One thread per engine by default: on a machine where anything else runs, a BLAS call split over every core
+    # waits for whichever thread was descheduled, and the numbers swing (issue 24: a 2-thread run under load ranked
+    # scikit-learn above ours, a 1-thread run the other way round). ``threads_from`` says which it was.
+    threads: int = DEFAULT_THREADS
+    threads_from: str = "default"  # "default" or "--threads"
     data_dir: str | None = None
     train_size: int = 0  # 0: every training image
     random_samples: int = 0  # > 0: random MNIST-shaped data instead of MNIST (no accuracy); compare.py
@@ -72,6 +77,31 @@ def machine() -> dict[str, Any]:
         # Left as the user has them (they can make OpenBLAS pick slower kernels); recorded, never changed.
         "openblas_env": {name: os.environ[name] for name in OPENBLAS_VARIABLES if name in os.environ},
     }
+
+
+def load_warning(load: list[float] | None, cores: int, threads: int) -> str | None:
+    """One line when the machine is too busy for ``threads`` threads per engine, else None.
+
+    Busy means the 1-minute load average leaves fewer free cores than the
+    threads asked for, with half a core of slack (load counts runnable
+    processes: each one keeps about a core busy).
+
+    >>> load_warning([0.3, 0.2, 0.1], cores=2, threads=2) is None
+    True
+    >>> load_warning([1.2, 1.0, 0.9], cores=2, threads=2)
+    'the machine is loaded: load average 1.2 on 2 cores leaves about 0.8 free for 2 thread(s) per engine; timings will be noisy'
+    >>> load_warning([1.2, 1.0, 0.9], cores=2, threads=1) is None
+    True
+    """
+    if not load:
+        return None
+    free = cores - load[0]
+    if threads <= free + 0.5:
+        return None
+    return (
+        f"the machine is loaded: load average {load[0]:.1f} on {cores} cores leaves about {max(free, 0):.1f} free "
+        f"for {threads} thread(s) per engine; timings will be noisy"
+    )
 
 
 def _load() -> list[float] | None:
@@ -117,6 +147,10 @@ def run(
         "stopped": None,
         "complete": False,
     }
+    m = result["machine"]
+    m["load_warning"] = load_warning(m["load_average_start"], m["cores"] or 1, settings.threads)
+    if m["load_warning"]:
+        echo(f"warning: {m['load_warning']}")
     started = time.perf_counter()
     workers: dict[str, Worker] = {}
     interrupted = False
@@ -161,13 +195,19 @@ def _first_epochs(shapes: list, workers: dict, result: dict, failed: set, echo: 
     for hidden, batch in shapes:
         for name in list(workers):
             answer = _ask(workers, name, result, echo, "first", hidden=hidden, batch=batch)
+            if answer is not None and answer.get("compile_failed"):  # listed as not run, like a missing library
+                result["missing"][name] = f"{answer['error']} (at {_shape_name(hidden, batch)})"
+                echo(f"{name}: not available: {result['missing'][name]}")
+                workers.pop(name).close()
+                continue
             if answer is None or "error" in answer:
                 failed.add((name, hidden, batch))
                 _error(result, echo, name, hidden, batch, "first epoch", answer)
                 continue
             result["first_epochs"].append({"engine": name, "hidden": hidden, "batch": batch, **answer})
+            compiled = f", compiled in {answer['compile_s']:.2f} s" if "compile_s" in answer else ""
             echo(f"first epoch   {_shape_name(hidden, batch):24s} {name:17s} {answer['seconds']:8.3f} s"
-                 f"  (built in {answer['build_seconds']:.2f} s)")  # fmt: skip
+                 f"  (built in {answer['build_seconds']:.2f} s{compiled})")  # fmt: skip
 
 
 def _timed_round(
@@ -243,6 +283,8 @@ def _describe(info: dict[str, Any]) -> str:
         parts.append(f"scikit-learn {info['sklearn']}")
     if "torch" in info:
         parts.append(f"PyTorch {info['torch']} ({info['torch_threads']} threads, BLAS {info['torch_blas']})")
+    if "jax" in info:
+        parts.append(f"JAX {info['jax']} ({info['jax_device']}, threads: {info['jax_threads']})")
     if "cupy" in info:
         parts.append(f"CuPy {info['cupy']}")
     if "gpu" in info:
@@ -346,6 +388,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "bound_median_s": statistics.median(bounds),
                 "fraction_of_bound": statistics.median(bounds) / median,
                 "first_epoch_s": first.get((name, hidden, batch), {}).get("seconds") if workload == "epoch" else None,
+                "compile_s": first.get((name, hidden, batch), {}).get("compile_s") if workload == "epoch" else None,
                 "test_accuracy": accuracy.get((name, hidden, batch)),
                 "epochs_trained": 1 + sum(1 for m in ms if m["workload"] == "epoch") if workload == "epoch" else None,
             }

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .compiled import CompileFailed
 from .engines import ENGINES, Builder, _one_line, load_data, missing_reason
 
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
@@ -143,6 +144,28 @@ def _set_threads(threads: int) -> None:
     threadpool_limits(threads)
 
 
+def _pin_to_cores(threads: int) -> None:
+    """Keep this process on ``threads`` cores: the one thread control XLA obeys.
+
+    XLA's CPU runtime reads no thread variable, and in JAX 0.10 its
+    ``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``
+    flags still left a matrix product on two threads (CPU time twice the wall
+    time); with the process on one core it is one thread. Called before JAX
+    is imported; where the OS cannot pin (macOS), ``_jax_cores`` says so.
+    """
+    if hasattr(os, "sched_setaffinity"):
+        allowed = sorted(os.sched_getaffinity(0))
+        if threads < len(allowed):
+            os.sched_setaffinity(0, allowed[:threads])
+
+
+def _jax_cores() -> str:
+    if not hasattr(os, "sched_getaffinity"):
+        return "XLA's own pool (every core: this OS cannot pin a process)"
+    cores = sorted(os.sched_getaffinity(0))
+    return f"{len(cores)} (the process pinned to core(s) {','.join(map(str, cores))})"
+
+
 def _engine_info(engine: str, threads: int) -> dict[str, Any]:
     """Versions and settings that make this engine's numbers reproducible."""
     import numpy as np
@@ -173,6 +196,14 @@ def _engine_info(engine: str, threads: int) -> dict[str, Any]:
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
             info["torch_cuda"] = torch.version.cuda
+    if engine.startswith("jax"):
+        import jax
+
+        info["jax"] = jax.__version__
+        info["jax_device"] = str(jax.devices("gpu" if engine.endswith("cuda") else "cpu")[0])
+        info["jax_threads"] = _jax_cores()
+        if engine.endswith("cuda"):
+            info["gpu"] = jax.devices("gpu")[0].device_kind
     if engine.startswith("cupy"):
         import cupy as cp
 
@@ -185,6 +216,8 @@ def _engine_info(engine: str, threads: int) -> dict[str, Any]:
 
 
 def _serve(engine: str, threads: int, data_args: argparse.Namespace, clock: str, reply: Any) -> int:
+    if engine.startswith("jax") and ENGINES[engine][0] == "cpu":
+        _pin_to_cores(threads)
     reason = missing_reason(engine)
     if reason is not None:
         reply({"missing": reason})
@@ -211,7 +244,10 @@ def _job(request: dict[str, Any], build: Builder, contestants: dict[tuple[int, i
     job = request["job"]
     if job == "first":
         start = time.perf_counter()
-        contestant = contestants[shape] = build(*shape)
+        try:
+            contestant = contestants[shape] = build(*shape)
+        except CompileFailed as exc:  # the runner lists the engine as not run, with this reason
+            return {"error": str(exc), "compile_failed": True}
         built = time.perf_counter() - start
         seconds = contestant.epoch(0)
         return {"seconds": seconds, "build_seconds": built, **_notes(contestant)}
@@ -234,6 +270,8 @@ def _notes(contestant: Any) -> dict[str, Any]:
         value = getattr(step, name, None)
         if isinstance(value, (str, int, float, bool)):
             notes[f"step_{name}"] = value
+    if getattr(contestant, "compile_s", None) is not None:  # JAX and torch.compile: compiled when built
+        notes["compile_s"] = contestant.compile_s
     if getattr(contestant, "bound_note", None):
         notes["bound_note"] = contestant.bound_note
     return notes
