@@ -47,7 +47,10 @@ def cupy_without_nvmath(monkeypatch):
     """The CuPy stand-in installed, nvmath-python's import failing, and no notice given yet in this process."""
     cupy = NumpyAsCupy()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
-    monkeypatch.setitem(sys.modules, "nvmath", None)  # `import nvmath...` raises ImportError
+    # `import nvmath...` raises ImportError, also where an earlier test imported nvmath.bindings (a submodule
+    # already in sys.modules is found there without importing its parent)
+    for name in ["nvmath", *[n for n in sys.modules if n.startswith("nvmath.")]]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setattr(step_module, "_SAID", set())
     return cupy
 
