@@ -224,3 +224,21 @@ def test_tf32_flag_through_the_command_line(cupy, set_tf32, mnist_dir, tmp_path,
     assert main(["train", *args, "--out", str(plain_again)]) == 0
     c = MLP.load(plain_again / "model.npz")
     np.testing.assert_allclose(c.params["W1"], b.params["W1"], rtol=1e-4, atol=1e-6)
+
+
+def test_an_augmented_run_replays_as_many_graphs_as_a_plain_one(cupy, set_tf32, mnist_dir, tmp_path, monkeypatch):
+    """--augment refills the same batch buffers each epoch, so its steps replay the plain run's graphs."""
+    real, steps = train_module.make_step, []
+
+    def make_step(*args, **kwargs):
+        steps.append(real(*args, **kwargs))
+        return steps[-1]
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    for augment in (False, True):
+        train(TrainConfig(**SMALL, augment=augment, backend="cupy", data_dir=str(mnist_dir)), tmp_path / str(augment),
+              echo=None, pictures=False)  # fmt: skip
+    plain, augmented = steps
+    assert plain.mode == augmented.mode == "graphs", (plain.capture_error, augmented.capture_error)
+    # 30 steps of 100 an epoch: the first eager, one capture per Minibatches buffer, every other step a replay
+    assert (augmented.n_captures, augmented.n_replays) == (plain.n_captures, plain.n_replays) == (2, 2 * 30 - 1)
