@@ -1,7 +1,6 @@
 """Where the GPU step's time goes: each launch of the step alone, captured in a CUDA graph and timed with events.
 
-For each shape (784-H-10, batch B, float32) and each output layer (the fused
-kernel and the cuBLAS fallback), every launch of ``GpuStep.launches`` is
+For each shape (784-H-10, batch B, float32), every launch of ``GpuStep.launches`` is
 captured ``--reps`` times into one graph; the graph is replayed ``--rounds``
 times between CUDA events and the median over rounds, divided by the reps, is
 that launch's time. The whole step is timed the same way, so the table shows
@@ -56,11 +55,11 @@ def time_captured(cupy, step, work, reps: int, rounds: int) -> float:
     return statistics.median(times)
 
 
-def measure(cupy, hidden: int, batch: int, fused: bool, reps: int, rounds: int) -> dict:
+def measure(cupy, hidden: int, batch: int, reps: int, rounds: int) -> dict:
     rng = np.random.default_rng(0)
     model = bx.MLP(784, hidden, 10, backend="cupy")
     opt = bx.SGD(model, lr=1e-4, momentum=0.9)  # a small rate: hundreds of repeated updates stay finite
-    step = make_gpu_step(model, opt, graphs=False, fused=fused)
+    step = make_gpu_step(model, opt, graphs=False, fused=True)
     x = cupy.asarray(rng.random((batch, 784), dtype=np.float32))
     y = cupy.asarray(rng.integers(0, 10, batch))
     step(x, y)  # compiles the kernels, allocates this batch size's buffers
@@ -78,8 +77,7 @@ def measure(cupy, hidden: int, batch: int, fused: bool, reps: int, rounds: int) 
 def table(results: list[dict]) -> str:
     lines = []
     for r in results:
-        kind = "fused output layer" if r["fused"] else "cuBLAS output layer"
-        lines.append(f"784-{r['hidden']}-10, batch {r['batch']}, {kind}:")
+        lines.append(f"784-{r['hidden']}-10, batch {r['batch']}:")
         for row in r["launches"]:
             lines.append(f"    {row['us']:8.1f} µs  {row['launch']}")
         parts = sum(row["us"] for row in r["launches"])
@@ -106,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     results = []
     for hidden, batch in SHAPES:
-        for fused in (True, False):
-            results.append(measure(cupy, hidden, batch, fused, args.reps, args.rounds))
-            print(table(results[-1:]), flush=True)
+        results.append(measure(cupy, hidden, batch, args.reps, args.rounds))
+        print(table(results[-1:]), flush=True)
     if args.out:
         with atomic_write(Path(args.out)) as f:
             json.dump({"gpu": gpu, "reps": args.reps, "rounds": args.rounds, "results": results}, f, indent=2)

@@ -116,7 +116,7 @@ run_part gpu-train-tests 240 "${PYTEST[@]}" tests/test_gpu_train.py --junitxml="
 # 3. CUDA graphs: capture per batch size, replay vs eager vs reference, fallback, no host sync in the loop
 run_part graphs 120 "${PYTEST[@]}" -m gpu tests/test_gpu.py -k "graph or never_waits" --junitxml="$RESULTS/junit-graphs.xml"
 
-# 3b. each launch of the step, captured and timed with events: fused and cuBLAS output layers
+# 3b. each launch of the step, captured and timed with events
 run_part launches 90 "$PY" bench/gpu_launches.py --out "$RESULTS/gpu_launches.json"
 
 # 4. a short real-MNIST training, every variant, against NumPy; TF32's accuracy effect

@@ -1,4 +1,4 @@
-"""Run the RawKernel sources of cuda/kernels.py on the CPU: each CUDA thread a real thread.
+"""Run the CUDA sources of cuda/kernels.py on the CPU: each CUDA thread a real thread; each elementwise body a loop.
 
 The CUDA sources are compiled as C++ by g++ with a small shim, and a launch
 runs its blocks one after another; in a block, each of the ``blockDim.x``
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -149,19 +150,13 @@ template <class Body> void emu_launch(unsigned grid, unsigned block, size_t shar
 }
 """
 
-# The kernels' parameters, in order, as (C type with T for the float type, name).
+# The kernel's parameters, in order, as (C type with T for the float type, name).
 OUTPUT_LAYER_PARAMS = [
     ("T*", "a1"), ("const T*", "b1"), ("const T*", "w2"), ("const T*", "b2"), ("const long long*", "labels"),
     ("int", "batch"), ("int", "n_hidden"), ("int", "rows_per_block"), ("T", "inv_batch"), ("T*", "delta2"),
     ("T*", "delta1"), ("T*", "grad_w2"), ("T*", "grad_b1"), ("T*", "grad_b2"), ("T*", "loss"),
     ("long long*", "n_correct"), ("T*", "partials"), ("long long*", "partial_correct"),
-    ("unsigned int*", "blocks_done"), ("double*", "loss_sum"), ("long long*", "correct_sum"),
-]  # fmt: skip
-XENT_STEP_PARAMS = [
-    ("const T*", "z"), ("const T*", "bias"), ("const long long*", "labels"), ("int", "batch"), ("int", "n_classes"),
-    ("T", "inv_batch"), ("T*", "delta"), ("T*", "bias_grad"), ("T*", "loss"), ("long long*", "n_correct"),
-    ("T*", "partial_sums"), ("long long*", "partial_correct"), ("unsigned int*", "blocks_done"),
-    ("double*", "loss_sum"), ("long long*", "correct_sum"),
+    ("unsigned int*", "blocks_done"),
 ]  # fmt: skip
 CTYPES = {"int": ctypes.c_int, "float": ctypes.c_float, "double": ctypes.c_double}
 
@@ -178,13 +173,90 @@ def _wrapper(kernel: str, params: list[tuple[str, str]], float_type: str) -> str
     )
 
 
+def build(text: str) -> ctypes.CDLL:
+    """``text`` compiled by g++ into a shared library (cached by content), loaded.
+
+    ``-ffp-contract=off``: no multiply-add is fused, as ``--fmad=false`` asks
+    of NVRTC, so IEEE operations happen one by one, as in NumPy. (No
+    ``-ffast-math``: subnormals are kept, as NumPy keeps them; CuPy's
+    ``-ftz=true`` flushes them on a GPU, which this cannot show.)
+    """
+    compiler = shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("g++ is not installed")
+    flags = ["-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-w"]
+    digest = hashlib.sha256(" ".join([*flags, text]).encode()).hexdigest()[:16]  # a change of flags rebuilds
+    folder = Path(tempfile.gettempdir()) / "backprop-xp-cuda-emulator"
+    folder.mkdir(exist_ok=True)
+    library = folder / f"{digest}.so"
+    if not library.exists():
+        src = folder / f"{digest}.cpp"
+        src.write_text(text)
+        tmp = folder / f"{digest}.{os.getpid()}.tmp.so"
+        run = subprocess.run([compiler, *flags, str(src), "-o", str(tmp)], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"the emulated kernels do not compile:\n{run.stderr[-4000:]}")
+        tmp.replace(library)
+    return ctypes.CDLL(str(library))
+
+
+# ---- ElementwiseKernel bodies: CuPy wraps a body into a loop over the element index ``i``; here it is a plain
+# C++ loop, each non-raw parameter a reference to element i, each raw one the whole array.
+ELEMENTWISE_TYPES = {"T": "T", "int32": "int", "int64": "long long", "float32": "float", "float64": "double"}
+
+
+def elementwise_params(text: str) -> list[tuple[bool, str, str]]:
+    """``"raw T x, int32 n"`` -> ``[(True, "T", "x"), (False, "int32", "n")]``."""
+    out = []
+    for part in text.split(","):
+        words = part.split()
+        out.append((words[0] == "raw", words[-2], words[-1]))
+    return out
+
+
+def elementwise_cpp(spec, float_type: str) -> str:
+    """The ElementwiseKernel ``spec`` (``cuda.kernels.ElementwiseSpec``) as ``extern "C" void NAME_T(arrays..., n)``."""
+    args, loads = [], []
+    for is_output, text in ((False, spec.in_params), (True, spec.out_params)):
+        for raw, ctype, name in elementwise_params(text):
+            c = ELEMENTWISE_TYPES[ctype]
+            if raw:
+                args.append(f"const {c}* {name}" if not is_output else f"{c}* {name}")
+            else:
+                args.append(f"{c}* {name}_ptr")
+                loads.append(f"{c}& {name} = {name}_ptr[i];" if is_output else f"const {c} {name} = {name}_ptr[i];")
+    return (
+        f"namespace {spec.name}_{float_type} {{\ntypedef {float_type} T;\n{spec.preamble}\n"
+        f'extern "C" void {spec.name}_{float_type}({", ".join(args)}, long long n) {{\n'
+        f"  for (long long i = 0; i < n; ++i) {{ {' '.join(loads)} {spec.body} }}\n}}\n}}\n"
+    )
+
+
+class EmulatedElementwise:
+    """ElementwiseKernel bodies compiled for the CPU; ``run(name, dtype, *arrays)`` runs one over every element."""
+
+    def __init__(self, specs) -> None:
+        self.specs = {spec.name: spec for spec in specs}
+        header = (
+            "#include <cmath>\n#define __device__\n#define __forceinline__ inline\nusing std::exp; using std::tanh;\n"
+        )
+        self.lib = build(header + "".join(elementwise_cpp(s, t) for s in specs for t in ("float", "double")))
+
+    def run(self, name: str, dtype, *arrays: np.ndarray) -> None:
+        """Arrays in the order of the spec's in_params then out_params (C-contiguous, written in place)."""
+        float_type = "float" if np.dtype(dtype) == np.float32 else "double"
+        n = max(a.size for a in arrays)
+        for a in arrays:
+            assert isinstance(a, np.ndarray) and a.flags.c_contiguous
+        getattr(self.lib, f"{name}_{float_type}")(
+            *(ctypes.c_void_p(a.ctypes.data) for a in arrays), ctypes.c_longlong(n)
+        )
+
+
 class EmulatedKernels:
     """The kernels of one CUDA source compiled for the emulator; call ``launch(name, grid, block, shared, *args)``."""
 
     def __init__(self, source: str, kernels: dict[str, list[tuple[str, str]]], defines: dict[str, int] | None = None):
-        compiler = shutil.which("g++")
-        if compiler is None:
-            raise RuntimeError("g++ is not installed")
         # The one construct C++ cannot take as it is: extern shared memory becomes the emulator's buffer.
         source = source.replace(
             "extern __shared__ __align__(16) unsigned char shared_bytes[];",
@@ -193,22 +265,7 @@ class EmulatedKernels:
         lines = [f"#define {name} {value}" for name, value in (defines or {}).items()]
         text = "\n".join([SHIM, *lines, source, *(_wrapper(k, p, t) for k, p in kernels.items() for t in ("float", "double")
                           if k.endswith("_" + t))])  # fmt: skip
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        folder = Path(tempfile.gettempdir()) / "backprop-xp-cuda-emulator"
-        folder.mkdir(exist_ok=True)
-        library = folder / f"{digest}.so"
-        if not library.exists():
-            src = folder / f"{digest}.cpp"
-            src.write_text(text)
-            tmp = folder / f"{digest}.{id(self)}.tmp.so"
-            run = subprocess.run(
-                [compiler, "-std=c++17", "-O1", "-fPIC", "-shared", "-w", str(src), "-o", str(tmp)],
-                capture_output=True, text=True,
-            )  # fmt: skip
-            if run.returncode != 0:
-                raise RuntimeError(f"the emulated kernels do not compile:\n{run.stderr[-4000:]}")
-            tmp.replace(library)
-        self.lib = ctypes.CDLL(str(library))
+        self.lib = build(text)
         self.params = kernels
 
     def launch(self, kernel: str, grid: int, block: int, shared: int, *args) -> None:

@@ -93,3 +93,34 @@ def test_an_augmented_run_resumes_bit_for_bit(mnist_dir, tmp_path):
         assert all(np.array_equal(a[k], b[k]) for k in ("W1", "b1", "W2", "b2"))
     assert straight["epochs"][-1]["augment_seconds"] > 0
     assert [r["train_loss"] for r in straight["epochs"]] == [r["train_loss"] for r in resumed["epochs"]]
+
+
+def test_an_augmented_run_gathers_every_epoch_into_the_same_buffers(mnist_dir, tmp_path, monkeypatch):
+    """The batch buffers keep their addresses from epoch to epoch: on a GPU the step's graphs read them there.
+
+    A new Minibatches per epoch would gather into new buffers (the old ones are still alive when the new
+    ones are allocated, so the addresses differ), and on CuPy every step after the first epoch would run
+    eagerly without a word. NumPy has addresses too, so this is checked here, on the CPU.
+    """
+    from backprop_xp.training import run as train_module
+
+    real = train_module.make_step
+    addresses = []  # (x address, labels address) of every step, in order
+
+    def make_step(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def recorded(xb, yb):
+            addresses.append((xb.ctypes.data, yb.ctypes.data))
+            return step(xb, yb)
+
+        return recorded
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    config = TrainConfig(
+        hidden=16, train_size=1000, epochs=3, batch_size=100, augment=True, backend="numpy", data_dir=str(mnist_dir)
+    )
+    train(config, tmp_path, echo=None, pictures=False)
+    per_epoch = [addresses[i : i + 10] for i in range(0, 30, 10)]
+    assert len(addresses) == 30 and len(set(per_epoch[0])) == 2  # two buffers, in turn
+    assert per_epoch[1] == per_epoch[0] and per_epoch[2] == per_epoch[0]

@@ -1,4 +1,4 @@
-"""Every CUDA source in cuda/kernels.py compiles with NVRTC 12 and NVRTC 13, without a GPU.
+"""Every CUDA source in cuda/kernels.py compiles with NVRTC 12 and NVRTC 13, as CuPy compiles it, without a GPU.
 
 NVRTC (the CUDA runtime compiler CuPy uses) needs no device, so this runs on
 the CPU CI machine, once per CUDA major version: ``nvidia-cuda-nvrtc-cu12``
@@ -7,7 +7,9 @@ and ``nvidia-cuda-nvrtc`` 13.x install side by side (it is called through
 where ``BACKPROP_XP_REQUIRE_REFERENCES`` is set (CI; conftest's ``reference_missing``). The architectures follow
 the compiler's version, since CUDA 13 dropped compute capabilities below 7.5:
 CUDA 12 compiles for compute_70 and compute_90, CUDA 13 for compute_75 and
-compute_90. The RawKernel sources compile as shipped. An ElementwiseKernel body is only a
+compute_90. Every compile adds the options CuPy 14 adds to every kernel
+(``CUPY_OPTIONS``), ``-ftz=true`` among them, so this checks the build a GPU
+runs. The RawKernel source compiles as shipped. An ElementwiseKernel body is only a
 fragment: CuPy wraps it into a kernel with its own array types, which needs a
 device to generate, so here each body is wrapped into an equivalent plain
 ``extern "C" __global__`` function (raw parameters as pointers, the others as
@@ -15,6 +17,10 @@ one element each, ``T`` the float type, ``i`` the element index), which
 checks the body, preamble and options for syntax, types and name errors in
 both float32 and float64. What this cannot check is CuPy's own wrapper;
 tests/test_gpu.py runs the real kernels on a device.
+
+``ptxas -v`` (from the ``nvidia-cuda-nvcc`` wheel in CI) then assembles the
+sm_90 PTX of every kernel, as the driver would for an H100/H200, and the test
+fails on any spill to local memory or any stack frame.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import ctypes
 import glob
 import os
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -42,6 +50,12 @@ CTYPES = {
     "float32": "float",
     "float64": "double",
 }
+# What CuPy 14.2 adds to the options of every kernel it compiles with NVRTC, whatever the kernel asks for
+# (read in its source): -ftz=true (cupy/cuda/compiler.py, _compile_with_cache_cuda: float32 subnormals
+# flushed to zero) and --device-as-default-execution-space (_compile_using_nvrtc, without jitify). It
+# also adds -std=c++17 when no -std is given (cupy/_core/core.pyx, assemble_cupy_compiler_options: the
+# dialect below), its own include folders, and -arch=sm_XX of the device (compute_XX below).
+CUPY_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
 
 class NVRTCError(RuntimeError):
@@ -137,9 +151,10 @@ def nvrtc(request, reference_missing) -> Nvrtc:
 
 
 def compile_ptx(nvrtc: Nvrtc, source: str, name: str, options: tuple[str, ...], arch: tuple[str, str]) -> str:
-    """PTX of ``source`` for ``(architecture, dialect)``; a compile error fails the test with NVRTC's log."""
+    """PTX of ``source`` for ``(architecture, dialect)`` with CuPy's options; a compile error fails the test."""
     try:
-        return nvrtc.compile(source, f"{name}.cu", [f"--gpu-architecture={arch[0]}", f"-std={arch[1]}", *options])
+        argv = [f"--gpu-architecture={arch[0]}", f"-std={arch[1]}", *options, *CUPY_OPTIONS]
+        return nvrtc.compile(source, f"{name}.cu", argv)
     except NVRTCError as exc:
         pytest.fail(f"{name} ({arch}) does not compile: {exc}\n--- source ---\n{source}")
 
@@ -164,8 +179,6 @@ def standalone_elementwise(spec: kc.ElementwiseSpec, float_type: str) -> str:
             c = CTYPES[ctype]
             if raw:
                 args.append(f"{c}* {name}")
-            elif name in spec.scalars:
-                args.append(f"{c} {name}")
             else:
                 args.append(f"{c}* {name}_ptr")
                 loads.append(f"{c}& {name} = {name}_ptr[i];" if is_output else f"const {c} {name} = {name}_ptr[i];")
@@ -180,8 +193,7 @@ def standalone_elementwise(spec: kc.ElementwiseSpec, float_type: str) -> str:
 def test_every_elementwise_kernel_is_listed_once():
     names = [spec.name for spec in kc.elementwise_specs()]
     assert len(names) == len(set(names))
-    # one forward and one backward kernel per activation, plus the two updates
-    assert len(names) == 2 * len(kc.ACTIVATIONS) + 2
+    assert names == ["sgd_momentum", "sgd_plain"]  # the update; the output layer is one RawKernel
 
 
 @pytest.mark.parametrize("float_type", ["float", "double"])
@@ -194,19 +206,15 @@ def test_elementwise_kernel_compiles(nvrtc, spec, float_type):
 
 
 def test_exact_kernels_have_no_fused_multiply_add(nvrtc):
-    """--fmad=false is what makes the SGD update bit-identical to NumPy's separate multiply and add."""
+    """--fmad=false is what makes the SGD update bit-identical to NumPy's separate multiply and add.
+
+    (For normal numbers: CuPy's -ftz=true flushes float32 subnormals, ``.ftz`` in the PTX below.)
+    """
     spec = next(s for s in kc.elementwise_specs() if s.name == "sgd_momentum")
     ptx = compile_ptx(nvrtc, standalone_elementwise(spec, "float"), spec.name, spec.options, nvrtc.archs[-1])
-    assert "fma.rn.f32" not in ptx and "mul.rn.f32" in ptx
+    assert not re.search(r"fma\.rn(\.ftz)?\.f32", ptx) and "mul.rn.ftz.f32" in ptx
     contracted = compile_ptx(nvrtc, standalone_elementwise(spec, "float"), spec.name, (), nvrtc.archs[-1])
-    assert "fma.rn.f32" in contracted  # the check above can fail: without the option NVRTC does contract
-
-
-def test_xent_step_raw_kernel_compiles(nvrtc):
-    for arch in nvrtc.archs:
-        ptx = compile_ptx(nvrtc, kc.XENT_STEP_SOURCE, "xent_step", (), arch)
-        for name in ("xent_step_float", "xent_step_double"):
-            assert re.search(rf"\.entry\s+{name}\s*\(", ptx), f"no entry point {name} in the PTX ({arch})"
+    assert "fma.rn.ftz.f32" in contracted  # the check above can fail: without the option NVRTC does contract
 
 
 @pytest.mark.parametrize("n_classes", [10, 3, kc.OUTPUT_LAYER_MAX_CLASSES])
@@ -249,3 +257,99 @@ def test_a_broken_source_is_reported(nvrtc):
     spec = kc.elementwise_specs()[0]._replace(body="row_loss = undefined_name;")
     with pytest.raises(NVRTCError, match="undefined_name"):
         nvrtc.compile(standalone_elementwise(spec, "float"), "broken.cu", ["--gpu-architecture=compute_90"])
+
+
+# --------------------------------------------------------------------------- ptxas -v for sm_90
+
+
+def _ptxas_candidates() -> list[str]:
+    """ptxas from NVIDIA's nvcc wheels (``nvidia/cu13/bin``, ``nvidia/cuda_nvcc/bin``), CUDA_PATH, the PATH."""
+    found = []
+    try:
+        import nvidia
+
+        for folder in nvidia.__path__:
+            found += sorted(glob.glob(os.path.join(folder, "*", "bin", "ptxas")))
+    except ImportError:
+        pass
+    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME")):
+        if root:
+            found.append(os.path.join(root, "bin", "ptxas"))
+    found.append(shutil.which("ptxas") or "")
+    return [path for path in found if path and os.access(path, os.X_OK)]
+
+
+def _ptxas_version(path: str) -> tuple[int, int]:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
+    major, minor = re.search(r"release (\d+)\.(\d+)", out).groups()
+    return int(major), int(minor)
+
+
+@pytest.fixture
+def ptxas(nvrtc, reference_missing) -> str:
+    """The newest ptxas found, as new as this NVRTC (older ones may not read its PTX); else skip (fail in CI)."""
+    found = sorted(((_ptxas_version(path), path) for path in _ptxas_candidates()), reverse=True)
+    if not found or found[0][0] < nvrtc.version:
+        have = f"ptxas {found[0][0]} at {found[0][1]}" if found else "no ptxas"
+        reference_missing(f"{have}, NVRTC {nvrtc.version} (pip install 'nvidia-cuda-nvcc>=13,<14')")
+    return found[0][1]
+
+
+def ptxas_resources(ptxas_path: str, ptx: str, tmp_path) -> dict[str, dict[str, int]]:
+    """``ptxas -v`` of ``ptx`` for sm_90, per function: registers, stack frame, spill stores and loads (bytes)."""
+    source = tmp_path / "kernel.ptx"
+    source.write_text(ptx)
+    run = subprocess.run(
+        [ptxas_path, "-arch=sm_90", "-v", "-o", os.devnull, str(source)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, f"ptxas failed:\n{run.stderr[-3000:]}"
+    resources, name = {}, None
+    for line in run.stderr.splitlines():
+        if match := re.search(r"Function properties for (\w+)", line):
+            name = match.group(1)
+            resources[name] = {}
+        elif name and (
+            match := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        ):
+            resources[name].update(zip(("stack", "spill_stores", "spill_loads"), map(int, match.groups())))
+        elif name and (match := re.search(r"Used (\d+) registers", line)):
+            resources[name]["registers"] = int(match.group(1))
+    return resources
+
+
+def _sm90_sources() -> list[tuple[str, str, tuple[str, ...], list[str]]]:
+    """(name, source, options, entry points) of every kernel as CuPy builds it."""
+    sources = []
+    for n_classes in (3, 10, kc.OUTPUT_LAYER_MAX_CLASSES):
+        for activation in kc.ACTIVATIONS:
+            sources.append((f"output_layer_{activation}_K{n_classes}", kc.ACTIVATION_SOURCES[activation] + kc.OUTPUT_LAYER_SOURCE,
+                            (f"-DN_CLASSES={n_classes}",), ["output_layer_float", "output_layer_double"]))  # fmt: skip
+    for spec in kc.elementwise_specs():
+        for float_type in ("float", "double"):
+            sources.append(
+                (f"{spec.name}_{float_type}", standalone_elementwise(spec, float_type), spec.options, [spec.name])
+            )
+    return sources
+
+
+def test_every_kernel_assembles_for_sm90_without_spills_or_stack(nvrtc, ptxas, tmp_path):
+    """Registers only: a spill or a stack frame (a local array the compiler could not keep in registers) fails."""
+    for name, source, options, entries in _sm90_sources():
+        ptx = compile_ptx(nvrtc, source, name, options, ("compute_90", "c++17"))
+        resources = ptxas_resources(ptxas, ptx, tmp_path)
+        for entry in entries:
+            used = resources.get(entry)
+            assert used and "registers" in used and "stack" in used, f"{name}: no ptxas report for {entry}: {resources}"
+            assert used["stack"] == used["spill_stores"] == used["spill_loads"] == 0, f"{name} {entry}: {used}"
+            # 256 threads a block (the output layer's launch) must fit one SM's 65,536 registers
+            assert used["registers"] * kc.OUTPUT_LAYER_THREADS <= 65_536, f"{name} {entry}: {used}"
+
+
+def test_ptxas_check_sees_a_stack_frame(nvrtc, ptxas, tmp_path):
+    """The check above can fail: a local array indexed at run time lives on the stack, and ptxas says so."""
+    source = (
+        'extern "C" __global__ void k(float* x, int j, int n) { float v[64] = {};'
+        " for (int i = 0; i < n; ++i) v[(i * j) & 63] += x[i]; x[0] = v[j & 63]; }"
+    )
+    used = ptxas_resources(ptxas, compile_ptx(nvrtc, source, "k", (), ("compute_90", "c++17")), tmp_path)["k"]
+    assert used["stack"] > 0

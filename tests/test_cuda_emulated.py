@@ -1,4 +1,4 @@
-"""The RawKernel sources of cuda/kernels.py, run on the CPU by tests/cuda_emulator.py, against their NumPy twins.
+"""The output-layer kernel of cuda/kernels.py, run on the CPU by tests/cuda_emulator.py, against its NumPy twin.
 
 No GPU is needed: the kernels' own source is compiled with g++ and each CUDA
 thread runs as a host thread (see the emulator's docstring for what that
@@ -14,7 +14,7 @@ import shutil
 
 import numpy as np
 import pytest
-from cuda_emulator import OUTPUT_LAYER_PARAMS, XENT_STEP_PARAMS, EmulatedKernels
+from cuda_emulator import OUTPUT_LAYER_PARAMS, EmulatedKernels
 
 from backprop_xp.cuda import kernels as kc
 
@@ -42,14 +42,16 @@ def output_layer_kernels(activation: str, n_classes: int) -> EmulatedKernels:
     return _BUILT[key]
 
 
-def run_output_layer(z1, params, labels, activation, n_classes, times=2):
+H100_SMS = 132  # the grid of an H100: as many blocks as SMs at most
+
+
+def run_output_layer(z1, params, labels, activation, n_classes, times=2, max_blocks=H100_SMS):
     """The kernel as output_layer_step launches it, on NumPy buffers poisoned with NaN; run ``times`` times."""
     batch, n_hidden = z1.shape
     dtype = z1.dtype
     kernels = output_layer_kernels(activation, n_classes)
-    scratch = kc.OutputLayerScratch(np, batch, n_hidden, n_classes, dtype)
+    scratch = kc.OutputLayerScratch(np, batch, n_hidden, n_classes, dtype, max_blocks)
     scratch.partial_sums[...] = np.nan  # every partial a block reads must have been written
-    loss_sum, correct_sum = np.zeros((), np.float64), np.zeros((), np.int64)
     name = f"output_layer_{'float' if dtype == np.float32 else 'double'}"
     for _ in range(times):
         a1 = z1.copy()
@@ -63,10 +65,10 @@ def run_output_layer(z1, params, labels, activation, n_classes, times=2):
             name, scratch.n_blocks, kc.OUTPUT_LAYER_THREADS, scratch.shared_bytes,
             a1, params["b1"], params["W2"], params["b2"], labels, batch, n_hidden, scratch.rows_per_block,
             1.0 / batch, out["delta2"], out["delta1"], out["W2"], out["b1"], out["b2"], out["loss"], out["n_correct"],
-            scratch.partial_sums, scratch.partial_correct, scratch.blocks_done, loss_sum, correct_sum,
+            scratch.partial_sums, scratch.partial_correct, scratch.blocks_done,
         )  # fmt: skip
         assert scratch.blocks_done[0] == 0  # reset by the last block, ready for a graph replay
-    return {"a1": a1, **out}, float(loss_sum), int(correct_sum)
+    return {"a1": a1, **out}, scratch.n_blocks
 
 
 def case(rng, batch, n_hidden, n_classes, dtype):
@@ -81,36 +83,49 @@ def case(rng, batch, n_hidden, n_classes, dtype):
 
 
 @pytest.mark.parametrize(
-    "activation, dtype, batch, n_hidden, n_classes",
+    "activation, dtype, batch, n_hidden, n_classes, max_blocks, n_blocks",
     [
-        ("relu", "float32", 128, 128, 10),  # 8 blocks of 16 rows, 2 rows per warp
-        ("relu", "float64", 37, 45, 10),  # H not a multiple of 32, a partial last block
-        ("tanh", "float64", 1, 40, 10),  # one row: one block, seven idle warps
-        ("sigmoid", "float32", 600, 70, 3),  # 30 blocks of 20 rows: more rows per block than warps
-        ("relu", "float64", 700, 33, 10),  # the block cap: 32 blocks of 22 rows
-        ("tanh", "float32", 64, 300, 32),  # K = 32: every lane writes one class of δ2
+        ("relu", "float32", 128, 128, 10, H100_SMS, 8),  # 8 blocks of 16 rows, 2 rows per warp
+        ("relu", "float64", 37, 45, 10, H100_SMS, 3),  # H not a multiple of 32, a partial last block
+        ("tanh", "float64", 1, 40, 10, H100_SMS, 1),  # one row: one block, seven idle warps
+        ("sigmoid", "float32", 600, 70, 3, 20, 20),  # 20 blocks of 30 rows: more rows per block than warps
+        ("relu", "float64", 700, 33, 10, 32, 32),  # a 32-SM device: 32 blocks of 22 rows
+        ("relu", "float32", 2200, 40, 10, H100_SMS, 130),  # an H100's grid: 130 blocks of 17 rows
+        ("tanh", "float32", 64, 300, 32, H100_SMS, 4),  # K = 32: every lane writes one class of δ2
     ],
 )
-def test_output_layer_kernel_matches_twin(activation, dtype, batch, n_hidden, n_classes):
+def test_output_layer_kernel_matches_twin(activation, dtype, batch, n_hidden, n_classes, max_blocks, n_blocks):
     rng = np.random.default_rng(batch + n_hidden)
     z1, params, labels = case(rng, batch, n_hidden, n_classes, dtype)
     expected = kc.output_layer_reference(z1, labels, params, activation)
-    got, loss_sum, correct_sum = run_output_layer(z1, params, labels, activation, n_classes)
+    got, blocks = run_output_layer(z1, params, labels, activation, n_classes, max_blocks=max_blocks)
+    assert blocks == n_blocks
     for name in ("a1", "delta2", "delta1", "W2"):
         close(got[name], expected[name], dtype)
     for name in ("b1", "b2"):  # sums of terms of both signs
         close(got[name], expected[name], dtype, atol_scale=10)
     close(got["loss"], expected["loss"], dtype)
     assert int(got["n_correct"]) == int(expected["n_correct"])
-    np.testing.assert_allclose(loss_sum, 2 * batch * float(expected["loss"]), rtol=RTOL[dtype])
-    assert correct_sum == 2 * int(expected["n_correct"])
+
+
+def test_output_layer_counts_a_tie_as_argmax_does_first_maximum():
+    """Classes 3 and 5 have the same weights and bias, the largest: every row ties, argmax says 3."""
+    rng = np.random.default_rng(6)
+    z1, params, labels = case(rng, 40, 64, 10, "float32")
+    params["W2"][5], params["b2"][[3, 5]] = params["W2"][3], 50.0
+    labels[:] = np.where(np.arange(40) % 3 == 0, 3, 5)  # 14 rows say 3, 26 say 5
+    got, _ = run_output_layer(z1, params, labels, "relu", 10, times=1)
+    assert int(got["n_correct"]) == 14 == int(np.count_nonzero(labels == 3))
+    expected = kc.output_layer_reference(z1, labels, params, "relu")
+    assert int(expected["n_correct"]) == 14  # NumPy's argmax agrees: the twin has the same tie
+    close(got["delta2"], expected["delta2"], "float32")
 
 
 def test_output_layer_bad_labels_poison_their_rows_only():
     rng = np.random.default_rng(3)
     z1, params, labels = case(rng, 40, 64, 10, "float64")
     labels[[3, 20]] = [10, -1]
-    got, _, correct_sum = run_output_layer(z1, params, labels, "relu", 10, times=1)
+    got, _ = run_output_layer(z1, params, labels, "relu", 10, times=1)
     assert np.isnan(got["loss"]) and np.isnan(got["delta2"][[3, 20]]).all()
     good = np.delete(np.arange(40), [3, 20])
     assert np.isfinite(got["delta2"][good]).all() and np.isfinite(got["a1"]).all()
@@ -120,37 +135,10 @@ def test_output_layer_is_deterministic():
     """Fixed reduction order: two launches give the same bits."""
     rng = np.random.default_rng(4)
     z1, params, labels = case(rng, 300, 50, 10, "float32")
-    first, _, _ = run_output_layer(z1, params, labels, "relu", 10, times=1)
-    second, _, _ = run_output_layer(z1, params, labels, "relu", 10, times=1)
+    first, _ = run_output_layer(z1, params, labels, "relu", 10, times=1)
+    second, _ = run_output_layer(z1, params, labels, "relu", 10, times=1)
     for name in first:
         np.testing.assert_array_equal(first[name], second[name])
-
-
-@pytest.mark.parametrize("dtype, batch", [("float32", 300), ("float64", 37)])
-def test_xent_step_kernel_matches_twin(dtype, batch):
-    """The cuBLAS path's output-layer kernel: one thread per row, 256 rows a block, last-block reduction."""
-    if "xent" not in _BUILT:
-        _BUILT["xent"] = EmulatedKernels(
-            kc.XENT_STEP_SOURCE, {"xent_step_float": XENT_STEP_PARAMS, "xent_step_double": XENT_STEP_PARAMS}
-        )
-    rng = np.random.default_rng(batch)
-    z = rng.normal(0, 4, size=(batch, 10)).astype(dtype)
-    bias = rng.normal(0, 1, 10).astype(dtype)
-    labels = rng.integers(0, 10, batch)
-    z[-1], labels[-1] = -bias, 0  # a ten-way tie: argmax is the first maximum, as in NumPy
-    exp_delta, exp_bias_grad, exp_loss, exp_correct = kc.softmax_xent_step_reference(z, bias, labels)
-    scratch = kc.XentScratch(np, batch, 10, dtype)
-    delta, bias_grad = np.full((batch, 10), np.nan, dtype), np.full(10, np.nan, dtype)
-    loss, correct = np.full((), np.nan, dtype), np.full((), -1, np.int64)
-    name = f"xent_step_{'float' if dtype == 'float32' else 'double'}"
-    _BUILT["xent"].launch(
-        name, scratch.n_blocks, kc.XENT_BLOCK, 0, z, bias, labels, batch, 10, 1.0 / batch, delta, bias_grad, loss,
-        correct, scratch.partial_sums, scratch.partial_correct, scratch.blocks_done, None, None,
-    )  # fmt: skip
-    close(delta, exp_delta, dtype)
-    close(bias_grad, exp_bias_grad, dtype, atol_scale=10)
-    close(loss, exp_loss, dtype)
-    assert int(correct) == int(exp_correct) and scratch.blocks_done[0] == 0
 
 
 def test_the_emulator_catches_a_planted_bug():
@@ -166,7 +154,7 @@ def test_the_emulator_catches_a_planted_bug():
     try:
         rng = np.random.default_rng(5)
         z1, params, labels = case(rng, 20, 40, 10, "float64")
-        got, _, _ = run_output_layer(z1, params, labels, "tanh", 10, times=1)
+        got, _ = run_output_layer(z1, params, labels, "tanh", 10, times=1)
         expected = kc.output_layer_reference(z1, labels, params, "tanh")
         with pytest.raises(AssertionError):
             close(got["delta1"], expected["delta1"], "float64")

@@ -6,9 +6,13 @@ this file runs what a user runs: ``train(backend="cupy")`` (and ``train
 holding the device-resident momentum and resuming from them,
 ``MLP.load(..., backend="cupy")``, and ``evaluate``/``predict`` on the device.
 
-Every test needs CuPy and a usable CUDA device (the ``cupy`` fixture of
-conftest.py skips with the reason otherwise) and real MNIST (``mnist_dir``).
-Sizes are small: a few thousand images, a hidden layer of 64.
+Every test needs real MNIST (``mnist_dir``) and, on CuPy, a usable CUDA
+device (the ``cupy`` fixture of conftest.py skips with the reason
+otherwise). The tests whose assertions are not about the GPU (a run's files,
+divergence, checkpoints and resuming) also run on NumPy (the ``backend``
+fixture), so that an assertion the CPU code contradicts fails here, on every
+machine, not first on a GPU. Sizes are small: a few thousand images, a hidden
+layer of 64.
 
 Tolerances: the GPU sums matrix products in another order than the CPU's
 BLAS, so float32 results agree to a few ulps per step, and trained networks
@@ -33,6 +37,15 @@ pytestmark = pytest.mark.gpu
 
 SMALL = dict(hidden=64, train_size=3000, epochs=2, batch_size=100, lr=0.05, lr_schedule="constant", momentum=0.9)
 PARAMS = ("W1", "b1", "W2", "b2")
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def backend(request):
+    """Each backend in turn; CuPy skips (with the reason) where no usable CUDA device exists."""
+    if request.param == "cupy":
+        request.getfixturevalue("cupy")
+        request.getfixturevalue("set_tf32")
+    return request.param
 
 
 @pytest.fixture
@@ -68,14 +81,16 @@ def _clear_rows(z, margin=1e-3):
     return top2[:, 1] - top2[:, 0] > margin * max(1.0, float(np.abs(z).max()))
 
 
-def test_train_on_cupy_end_to_end_agrees_with_numpy(cupy, set_tf32, mnist_dir, mnist, tmp_path):
-    gpu = train(TrainConfig(**SMALL, backend="cupy", data_dir=str(mnist_dir)), tmp_path / "gpu", echo=None)
+def test_train_end_to_end_agrees_with_numpy(backend, mnist_dir, mnist, tmp_path):
+    """On CuPy against NumPy (on NumPy, against itself: the files, the records and the saved model's score)."""
+    gpu = train(TrainConfig(**SMALL, backend=backend, data_dir=str(mnist_dir)), tmp_path / "gpu", echo=None)
     cpu = train(
         TrainConfig(**SMALL, backend="numpy", data_dir=str(mnist_dir)), tmp_path / "cpu", echo=None, pictures=False
     )
     assert gpu["status"] == "finished" and [r["epoch"] for r in gpu["epochs"]] == [1, 2]
     saved = json.loads((tmp_path / "gpu" / "metrics.json").read_text())
-    assert saved["config"]["backend_used"] == "cupy" and "cupy" in saved["config"]["environment"]
+    assert saved["config"]["backend_used"] == backend
+    assert ("cupy" in saved["config"]["environment"]) == (backend == "cupy")
     for name in (
         "model.npz",
         "checkpoint.npz",
@@ -99,27 +114,31 @@ def test_train_on_cupy_end_to_end_agrees_with_numpy(cupy, set_tf32, mnist_dir, m
     assert abs(accuracy - gpu["epochs"][-1]["test_accuracy"]) <= 0.0005  # at most a few near-ties flip
 
 
-def test_divergence_on_cupy_is_caught_at_the_end_of_the_epoch(cupy, set_tf32, mnist_dir, tmp_path, monkeypatch):
+def test_divergence_is_caught_and_named(backend, mnist_dir, tmp_path, monkeypatch):
     # The rate explodes in epoch 2. On a GPU the loss is checked once per epoch (no sync per step):
     # the epoch runs to its end, then the first bad step is named and epoch 1's checkpoint is kept.
+    # On NumPy the epoch stops at that step.
     monkeypatch.setitem(SCHEDULES, "constant", lambda epoch, epochs, lr: lr if epoch == 0 else 1e12)
     calls = _counting_steps(monkeypatch)
-    config = TrainConfig(**SMALL, backend="cupy", data_dir=str(mnist_dir))
+    config = TrainConfig(**SMALL, backend=backend, data_dir=str(mnist_dir))
     with pytest.raises(Diverged) as info:
         train(config, tmp_path, echo=None, pictures=False)
     assert (info.value.epoch, info.value.lr) == (2, 1e12)
     assert 1 <= info.value.step <= 30
-    assert len(calls) == 2 * 30  # every step of epoch 2 ran: the check is at the end of the epoch
+    # on a GPU every step of epoch 2 ran (the check is at the end of the epoch); on NumPy, up to the bad one
+    assert len(calls) == 30 + (30 if backend == "cupy" else info.value.step)
     with np.load(tmp_path / CHECKPOINT, allow_pickle=False) as f:
         assert int(f["train.epochs_done"]) == 1
         assert all(np.isfinite(f[name]).all() for name in (*PARAMS, "train.velocity"))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["status"] == "diverged" and metrics["diverged"] == {"epoch": 2, "step": info.value.step, "lr": 1e12}
+    assert metrics["status"] == "diverged"
+    assert metrics["diverged"] == {"epoch": 2, "step": info.value.step, "lr": 1e12, "reason": info.value.reason}
+    assert "NaN or infinite" in info.value.reason
     assert not (tmp_path / "model.npz").exists()
 
 
-def test_a_checkpoint_holds_the_device_momentum_and_a_resume_continues_from_it(cupy, set_tf32, mnist_dir, tmp_path):
-    config = TrainConfig(**SMALL, backend="cupy", data_dir=str(mnist_dir))
+def test_a_checkpoint_holds_the_momentum_and_a_resume_continues_from_it(backend, mnist_dir, tmp_path):
+    config = TrainConfig(**SMALL, backend=backend, data_dir=str(mnist_dir))
     straight = train(config, tmp_path / "straight", echo=None, pictures=False)
     train(config, tmp_path / "resumed", echo=None, pictures=False, stop_after=1)
     with np.load(tmp_path / "resumed" / CHECKPOINT, allow_pickle=False) as f:
@@ -129,7 +148,7 @@ def test_a_checkpoint_holds_the_device_momentum_and_a_resume_continues_from_it(c
     assert velocity.shape == model.flat_params.shape and velocity.dtype == np.float32
     assert np.isfinite(velocity).all() and np.abs(velocity).max() > 0
     resumed = train(config, tmp_path / "resumed", resume=True, echo=None, pictures=False)
-    assert resumed["status"] == "finished" and resumed["config"]["backend_used"] == "cupy"
+    assert resumed["status"] == "finished" and resumed["config"]["backend_used"] == backend
     assert resumed["epochs"][0]["train_loss"] == pytest.approx(straight["epochs"][0]["train_loss"], rel=1e-5)
     # Epoch 2 from the checkpoint ends where the straight run's epoch 2 ends (dropping the momentum would
     # move every weight by about lr·|v|, far outside this tolerance).
@@ -224,3 +243,21 @@ def test_tf32_flag_through_the_command_line(cupy, set_tf32, mnist_dir, tmp_path,
     assert main(["train", *args, "--out", str(plain_again)]) == 0
     c = MLP.load(plain_again / "model.npz")
     np.testing.assert_allclose(c.params["W1"], b.params["W1"], rtol=1e-4, atol=1e-6)
+
+
+def test_an_augmented_run_replays_as_many_graphs_as_a_plain_one(cupy, set_tf32, mnist_dir, tmp_path, monkeypatch):
+    """--augment refills the same batch buffers each epoch, so its steps replay the plain run's graphs."""
+    real, steps = train_module.make_step, []
+
+    def make_step(*args, **kwargs):
+        steps.append(real(*args, **kwargs))
+        return steps[-1]
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    for augment in (False, True):
+        train(TrainConfig(**SMALL, augment=augment, backend="cupy", data_dir=str(mnist_dir)), tmp_path / str(augment),
+              echo=None, pictures=False)  # fmt: skip
+    plain, augmented = steps
+    assert plain.mode == augmented.mode == "graphs", (plain.capture_error, augmented.capture_error)
+    # 30 steps of 100 an epoch: the first eager, one capture per Minibatches buffer, every other step a replay
+    assert (augmented.n_captures, augmented.n_replays) == (plain.n_captures, plain.n_replays) == (2, 2 * 30 - 1)

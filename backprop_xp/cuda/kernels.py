@@ -3,29 +3,35 @@
 Each kernel does in one launch what ``kernels.py``/``model.py``/``optim.py``
 do in several whole-array operations:
 
-* ``bias_activation_``: ``a1 = f(z1 + b1)`` in the forward pass;
-* ``activation_backward_``: ``δ1 ⊙= f'(z1)``, the derivative folded into ``δ1``;
 * ``output_layer_step``: the training step's whole output layer and the
   hidden layer's bias and activation: ``a1 = f(z1 + b1)``, ``z2``, softmax,
   the loss, the correct count, ``δ2``, ``δ1 = δ2 W2 ⊙ f'(z1)`` and the
   gradients of ``W2``, ``b2`` and ``b1``;
-* ``softmax_xent_step``: the output layer of the step's cuBLAS fallback:
-  ``z2 + b2``, softmax, ``δ2``, the loss, the correct count and ``∂L/∂b2``;
 * ``sgd_momentum_``: weight decay, momentum and the update of every parameter
   at once (they are views into one flat buffer).
+
+There is no second, cuBLAS-based output layer for the shapes the fused kernel
+does not take (more than 32 classes, or W2 too large for shared memory): the
+step runs ``MLP.backprop`` + ``SGD.step`` on CuPy for those (``cuda/step.py``),
+code the CPU tests already check, rather than nine more launches and three
+more kernels that only a GPU could test.
 
 The CUDA C lives here as plain strings, and the ``cupy`` kernel objects are
 built lazily on first use (``functools.cache``), so this module imports on a
 machine without CuPy. Without a GPU, ``tests/test_cuda_compile.py`` compiles
-every source with NVRTC 12 and 13 and ``tests/test_cuda_emulated.py`` runs
-the RawKernels on the CPU; on a device, ``tests/test_gpu.py`` checks every
-kernel against its NumPy twin (the ``*_reference`` functions below, written
-with ``kernels.py``) or, for the update, against ``optim.SGD.step`` itself.
+every source with NVRTC 12 and 13 (with the options CuPy adds) and
+``tests/test_cuda_emulated.py`` runs the output-layer kernel on the CPU, and
+``tests/test_kernel_twins.py`` the update's body; on a device,
+``tests/test_gpu.py`` checks every kernel against its NumPy twin (the
+``*_reference`` functions below, written with ``kernels.py``) or, for the
+update, against ``optim.SGD.step`` itself.
 
 Element types: ``T`` is the model's float type (float32 or float64); labels
 are int64. A label outside ``[0, K)`` never makes a kernel read out of bounds:
 that row's gradient and loss become NaN (the Python layers check labels before
-they get here, so this is a guard, not an interface).
+they get here, so this is a guard, not an interface). CuPy compiles with
+``-ftz=true``: float32 subnormals (below 1.2e-38) are flushed to zero on the
+GPU, so "bit for bit" below means for normal numbers.
 """
 
 from __future__ import annotations
@@ -38,9 +44,6 @@ import numpy as np
 
 from ..checks import check_choice
 from ..kernels import ACTIVATIONS, activation_derivative, activation_forward_, softmax_cross_entropy_
-
-# Rows per block of the step's output-layer kernel (a multiple of the warp size, 32).
-XENT_BLOCK = 256
 
 # --------------------------------------------------------------------------- CUDA sources
 # One device function per idea, shared by the kernels below through their preambles.
@@ -62,55 +65,14 @@ template <typename T> __device__ __forceinline__ T act_derivative(T a) { return 
 """,
 }
 
-# One row of softmax + cross-entropy. ``z`` is the row's K logits, ``bias`` is
-# added to them when not null (the training step folds ``+ b2`` in here), the
-# gradient row goes to ``d``. Returns the row's loss term −log ŷ_y and sets
-# ``*correct`` to whether argmax (first maximum, like NumPy) equals the label.
-# Same stabilisation as kernels.softmax_cross_entropy_: subtract the row max,
-# take log Σ exp − (z_y − max) rather than the log of a probability.
-XENT_ROW_SOURCE = r"""
-template <typename T>
-__device__ T xent_row(const T* z, const T* bias, long long label, int n_classes, T inv_batch,
-                      T* d, int* correct) {
-    if (label < 0 || label >= n_classes) {  // never index with a bad label: poison the row instead
-        const T nan = T(0) / T(0);
-        for (int k = 0; k < n_classes; ++k) d[k] = nan;
-        *correct = 0;
-        return nan;
-    }
-    T zmax = z[0] + (bias ? bias[0] : T(0));
-    int argmax = 0;
-    for (int k = 1; k < n_classes; ++k) {
-        T v = z[k] + (bias ? bias[k] : T(0));
-        if (v > zmax) { zmax = v; argmax = k; }
-    }
-    T sum = T(0), label_logit = T(0);
-    for (int k = 0; k < n_classes; ++k) {  // d holds exp(z − max) until it is normalised below
-        T shifted = z[k] + (bias ? bias[k] : T(0)) - zmax;
-        if (k == label) label_logit = shifted;
-        T e = exp(shifted);
-        d[k] = e;
-        sum += e;
-    }
-    for (int k = 0; k < n_classes; ++k) d[k] = (d[k] / sum - (k == label ? T(1) : T(0))) * inv_batch;
-    *correct = (argmax == label);
-    return log(sum) - label_logit;
-}
-"""
-
 # ---- ElementwiseKernel bodies: (in_params, out_params, body, preamble, options)
 # ``i`` is the element index CuPy provides.
-
-# a = f(z + b), in place on the (B, H) buffer that holds z = x W1ᵀ.
-BIAS_ACTIVATION = ("raw T bias, int32 n_cols", "T a", "a = act_forward<T>(a + bias[i % n_cols]);")
-
-# δ ⊙= f'(z), from a = f(z).
-ACTIVATION_BACKWARD = ("T a", "T delta", "delta = delta * act_derivative<T>(a);")
 
 # PyTorch's SGD, in NumPy's operation order: g' = g + λw; v = μv + g'; w = w − ηv.
 # ``hyper`` = [η, μ, λ] lives in device memory so a captured CUDA graph sees a
 # changed learning rate. Compiled with --fmad=false so no multiply-add is
-# contracted and the result is bit-identical to optim.SGD.step.
+# contracted and the result is bit-identical to optim.SGD.step for normal
+# numbers (CuPy adds -ftz=true: float32 subnormals become zero on the GPU).
 SGD_MOMENTUM = (
     "T g, raw T hyper",
     "T w, T v",
@@ -123,104 +85,6 @@ SGD_PLAIN = (
     "const T lr = hyper[0], wd = hyper[2]; const T gd = g + w * wd; w = w - gd * lr;",
 )
 EXACT_OPTIONS = ("--fmad=false",)
-
-# ---- RawKernel: the training step's output layer, all in one launch.
-# One thread per row (as above), XENT_BLOCK rows per block. Each block reduces
-# its rows' loss, correct count and δ2 column sums (∂L/∂b2) with warp shuffles;
-# the last block to finish (a counter in device memory, the CUDA
-# "threadFenceReduction" pattern) adds the per-block partials in a fixed order
-# and resets the counter, so the result is deterministic and the kernel can be
-# replayed in a CUDA graph without any memset between launches.
-XENT_STEP_SOURCE = (
-    XENT_ROW_SOURCE
-    + r"""
-template <typename T>
-__device__ T warp_sum(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-template <typename T>
-__device__ T block_sum(T v, T* scratch) {  // the whole block's sum, valid in thread 0
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();  // scratch may still be read from the previous call
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? scratch[threadIdx.x] : T(0);
-    if (warp == 0) v = warp_sum(v);
-    return v;
-}
-
-template <typename T>
-__device__ void xent_step(const T* z, const T* bias, const long long* labels, int batch, int n_classes,
-                          T inv_batch, T* delta, T* bias_grad, T* loss, long long* n_correct,
-                          T* partial_sums, long long* partial_correct, unsigned int* blocks_done,
-                          double* loss_sum, long long* correct_sum) {
-    __shared__ T scratch[32];
-    __shared__ long long scratch_ll[32];
-    __shared__ bool is_last;
-    const int row = blockIdx.x * blockDim.x + threadIdx.x;
-    const bool active = row < batch;
-    T row_loss = T(0);
-    int correct = 0;
-    if (active) {
-        row_loss = xent_row<T>(z + (long long)row * n_classes, bias, labels[row], n_classes, inv_batch,
-                               delta + (long long)row * n_classes, &correct);
-    }
-    // partial_sums[block * (K + 1) + 0] = Σ loss, [.. + 1 + k] = Σ δ2[:, k] over this block's rows
-    T* mine = partial_sums + (long long)blockIdx.x * (n_classes + 1);
-    T s = block_sum<T>(row_loss, scratch);
-    if (threadIdx.x == 0) mine[0] = s;
-    for (int k = 0; k < n_classes; ++k) {
-        s = block_sum<T>(active ? delta[(long long)row * n_classes + k] : T(0), scratch);
-        if (threadIdx.x == 0) mine[1 + k] = s;
-    }
-    long long c = block_sum<long long>((long long)correct, scratch_ll);
-    if (threadIdx.x == 0) partial_correct[blockIdx.x] = c;
-
-    __threadfence();  // make this block's partials visible before it counts itself done
-    if (threadIdx.x == 0) is_last = (atomicAdd(blocks_done, 1u) == gridDim.x - 1);
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    for (int j = threadIdx.x; j <= n_classes; j += blockDim.x) {  // column j of the partials, blocks in order
-        T total = T(0);
-        for (int b = 0; b < gridDim.x; ++b) total += __ldcg(partial_sums + (long long)b * (n_classes + 1) + j);
-        if (j == 0) {
-            *loss = total / T(batch);
-            if (loss_sum) *loss_sum += (double)total;  // running sums for the epoch, if asked for
-        } else {
-            bias_grad[j - 1] = total;
-        }
-    }
-    if (threadIdx.x == 0) {
-        long long total = 0;
-        for (int b = 0; b < gridDim.x; ++b) total += __ldcg(partial_correct + b);
-        *n_correct = total;
-        if (correct_sum) *correct_sum += total;
-        *blocks_done = 0u;  // ready for the next launch (or graph replay)
-    }
-}
-
-extern "C" __global__ void xent_step_float(const float* z, const float* bias, const long long* labels, int batch,
-        int n_classes, float inv_batch, float* delta, float* bias_grad, float* loss, long long* n_correct,
-        float* partial_sums, long long* partial_correct, unsigned int* blocks_done,
-        double* loss_sum, long long* correct_sum) {
-    xent_step<float>(z, bias, labels, batch, n_classes, inv_batch, delta, bias_grad, loss, n_correct,
-                     partial_sums, partial_correct, blocks_done, loss_sum, correct_sum);
-}
-
-extern "C" __global__ void xent_step_double(const double* z, const double* bias, const long long* labels, int batch,
-        int n_classes, double inv_batch, double* delta, double* bias_grad, double* loss, long long* n_correct,
-        double* partial_sums, long long* partial_correct, unsigned int* blocks_done,
-        double* loss_sum, long long* correct_sum) {
-    xent_step<double>(z, bias, labels, batch, n_classes, inv_batch, delta, bias_grad, loss, n_correct,
-                      partial_sums, partial_correct, blocks_done, loss_sum, correct_sum);
-}
-"""
-)
-
 
 # ---- RawKernel: the whole output layer of a training step, and the hidden layer's bias and activation.
 # From z1 = x W1ᵀ (no bias yet) it computes, per row: a1 = f(z1 + b1) (written over z1), z2 = a1 W2ᵀ + b2,
@@ -250,7 +114,7 @@ __device__ void output_layer(T* a1, const T* b1, const T* w2, const T* b2, const
                              int batch, int n_hidden, int rows_per_block, T inv_batch,
                              T* delta2, T* delta1, T* grad_w2, T* grad_b1, T* grad_b2, T* loss,
                              long long* n_correct, T* partials, long long* partial_correct,
-                             unsigned int* blocks_done, double* loss_sum, long long* correct_sum) {
+                             unsigned int* blocks_done) {
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     T* w2_tile = reinterpret_cast<T*>(shared_bytes);        // K × H
     T* delta2_tile = w2_tile + N_CLASSES * n_hidden;         // rows_per_block × K
@@ -366,7 +230,6 @@ __device__ void output_layer(T* a1, const T* b1, const T* w2, const T* b2, const
         for (int b = 0; b < gridDim.x; ++b) total += __ldcg(partials + b * width + j);  // L2, never a stale L1
         if (j == 0) {
             *loss = total / T(batch);
-            if (loss_sum) *loss_sum += (double)total;  // the epoch's running sums, if asked for
         } else if (j <= N_CLASSES) {
             grad_b2[j - 1] = total;
         } else if (j <= N_CLASSES + n_hidden) {
@@ -379,7 +242,6 @@ __device__ void output_layer(T* a1, const T* b1, const T* w2, const T* b2, const
         long long total = 0;
         for (int b = 0; b < gridDim.x; ++b) total += __ldcg(partial_correct + b);
         *n_correct = total;
-        if (correct_sum) *correct_sum += total;
         *blocks_done = 0u;  // ready for the next launch (or graph replay)
     }
 }
@@ -389,26 +251,26 @@ __device__ void output_layer(T* a1, const T* b1, const T* w2, const T* b2, const
                                     int batch, int n_hidden, int rows_per_block, T inv_batch, T* delta2,      \
                                     T* delta1, T* grad_w2, T* grad_b1, T* grad_b2, T* loss,                   \
                                     long long* n_correct, T* partials, long long* partial_correct,            \
-                                    unsigned int* blocks_done, double* loss_sum, long long* correct_sum) {    \
+                                    unsigned int* blocks_done) {                                              \
         output_layer<T>(a1, b1, w2, b2, labels, batch, n_hidden, rows_per_block, inv_batch, delta2, delta1,   \
-                        grad_w2, grad_b1, grad_b2, loss, n_correct, partials, partial_correct, blocks_done,    \
-                        loss_sum, correct_sum);                                                               \
+                        grad_w2, grad_b1, grad_b2, loss, n_correct, partials, partial_correct, blocks_done);   \
     }
 OUTPUT_LAYER_ENTRY(output_layer_float, float)
 OUTPUT_LAYER_ENTRY(output_layer_double, double)
 """
-# Threads per block of the output-layer kernel (8 warps), the fewest rows a block takes, and the most
-# blocks: the last block reads every block's K×H partials, so their number is capped. Tuning knobs for
-# a real GPU (bench/GPU_NOTES.md).
+# Threads per block of the output-layer kernel (8 warps) and the fewest rows a block takes. The most blocks
+# is the device's SM count (``device_limits``): one block per SM keeps every SM busy, and more would only
+# add partials for the last block to sum. Tuning knobs for a real GPU (bench/GPU_NOTES.md).
 OUTPUT_LAYER_THREADS = 256
 OUTPUT_LAYER_MIN_ROWS = 16
-OUTPUT_LAYER_MAX_BLOCKS = 32
 # Classes at most for the fused kernel: a lane keeps K accumulators in registers.
 OUTPUT_LAYER_MAX_CLASSES = 32
+# cudaDeviceGetAttribute's numbers for the SM count and the shared memory a block may opt in to
+MULTIPROCESSOR_COUNT, SHARED_MEMORY_OPT_IN = 16, 97
 
 
 class ElementwiseSpec(NamedTuple):
-    """Everything ``cupy.ElementwiseKernel`` needs (and the NVRTC compile test reads)."""
+    """Everything ``cupy.ElementwiseKernel`` needs (and the NVRTC compile test and the CPU twin test read)."""
 
     name: str
     in_params: str
@@ -416,20 +278,37 @@ class ElementwiseSpec(NamedTuple):
     body: str
     preamble: str
     options: tuple[str, ...]
-    scalars: tuple[str, ...] = ()  # non-raw parameters passed as scalars, not arrays
 
 
 def elementwise_specs() -> list[ElementwiseSpec]:
-    """Every ElementwiseKernel this module builds, one per activation where it depends on one."""
-    specs = [
+    """Every ElementwiseKernel this module builds."""
+    return [
         ElementwiseSpec("sgd_momentum", *SGD_MOMENTUM, "", EXACT_OPTIONS),
         ElementwiseSpec("sgd_plain", *SGD_PLAIN, "", EXACT_OPTIONS),
     ]
-    for activation in ACTIVATIONS:
-        source = ACTIVATION_SOURCES[activation]
-        specs.append(ElementwiseSpec(f"bias_{activation}", *BIAS_ACTIVATION, source, EXACT_OPTIONS, ("n_cols",)))
-        specs.append(ElementwiseSpec(f"{activation}_backward", *ACTIVATION_BACKWARD, source, EXACT_OPTIONS))
-    return specs
+
+
+# --------------------------------------------------------------------------- the device
+
+
+@functools.cache
+def device_limits(device: int) -> tuple[int, int]:
+    """``(SM count, opt-in shared memory per block in bytes)`` of CUDA device ``device``, asked once per device.
+
+    An H100 SXM has 132 SMs and 227 KiB of opt-in shared memory per block.
+    """
+    from cupy.cuda import runtime
+
+    return runtime.deviceGetAttribute(MULTIPROCESSOR_COUNT, device), runtime.deviceGetAttribute(
+        SHARED_MEMORY_OPT_IN, device
+    )
+
+
+def current_device() -> int:
+    """The current CUDA device's number (``cudaGetDevice``: no synchronisation, allowed inside a capture)."""
+    from cupy.cuda import runtime
+
+    return runtime.getDevice()
 
 
 # --------------------------------------------------------------------------- lazy kernel objects
@@ -446,27 +325,15 @@ def _elementwise(name: str) -> Any:
 
 
 @functools.cache
-def _xent_step_kernel(dtype_name: str) -> Any:
+def _output_layer_kernel(activation: str, n_classes: int, dtype_name: str) -> Any:
     import cupy
 
-    return cupy.RawKernel(XENT_STEP_SOURCE, f"xent_step_{'float' if dtype_name == 'float32' else 'double'}")
+    name = f"output_layer_{'float' if dtype_name == 'float32' else 'double'}"
+    source = ACTIVATION_SOURCES[activation] + OUTPUT_LAYER_SOURCE
+    return cupy.RawKernel(source, name, options=(f"-DN_CLASSES={n_classes}",))
 
 
 # --------------------------------------------------------------------------- CuPy wrappers
-
-
-def bias_activation_(z: Any, bias: Any, activation: str) -> Any:
-    """``z ← f(z + bias)`` in place (``z`` C-contiguous (B, H), ``bias`` (H,)); returns ``z``."""
-    check_choice("activation", activation, ACTIVATIONS)
-    _elementwise(f"bias_{activation}")(bias, np.int32(z.shape[1]), z)
-    return z
-
-
-def activation_backward_(a: Any, delta: Any, activation: str) -> Any:
-    """``delta ← delta ⊙ f'(z)`` in place, from the activation's output ``a = f(z)``; returns ``delta``."""
-    check_choice("activation", activation, ACTIVATIONS)
-    _elementwise(f"{activation}_backward")(a, delta)
-    return delta
 
 
 def sgd_momentum_(w: Any, g: Any, velocity: Any | None, hyper: Any) -> Any:
@@ -475,7 +342,11 @@ def sgd_momentum_(w: Any, g: Any, velocity: Any | None, hyper: Any) -> Any:
     ``hyper`` is a device array ``[η, μ, λ]`` of ``w``'s dtype. ``g`` is left
     unchanged (``optim.SGD.step`` adds ``λw`` into it; the next backward pass
     overwrites it either way). Its reference is ``optim.SGD.step`` itself,
-    which it equals bit for bit (``tests/test_gpu.py``).
+    which it equals bit for bit where every value is a normal number
+    (``tests/test_gpu.py`` on a device, ``tests/test_kernel_twins.py`` on the
+    CPU). CuPy compiles every kernel with ``-ftz=true``: in float32 a
+    subnormal input or result (below 1.2e-38 in magnitude) is flushed to zero
+    on the GPU where NumPy keeps it; float64 is not affected.
     """
     if velocity is None:
         _elementwise("sgd_plain")(g, hyper, w)
@@ -484,120 +355,53 @@ def sgd_momentum_(w: Any, g: Any, velocity: Any | None, hyper: Any) -> Any:
     return w
 
 
-class BlockPartials:
-    """Scratch of a kernel that reduces over blocks of rows (``softmax_xent_step``, ``output_layer_step``).
-
-    Each block writes a row of ``width`` partial sums and its correct count;
-    the last block to finish (a counter in device memory, the CUDA
-    "threadFenceReduction" pattern) adds them in block order and resets the
-    counter, so no memset is needed between launches or graph replays.
-    """
-
-    def __init__(self, xp: ModuleType, n_blocks: int, width: int, dtype: Any) -> None:
-        self.n_blocks = n_blocks
-        self.partial_sums = xp.zeros((n_blocks, width), dtype)
-        self.partial_correct = xp.zeros(n_blocks, xp.int64)
-        self.blocks_done = xp.zeros(1, xp.uint32)
-
-
-class XentScratch(BlockPartials):
-    """``BlockPartials`` of ``softmax_xent_step``: a block per ``XENT_BLOCK`` rows, ``1 + K`` sums each."""
-
-    def __init__(self, xp: ModuleType, batch: int, n_classes: int, dtype: Any) -> None:
-        super().__init__(xp, -(-batch // XENT_BLOCK), n_classes + 1, dtype)
-
-
-def softmax_xent_step(
-    z: Any,
-    bias: Any,
-    labels: Any,
-    delta: Any,
-    bias_grad: Any,
-    loss: Any,
-    n_correct: Any,
-    scratch: XentScratch,
-    loss_sum: Any | None = None,
-    correct_sum: Any | None = None,
-) -> None:
-    """The output layer of a training step in one launch.
-
-    From ``z = a1 W2ᵀ`` (C-contiguous (B, K), bias not yet added), ``bias``
-    (K,) and int64 ``labels`` (B,), writes ``delta = (softmax(z + bias) −
-    onehot) / B``, ``bias_grad = Σ_b delta`` (K,), ``loss`` (0-d, the mean)
-    and ``n_correct`` (0-d int64, rows whose argmax is the label). If given,
-    ``loss_sum`` (0-d float64) grows by the batch's summed loss and
-    ``correct_sum`` (0-d int64) by ``n_correct``: an epoch's running totals at
-    no extra launch. Nothing is read back to the host. The NumPy twin is
-    ``softmax_xent_step_reference``.
-    """
-    batch, n_classes = z.shape
-    kernel = _xent_step_kernel(z.dtype.name)
-    kernel(
-        (scratch.n_blocks,),
-        (XENT_BLOCK,),
-        (
-            z,
-            bias,
-            labels,
-            np.int32(batch),
-            np.int32(n_classes),
-            z.dtype.type(1.0 / batch),
-            delta,
-            bias_grad,
-            loss,
-            n_correct,
-            scratch.partial_sums,
-            scratch.partial_correct,
-            scratch.blocks_done,
-            np.uint64(0) if loss_sum is None else loss_sum,
-            np.uint64(0) if correct_sum is None else correct_sum,
-        ),
-    )
-
-
-def output_layer_grid(batch: int) -> tuple[int, int]:
-    """``(rows_per_block, n_blocks)`` of ``output_layer_step`` for a batch of ``batch`` rows."""
-    rows = max(OUTPUT_LAYER_MIN_ROWS, -(-batch // OUTPUT_LAYER_MAX_BLOCKS))
+def output_layer_grid(batch: int, max_blocks: int) -> tuple[int, int]:
+    """``(rows_per_block, n_blocks)`` of ``output_layer_step``: at most ``max_blocks`` blocks (the SM count)."""
+    rows = max(OUTPUT_LAYER_MIN_ROWS, -(-batch // max_blocks))
     return rows, -(-batch // rows)
 
 
-def output_layer_shared_bytes(batch: int, n_hidden: int, n_classes: int, dtype: Any) -> int:
+def output_layer_shared_bytes(batch: int, n_hidden: int, n_classes: int, dtype: Any, max_blocks: int) -> int:
     """Dynamic shared memory of ``output_layer_step``: W2 and the block's δ2 rows."""
-    rows, _ = output_layer_grid(batch)
+    rows, _ = output_layer_grid(batch, max_blocks)
     return (n_classes * n_hidden + rows * n_classes) * np.dtype(dtype).itemsize
 
 
-def output_layer_fits(batch: int, n_hidden: int, n_classes: int, dtype: Any, shared_limit: int) -> bool:
-    """Whether the fused output layer can run this shape (else the step uses cuBLAS and separate kernels).
+def output_layer_fits(
+    batch: int, n_hidden: int, n_classes: int, dtype: Any, shared_limit: int, max_blocks: int
+) -> bool:
+    """Whether the fused output layer can run this shape (else the step runs ``MLP.backprop``, see cuda/step.py).
 
     ``shared_limit`` is the device's opt-in shared memory per block
-    (``MaxSharedMemoryPerBlockOptin``: 227 KiB on an H100); 1 KiB of it is
-    left for the kernel's static arrays. With K = 10 in float32 that allows
-    H up to about 5,600.
+    (``device_limits``: 227 KiB on an H100); 1 KiB of it is left for the
+    kernel's static arrays. With K = 10 in float32 that allows H up to about
+    5,600.
     """
-    need = output_layer_shared_bytes(batch, n_hidden, n_classes, dtype)
+    need = output_layer_shared_bytes(batch, n_hidden, n_classes, dtype, max_blocks)
     return n_classes <= OUTPUT_LAYER_MAX_CLASSES and need <= shared_limit - 1024
 
 
-class OutputLayerScratch(BlockPartials):
-    """``BlockPartials`` of ``output_layer_step`` for one batch size: ``1 + K + H + K·H`` sums a block."""
+class OutputLayerScratch:
+    """Scratch of ``output_layer_step`` for one batch size on a device with ``max_blocks`` SMs.
 
-    def __init__(self, xp: ModuleType, batch: int, n_hidden: int, n_classes: int, dtype: Any) -> None:
-        self.rows_per_block, n_blocks = output_layer_grid(batch)
-        super().__init__(xp, n_blocks, 1 + n_classes + n_hidden + n_classes * n_hidden, dtype)
-        self.shared_bytes = output_layer_shared_bytes(batch, n_hidden, n_classes, dtype)
+    Each block writes a row of ``1 + K + H + K·H`` partial sums and its
+    correct count; the last block to finish (a counter in device memory, the
+    CUDA "threadFenceReduction" pattern) adds them in block order (the same
+    order every launch: deterministic) and resets the counter, so no memset
+    is needed between launches or graph replays.
+    """
+
+    def __init__(self, xp: ModuleType, batch: int, n_hidden: int, n_classes: int, dtype: Any, max_blocks: int) -> None:
+        self.rows_per_block, self.n_blocks = output_layer_grid(batch, max_blocks)
+        self.partial_sums = xp.zeros((self.n_blocks, 1 + n_classes + n_hidden + n_classes * n_hidden), dtype)
+        self.partial_correct = xp.zeros(self.n_blocks, xp.int64)
+        self.blocks_done = xp.zeros(1, xp.uint32)
+        self.shared_bytes = output_layer_shared_bytes(batch, n_hidden, n_classes, dtype, max_blocks)
 
 
-_SHARED_OPT_IN: dict[int, int] = {}  # id(kernel) -> the dynamic shared memory it was allowed
-
-
-@functools.cache
-def _output_layer_kernel(activation: str, n_classes: int, dtype_name: str) -> Any:
-    import cupy
-
-    name = f"output_layer_{'float' if dtype_name == 'float32' else 'double'}"
-    source = ACTIVATION_SOURCES[activation] + OUTPUT_LAYER_SOURCE
-    return cupy.RawKernel(source, name, options=(f"-DN_CLASSES={n_classes}",))
+# (id(kernel), device) -> the dynamic shared memory that kernel was allowed on that device. CuPy keeps one
+# compiled function per device and sets the attribute on the current device only: a second GPU needs its own.
+_SHARED_OPT_IN: dict[tuple[int, int], int] = {}
 
 
 def output_layer_step(
@@ -611,8 +415,6 @@ def output_layer_step(
     n_correct: Any,
     scratch: OutputLayerScratch,
     activation: str,
-    loss_sum: Any | None = None,
-    correct_sum: Any | None = None,
 ) -> None:
     """Bias and activation of the hidden layer, and the whole output layer of a step, in one launch.
 
@@ -620,23 +422,24 @@ def output_layer_step(
     ``a1 = f(z1 + b1)``. Reads ``params["b1"]``, ``["W2"]``, ``["b2"]`` and
     int64 ``labels`` (B,); writes ``delta2 = (softmax(z2) − onehot) / B``
     (B, K), ``delta1 = δ2 W2 ⊙ f'(z1)`` (B, H), ``grads["W2"]``, ``["b1"]``,
-    ``["b2"]``, ``loss`` (0-d, the mean) and ``n_correct`` (0-d int64); adds
-    to ``loss_sum``/``correct_sum`` when given (see ``softmax_xent_step``).
-    A bad label gives NaN for that row, never a read out of bounds. The
-    shape must pass ``output_layer_fits``. The NumPy twin is
+    ``["b2"]``, ``loss`` (0-d, the mean) and ``n_correct`` (0-d int64, rows
+    whose first largest logit is the label, as ``argmax``). Nothing is read
+    back to the host. A bad label gives NaN for that row, never a read out of
+    bounds. The shape must pass ``output_layer_fits``. The NumPy twin is
     ``output_layer_reference``.
     """
     check_choice("activation", activation, ACTIVATIONS)
     batch, n_hidden = a1.shape
     n_classes = delta2.shape[1]
     kernel = _output_layer_kernel(activation, n_classes, a1.dtype.name)
-    if _SHARED_OPT_IN.get(id(kernel), 0) < scratch.shared_bytes:
+    key = (id(kernel), current_device())
+    if _SHARED_OPT_IN.get(key, 0) < scratch.shared_bytes:
         # Opt in to this much dynamic shared memory: the default limit is 48 KiB *less the kernel's
         # static shared arrays*, so a bare "above 48 KiB" test would miss sizes just under it. Set
-        # once per kernel and size (a driver call, never made inside a graph capture: the first
-        # step of every batch size runs eagerly).
+        # once per kernel, device and size (a driver call, never made inside a graph capture: the
+        # first step of every batch size runs eagerly).
         kernel.max_dynamic_shared_size_bytes = scratch.shared_bytes
-        _SHARED_OPT_IN[id(kernel)] = scratch.shared_bytes
+        _SHARED_OPT_IN[key] = scratch.shared_bytes
     kernel(
         (scratch.n_blocks,),
         (OUTPUT_LAYER_THREADS,),
@@ -645,8 +448,6 @@ def output_layer_step(
             np.int32(batch), np.int32(n_hidden), np.int32(scratch.rows_per_block), a1.dtype.type(1.0 / batch),
             delta2, delta1, grads["W2"], grads["b1"], grads["b2"], loss, n_correct,
             scratch.partial_sums, scratch.partial_correct, scratch.blocks_done,
-            np.uint64(0) if loss_sum is None else loss_sum,
-            np.uint64(0) if correct_sum is None else correct_sum,
         ),
         shared_mem=scratch.shared_bytes,
     )  # fmt: skip
@@ -658,29 +459,17 @@ def output_layer_step(
 
 
 def bias_activation_reference(z: Any, bias: Any, activation: str) -> Any:
-    """``z ← f(z + bias)`` with ``kernels.activation_forward_`` (twin of ``bias_activation_``)."""
+    """``z ← f(z + bias)`` with ``kernels.activation_forward_`` (the output-layer kernel's first line)."""
     z += bias
     return activation_forward_(z, activation)
 
 
 def activation_backward_reference(a: Any, delta: Any, activation: str) -> Any:
-    """``delta ← delta ⊙ f'(z)`` with ``kernels.activation_derivative`` (twin of ``activation_backward_``)."""
+    """``delta ← delta ⊙ f'(z)`` with ``kernels.activation_derivative`` (the output-layer kernel's δ1)."""
     from ..backend import array_module
 
     delta *= activation_derivative(a, activation, out=array_module(a).empty_like(a))
     return delta
-
-
-def softmax_xent_step_reference(z: Any, bias: Any, labels: Any) -> tuple[Any, Any, Any, Any]:
-    """Twin of ``softmax_xent_step``: ``(delta, bias_grad, loss, n_correct)``, as ``MLP.backprop`` computes them."""
-    from ..backend import array_module
-
-    xp = array_module(z)
-    logits = z + bias
-    n_correct = xp.count_nonzero(logits.argmax(axis=1) == labels)
-    delta = xp.empty_like(logits)
-    loss = softmax_cross_entropy_(logits, labels, out=delta)
-    return delta, delta.sum(axis=0), loss, n_correct
 
 
 def output_layer_reference(z1: Any, labels: Any, params: dict[str, Any], activation: str) -> dict[str, Any]:

@@ -2,9 +2,7 @@
 
 ``make_gpu_step(model, optimizer)`` returns ``step(xb, yb) -> (loss, n_correct)``
 doing exactly ``model.backprop(xb, yb)`` then ``optimizer.step()`` (up to
-float32 rounding), in four launches where the output layer fits the fused
-kernel (``cuda.kernels.output_layer_fits``: K ≤ 32 classes and W2 in shared
-memory, H up to about 5,600 in float32)::
+float32 rounding), in four launches::
 
     z1 = x W1ᵀ                                   cuBLAS
     a1 = f(z1 + b1), z2, softmax, loss,          output_layer_step   (cuda/kernels.py)
@@ -13,18 +11,14 @@ memory, H up to about 5,600 in float32)::
     ∂L/∂W1 = δ1ᵀ x                               cuBLAS
     w, v ← SGD(w, v, g)                          sgd_momentum_       (every parameter: one flat buffer)
 
-and otherwise in nine, with cuBLAS for the output layer's products::
-
-    z1 = x W1ᵀ              cuBLAS
-    a1 = f(z1 + b1)         bias_activation_
-    z2 = a1 W2ᵀ             cuBLAS
-    δ2, loss, ∂L/∂b2, ...   softmax_xent_step    (+ b2 folded in)
-    ∂L/∂W2 = δ2ᵀ a1         cuBLAS (as an H×10 product: the 10×H one was measured 12x slower)
-    δ1 = δ2 W2              cuBLAS
-    δ1 ⊙= f'(z1)            activation_backward_
-    ∂L/∂W1 = δ1ᵀ x          cuBLAS
-    ∂L/∂b1 = 1ᵀ δ1          cuBLAS (a product with a ones vector: no reduction kernel)
-    w, v ← SGD(w, v, g)     sgd_momentum_
+That needs the output layer to fit the fused kernel
+(``cuda.kernels.output_layer_fits``: K ≤ 32 classes and W2 in shared memory,
+H up to about 5,600 in float32). A batch size that does not fit runs
+``model.backprop`` then ``optimizer.step()`` on CuPy, eagerly, and the step
+says so once. (There was a nine-launch cuBLAS output layer for those shapes;
+it was dropped: the generic path computes the same thing with code the CPU
+tests already check, and at such sizes the matrix products, not the launches,
+take the time.)
 
 Every matrix product goes through a cuBLAS handle the step owns
 (``cublas.Blas``, over nvmath-python's bindings), never through
@@ -46,11 +40,8 @@ small device array, refreshed (by a kernel, never a host copy) only when
 Nothing here waits for the device: the returned ``loss`` and ``n_correct``
 are 0-d device arrays. They are this batch size's output buffers, overwritten
 by the next step of the same size, so copy or accumulate them on the device
-before calling ``step`` again (``train.run_epoch`` does: ``losses[i] = loss``).
-The step also keeps running totals on the device, added by the output-layer
-kernel itself (no extra launch): ``step.sums()`` gives ``(Σ batch loss ×
-batch size, Σ correct, number of samples)`` since the last
-``step.reset_sums()``, for a loop that reads them once per epoch.
+before calling ``step`` again (``train.run_epoch`` does: ``losses[i] = loss``,
+one slot per step, which also names the first step whose loss is not finite).
 
 If capture fails, the step says so in one line and stays eager
 (``mode == "eager"``, ``capture_error`` says why); ``scripts/gpu_check.sh``
@@ -74,8 +65,6 @@ from .cublas import Blas
 
 # Graphs per batch size, one per input buffer: Minibatches alternates two.
 GRAPHS_PER_SIZE = 2
-# cudaDevAttrMaxSharedMemoryPerBlockOptin: the shared memory a block may opt in to (227 KiB on an H100)
-SHARED_MEMORY_OPT_IN = 97
 
 
 def set_tf32(enabled: bool) -> None:
@@ -94,23 +83,21 @@ def set_tf32(enabled: bool) -> None:
 
 
 class _Buffers:
-    """Everything one batch size needs on the device, allocated once, and its graphs."""
+    """Everything one batch size needs on the device, allocated once, and its graphs.
 
-    def __init__(self, xp: ModuleType, model: MLP, batch: int, fused: bool) -> None:
+    ``fused`` False: this size runs ``model.backprop`` + ``optimizer.step()``, and nothing is allocated here.
+    """
+
+    def __init__(self, xp: ModuleType, model: MLP, batch: int, fused: bool, max_blocks: int) -> None:
         dt, h, k = model.dtype, model.n_hidden, model.n_outputs
-        self.batch = batch
-        self.a1 = xp.empty((batch, h), dt)  # z1, then a1 = f(z1 + b1) in place
-        self.delta2 = xp.empty((batch, k), dt)
-        self.delta1 = xp.empty((batch, h), dt)
-        self.loss = xp.zeros((), dt)
-        self.n_correct = xp.zeros((), xp.int64)
+        self.batch, self.fused = batch, fused
         if fused:
-            self.output = kc.OutputLayerScratch(xp, batch, h, k, dt)
-        else:  # the cuBLAS output layer's extra buffers
-            self.output = None
-            self.z2 = xp.empty((batch, k), dt)  # a1 W2ᵀ, without b2 (the softmax kernel adds it)
-            self.ones = xp.ones((1, batch), dt)  # ∂L/∂b1 = onesᵀ δ1, as a (1, B) x (B, H) product
-            self.xent = kc.XentScratch(xp, batch, k, dt)
+            self.a1 = xp.empty((batch, h), dt)  # z1, then a1 = f(z1 + b1) in place
+            self.delta2 = xp.empty((batch, k), dt)
+            self.delta1 = xp.empty((batch, h), dt)
+            self.loss = xp.zeros((), dt)
+            self.n_correct = xp.zeros((), xp.int64)
+            self.output = kc.OutputLayerScratch(xp, batch, h, k, dt, max_blocks)
         self.seen = 0  # steps run at this size
         # (x address, labels address) -> (graph, the memory pool of anything allocated inside the capture)
         self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
@@ -130,9 +117,10 @@ class GpuStep:
         Capture and replay CUDA graphs; False launches the kernels one by one
         (the "eager" fused step).
     fused : bool or None, default None
-        Use the fused output-layer kernel: None where the shape fits it,
-        False never (the cuBLAS output layer), True always (ValueError if it
-        does not fit).
+        Use the fused output-layer kernel: None where the shape fits it
+        (``model.backprop`` + ``optimizer.step()`` elsewhere, said once),
+        False never (always those two, eagerly), True always (ValueError if
+        it does not fit).
     tf32 : bool, default False
         Let the step's float32 matrix products use TF32 tensor cores.
     notice : callable, default: print to stderr
@@ -143,7 +131,8 @@ class GpuStep:
     mode : {"graphs", "eager"}
         What the step does now ("eager" after a failed capture).
     fused : bool
-        Whether every batch size so far ran the fused output-layer kernel.
+        Whether every batch size so far ran the fused output-layer kernel
+        (``mode`` is about those sizes: the others always run eagerly).
     capture_error : str or None
         Why capture failed, if it did.
     n_captures, n_replays : int
@@ -173,8 +162,8 @@ class GpuStep:
         self.model, self.optimizer, self.xp = model, optimizer, cupy
         self.mode = "graphs" if graphs else "eager"
         self._fused_choice = fused
-        runtime = cupy.cuda.runtime
-        self._shared_limit = runtime.deviceGetAttribute(SHARED_MEMORY_OPT_IN, runtime.getDevice())
+        # the output layer's grid (one block per SM at most) and its shared memory, for this device
+        self._max_blocks, self._shared_limit = kc.device_limits(kc.current_device())
         self.capture_error: str | None = None
         self.n_captures = self.n_replays = 0
         self.blas = Blas(cupy, tf32=tf32)
@@ -182,9 +171,6 @@ class GpuStep:
         self._hyper = cupy.zeros(3, model.dtype)  # [lr, momentum, weight decay] on the device
         self._hyper_host: tuple[float, float, float] | None = None
         self._velocity = optimizer.velocity
-        self._loss_sum = cupy.zeros((), cupy.float64)  # running totals, added to by every step
-        self._correct_sum = cupy.zeros((), cupy.int64)
-        self._n_samples = 0
         self._buffers = PerBatchSize(self._new_buffers)  # and their graphs
         self._capture_stream: Any = None
 
@@ -203,19 +189,23 @@ class GpuStep:
             )
         if not isinstance(x, xp.ndarray) or not isinstance(labels, xp.ndarray):
             raise ValueError("step: x and labels must be CuPy arrays already on the device")
-        self._refresh_hyper()
         buf = self._buffers(batch)
+        # the kernels, cuBLAS and MLP.backprop take raw pointers: rows must be contiguous (Minibatches' are)
+        contiguous_x = x if x.flags.c_contiguous else xp.ascontiguousarray(x)
+        contiguous_labels = labels if labels.flags.c_contiguous else xp.ascontiguousarray(labels)
+        if not buf.fused:  # the generic path: no kernel of ours, no graph
+            loss, n_correct = model.backprop(contiguous_x, contiguous_labels)
+            self.optimizer.step()
+            return loss, n_correct
+        self._refresh_hyper()
         buf.seen += 1
-        self._n_samples += batch
         stream = xp.cuda.get_current_stream()
         graph = self._graph_for(buf, x, labels) if buf.seen > 1 else None
         if graph is not None:
             graph.launch(stream)
             self.n_replays += 1
             return buf.loss, buf.n_correct
-        # the kernels and cuBLAS take raw pointers: rows must be contiguous (Minibatches' are)
-        x = x if x.flags.c_contiguous else xp.ascontiguousarray(x)
-        labels = labels if labels.flags.c_contiguous else xp.ascontiguousarray(labels)
+        x, labels = contiguous_x, contiguous_labels
         self.blas.use_stream(stream.ptr)
         self._launch(x, labels, buf)
         return buf.loss, buf.n_correct
@@ -228,56 +218,22 @@ class GpuStep:
     def launches(self, x: Any, labels: Any, buf: _Buffers) -> list[tuple[str, Callable[[], Any]]]:
         """The step as named launches, in order (``bench/gpu_launches.py`` times each one alone)."""
         blas, p, g, act = self.blas, self.model.params, self.model.grads, self.model.activation
-        first = [("z1 = x W1ᵀ (cuBLAS)", lambda: blas.matmul(x, p["W1"], buf.a1, transpose_b=True))]
-        if buf.output is not None:  # the whole output layer, and f(z1 + b1), in one kernel
-            output_layer = [
-                ("a1 = f(z1 + b1) ... ∂L/∂W2, ∂L/∂b2, δ1, ∂L/∂b1 (output_layer_step)", lambda: kc.output_layer_step(
-                    buf.a1, labels, p, g, buf.delta2, buf.delta1, buf.loss, buf.n_correct, buf.output, act,
-                    self._loss_sum, self._correct_sum,
-                )),
-            ]  # fmt: skip
-        else:
-            output_layer = [
-                ("a1 = f(z1 + b1) (bias_activation_)", lambda: kc.bias_activation_(buf.a1, p["b1"], act)),
-                ("z2 = a1 W2ᵀ (cuBLAS)", lambda: blas.matmul(buf.a1, p["W2"], buf.z2, transpose_b=True)),
-                ("δ2, loss, ∂L/∂b2 (softmax_xent_step)", lambda: kc.softmax_xent_step(
-                    buf.z2, p["b2"], labels, buf.delta2, g["b2"], buf.loss, buf.n_correct, buf.xent,
-                    self._loss_sum, self._correct_sum,
-                )),
-                ("∂L/∂W2 = δ2ᵀ a1 (cuBLAS)", lambda: blas.matmul(buf.delta2, buf.a1, g["W2"], transpose_a=True)),
-                ("δ1 = δ2 W2 (cuBLAS)", lambda: blas.matmul(buf.delta2, p["W2"], buf.delta1)),
-                ("δ1 ⊙= f'(z1) (activation_backward_)", lambda: kc.activation_backward_(buf.a1, buf.delta1, act)),
-                ("∂L/∂b1 = 1ᵀ δ1 (cuBLAS)", lambda: blas.matmul(buf.ones, buf.delta1, g["b1"][None, :])),
-            ]  # fmt: skip
-        last = [
+        return [
+            ("z1 = x W1ᵀ (cuBLAS)", lambda: blas.matmul(x, p["W1"], buf.a1, transpose_b=True)),
+            ("a1 = f(z1 + b1) ... ∂L/∂W2, ∂L/∂b2, δ1, ∂L/∂b1 (output_layer_step)", lambda: kc.output_layer_step(
+                buf.a1, labels, p, g, buf.delta2, buf.delta1, buf.loss, buf.n_correct, buf.output, act
+            )),
             ("∂L/∂W1 = δ1ᵀ x (cuBLAS)", lambda: blas.matmul(buf.delta1, x, g["W1"], transpose_a=True)),
             ("w, v ← SGD (sgd_momentum_)", lambda: kc.sgd_momentum_(
                 self.model.flat_params, self.model.flat_grads, self.optimizer.velocity, self._hyper
             )),
         ]  # fmt: skip
-        return first + output_layer + last
 
     @property
     def fused(self) -> bool:
         if not self._buffers:
             return self._fused_choice is not False
-        return all(buf.output is not None for buf in self._buffers.values())
-
-    # ------------------------------------------------------------------ running totals
-    def sums(self) -> tuple[Any, Any, int]:
-        """``(loss_sum, n_correct, n_samples)`` since the last ``reset_sums``.
-
-        ``loss_sum`` (0-d float64) is Σ over steps of the mean batch loss times
-        the batch size and ``n_correct`` (0-d int64) the correctly classified
-        rows, both still on the device; ``n_samples`` is a host int.
-        """
-        return self._loss_sum, self._correct_sum, self._n_samples
-
-    def reset_sums(self) -> None:
-        """Zero the running totals (a stream-ordered memset; no synchronisation)."""
-        self._loss_sum.fill(0)
-        self._correct_sum.fill(0)
-        self._n_samples = 0
+        return all(buf.fused for buf in self._buffers.values())
 
     # ------------------------------------------------------------------ state kept in step with the optimizer
     def _refresh_hyper(self) -> None:
@@ -296,14 +252,19 @@ class GpuStep:
             self._hyper_host = hyper
 
     def _new_buffers(self, batch: int) -> _Buffers:
-        model = self.model
-        fits = kc.output_layer_fits(batch, model.n_hidden, model.n_outputs, model.dtype, self._shared_limit)
+        model, limit = self.model, self._shared_limit
+        fits = kc.output_layer_fits(batch, model.n_hidden, model.n_outputs, model.dtype, limit, self._max_blocks)
+        shape = f"{model.n_outputs} classes x {model.n_hidden} hidden units at batch {batch}"
         if self._fused_choice is True and not fits:
             raise ValueError(
-                f"the fused output layer does not fit {model.n_outputs} classes x {model.n_hidden} hidden units "
-                f"at batch {batch} in {self._shared_limit} bytes of shared memory; use fused=None"
+                f"the fused output layer does not fit {shape} in {limit} bytes of shared memory; use fused=None"
             )
-        return _Buffers(self.xp, model, batch, fits and self._fused_choice is not False)
+        if self._fused_choice is None and not fits:
+            self._notice(
+                f"backprop-xp: the fused output layer does not fit {shape} ({limit} bytes of shared memory per "
+                "block); this batch size runs MLP.backprop + SGD.step on CuPy, eagerly"
+            )
+        return _Buffers(self.xp, model, batch, fits and self._fused_choice is not False, self._max_blocks)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph_for(self, buf: _Buffers, x: Any, labels: Any) -> Any:

@@ -106,6 +106,20 @@ class Minibatches:
             self._x_buffers = [xp.empty((size, *self.x.shape[1:]), self.x.dtype) for _ in range(2)]
             self._y_buffers = [xp.empty(size, self.y.dtype) for _ in range(2)]
 
+    def refill(self, x) -> None:
+        """Replace the inputs with ``x`` (same shape), in place: every buffer keeps its address.
+
+        A run that serves new inputs each epoch (``train --augment``) refills
+        one ``Minibatches`` rather than building another: on a GPU the step
+        replays CUDA graphs that read the batch buffers at fixed device
+        addresses, and a new ``Minibatches`` would gather into new buffers, on
+        which the step silently runs eagerly. The labels and the order stay.
+        """
+        if tuple(x.shape) != tuple(self.x.shape):
+            raise ValueError(f"refill needs inputs of shape {tuple(self.x.shape)}, got {tuple(x.shape)}")
+        if x is not self.x:  # NumPy serves x itself when it already has the right type: nothing to copy then
+            self.x[...] = self.xp.asarray(x, dtype=self.x.dtype)  # on CuPy: one host-to-device copy
+
     def __len__(self) -> int:
         return -(-self.n_samples // self.batch_size)
 

@@ -547,12 +547,13 @@ class EpochLoop:
         self.config, self.out, self.model, self.optimizer, self.data = config, out, model, optimizer, data
         self.metrics, self.say, self.progress = metrics, say, progress
         xp = self.xp = model.xp
-        if config.augment:  # each epoch's distorted copy is written here, then served by a fresh Minibatches
-            self.x_distorted = np.empty_like(data.x_train)
-        else:
-            self.batches = Minibatches(
-                data.x_train, data.y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype
-            )
+        # With --augment, each epoch's distorted copy is written into x_distorted and refilled into these
+        # same batches (their buffers keep their device addresses: the GPU step's graphs read them there).
+        # (Never data.x_train itself: on NumPy Minibatches may serve its x without a copy, and a refill would
+        # overwrite the originals that every epoch distorts.)
+        self.x_distorted = np.empty_like(data.x_train) if config.augment else None
+        x = data.x_train if self.x_distorted is None else self.x_distorted
+        self.batches = Minibatches(x, data.y_train, config.batch_size, xp=xp, seed=config.seed, dtype=model.dtype)
         self.test = model.as_input(data.x_test), xp.asarray(data.y_test)  # on the device once, not every epoch
         self.val = (model.as_input(data.x_val), xp.asarray(data.y_val)) if data.x_val is not None else None
         self.step = make_step(model, optimizer, tf32=config.tf32, checked=False)  # the data was checked on loading
@@ -577,9 +578,7 @@ class EpochLoop:
         """Distort the training images afresh for this epoch; the seconds it took (on the CPU)."""
         config, start = self.config, time.perf_counter()
         distort(self.data.x_train, np.random.default_rng([config.seed, epoch, 1]), out=self.x_distorted)
-        self.batches = Minibatches(
-            self.x_distorted, self.data.y_train, config.batch_size, xp=self.xp, seed=config.seed, dtype=self.model.dtype
-        )
+        self.batches.refill(self.x_distorted)  # in place: a new Minibatches would move the batch buffers
         return time.perf_counter() - start
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
