@@ -85,7 +85,9 @@ def _every_command() -> dict[str, list[str]]:
 def test_every_fenced_command_is_run_or_skipped_with_a_reason():
     found = _every_command()
     unknown = [(name, c) for name, commands in found.items() for c in commands if c not in RUN and c not in SKIPPED]
-    assert not unknown, f"fenced commands neither run by this test nor listed in SKIPPED (read them, then add): {unknown}"
+    assert not unknown, (
+        f"fenced commands neither run by this test nor listed in SKIPPED (read them, then add): {unknown}"
+    )
     everywhere = {c for commands in found.values() for c in commands}
     stale = [c for c in (*RUN, *SKIPPED) if c not in everywhere]
     assert not stale, f"listed here but no longer in the README or docs/: {stale}"
@@ -133,7 +135,9 @@ def test_every_relative_link_reaches_a_file_and_heading():
                 continue
             path, _, anchor = target.partition("#")
             file = (doc.parent / path).resolve() if path else doc
-            headings = re.findall(r"^#+ (.*)$", file.read_text(), re.M) if file.suffix == ".md" and file.exists() else []
+            headings = (
+                re.findall(r"^#+ (.*)$", file.read_text(), re.M) if file.suffix == ".md" and file.exists() else []
+            )
             if not file.exists() or (anchor and anchor not in {_anchor(h) for h in headings}):
                 broken.append(f"{doc.name}: {target}")
     assert not broken, broken
@@ -172,6 +176,12 @@ def test_the_readmes_commands_run_as_written_from_a_fresh_clone(mnist_dir, mnist
         assert done.returncode == 0, f"$ {command}\nexit {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
         outputs[command] = done.stdout
         print(f"{time.perf_counter() - started:6.1f} s  {command}")
+
+    # What the README says train prints: where it runs, a line per epoch, and a last line with the accuracy it claims.
+    trained = outputs[RUN[0]].splitlines()
+    assert trained[0].startswith("backend numpy (") and len([x for x in trained if x.startswith("epoch ")]) == 10
+    last = re.fullmatch(r"done: test accuracy (\d+\.\d+)% .* in runs/first", trained[-1])
+    assert last and float(last.group(1)) >= 98.0, trained[-1]  # the README's 98.34% (98.32% without [fast])
 
     # What the README says train writes is there, and the chained commands used it.
     written = set(re.findall(r"`(\w+\.(?:npz|json|csv|png))`", _section("Train")))
