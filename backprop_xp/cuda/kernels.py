@@ -297,8 +297,9 @@ def device_limits(device: int) -> tuple[int, int]:
 
     An H100 SXM has 132 SMs and 227 KiB of opt-in shared memory per block.
     """
-    from cupy.cuda import runtime
+    import cupy
 
+    runtime = cupy.cuda.runtime
     return runtime.deviceGetAttribute(MULTIPROCESSOR_COUNT, device), runtime.deviceGetAttribute(
         SHARED_MEMORY_OPT_IN, device
     )
@@ -306,9 +307,9 @@ def device_limits(device: int) -> tuple[int, int]:
 
 def current_device() -> int:
     """The current CUDA device's number (``cudaGetDevice``: no synchronisation, allowed inside a capture)."""
-    from cupy.cuda import runtime
+    import cupy
 
-    return runtime.getDevice()
+    return cupy.cuda.runtime.getDevice()
 
 
 # --------------------------------------------------------------------------- lazy kernel objects
