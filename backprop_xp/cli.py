@@ -407,16 +407,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="test accuracy, per-class accuracy and confusion matrix of a saved model",
+        help="test accuracy, per-class accuracy and confusion matrix of a saved model (or a committee of several)",
         description=(
             "Test a saved model (a run folder, its model.npz, or a checkpoint.npz) on the test set of the data set it "
             "was trained on, found where the run found it, unless --dataset or --data-dir say otherwise. Prints "
-            "the test accuracy and loss, the accuracy of each class and the confusion matrix. Exit codes: 0 done, "
-            "1 an error (no model, no data), 2 bad arguments."
+            "the test accuracy and loss, the accuracy of each class and the confusion matrix. Several models make a "
+            "committee: their class probabilities are averaged, each member's accuracy is printed beside the "
+            "committee's, and the tables are the committee's (members must agree on inputs, classes and data set; "
+            "a sweep's runs: evaluate SWEEP/*/). Exit codes: 0 done, 1 an error (no model, no data), 2 bad arguments "
+            "(also members that disagree)."
         ),
     )
     p.add_argument(
-        "model", metavar="MODEL", help="a model.npz (or checkpoint.npz) written by train, or the run folder holding it"
+        "models",
+        metavar="MODEL",
+        nargs="+",
+        help="a model.npz (or checkpoint.npz) written by train, or the run folder holding it; several make a committee",
     )
     p.add_argument(
         "--dataset",
@@ -505,12 +511,31 @@ def _class_names_of(model: Any) -> list[str]:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .backend import to_numpy
+    from .training import confusion_matrix, evaluate
+
+    if len(args.models) > 1:
+        return _evaluate_committee(args)
+    model = _load_model(args.models[0], args.backend)
+    dataset, names, x_test, y_test = _test_set_of(model, args)
+    loss, accuracy = evaluate(model, x_test, y_test)
+    predicted = to_numpy(model.predict(x_test))
+    counts = confusion_matrix(y_test, predicted, model.n_outputs)
+    print(f"model {_describe(model)}, on {model.backend.name}; test set of {dataset}")
+    print(f"test accuracy {100 * accuracy:.2f}%  ({int(np.trace(counts))} of {len(y_test)}), test loss {loss:.4f}")
+    _print_per_class(counts, names)
+    return 0
+
+
+def _describe(model: Any) -> str:
+    return f"{model.path}: {model.n_inputs}-{model.n_hidden}-{model.n_outputs} {model.activation}, {model.dtype.name}"
+
+
+def _test_set_of(model: Any, args: argparse.Namespace) -> tuple[str, list[str], np.ndarray, np.ndarray]:
+    """The data set ``model`` is tested on (its own unless --dataset says otherwise), its class names and test set."""
     from .data import load_dataset
     from .data.datasets import class_names
     from .data.download import dataset_info
-    from .training import confusion_matrix, evaluate
 
-    model = _load_model(args.model, args.backend)
     trained_on, trained_from = _trained_on(model.path)
     dataset, data_dir = args.dataset or trained_on, args.data_dir
     check_data_env(dataset, data_dir)
@@ -523,16 +548,46 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"{model.path}: a {model.n_inputs}-{model.n_hidden}-{model.n_outputs} network cannot be tested on {dataset} "
             f"({x_test.shape[1]} inputs, {int(y_test.max()) + 1} classes)"
         )
-    loss, accuracy = evaluate(model, x_test, y_test)
-    predicted = to_numpy(model.predict(x_test))
-    counts = confusion_matrix(y_test, predicted, model.n_outputs)
-    print(
-        f"model {model.path}: {model.n_inputs}-{model.n_hidden}-{model.n_outputs} {model.activation}, "
-        f"{model.dtype.name}, on {model.backend.name}; test set of {dataset}"
-    )
-    print(f"test accuracy {100 * accuracy:.2f}%  ({int(np.trace(counts))} of {len(y_test)}), test loss {loss:.4f}")
     names = _class_names_of(model) if dataset == trained_on else class_names(dataset, model.n_outputs)
-    _print_per_class(counts, names)
+    return dataset, names, x_test, y_test
+
+
+def _load_committee(paths: Sequence[str], backend: str) -> Any:
+    """The models of ``paths`` as a Committee; members that differ (inputs, classes, data set) are refused."""
+    from .committee import Committee
+
+    models = [_load_model(path, backend) for path in paths]
+    traits = [{"classes": _class_names_of(m), "data set": _trained_on(m.path)[0]} for m in models]
+    try:
+        return Committee(models, names=list(paths), traits=traits)
+    except ValueError as exc:
+        raise BadArgument(str(exc)) from None
+
+
+def _evaluate_committee(args: argparse.Namespace) -> int:
+    """evaluate RUN1 RUN2 ...: each member's test accuracy, then the committee's (the mean of their probabilities)."""
+    from .training import confusion_matrix, evaluate
+
+    committee = _load_committee(args.models, args.backend)
+    dataset, names, x_test, y_test = _test_set_of(committee.models[0], args)
+    n = len(y_test)
+    print(f"committee of {len(committee)} models, averaging their class probabilities; test set of {dataset}")
+    for model in committee.models:
+        loss, accuracy = evaluate(model, x_test, y_test)
+        right = round(accuracy * n)
+        print(
+            f"  member {_describe(model)}: test accuracy {100 * accuracy:.2f}%  ({right} of {n}), test loss {loss:.4f}"
+        )
+    proba = committee.predict_proba(x_test)
+    predicted = proba.argmax(axis=1)
+    right = int(np.count_nonzero(predicted == y_test))
+    # -mean log ŷ[label], the members' loss, of the averaged probabilities (tiny: a 0 would make it infinite)
+    loss = float(-np.mean(np.log(np.maximum(proba[np.arange(n), y_test], np.finfo(np.float64).tiny))))
+    print(
+        f"committee (mean of the {len(committee)} members' probabilities): test accuracy {100 * right / n:.2f}%  "
+        f"({right} of {n}), test loss {loss:.4f}"
+    )
+    _print_per_class(confusion_matrix(y_test, predicted, committee.n_outputs), names)
     return 0
 
 
@@ -580,11 +635,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
             "with its centre of mass at the centre. Prints the top 3 classes with their probabilities, or, for "
             "several digits side by side, the number they make and each digit's reading; --show "
             "draws what the network saw. An unreadable file gets an error line and the other files are still "
-            "classified (exit code 1 if any failed)."
+            "classified (exit code 1 if any failed). Several models make a committee: their class probabilities "
+            "are averaged (members must agree on inputs, classes and data set)."
         ),
     )
-    p.add_argument("model", metavar="MODEL", help="a model.npz written by train, or the run folder holding it")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a model.npz written by train, or the run folder holding it; the arguments right after it that are "
+        "folders or end in .npz are models too (a committee, e.g. SWEEP/*/), the rest are images",
+    )
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (any name that is not a folder or a .npz)")
     p.add_argument(
         "--show", metavar="PNG", type=png_file, help="also draw each image as the network saw it into this PNG file"
     )
@@ -661,20 +722,47 @@ def _title_names(paths: Sequence[str], width: int = 17) -> dict[str, str]:
     return titles
 
 
+def _is_run(path: str) -> bool:
+    """Whether a predict argument names a model: a folder (a run's) or a .npz file; anything else is an image."""
+    return os.path.isdir(path) or path.lower().endswith(".npz")
+
+
+def _models_and_images(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """predict's arguments split: the first, and those right after it that are runs, are models; the rest images."""
+    paths = [args.model, *args.images]
+    k = 1
+    while k < len(paths) and _is_run(paths[k]):
+        k += 1
+    models, images = paths[:k], paths[k:]
+    if not images:
+        raise BadArgument(f"no image to classify: every argument after MODEL ({', '.join(models[1:])}) names a run")
+    if late := next((path for path in images if _is_run(path)), None):
+        raise BadArgument(
+            f"{late} names a run (a folder or a .npz file) but comes after the image {images[0]}: name the runs first"
+        )
+    return models, images
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .backend import to_numpy
     from .plots import said
 
+    models, images = _models_and_images(args)
     if args.show:  # its folder first: a picture with nowhere to go is an error before any work
         _prepare_out_dir(os.path.dirname(args.show) or ".")
-    model = _load_model(args.model, args.backend)
+    if len(models) > 1:
+        model = _load_committee(models, args.backend)
+        first = model.models[0]  # the class names are the first member's: all members agree on them
+        print(f"committee of {len(models)} models, averaging their class probabilities")
+    else:
+        model = first = _load_model(models[0], args.backend)
     side = math.isqrt(model.n_inputs)
     if side * side != model.n_inputs:
-        raise UserError(f"{args.model}: {model.n_inputs} inputs are not a square image; predict needs one")
-    names = _class_names_of(model)
+        raise UserError(f"{models[0]}: {model.n_inputs} inputs are not a square image; predict needs one")
+    names = _class_names_of(first)
     failed = 0
-    seen, titles, title_of = [], [], _title_names(args.images)
-    for path in args.images:
+    seen, titles, title_of = [], [], _title_names(images)
+    for path in images:
         try:
             digits, inverted = read_digits(path, side)
         except UserError as exc:
