@@ -241,7 +241,25 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
     many = (lambda parse: list_of(parse)) if lists else (lambda parse: parse)
     each = " (comma-separated list)" if lists else ""
     _add_data_flags(p, d, lists)
+    _add_distortion_flags(p, d, many, each)
     _add_network_flags(p, d, many, each)
+
+
+def _add_distortion_flags(p: argparse.ArgumentParser, d: Any, many: Callable, each: str) -> None:
+    """The strengths of --augment's distortions (data/augment.py); 0 turns one off (elastic: --elastic-alpha 0)."""
+    from .training.config import DEGREES
+
+    for flag, parse, metavar, what in (
+        ("--augment-shift", nonnegative_float, "PX", "largest shift, in pixels, in each direction"),
+        ("--augment-rotation", _checked(float, DEGREES), "DEG", "largest rotation, in degrees, either way"),
+        ("--augment-scale", momentum_float, "S", "largest scaling: by a factor in [1-S, 1+S], S in [0, 1)"),
+        ("--elastic-alpha", nonnegative_float, "A", "strength of the elastic distortion, in pixels"),
+        ("--elastic-sigma", positive_float, "S", "width of the Gaussian smoothing the elastic field, in pixels, > 0"),
+    ):
+        default = getattr(d, flag[2:].replace("-", "_"))
+        p.add_argument(
+            flag, type=many(parse), metavar=metavar, help=f"with --augment: {what}{each} (default: {default:g})"
+        )
 
 
 def _add_data_flags(p: argparse.ArgumentParser, d: Any, lists: bool) -> None:
@@ -286,7 +304,13 @@ def _add_data_flags(p: argparse.ArgumentParser, d: Any, lists: bool) -> None:
         help="let float32 matrix products on a GPU use TF32 tensor cores "
         "(faster, about 3 fewer significant digits; cupy only, no effect on numpy)",
     )  # fmt: skip
-    p.add_argument("--seed", type=count, help=f"seeds the initial weights and the shuffling (default: {d.seed})")
+    p.add_argument(
+        "--seed",
+        type=list_of(count) if lists else count,
+        help="seeds the initial weights, the shuffling and the validation split"
+        + (" (comma-separated list: one run per seed, e.g. a committee's members)" if lists else "")
+        + f" (default: {d.seed})",
+    )
     p.add_argument(
         "--dtype",
         type=choice_of(DTYPES),

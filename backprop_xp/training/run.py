@@ -576,7 +576,12 @@ class EpochLoop:
     def augment(self, epoch: int) -> float:
         """Distort the training images afresh for this epoch; the seconds it took (on the CPU)."""
         config, start = self.config, time.perf_counter()
-        distort(self.data.x_train, np.random.default_rng([config.seed, epoch, 1]), out=self.x_distorted)
+        distort(
+            self.data.x_train,
+            np.random.default_rng([config.seed, epoch, 1]),
+            out=self.x_distorted,
+            **config.distortions(),
+        )
         self.batches = Minibatches(
             self.x_distorted, self.data.y_train, config.batch_size, xp=self.xp, seed=config.seed, dtype=self.model.dtype
         )
