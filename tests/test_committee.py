@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import glob
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +123,24 @@ def test_predict_tells_runs_from_images_and_refuses_a_run_after_an_image(members
         f"backprop-xp: error: {members[1]} names a run (a folder or a .npz file) but comes after the image "
         f"{image}: name the runs first\n"
     )
+
+
+def test_a_sweep_over_seeds_trains_a_committee_that_evaluate_takes_whole(mnist_dir, mnist, tmp_path, capsys):
+    """sweep --seed 1,2: one run per seed (before, --seed took one integer); evaluate SWEEP/*/ is their committee."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--seed", "1,2", "--hidden", "16", "--epochs", "1", "--train-size", "1000", "--batch-size", "100",
+            "--val-size", "200", "--backend", "numpy", "--data-dir", str(mnist_dir), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    runs = sorted(glob.glob(f"{out}/*/"))  # what the shell makes of SWEEP/*/: the run folders, not sweep.csv
+    assert [os.path.basename(run.rstrip("/")) for run in runs] == ["h16-lr0.1-b100-s1", "h16-lr0.1-b100-s2"]
+    with open(out / "sweep.csv") as f:
+        assert sorted(row["seed"] for row in csv.DictReader(f)) == ["1", "2"]
+    for run, seed in zip(runs, (1, 2)):
+        assert json.loads((Path(run) / "metrics.json").read_text())["config"]["seed"] == seed
+    capsys.readouterr()
+    assert main(["evaluate", *runs, "--data-dir", str(mnist_dir), "--backend", "numpy"]) == 0
+    out_text = capsys.readouterr().out
+    assert out_text.startswith("committee of 2 models, averaging their class probabilities")
+    mean = sum(_probas([Path(run) for run in runs], mnist[2])) / 2
+    right = int((mean.argmax(axis=1) == mnist[3]).sum())
+    assert f"test accuracy {100 * right / 10_000:.2f}%  ({right} of 10000)" in _accuracy_line(out_text, "committee (")
