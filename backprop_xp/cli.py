@@ -242,7 +242,18 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
     each = " (comma-separated list)" if lists else ""
     _add_data_flags(p, d, lists)
     _add_distortion_flags(p, d, many, each)
+    _add_preprocess_flag(p, d, many, each)
     _add_network_flags(p, d, many, each)
+
+
+def _add_preprocess_flag(p: argparse.ArgumentParser, d: Any, many: Callable, each: str) -> None:
+    from .data.preprocess import PREPROCESSING
+
+    p.add_argument(
+        "--preprocess", type=many(choice_of(tuple(PREPROCESSING))), metavar="{" + ",".join(PREPROCESSING) + "}",
+        help="deskew: shear each digit upright (moment-based), in training and, saved with the model, in evaluate "
+        f"and predict; none: the images as they are{each} (default: {d.preprocess})",
+    )  # fmt: skip
 
 
 def _add_distortion_flags(p: argparse.ArgumentParser, d: Any, many: Callable, each: str) -> None:
@@ -541,6 +552,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_committee(args)
     model = _load_model(args.models[0], args.backend)
     dataset, names, x_test, y_test = _test_set_of(model, args)
+    x_test = _preprocessing_of(model)(x_test)  # as the run prepared its test images
     loss, accuracy = evaluate(model, x_test, y_test)
     predicted = to_numpy(model.predict(x_test))
     counts = confusion_matrix(y_test, predicted, model.n_outputs)
@@ -576,6 +588,16 @@ def _test_set_of(model: Any, args: argparse.Namespace) -> tuple[str, list[str], 
     return dataset, names, x_test, y_test
 
 
+def _preprocessing_of(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """The preprocessing the model's run applied to every image (none for files that do not say)."""
+    from .data.preprocess import PREPROCESSING
+
+    name = _train_config(model.path).get("preprocess", "none")
+    if name not in PREPROCESSING:
+        raise UserError(f"{model.path}: preprocess {name!r} is not one of {', '.join(PREPROCESSING)}")
+    return PREPROCESSING[name]
+
+
 def _load_committee(paths: Sequence[str], backend: str) -> Any:
     """The models of ``paths`` as a Committee; members that differ (inputs, classes, data set) are refused."""
     from .committee import Committee
@@ -583,7 +605,7 @@ def _load_committee(paths: Sequence[str], backend: str) -> Any:
     models = [_load_model(path, backend) for path in paths]
     traits = [{"classes": _class_names_of(m), "data set": _trained_on(m.path)[0]} for m in models]
     try:
-        return Committee(models, names=list(paths), traits=traits)
+        return Committee(models, names=list(paths), traits=traits, prepare=[_preprocessing_of(m) for m in models])
     except ValueError as exc:
         raise BadArgument(str(exc)) from None
 
@@ -596,8 +618,8 @@ def _evaluate_committee(args: argparse.Namespace) -> int:
     dataset, names, x_test, y_test = _test_set_of(committee.models[0], args)
     n = len(y_test)
     print(f"committee of {len(committee)} models, averaging their class probabilities; test set of {dataset}")
-    for model in committee.models:
-        loss, accuracy = evaluate(model, x_test, y_test)
+    for model, prepare in zip(committee.models, committee.prepare):
+        loss, accuracy = evaluate(model, prepare(x_test), y_test)
         right = round(accuracy * n)
         print(
             f"  member {_describe(model)}: test accuracy {100 * accuracy:.2f}%  ({right} of {n}), test loss {loss:.4f}"
@@ -768,18 +790,15 @@ def _models_and_images(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .backend import to_numpy
     from .plots import said
 
     models, images = _models_and_images(args)
     if args.show:  # its folder first: a picture with nowhere to go is an error before any work
         _prepare_out_dir(os.path.dirname(args.show) or ".")
+    model = _load_committee(models, args.backend)  # one model: a committee of one, its probabilities unchanged
+    first = model.models[0]  # the class names are the first member's: all members agree on them
     if len(models) > 1:
-        model = _load_committee(models, args.backend)
-        first = model.models[0]  # the class names are the first member's: all members agree on them
         print(f"committee of {len(models)} models, averaging their class probabilities")
-    else:
-        model = first = _load_model(models[0], args.backend)
     side = math.isqrt(model.n_inputs)
     if side * side != model.n_inputs:
         raise UserError(f"{models[0]}: {model.n_inputs} inputs are not a square image; predict needs one")
@@ -793,7 +812,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"backprop-xp: error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        proba = to_numpy(model.predict_proba(np.stack(digits)))
+        proba = model.predict_proba(np.stack(digits))  # each member preprocesses them as its run did
+        digits = model.prepare[0](np.stack(digits))  # the picture shows what the (first) network saw
         print(f"{path}: {reading(proba, names)}" + ("  [inverted: dark digit on light background]" if inverted else ""))
         for i, (pixels, p) in enumerate(zip(digits, proba)):
             which = f"\ndigit {i + 1} of {len(digits)}" if len(digits) > 1 else ""

@@ -10,13 +10,15 @@ Schmidhuber, ICDAR 2011: 25 one-hidden-layer networks, 0.39% MNIST error).
 The sum runs in member order, in float64 on the CPU, so the result does not
 depend on the members' dtypes or backends. Members must agree on what they
 read and what they say: the number of inputs and classes, and whatever else
-the caller names per member (class names, preprocessing); a member that
-differs is refused with one line naming it.
+the caller names per member (class names, data set); a member that differs
+is refused with one line naming it. Each member may prepare the inputs its
+own way first (``prepare``: its run's preprocessing, deskewed or not), as
+Meier et al.'s members each read differently normalised digits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,8 @@ class Committee:
 
     ``names`` says how an error names each member (a run's folder, say);
     ``traits`` holds per member whatever else must be equal across members
-    (``{"classes": [...], "preprocess": "none"}``), compared with the first's.
+    (``{"classes": [...], "data set": "mnist"}``), compared with the first's;
+    ``prepare`` holds per member a function of the inputs it reads (its preprocessing).
 
     >>> from backprop_xp import MLP
     >>> a, b = MLP(4, 3, 2, seed=0), MLP(4, 3, 2, seed=1)
@@ -48,14 +51,18 @@ class Committee:
         *,
         names: Sequence[str] | None = None,
         traits: Sequence[Mapping[str, Any]] | None = None,
+        prepare: Sequence[Callable[[Any], Any]] | None = None,
     ) -> None:
         if not models:
             raise ValueError("a committee needs at least one member")
         self.models = list(models)
         self.names = list(names) if names is not None else [f"member {k + 1}" for k in range(len(models))]
         traits = list(traits) if traits is not None else [{} for _ in models]
-        if not len(self.names) == len(traits) == len(self.models):
-            raise ValueError(f"{len(self.models)} members, {len(self.names)} names and {len(traits)} traits")
+        self.prepare = list(prepare) if prepare is not None else [_as_given for _ in models]
+        if not len(self.names) == len(traits) == len(self.prepare) == len(self.models):
+            raise ValueError(
+                f"{len(self.models)} members, but {len(self.names)} names, {len(traits)} traits, {len(self.prepare)} prepare"
+            )
         self._check_agreement(traits)
         self.n_inputs, self.n_outputs = self.models[0].n_inputs, self.models[0].n_outputs
 
@@ -79,7 +86,7 @@ class Committee:
 
     def member_probas(self, x: Any) -> list[np.ndarray]:
         """Each member's class probabilities for the rows of ``x``, as NumPy arrays."""
-        return [to_numpy(model.predict_proba(x)) for model in self.models]
+        return [to_numpy(model.predict_proba(prepare(x))) for model, prepare in zip(self.models, self.prepare)]
 
     def predict_proba(self, x: Any, *, member_probas: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """The mean of the members' class probabilities, float64, shape ``(B, n_outputs)``.
@@ -99,3 +106,7 @@ class Committee:
 
 
 _MUST_AGREE = "a committee's members must agree"
+
+
+def _as_given(x: Any) -> Any:
+    return x

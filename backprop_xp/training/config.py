@@ -10,6 +10,7 @@ from typing import Any
 
 from ..backend import BACKENDS, DTYPES
 from ..checks import AT_LEAST_0, AT_LEAST_1, BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, Rule, check, check_choice
+from ..data.preprocess import PREPROCESSING
 from ..kernels import ACTIVATIONS
 
 # --------------------------------------------------------------------------- schedules
@@ -99,6 +100,7 @@ class TrainConfig:
     augment_scale: float = 0.12  # a scaling by a factor in [1 - s, 1 + s]
     elastic_alpha: float = 30.0  # the elastic field's strength (pixels per unit of smoothed noise)
     elastic_sigma: float = 4.5  # the width of the Gaussian that smooths the elastic field, in pixels
+    preprocess: str = "none"  # applied to every image, in training and by evaluate and predict (data/preprocess.py)
     tf32: bool = False  # TF32 tensor-core matrix products on a GPU (cuda.step.set_tf32); no effect on NumPy
     keep_best: bool = False  # model.npz gets the parameters of the epoch with the best validation accuracy
     patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = never
@@ -113,7 +115,7 @@ class TrainConfig:
         "hidden", "activation", "epochs", "batch_size", "lr", "momentum", "weight_decay",
         "lr_schedule", "val_size", "train_size", "augment", "tf32", "keep_best", "patience", "seed", "dtype",
         "dataset",
-    ) + tuple(DISTORTION_RULES)  # fmt: skip
+    ) + tuple(DISTORTION_RULES) + ("preprocess",)  # fmt: skip
 
     def validate(self) -> None:
         """Raise SettingError (a ValueError) naming the first setting that cannot work."""
@@ -142,6 +144,7 @@ class TrainConfig:
         changed = [name for name in DISTORTION_RULES if getattr(self, name) != getattr(TrainConfig, name)]
         if changed and not self.augment:
             raise SettingError(f"--{changed[0].replace('_', '-')} sets a distortion: it needs --augment")
+        check_choice("preprocess", self.preprocess, tuple(PREPROCESSING), SettingError)
 
     def distortions(self) -> dict[str, float]:
         """The keyword arguments of ``augment.distort`` these settings ask for."""

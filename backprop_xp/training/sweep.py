@@ -36,6 +36,7 @@ from .run_files import CHECKPOINT, load_metrics, read_checkpoint
 SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule")
 # the distortions' strengths (with --augment), and the seed: one run per seed trains a committee's members
 SWEPT += ("augment_shift", "augment_rotation", "augment_scale", "elastic_alpha", "elastic_sigma", "seed")
+SWEPT += ("preprocess",)  # members trained on differently preprocessed digits make different mistakes
 _SHORT = {
     "hidden": "h",
     "lr": "lr",
@@ -50,6 +51,7 @@ _SHORT = {
     "elastic_alpha": "alpha",
     "elastic_sigma": "sigma",
     "seed": "s",
+    "preprocess": "",
 }
 SWEEP_VAL_SIZE = 5000  # training images held out (seeded, the same for every run) to rank the runs by
 DONE = ("finished", "diverged")  # a deterministic run that diverged would diverge again: not retried
