@@ -563,7 +563,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _describe(model: Any) -> str:
-    return f"{model.path}: {model.n_inputs}-{model.n_hidden}-{model.n_outputs} {model.activation}, {model.dtype.name}"
+    """The model's file and shape, and the preprocessing its run applied (where it applied one)."""
+    preprocess = _train_config(model.path).get("preprocess", "none")
+    also = f", preprocess {preprocess}" if preprocess != "none" else ""
+    return f"{model.path}: {model.n_inputs}-{model.n_hidden}-{model.n_outputs} {model.activation}, {model.dtype.name}{also}"
 
 
 def _test_set_of(model: Any, args: argparse.Namespace) -> tuple[str, list[str], np.ndarray, np.ndarray]:

@@ -93,7 +93,9 @@ def test_evaluate_and_predict_deskew_as_the_run_did(runs, mnist_dir, mnist, tmp_
     model = MLP.load(runs[0] / "model.npz")
     assert main(["evaluate", str(runs[0]), "--data-dir", str(mnist_dir), "--backend", "numpy"]) == 0
     right = int((to_numpy(model.predict(deskew(mnist[2]))) == mnist[3]).sum())
-    assert f"test accuracy {100 * right / 10_000:.2f}%  ({right} of 10000)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"model {runs[0] / 'model.npz'}: 784-16-10 relu, float32, preprocess deskew, on numpy")
+    assert f"test accuracy {100 * right / 10_000:.2f}%  ({right} of 10000)" in out
     digit = mnist[2][1]
     image = tmp_path / "digit.png"
     Image.fromarray((digit.reshape(28, 28) * 255).round().astype(np.uint8)).save(image)
