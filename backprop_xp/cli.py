@@ -241,7 +241,36 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
     many = (lambda parse: list_of(parse)) if lists else (lambda parse: parse)
     each = " (comma-separated list)" if lists else ""
     _add_data_flags(p, d, lists)
+    _add_distortion_flags(p, d, many, each)
+    _add_preprocess_flag(p, d, many, each)
     _add_network_flags(p, d, many, each)
+
+
+def _add_preprocess_flag(p: argparse.ArgumentParser, d: Any, many: Callable, each: str) -> None:
+    from .data.preprocess import PREPROCESSING
+
+    p.add_argument(
+        "--preprocess", type=many(choice_of(tuple(PREPROCESSING))), metavar="{" + ",".join(PREPROCESSING) + "}",
+        help="deskew: shear each digit upright (moment-based), in training and, saved with the model, in evaluate "
+        f"and predict; none: the images as they are{each} (default: {d.preprocess})",
+    )  # fmt: skip
+
+
+def _add_distortion_flags(p: argparse.ArgumentParser, d: Any, many: Callable, each: str) -> None:
+    """The strengths of --augment's distortions (data/augment.py); 0 turns one off (elastic: --elastic-alpha 0)."""
+    from .training.config import DEGREES
+
+    for flag, parse, metavar, what in (
+        ("--augment-shift", nonnegative_float, "PX", "largest shift, in pixels, in each direction"),
+        ("--augment-rotation", _checked(float, DEGREES), "DEG", "largest rotation, in degrees, either way"),
+        ("--augment-scale", momentum_float, "S", "largest scaling: by a factor in [1-S, 1+S], S in [0, 1)"),
+        ("--elastic-alpha", nonnegative_float, "A", "strength of the elastic distortion, in pixels"),
+        ("--elastic-sigma", positive_float, "S", "width of the Gaussian smoothing the elastic field, in pixels, > 0"),
+    ):
+        default = getattr(d, flag[2:].replace("-", "_"))
+        p.add_argument(
+            flag, type=many(parse), metavar=metavar, help=f"with --augment: {what}{each} (default: {default:g})"
+        )
 
 
 def _add_data_flags(p: argparse.ArgumentParser, d: Any, lists: bool) -> None:
@@ -286,7 +315,13 @@ def _add_data_flags(p: argparse.ArgumentParser, d: Any, lists: bool) -> None:
         help="let float32 matrix products on a GPU use TF32 tensor cores "
         "(faster, about 3 fewer significant digits; cupy only, no effect on numpy)",
     )  # fmt: skip
-    p.add_argument("--seed", type=count, help=f"seeds the initial weights and the shuffling (default: {d.seed})")
+    p.add_argument(
+        "--seed",
+        type=list_of(count) if lists else count,
+        help="seeds the initial weights, the shuffling and the validation split"
+        + (" (comma-separated list: one run per seed, e.g. a committee's members)" if lists else "")
+        + f" (default: {d.seed})",
+    )
     p.add_argument(
         "--dtype",
         type=choice_of(DTYPES),
@@ -407,16 +442,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="test accuracy, per-class accuracy and confusion matrix of a saved model",
+        help="test accuracy, per-class accuracy and confusion matrix of a saved model (or a committee of several)",
         description=(
             "Test a saved model (a run folder, its model.npz, or a checkpoint.npz) on the test set of the data set it "
             "was trained on, found where the run found it, unless --dataset or --data-dir say otherwise. Prints "
-            "the test accuracy and loss, the accuracy of each class and the confusion matrix. Exit codes: 0 done, "
-            "1 an error (no model, no data), 2 bad arguments."
+            "the test accuracy and loss, the accuracy of each class and the confusion matrix. Several models make a "
+            "committee: their class probabilities are averaged, each member's accuracy is printed beside the "
+            "committee's, and the tables are the committee's (members must agree on inputs, classes and data set; "
+            "a sweep's runs: evaluate SWEEP/*/). Exit codes: 0 done, 1 an error (no model, no data), 2 bad arguments "
+            "(also members that disagree)."
         ),
     )
     p.add_argument(
-        "model", metavar="MODEL", help="a model.npz (or checkpoint.npz) written by train, or the run folder holding it"
+        "models",
+        metavar="MODEL",
+        nargs="+",
+        help="a model.npz (or checkpoint.npz) written by train, or the run folder holding it; several make a committee",
     )
     p.add_argument(
         "--dataset",
@@ -505,12 +546,35 @@ def _class_names_of(model: Any) -> list[str]:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .backend import to_numpy
+    from .training import confusion_matrix, evaluate
+
+    if len(args.models) > 1:
+        return _evaluate_committee(args)
+    model = _load_model(args.models[0], args.backend)
+    dataset, names, x_test, y_test = _test_set_of(model, args)
+    x_test = _preprocessing_of(model)(x_test)  # as the run prepared its test images
+    loss, accuracy = evaluate(model, x_test, y_test)
+    predicted = to_numpy(model.predict(x_test))
+    counts = confusion_matrix(y_test, predicted, model.n_outputs)
+    print(f"model {_describe(model)}, on {model.backend.name}; test set of {dataset}")
+    print(f"test accuracy {100 * accuracy:.2f}%  ({int(np.trace(counts))} of {len(y_test)}), test loss {loss:.4f}")
+    _print_per_class(counts, names)
+    return 0
+
+
+def _describe(model: Any) -> str:
+    """The model's file and shape, and the preprocessing its run applied (where it applied one)."""
+    preprocess = _train_config(model.path).get("preprocess", "none")
+    also = f", preprocess {preprocess}" if preprocess != "none" else ""
+    return f"{model.path}: {model.n_inputs}-{model.n_hidden}-{model.n_outputs} {model.activation}, {model.dtype.name}{also}"
+
+
+def _test_set_of(model: Any, args: argparse.Namespace) -> tuple[str, list[str], np.ndarray, np.ndarray]:
+    """The data set ``model`` is tested on (its own unless --dataset says otherwise), its class names and test set."""
     from .data import load_dataset
     from .data.datasets import class_names
     from .data.download import dataset_info
-    from .training import confusion_matrix, evaluate
 
-    model = _load_model(args.model, args.backend)
     trained_on, trained_from = _trained_on(model.path)
     dataset, data_dir = args.dataset or trained_on, args.data_dir
     check_data_env(dataset, data_dir)
@@ -523,16 +587,56 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"{model.path}: a {model.n_inputs}-{model.n_hidden}-{model.n_outputs} network cannot be tested on {dataset} "
             f"({x_test.shape[1]} inputs, {int(y_test.max()) + 1} classes)"
         )
-    loss, accuracy = evaluate(model, x_test, y_test)
-    predicted = to_numpy(model.predict(x_test))
-    counts = confusion_matrix(y_test, predicted, model.n_outputs)
-    print(
-        f"model {model.path}: {model.n_inputs}-{model.n_hidden}-{model.n_outputs} {model.activation}, "
-        f"{model.dtype.name}, on {model.backend.name}; test set of {dataset}"
-    )
-    print(f"test accuracy {100 * accuracy:.2f}%  ({int(np.trace(counts))} of {len(y_test)}), test loss {loss:.4f}")
     names = _class_names_of(model) if dataset == trained_on else class_names(dataset, model.n_outputs)
-    _print_per_class(counts, names)
+    return dataset, names, x_test, y_test
+
+
+def _preprocessing_of(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """The preprocessing the model's run applied to every image (none for files that do not say)."""
+    from .data.preprocess import PREPROCESSING
+
+    name = _train_config(model.path).get("preprocess", "none")
+    if name not in PREPROCESSING:
+        raise UserError(f"{model.path}: preprocess {name!r} is not one of {', '.join(PREPROCESSING)}")
+    return PREPROCESSING[name]
+
+
+def _load_committee(paths: Sequence[str], backend: str) -> Any:
+    """The models of ``paths`` as a Committee; members that differ (inputs, classes, data set) are refused."""
+    from .committee import Committee
+
+    models = [_load_model(path, backend) for path in paths]
+    traits = [{"classes": _class_names_of(m), "data set": _trained_on(m.path)[0]} for m in models]
+    try:
+        return Committee(models, names=list(paths), traits=traits, prepare=[_preprocessing_of(m) for m in models])
+    except ValueError as exc:
+        raise BadArgument(str(exc)) from None
+
+
+def _evaluate_committee(args: argparse.Namespace) -> int:
+    """evaluate RUN1 RUN2 ...: each member's test accuracy, then the committee's (the mean of their probabilities)."""
+    from .training import confusion_matrix, evaluate
+
+    committee = _load_committee(args.models, args.backend)
+    dataset, names, x_test, y_test = _test_set_of(committee.models[0], args)
+    n = len(y_test)
+    print(f"committee of {len(committee)} models, averaging their class probabilities; test set of {dataset}")
+    for model, prepare in zip(committee.models, committee.prepare):
+        loss, accuracy = evaluate(model, prepare(x_test), y_test)
+        right = round(accuracy * n)
+        print(
+            f"  member {_describe(model)}: test accuracy {100 * accuracy:.2f}%  ({right} of {n}), test loss {loss:.4f}"
+        )
+    proba = committee.predict_proba(x_test)
+    predicted = proba.argmax(axis=1)
+    right = int(np.count_nonzero(predicted == y_test))
+    # -mean log ŷ[label], the members' loss, of the averaged probabilities (tiny: a 0 would make it infinite)
+    loss = float(-np.mean(np.log(np.maximum(proba[np.arange(n), y_test], np.finfo(np.float64).tiny))))
+    print(
+        f"committee (mean of the {len(committee)} members' probabilities): test accuracy {100 * right / n:.2f}%  "
+        f"({right} of {n}), test loss {loss:.4f}"
+    )
+    _print_per_class(confusion_matrix(y_test, predicted, committee.n_outputs), names)
     return 0
 
 
@@ -580,11 +684,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
             "with its centre of mass at the centre. Prints the top 3 classes with their probabilities, or, for "
             "several digits side by side, the number they make and each digit's reading; --show "
             "draws what the network saw. An unreadable file gets an error line and the other files are still "
-            "classified (exit code 1 if any failed)."
+            "classified (exit code 1 if any failed). Several models make a committee: their class probabilities "
+            "are averaged (members must agree on inputs, classes and data set)."
         ),
     )
-    p.add_argument("model", metavar="MODEL", help="a model.npz written by train, or the run folder holding it")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a model.npz written by train, or the run folder holding it; the arguments right after it that are "
+        "folders or end in .npz are models too (a committee, e.g. SWEEP/*/), the rest are images",
+    )
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (any name that is not a folder or a .npz)")
     p.add_argument(
         "--show", metavar="PNG", type=png_file, help="also draw each image as the network saw it into this PNG file"
     )
@@ -661,27 +771,52 @@ def _title_names(paths: Sequence[str], width: int = 17) -> dict[str, str]:
     return titles
 
 
+def _is_run(path: str) -> bool:
+    """Whether a predict argument names a model: a folder (a run's) or a .npz file; anything else is an image."""
+    return os.path.isdir(path) or path.lower().endswith(".npz")
+
+
+def _models_and_images(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """predict's arguments split: the first, and those right after it that are runs, are models; the rest images."""
+    paths = [args.model, *args.images]
+    k = 1
+    while k < len(paths) and _is_run(paths[k]):
+        k += 1
+    models, images = paths[:k], paths[k:]
+    if not images:
+        raise BadArgument(f"no image to classify: every argument after MODEL ({', '.join(models[1:])}) names a run")
+    if late := next((path for path in images if _is_run(path)), None):
+        raise BadArgument(
+            f"{late} names a run (a folder or a .npz file) but comes after the image {images[0]}: name the runs first"
+        )
+    return models, images
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .backend import to_numpy
     from .plots import said
 
+    models, images = _models_and_images(args)
     if args.show:  # its folder first: a picture with nowhere to go is an error before any work
         _prepare_out_dir(os.path.dirname(args.show) or ".")
-    model = _load_model(args.model, args.backend)
+    model = _load_committee(models, args.backend)  # one model: a committee of one, its probabilities unchanged
+    first = model.models[0]  # the class names are the first member's: all members agree on them
+    if len(models) > 1:
+        print(f"committee of {len(models)} models, averaging their class probabilities")
     side = math.isqrt(model.n_inputs)
     if side * side != model.n_inputs:
-        raise UserError(f"{args.model}: {model.n_inputs} inputs are not a square image; predict needs one")
-    names = _class_names_of(model)
+        raise UserError(f"{models[0]}: {model.n_inputs} inputs are not a square image; predict needs one")
+    names = _class_names_of(first)
     failed = 0
-    seen, titles, title_of = [], [], _title_names(args.images)
-    for path in args.images:
+    seen, titles, title_of = [], [], _title_names(images)
+    for path in images:
         try:
             digits, inverted = read_digits(path, side)
         except UserError as exc:
             print(f"backprop-xp: error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        proba = to_numpy(model.predict_proba(np.stack(digits)))
+        proba = model.predict_proba(np.stack(digits))  # each member preprocesses them as its run did
+        digits = model.prepare[0](np.stack(digits))  # the picture shows what the (first) network saw
         print(f"{path}: {reading(proba, names)}" + ("  [inverted: dark digit on light background]" if inverted else ""))
         for i, (pixels, p) in enumerate(zip(digits, proba)):
             which = f"\ndigit {i + 1} of {len(digits)}" if len(digits) > 1 else ""

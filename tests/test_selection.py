@@ -176,8 +176,8 @@ def test_a_diverged_run_names_the_first_bad_step_counting_from_1(data_dir, tmp_p
 def test_each_augmented_epoch_trains_on_new_distortions_that_a_rerun_repeats(data_dir, tmp_path, monkeypatch):
     real, seen = run_module.distort, []
 
-    def distort(images, rng, *, out):
-        seen.append(real(images, rng, out=out).copy())
+    def distort(images, rng, *, out, **strengths):
+        seen.append(real(images, rng, out=out, **strengths).copy())
         return out
 
     monkeypatch.setattr(run_module, "distort", distort)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from backprop_xp import MLP, SGD, get_backend
-from backprop_xp.training import evaluate, make_step
 from backprop_xp.cuda import kernels
+from backprop_xp.training import evaluate, make_step
 from backprop_xp.training import step as step_module
 
 SHARED_MEMORY_OPT_IN = 232448  # an H100's, for the fused step's set-up before it asks for cuBLAS

@@ -12,6 +12,7 @@ In the order data flows through it:
 * ``batches.py``: ``Minibatches`` moves a set to the backend once and serves
   shuffled batches gathered there;
 * ``augment.py``: random shifts, rotations and elastic distortions;
+* ``preprocess.py``: ``deskew`` and the other preprocessings a run applies to every image;
 * ``images.py``: a user's picture made to look like an MNIST digit (``predict``).
 """
 

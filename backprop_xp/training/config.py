@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backend import BACKENDS, DTYPES
-from ..checks import AT_LEAST_0, AT_LEAST_1, BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, check, check_choice
+from ..checks import AT_LEAST_0, AT_LEAST_1, BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, Rule, check, check_choice
+from ..data.preprocess import PREPROCESSING
 from ..kernels import ACTIVATIONS
 
 # --------------------------------------------------------------------------- schedules
@@ -60,6 +61,15 @@ RULES = {
     "weight_decay": NON_NEGATIVE, "augment": BOOLEAN, "tf32": BOOLEAN, "keep_best": BOOLEAN,
 }  # fmt: skip
 
+# The strengths of --augment's distortions (data/augment.py); the defaults are the strengths used before they
+# were settings, so a default --augment run is unchanged. 0 turns a distortion off (elastic: alpha 0).
+DEGREES = Rule("a number of degrees from 0 to 180", lambda v: NON_NEGATIVE.ok(v) and v <= 180)
+DISTORTION_RULES = {
+    "augment_shift": NON_NEGATIVE, "augment_rotation": DEGREES, "augment_scale": FRACTION,
+    "elastic_alpha": NON_NEGATIVE, "elastic_sigma": POSITIVE,  # sigma 0 would divide by 0: alpha 0 turns it off
+}  # fmt: skip
+RULES.update(DISTORTION_RULES)
+
 
 class SettingError(ValueError):
     """A setting that cannot work (``--batch-size`` larger than the training set, say): exit 2 on the command line."""
@@ -85,6 +95,12 @@ class TrainConfig:
     val_size: int = 0
     train_size: int = 0  # 0 = every training image; otherwise the first N (quick experiments, tests)
     augment: bool = False  # distort the training images afresh every epoch (augment.py)
+    augment_shift: float = 2.0  # pixels, at most, in each direction
+    augment_rotation: float = 12.0  # degrees, at most, either way
+    augment_scale: float = 0.12  # a scaling by a factor in [1 - s, 1 + s]
+    elastic_alpha: float = 30.0  # the elastic field's strength (pixels per unit of smoothed noise)
+    elastic_sigma: float = 4.5  # the width of the Gaussian that smooths the elastic field, in pixels
+    preprocess: str = "none"  # applied to every image, in training and by evaluate and predict (data/preprocess.py)
     tf32: bool = False  # TF32 tensor-core matrix products on a GPU (cuda.step.set_tf32); no effect on NumPy
     keep_best: bool = False  # model.npz gets the parameters of the epoch with the best validation accuracy
     patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = never
@@ -99,7 +115,7 @@ class TrainConfig:
         "hidden", "activation", "epochs", "batch_size", "lr", "momentum", "weight_decay",
         "lr_schedule", "val_size", "train_size", "augment", "tf32", "keep_best", "patience", "seed", "dtype",
         "dataset",
-    )  # fmt: skip
+    ) + tuple(DISTORTION_RULES) + ("preprocess",)  # fmt: skip
 
     def validate(self) -> None:
         """Raise SettingError (a ValueError) naming the first setting that cannot work."""
@@ -124,6 +140,18 @@ class TrainConfig:
             raise SettingError(
                 f"{flag} chooses by validation accuracy: give it a validation set with --val-size N (e.g. 5000)"
             )
+        # A strength without --augment would do nothing: say so rather than train as if it did.
+        changed = [name for name in DISTORTION_RULES if getattr(self, name) != getattr(TrainConfig, name)]
+        if changed and not self.augment:
+            raise SettingError(f"--{changed[0].replace('_', '-')} sets a distortion: it needs --augment")
+        check_choice("preprocess", self.preprocess, tuple(PREPROCESSING), SettingError)
+
+    def distortions(self) -> dict[str, float]:
+        """The keyword arguments of ``augment.distort`` these settings ask for."""
+        return {
+            "max_shift": self.augment_shift, "max_rotation": self.augment_rotation, "max_scale": self.augment_scale,
+            "alpha": self.elastic_alpha, "sigma": self.elastic_sigma,
+        }  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

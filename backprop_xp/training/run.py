@@ -37,6 +37,7 @@ from ..backend import Backend, get_backend, synchronize
 from ..data import Minibatches, load_dataset, train_val_split
 from ..data.augment import distort
 from ..data.datasets import class_names, data_folder
+from ..data.preprocess import PREPROCESSING
 from ..files import LOCK, check_interrupt, in_use, make_out_dir, read_npz
 from ..model import MLP
 from ..optim import SGD
@@ -430,6 +431,8 @@ def restore_model(out: Path, metrics: dict[str, Any]) -> tuple[int, str]:
 def load_run_data(config: TrainConfig) -> RunData:
     """The data set, cut to ``train_size``, split for ``val_size``, and checked to fit ``batch_size``."""
     x_train, y_train, x_test, y_test = load_dataset(config.dataset, config.data_dir)
+    prepare = PREPROCESSING[config.preprocess]  # every image the network sees, as evaluate and predict will
+    x_train, x_test = prepare(x_train), prepare(x_test)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
     if config.train_size:
         if config.train_size > len(x_train):
@@ -577,7 +580,12 @@ class EpochLoop:
     def augment(self, epoch: int) -> float:
         """Distort the training images afresh for this epoch; the seconds it took (on the CPU)."""
         config, start = self.config, time.perf_counter()
-        distort(self.data.x_train, np.random.default_rng([config.seed, epoch, 1]), out=self.x_distorted)
+        distort(
+            self.data.x_train,
+            np.random.default_rng([config.seed, epoch, 1]),
+            out=self.x_distorted,
+            **config.distortions(),
+        )
         self.batches.refill(self.x_distorted)  # in place: a new Minibatches would move the batch buffers
         return time.perf_counter() - start
 

@@ -34,6 +34,9 @@ from .run_files import CHECKPOINT, load_metrics, read_checkpoint
 
 # Settings a sweep may vary (each given as a comma-separated list on the command line).
 SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule")
+# the distortions' strengths (with --augment), and the seed: one run per seed trains a committee's members
+SWEPT += ("augment_shift", "augment_rotation", "augment_scale", "elastic_alpha", "elastic_sigma", "seed")
+SWEPT += ("preprocess",)  # members trained on differently preprocessed digits make different mistakes
 _SHORT = {
     "hidden": "h",
     "lr": "lr",
@@ -42,13 +45,20 @@ _SHORT = {
     "momentum": "m",
     "weight_decay": "wd",
     "lr_schedule": "",
+    "augment_shift": "shift",
+    "augment_rotation": "rot",
+    "augment_scale": "scale",
+    "elastic_alpha": "alpha",
+    "elastic_sigma": "sigma",
+    "seed": "s",
+    "preprocess": "",
 }
 SWEEP_VAL_SIZE = 5000  # training images held out (seeded, the same for every run) to rank the runs by
 DONE = ("finished", "diverged")  # a deterministic run that diverged would diverge again: not retried
 SUMMARY_FIELDS = (
     "name", "status", "val_accuracy", "best_val_accuracy", "best_val_epoch", "test_accuracy", "test_loss", "train_loss",
     "epochs_done",
-    "seconds_per_epoch", "train_seconds", *SWEPT, "epochs", "seed", "backend_used", "error",
+    "seconds_per_epoch", "train_seconds", *SWEPT, "epochs", "backend_used", "error",
 )  # fmt: skip
 
 
@@ -99,7 +109,7 @@ def summarize(name: str, config: dict[str, Any], metrics: dict[str, Any] | None,
     if error:
         status = "failed" if status != "diverged" else status
     summary: dict[str, Any] = {"name": name, "status": status, "epochs_done": len(rows), "error": error}
-    summary.update({k: config.get(k) for k in (*SWEPT, "epochs", "seed")})
+    summary.update({k: config.get(k) for k in (*SWEPT, "epochs")})
     summary["backend_used"] = (metrics or {}).get("config", {}).get("backend_used", "")
     if rows:
         last = rows[-1]
