@@ -33,7 +33,7 @@ from .run import Diverged, train
 from .run_files import CHECKPOINT, load_metrics, read_checkpoint
 
 # Settings a sweep may vary (each given as a comma-separated list on the command line).
-SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule")
+SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule", "optimizer")
 _SHORT = {
     "hidden": "h",
     "lr": "lr",
@@ -42,6 +42,7 @@ _SHORT = {
     "momentum": "m",
     "weight_decay": "wd",
     "lr_schedule": "",
+    "optimizer": "",
 }
 SWEEP_VAL_SIZE = 5000  # training images held out (seeded, the same for every run) to rank the runs by
 DONE = ("finished", "diverged")  # a deterministic run that diverged would diverge again: not retried
