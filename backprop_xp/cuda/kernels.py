@@ -701,3 +701,14 @@ def output_layer_reference(z1: Any, labels: Any, params: dict[str, Any], activat
         "a1": a1, "delta2": delta2, "delta1": delta1, "loss": loss, "n_correct": n_correct,
         "W2": delta2.T @ a1, "b1": delta1.sum(axis=0), "b2": delta2.sum(axis=0),
     }  # fmt: skip
+
+
+# ---- Leaky ReLU's device functions (kernels.ACTIVATIONS["leaky_relu"]), the same values as its xp lines:
+# f(z) = z if z > 0 else α z (the product rounded in T, as NumPy's float32 × weak scalar is), f' from a.
+# (Here at the end, with its import, so that this entry is one hunk apart from the rest of the file.)
+from ..kernels import LEAKY_SLOPE  # noqa: E402
+
+ACTIVATION_SOURCES["leaky_relu"] = f"""
+template <typename T> __device__ __forceinline__ T act_forward(T z) {{ return z > T(0) ? z : T({LEAKY_SLOPE!r}) * z; }}
+template <typename T> __device__ __forceinline__ T act_derivative(T a) {{ return a > T(0) ? T(1) : T({LEAKY_SLOPE!r}); }}
+"""
