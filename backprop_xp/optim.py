@@ -206,12 +206,14 @@ class Adam(Optimizer):
     Each parameter moves by about ``η`` at most, whatever its gradient's
     scale: the usual learning rate is 1e-3, not SGD's 0.1. The last line is
     computed as PyTorch does, ``w − (η / (1 − β₁ᵗ)) m / (√v / √(1 − β₂ᵗ) + ε)``.
-    ``AdamW`` decouples the weight decay. No fused CPU loop or CUDA kernel yet:
-    the ``xp`` lines below run on every backend.
+    ``AdamW`` decouples the weight decay. On the fused CPU path the same
+    arithmetic runs as one Numba loop (``fused_cpu.adam_update_``, bit for
+    bit); on CuPy the ``xp`` lines below run (no CUDA kernel in the captured step yet).
     """
 
     STATE = ("m", "v", "t")
     SETTINGS = ("beta1", "beta2", "eps", "weight_decay")
+    DECOUPLED = False  # AdamW's weight decay (``decay``) instead of the L2 term
 
     def __init__(
         self, model: Any, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
@@ -239,6 +241,9 @@ class Adam(Optimizer):
         w, g, scratch = self.model.flat_params, self.model.flat_grads, self._scratch
         b1, b2 = self.beta1, self.beta2
         self.t += 1
+        if fused_cpu.active(xp):  # the same arithmetic in one multi-core pass, bit for bit
+            fused_cpu.adam_update_(w, g, self.m, self.v, self.fused_hyper(), self.DECOUPLED)
+            return
         self.decay(w, g)
         self.m *= b1
         self.m += xp.multiply(g, 1 - b1, dtype=dtype, out=scratch)  # m ← β₁ m + (1 − β₁) g
@@ -251,6 +256,13 @@ class Adam(Optimizer):
         step = xp.divide(self.m, denominator, out=scratch)
         step *= self.lr / (1 - b1**self.t)  # η m̂ / (√v̂ + ε), with m̂'s correction folded into η
         w -= step  # w ← w − η m̂ / (√v̂ + ε)
+
+    def fused_hyper(self) -> np.ndarray:
+        """The numbers this step multiplies by, in the parameters' dtype, for ``fused_cpu.adam_update_``."""
+        b1, b2, lr, t, wd = self.beta1, self.beta2, self.lr, self.t, self.weight_decay
+        decay = 1 - lr * wd if self.DECOUPLED else wd
+        numbers = (b1, 1 - b1, b2, 1 - b2, math.sqrt(1 - b2**t), self.eps, lr / (1 - b1**t), decay)
+        return np.array(numbers, dtype=self.model.dtype)
 
     def decay(self, w: Any, g: Any) -> None:
         """Adam's weight decay: the L2 term into the gradient, ``g ← ∂L/∂w + λ w``."""
@@ -267,6 +279,8 @@ class AdamW(Adam):
 
         w ← w − η λ w          (then Adam's update, from g = ∂L/∂w alone)
     """
+
+    DECOUPLED = True
 
     def __init__(
         self, model: Any, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,

@@ -262,3 +262,33 @@ def test_bad_optimizer_flags_exit_2_with_one_line(flags, message, tmp_path, caps
     assert exit_.value.code == 2 and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind, weight_decay", [(Adam, 0.0), (Adam, 1e-2), (AdamW, 1e-2), (AdamW, 0.0)])
+def test_fused_adam_is_bit_identical_to_its_xp_lines(kind, weight_decay, dtype):
+    """fused_cpu.adam_update_ (one Numba pass) against Adam.step's NumPy lines, 50 steps, lr changed midway."""
+    from backprop_xp import fused_cpu
+
+    if not fused_cpu.available():
+        pytest.skip("Numba not installed")
+    rng = np.random.default_rng(7)
+    grads = [
+        rng.normal(size=bx.MLP(30, 40, 10, dtype=dtype).flat_params.shape) * 10.0 ** rng.integers(-4, 2)
+        for _ in range(50)
+    ]
+    params = {}
+    for fast in (False, True):
+        previous = fused_cpu.set_enabled(fast)
+        try:
+            m = bx.MLP(30, 40, 10, dtype=dtype, seed=3)
+            opt = kind(m, lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-7, weight_decay=weight_decay)
+            for i, g in enumerate(grads):
+                opt.lr = 3e-3 if i < 25 else 1e-3  # a schedule: the step's numbers are read every step
+                m.flat_grads[...] = g
+                opt.step()
+        finally:
+            fused_cpu.set_enabled(previous)
+        params[fast] = (m.flat_params.copy(), opt.m.copy(), opt.v.copy(), m.flat_grads.copy())
+    for plain, fused, what in zip(params[False], params[True], ("w", "m", "v", "g")):
+        np.testing.assert_array_equal(fused, plain, err_msg=what)
