@@ -42,8 +42,9 @@ def make_step(
     tests; an optimizer with a ``step()`` of its own (``Nesterov``, ``Adam``,
     ``AdamW``: ``optim.OPTIMIZERS``) keeps the definition on CuPy too, so its
     update is never silently replaced. On the fused CPU path the same holds:
-    ``model.backprop`` runs the fused loops, and only ``SGD.step`` has a fused
-    update, the others run their ``xp`` lines. Without nvmath-python
+    ``model.backprop`` runs the fused loops, and each ``step()`` chooses its
+    own update (``SGD`` and ``Adam``/``AdamW`` have fused loops bit-identical
+    to their ``xp`` lines; ``Nesterov`` runs its ``xp`` lines). Without nvmath-python
     (the fused step's cuBLAS calls), or where it cannot open cuBLAS, CuPy
     still trains with the definition, run eagerly on CuPy's own products: the
     process says once why graphs are off and what to install, and the step's
