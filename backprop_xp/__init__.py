@@ -12,7 +12,7 @@ What happens inside, by hand::
 
     x_train, y_train, x_test, y_test = bx.load_mnist()
     m = bx.MLP(784, 128, 10, backend="auto")
-    opt = bx.SGD(m, lr=0.1, momentum=0.9)
+    opt = bx.SGD(m, lr=0.1, momentum=0.9)  # or bx.Adam(m, lr=1e-3), bx.AdamW, bx.Nesterov
     for xb, yb in bx.Minibatches(x_train, y_train, 128, xp=m.xp).epoch(0):
         m.loss_and_grads(xb, yb)
         opt.step()
@@ -23,7 +23,7 @@ from .backend import Backend, BackendError, get_backend, to_numpy
 from .data import DataFormatError, Minibatches, load_mnist
 from .kernels import softmax_cross_entropy
 from .model import MLP
-from .optim import SGD, sgd_update
+from .optim import OPTIMIZERS, SGD, Adam, AdamW, Nesterov, sgd_update
 from .training import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -33,6 +33,10 @@ __all__ = [
     "MLP",
     "Minibatches",
     "SGD",
+    "Nesterov",
+    "Adam",
+    "AdamW",
+    "OPTIMIZERS",
     "TrainConfig",
     "Backend",
     "BackendError",

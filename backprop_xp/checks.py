@@ -44,7 +44,8 @@ AT_LEAST_1 = Rule("an integer >= 1", lambda v: _integer(v) and v >= 1)
 AT_LEAST_0 = Rule("an integer >= 0", lambda v: _integer(v) and v >= 0)
 POSITIVE = Rule("a finite number > 0", lambda v: _number(v) and v > 0)
 NON_NEGATIVE = Rule("a finite number >= 0", lambda v: _number(v) and v >= 0)
-FRACTION = Rule("in [0, 1)", lambda v: _number(v) and 0 <= v < 1)  # momentum
+FRACTION = Rule("in [0, 1)", lambda v: _number(v) and 0 <= v < 1)  # momentum, Adam's betas
+POSITIVE_FRACTION = Rule("in (0, 1)", lambda v: _number(v) and 0 < v < 1)  # Nesterov's momentum
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
 
 

@@ -25,6 +25,7 @@ from .checks import AT_LEAST_0, AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Ru
 from .data import DATASETS
 from .files import signals_as_interrupts
 from .kernels import ACTIVATIONS
+from .optim import OPTIMIZERS
 from .training import DIVERGED_EXIT_CODE, SCHEDULES, SettingError, TrainConfig
 
 
@@ -244,6 +245,22 @@ def _add_model_flags(p: argparse.ArgumentParser, *, lists: bool) -> None:
     _add_distortion_flags(p, d, many, each)
     _add_preprocess_flag(p, d, many, each)
     _add_network_flags(p, d, many, each)
+    _add_optimizer_flags(p, d, many, each)
+
+
+def _add_optimizer_flags(p: argparse.ArgumentParser, d: Any, many: Callable, each: str) -> None:
+    """The optimizer (a sweep takes a list of them) and Adam's settings (one value each)."""
+    p.add_argument(
+        "--optimizer", type=many(choice_of(tuple(OPTIMIZERS))), metavar="{" + ",".join(OPTIMIZERS) + "}",
+        help=f"sgd (with --momentum), nesterov (Nesterov momentum), adam, adamw (Adam with decoupled weight decay; "
+        f"Adam's usual --lr is 1e-3){each} (default: {d.optimizer})",
+    )  # fmt: skip
+    p.add_argument("--beta1", type=momentum_float, metavar="B1",
+                   help=f"adam, adamw: decay of the gradient's running mean, in [0, 1) (default: {d.beta1:g})")  # fmt: skip
+    p.add_argument("--beta2", type=momentum_float, metavar="B2",
+                   help=f"adam, adamw: decay of its square's running mean, in [0, 1) (default: {d.beta2:g})")  # fmt: skip
+    p.add_argument("--eps", type=positive_float, metavar="EPS",
+                   help=f"adam, adamw: the floor under the root of that mean, > 0 (default: {d.eps:g})")  # fmt: skip
 
 
 def _add_preprocess_flag(p: argparse.ArgumentParser, d: Any, many: Callable, each: str) -> None:
@@ -358,7 +375,7 @@ def _add_network_flags(p: argparse.ArgumentParser, d: Any, many: Callable, each:
         "--weight-decay",
         type=many(nonnegative_float),
         metavar="WD",
-        help=f"L2 weight decay{each} (default: {d.weight_decay:g})",
+        help=f"L2 weight decay (adamw: decoupled){each} (default: {d.weight_decay:g})",
     )
     p.add_argument(
         "--lr-schedule", type=many(choice_of(tuple(SCHEDULES))), metavar="{" + ",".join(SCHEDULES) + "}",

@@ -183,6 +183,32 @@ def _plain(w, g, lr, wd):  # pragma: no cover
         w[i] = w[i] - gi * lr  # w ← w − η g
 
 
+def _adam(w, g, m, v, hyper, decoupled):  # pragma: no cover
+    # hyper = [β₁, 1 − β₁, β₂, 1 − β₂, √(1 − β₂ᵗ), ε, η / (1 − β₁ᵗ), λ (Adam) or 1 − η λ (AdamW)], in w's dtype
+    b1, c1, b2, c2, root2, eps, step, wd = (
+        hyper[0],
+        hyper[1],
+        hyper[2],
+        hyper[3],
+        hyper[4],
+        hyper[5],
+        hyper[6],
+        hyper[7],
+    )
+    for i in _prange(w.shape[0]):
+        gi, wi = g[i], w[i]
+        if decoupled:
+            wi = wi * wd  # AdamW: w ← w (1 − η λ)
+        elif wd != 0:
+            gi = gi + wi * wd  # Adam: g ← ∂L/∂w + λ w (kept in the gradient buffer, as Adam.step does)
+            g[i] = gi
+        mi = m[i] * b1 + gi * c1  # m ← β₁ m + (1 − β₁) g
+        m[i] = mi
+        vi = v[i] * b2 + (gi * gi) * c2  # v ← β₂ v + (1 − β₂) g²
+        v[i] = vi
+        w[i] = wi - (mi / (np.sqrt(vi) / root2 + eps)) * step  # w ← w − η m̂ / (√v̂ + ε)
+
+
 # Rows of the batch the output layer handles together: each row of W2 and of
 # ∂L/∂W2 is then loaded from cache once per eight examples instead of once per
 # example (at hidden 800 a row of W2 is 3.2 kB and all of it 32 kB, an L1's worth).
@@ -281,7 +307,7 @@ def _kernels() -> Any:
             numba.config.THREADING_LAYER = "workqueue"
         options = {"fastmath": False, "cache": True, "nogil": True}
         k = types.SimpleNamespace()
-        for name, fn in (("bias_relu", _bias_relu), ("momentum", _momentum), ("plain", _plain)):
+        for name, fn in (("bias_relu", _bias_relu), ("momentum", _momentum), ("plain", _plain), ("adam", _adam)):
             setattr(k, name, numba.njit(parallel=True, **options)(fn))
             setattr(k, name + "_serial", numba.njit(**options)(_renamed(fn, "_serial")))
         k.output_layer = _output_rows = numba.njit(**options)(_output_layer)
@@ -336,6 +362,17 @@ def bias_relu_(z: Any, b: Any, fprime: Any) -> Any:
     ``z += b`` then ``activation_forward_(z, "relu", fprime)``. Returns ``z``."""
     _run("bias_relu", z.size, z, b, fprime)
     return z
+
+
+def adam_update_(w: Any, g: Any, m: Any, v: Any, hyper: Any, decoupled: bool) -> Any:
+    """``Adam.step``'s lines in one pass over the parameters, bit-identical to them; returns ``w``.
+
+    ``hyper`` holds, in ``w``'s dtype, what ``Adam.step`` multiplies by:
+    ``[β₁, 1 − β₁, β₂, 1 − β₂, √(1 − β₂ᵗ), ε, η / (1 − β₁ᵗ), λ]`` (AdamW:
+    ``1 − η λ`` in the last place, and ``decoupled``).
+    """
+    _run("adam", w.size, w, g, m, v, hyper, bool(decoupled))
+    return w
 
 
 def output_layer_(logits: Any, labels: Any, out: Any, row_loss: Any) -> tuple[Any, int]:

@@ -12,67 +12,134 @@ hot loop allocates nothing of size batch x hidden (see ``model.py``).
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .backend import array_module
 from .checks import check_choice
 
-ACTIVATIONS = ("relu", "sigmoid", "tanh")
-
-
 # --------------------------------------------------------------------------- activations
-# a = f(z), computed in place. The derivative f'(z) is written in terms of the
+# The table: one entry per activation, scikit-learn's ACTIVATIONS/DERIVATIVES in one.
+# a = f(z) is computed in place. The derivative f'(z) is written in terms of the
 # output a = f(z), which the backward pass already has, so the forward pass
-# need not keep z1 alive: relu' = [a > 0], sigmoid' = a(1 - a), tanh' = 1 - a².
+# need not keep z1 alive: relu' = [a > 0], sigmoid' = a(1 - a), tanh' = 1 - a²,
+# leaky_relu' = 1 where a > 0, else α. A new activation is one entry here, its
+# CUDA device functions under the same name in cuda/kernels.py
+# (``ACTIVATION_SOURCES[name]``: ``act_forward(z)``, ``act_derivative(a)``), and
+# the tests, which take every name in this table.
+
+
+def _relu(z: Any) -> Any:
+    return array_module(z).maximum(z, 0, out=z)
+
+
+def _relu_and_mask(z: Any, fprime: Any) -> Any:
+    """ReLU with its derivative for free: ``a = z ⊙ [z > 0]`` computes the mask the backward pass needs anyway;
+    ``greater`` + ``multiply`` is cheaper than NumPy's NaN-aware ``maximum`` on data of random sign
+    (measured in ``bench/NOTES.md``)."""
+    xp = array_module(z)
+    xp.greater(z, 0, out=fprime)  # relu'(z) = [z > 0]
+    return xp.multiply(z, fprime, out=z)  # relu(z) = z ⊙ [z > 0]
+
+
+def _relu_derivative(a: Any, out: Any) -> Any:
+    return array_module(a).greater(a, 0, out=out)  # the subgradient at 0 is taken as 0, like PyTorch
+
+
+def _sigmoid(z: Any) -> Any:
+    # 1 / (1 + exp(-z)); exp(-z) may overflow to inf for z << 0, which gives
+    # exactly 0, the right limit, so no clipping is needed.
+    xp = array_module(z)
+    with np.errstate(over="ignore"):
+        xp.negative(z, out=z)
+        xp.exp(z, out=z)
+    z += 1
+    return xp.reciprocal(z, out=z)
+
+
+def _sigmoid_derivative(a: Any, out: Any) -> Any:
+    xp = array_module(a)
+    xp.subtract(1, a, out=out)
+    return xp.multiply(out, a, out=out)  # σ' = (1 − a) a
+
+
+def _tanh(z: Any) -> Any:
+    return array_module(z).tanh(z, out=z)
+
+
+def _tanh_derivative(a: Any, out: Any) -> Any:
+    xp = array_module(a)
+    xp.multiply(a, a, out=out)
+    return xp.subtract(1, out, out=out)  # tanh' = 1 − a²
+
+
+LEAKY_SLOPE = 0.01  # α, PyTorch's LeakyReLU default; the CUDA source writes the same number
+
+
+def _leaky_relu(z: Any) -> Any:
+    xp = array_module(z)
+    return xp.maximum(z, xp.multiply(z, LEAKY_SLOPE), out=z)  # f(z) = max(z, α z): z if z > 0, else α z (0 < α < 1)
+
+
+def _leaky_relu_derivative(a: Any, out: Any) -> Any:
+    xp = array_module(a)
+    out.fill(1)
+    xp.copyto(out, LEAKY_SLOPE, where=a <= 0)  # f' = 1 where a > 0 (a > 0 exactly where z > 0), else α
+    return out
+
+
+def he_normal(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """He et al. (2015): ``N(0, 2 / fan_in)``, which keeps the variance of ReLU layers' outputs steady."""
+    return rng.normal(0.0, math.sqrt(2.0 / shape[1]), size=shape)
+
+
+def glorot_uniform(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Glorot & Bengio (2010): ``U(−l, l)``, ``l = √(6 / (fan_in + fan_out))``, for sigmoid and tanh."""
+    limit = math.sqrt(6.0 / (shape[0] + shape[1]))
+    return rng.uniform(-limit, limit, size=shape)
+
+
+class Activation(NamedTuple):
+    """One row of the table: what the network needs of an activation function."""
+
+    forward: Callable[[Any], Any]  # z ← f(z), in place; returns z
+    derivative: Callable[[Any, Any], Any]  # out ← f'(z), computed from a = f(z); returns out
+    init: Callable[[np.random.Generator, tuple[int, int]], np.ndarray]  # the weights' first draw, (fan_out, fan_in)
+    forward_and_derivative: Callable[[Any, Any], Any] | None = None  # (z, fprime): both in one go, where cheaper
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(_relu, _relu_derivative, he_normal, _relu_and_mask),
+    "sigmoid": Activation(_sigmoid, _sigmoid_derivative, glorot_uniform),
+    "tanh": Activation(_tanh, _tanh_derivative, glorot_uniform),
+    # He's draw: its factor for a slope α, 1 / (1 + α²), is 0.9999 at α = 0.01
+    "leaky_relu": Activation(_leaky_relu, _leaky_relu_derivative, he_normal),
+}
 
 
 def activation_forward_(z: Any, activation: str, fprime: Any = None) -> Any:
     """Overwrite ``z`` with ``f(z)`` and return it; also write ``f'(z)`` into ``fprime`` if given.
 
-    The training step passes ``fprime``: the backward pass needs ``f'(z1)``, and
-    for ReLU the forward pass gets it for free. ``a = z ⊙ [z > 0]`` computes the
-    mask the backward pass multiplies by anyway, and ``greater`` + ``multiply``
-    is cheaper than NumPy's NaN-aware ``maximum`` on data of random sign
-    (measured in ``bench/NOTES.md``). The other activations derive ``f'`` from
-    ``a`` afterwards, as ``activation_derivative`` does.
+    The training step passes ``fprime``: the backward pass needs ``f'(z1)``,
+    and for ReLU the forward pass gets it for free (``forward_and_derivative``).
+    The other activations derive ``f'`` from ``a`` afterwards, as
+    ``activation_derivative`` does.
     """
-    xp = array_module(z)
-    if activation == "relu":
-        if fprime is None:
-            return xp.maximum(z, 0, out=z)
-        xp.greater(z, 0, out=fprime)  # relu'(z) = [z > 0]
-        return xp.multiply(z, fprime, out=z)  # relu(z) = z ⊙ [z > 0]
-    if activation == "sigmoid":
-        # 1 / (1 + exp(-z)); exp(-z) may overflow to inf for z << 0, which gives
-        # exactly 0, the right limit, so no clipping is needed.
-        with np.errstate(over="ignore"):
-            xp.negative(z, out=z)
-            xp.exp(z, out=z)
-        z += 1
-        xp.reciprocal(z, out=z)
-    elif activation == "tanh":
-        xp.tanh(z, out=z)
-    else:
-        check_choice("activation", activation, ACTIVATIONS)
+    entry = ACTIVATIONS[check_choice("activation", activation, ACTIVATIONS)]
+    if fprime is not None and entry.forward_and_derivative is not None:
+        return entry.forward_and_derivative(z, fprime)
+    entry.forward(z)
     if fprime is not None:
-        activation_derivative(z, activation, out=fprime)
+        entry.derivative(z, fprime)
     return z
 
 
 def activation_derivative(a: Any, activation: str, out: Any) -> Any:
     """``f'(z)`` from the activation's output ``a = f(z)``, written into ``out``."""
-    xp = array_module(a)
-    if activation == "relu":
-        return xp.greater(a, 0, out=out)  # the subgradient at 0 is taken as 0, like PyTorch
-    if activation == "sigmoid":
-        xp.subtract(1, a, out=out)
-        return xp.multiply(out, a, out=out)
-    if activation == "tanh":
-        xp.multiply(a, a, out=out)
-        return xp.subtract(1, out, out=out)
-    return check_choice("activation", activation, ACTIVATIONS)  # raises: every known activation returned above
+    return ACTIVATIONS[check_choice("activation", activation, ACTIVATIONS)].derivative(a, out)
 
 
 # --------------------------------------------------------------------------- softmax + cross-entropy

@@ -93,7 +93,7 @@ class MLP:
     ----------
     n_inputs, n_hidden, n_outputs : int
         Layer sizes (784, for example, 128, 10 for MNIST).
-    activation : {"relu", "sigmoid", "tanh"}, default "relu"
+    activation : {"relu", "sigmoid", "tanh", "leaky_relu"}, default "relu"
         The hidden layer's ``f``.
     backend : {"numpy", "cupy", "auto"}, default "numpy"
         Where the arrays live; see ``backprop_xp.get_backend``.
@@ -426,17 +426,8 @@ def _flat_buffer(xp: Any, shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -
 
 
 def _initial_params(shapes: dict[str, tuple[int, ...]], activation: str, seed: int) -> dict[str, np.ndarray]:
-    """He (ReLU) or Glorot (sigmoid, tanh) weights and zero biases, drawn in float64 with NumPy."""
+    """Zero biases, and weights drawn in float64 with NumPy as the activation's table entry says (He for ReLU,
+    Glorot for sigmoid and tanh: ``kernels.ACTIVATIONS``)."""
     rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in shapes.items():
-        if name.startswith("b"):
-            params[name] = np.zeros(shape)
-            continue
-        fan_out, fan_in = shape
-        if activation == "relu":
-            params[name] = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
-        else:
-            limit = math.sqrt(6.0 / (fan_in + fan_out))
-            params[name] = rng.uniform(-limit, limit, size=shape)
-    return params
+    draw = ACTIVATIONS[activation].init
+    return {name: np.zeros(shape) if name.startswith("b") else draw(rng, shape) for name, shape in shapes.items()}

@@ -45,7 +45,8 @@ def test_gradients_match_pytorch_autograd(activation, torch):
     loss, grads = m.loss_and_grads(x, y)
 
     t = {k: torch.tensor(v, requires_grad=True) for k, v in m.params.items()}
-    f = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[activation]
+    f = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+         "leaky_relu": torch.nn.functional.leaky_relu}[activation]  # fmt: skip
     z2 = f(torch.tensor(x) @ t["W1"].T + t["b1"]) @ t["W2"].T + t["b2"]
     ref = torch.nn.functional.cross_entropy(z2, torch.tensor(y))
     ref.backward()
@@ -110,10 +111,11 @@ def test_initialisation_is_seeded_and_scaled(activation):
     for name, rel in (("W1", 0.02), ("W2", 0.05)):
         w = a.params[name]
         fan_out, fan_in = w.shape
-        expected = np.sqrt(2 / fan_in) if activation == "relu" else np.sqrt(2 / (fan_in + fan_out))  # He / Glorot
+        he = activation in ("relu", "leaky_relu")
+        expected = np.sqrt(2 / fan_in) if he else np.sqrt(2 / (fan_in + fan_out))  # He / Glorot
         assert w.std() == pytest.approx(expected, rel=rel), name
         assert abs(float(w.mean())) < 0.1 * expected, name
-        if activation != "relu":
+        if not he:
             assert np.abs(w).max() <= np.sqrt(6 / (fan_in + fan_out)), name
 
 

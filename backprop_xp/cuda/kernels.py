@@ -491,3 +491,49 @@ def output_layer_reference(z1: Any, labels: Any, params: dict[str, Any], activat
         "a1": a1, "delta2": delta2, "delta1": delta1, "loss": loss, "n_correct": n_correct,
         "W2": delta2.T @ a1, "b1": delta1.sum(axis=0), "b2": delta2.sum(axis=0),
     }  # fmt: skip
+
+
+# ---- Leaky ReLU's device functions (kernels.ACTIVATIONS["leaky_relu"]), the same values as its xp lines:
+# f(z) = z if z > 0 else α z (the product rounded in T, as NumPy's float32 × weak scalar is), f' from a.
+# (Here at the end, with its import, so that this entry is one hunk apart from the rest of the file.)
+from ..kernels import LEAKY_SLOPE  # noqa: E402
+
+ACTIVATION_SOURCES["leaky_relu"] = f"""
+template <typename T> __device__ __forceinline__ T act_forward(T z) {{ return z > T(0) ? z : T({LEAKY_SLOPE!r}) * z; }}
+template <typename T> __device__ __forceinline__ T act_derivative(T a) {{ return a > T(0) ? T(1) : T({LEAKY_SLOPE!r}); }}
+"""
+
+
+# ---- Adam's update (optim.Adam.step, AdamW), one elementwise pass, the same operations in the same order as
+# fused_cpu.adam_update_ and Adam.step's NumPy lines (--fmad=false: no multiply-add contracted, so bit for bit).
+# ``hyper`` = [β₁, 1 − β₁, β₂, 1 − β₂, √(1 − β₂ᵗ), ε, η / (1 − β₁ᵗ), λ or (AdamW) 1 − η λ, 1 if AdamW else 0]
+# (Adam.fused_hyper() and the flag) lives in device memory, so a captured graph sees a new step count and rate.
+# ``g`` is left unchanged, as sgd_momentum_ leaves it. Not yet called by cuda/step.py's captured step.
+ADAM_SPEC = ElementwiseSpec(
+    "adam",
+    "T g, raw T hyper",
+    "T w, T m, T v",
+    "const T b1 = hyper[0], c1 = hyper[1], b2 = hyper[2], c2 = hyper[3], root2 = hyper[4], eps = hyper[5],"
+    " step = hyper[6], wd = hyper[7];"
+    " T gd = g; T wd_w = w;"
+    " if (hyper[8] != T(0)) { wd_w = w * wd; } else if (wd != T(0)) { gd = g + w * wd; }"
+    " const T mi = m * b1 + gd * c1; m = mi;"
+    " const T vi = v * b2 + (gd * gd) * c2; v = vi;"
+    " w = wd_w - (mi / (sqrt(vi) / root2 + eps)) * step;",
+    "",
+    EXACT_OPTIONS,
+)
+
+
+@functools.cache
+def _adam_kernel() -> Any:
+    import cupy
+
+    spec = ADAM_SPEC
+    return cupy.ElementwiseKernel(spec.in_params, spec.out_params, spec.body, spec.name, options=spec.options)
+
+
+def adam_update_(w: Any, g: Any, m: Any, v: Any, hyper: Any) -> Any:
+    """One Adam (or AdamW) step on flat CuPy buffers, ``hyper`` a device array as above; returns ``w``."""
+    _adam_kernel()(g, hyper, w, m, v)
+    return w

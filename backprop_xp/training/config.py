@@ -12,6 +12,7 @@ from ..backend import BACKENDS, DTYPES
 from ..checks import AT_LEAST_0, AT_LEAST_1, BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, Rule, check, check_choice
 from ..data.preprocess import PREPROCESSING
 from ..kernels import ACTIVATIONS
+from ..optim import OPTIMIZERS
 
 # --------------------------------------------------------------------------- schedules
 # Plain functions of (epoch, total epochs, base lr); epoch counts from 0. The
@@ -58,7 +59,8 @@ SCHEDULES: dict[str, Callable[[int, int, float], float]] = {
 RULES = {
     "hidden": AT_LEAST_1, "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "val_size": AT_LEAST_0,
     "train_size": AT_LEAST_0, "seed": AT_LEAST_0, "patience": AT_LEAST_0, "lr": POSITIVE, "momentum": FRACTION,
-    "weight_decay": NON_NEGATIVE, "augment": BOOLEAN, "tf32": BOOLEAN, "keep_best": BOOLEAN,
+    "weight_decay": NON_NEGATIVE, "beta1": FRACTION, "beta2": FRACTION, "eps": POSITIVE, "augment": BOOLEAN,
+    "tf32": BOOLEAN, "keep_best": BOOLEAN,
 }  # fmt: skip
 
 # The strengths of --augment's distortions (data/augment.py); the defaults are the strengths used before they
@@ -89,8 +91,12 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd and nesterov
+    weight_decay: float = 0.0  # every optimizer: L2 in the gradient; adamw: decoupled
+    optimizer: str = "sgd"  # a name in optim.OPTIMIZERS; it reads the settings its class lists in SETTINGS
+    beta1: float = 0.9  # adam and adamw: the decay of the running mean of the gradient
+    beta2: float = 0.999  # adam and adamw: the decay of the running mean of its square
+    eps: float = 1e-8  # adam and adamw: the floor under √v̂
     lr_schedule: str = "cosine"
     val_size: int = 0
     train_size: int = 0  # 0 = every training image; otherwise the first N (quick experiments, tests)
@@ -112,8 +118,8 @@ class TrainConfig:
 
     # settings that change the result; a resume must not change them (except epochs: see train)
     MATH_FIELDS = (
-        "hidden", "activation", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-        "lr_schedule", "val_size", "train_size", "augment", "tf32", "keep_best", "patience", "seed", "dtype",
+        "hidden", "activation", "epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "beta1",
+        "beta2", "eps", "lr_schedule", "val_size", "train_size", "augment", "tf32", "keep_best", "patience", "seed", "dtype",
         "dataset",
     ) + tuple(DISTORTION_RULES) + ("preprocess",)  # fmt: skip
 
@@ -125,12 +131,15 @@ class TrainConfig:
             check(name.replace("_", "-"), getattr(self, name), rule, SettingError)
         for name, allowed in (
             ("activation", ACTIVATIONS),
+            ("optimizer", tuple(OPTIMIZERS)),
             ("lr_schedule", tuple(SCHEDULES)),
             ("dtype", DTYPES),
             ("backend", BACKENDS),
             ("dataset", tuple(DATASETS)),
         ):
             check_choice(name.replace("_", "-"), getattr(self, name), allowed, SettingError)
+        if self.optimizer == "nesterov" and not self.momentum:
+            raise SettingError("--optimizer nesterov looks ahead along the momentum: give it --momentum > 0 (e.g. 0.9)")
         if self.train_size and self.val_size >= self.train_size:
             raise SettingError(
                 f"--val-size {self.val_size} leaves no training images (--train-size is {self.train_size})"

@@ -11,8 +11,8 @@ Two rules shape the loop:
   predictions of every step stay on the device in two small arrays (one slot
   per step) and are read back once per epoch. On a GPU the Python loop can
   run ahead of the device; on the CPU it costs two scalar stores per step.
-* Bit-exact resume on NumPy. A checkpoint holds the parameters, the momentum
-  buffer, the epoch reached, the config and the metrics so far; the shuffling
+* Bit-exact resume on NumPy. A checkpoint holds the parameters, the optimizer's
+  state (``state_dict()``), the epoch reached, the config and the metrics so far; the shuffling
   order depends only on (seed, epoch) and the learning rate only on
   (epoch, epochs, lr). So "k epochs, stop, resume to N" ends with exactly the
   parameters of "N epochs straight".
@@ -40,7 +40,7 @@ from ..data.datasets import class_names, data_folder
 from ..data.preprocess import PREPROCESSING
 from ..files import LOCK, check_interrupt, in_use, make_out_dir, read_npz
 from ..model import MLP
-from ..optim import SGD
+from ..optim import OPTIMIZERS, Optimizer, make_optimizer
 from ..progress import progress_bar
 from .config import SCHEDULES, SettingError, TrainConfig
 from .run_files import (
@@ -455,7 +455,7 @@ def load_run_data(config: TrainConfig) -> RunData:
 
 def build_model(
     config: TrainConfig, out: Path, backend: Backend, data: RunData, saved: tuple[TrainConfig, dict[str, Any]] | None
-) -> tuple[MLP, SGD, dict[str, Any], int]:
+) -> tuple[MLP, Optimizer, dict[str, Any], int]:
     """``(model, optimizer, metrics, epochs_done)``: new, or restored from the checkpoint of the run to continue."""
     if saved is None:
         model = MLP(
@@ -465,7 +465,7 @@ def build_model(
     else:
         check_same_data(config, out, saved[1]["config"], data)
         model = MLP.load(out / CHECKPOINT, backend=backend.name)
-    optimizer = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config.optimizer, model, config.lr, config)  # its settings are config fields
     if saved is None:
         epochs_done = 0
         run_config = config.to_dict()
@@ -536,7 +536,7 @@ def announce(
     say(
         f"training {data.n_inputs}-{config.hidden}-{data.n_classes} ({config.activation}) on {len(data.x_train)} "
         f"{config.dataset} images: {plural(config.epochs, 'epoch')}, batch {config.batch_size}, lr {config.lr:g} "
-        f"({config.lr_schedule}), momentum {config.momentum:g}{', augmented' if config.augment else ''}; writing to {out}"
+        f"({config.lr_schedule}), {_optimizer_words(config)}{', augmented' if config.augment else ''}; writing to {out}"
     )
 
 
@@ -544,7 +544,7 @@ class EpochLoop:
     """The epochs of a run: schedule, (augmented) batches, the step, divergence, evaluation, checkpoints, best epoch."""
 
     def __init__(
-        self, config: TrainConfig, out: Path, model: MLP, optimizer: SGD, data: RunData, metrics: dict[str, Any],
+        self, config: TrainConfig, out: Path, model: MLP, optimizer: Optimizer, data: RunData, metrics: dict[str, Any],
         say: Callable[[str], None], progress: bool,
     ) -> None:  # fmt: skip
         self.config, self.out, self.model, self.optimizer, self.data = config, out, model, optimizer, data
@@ -717,6 +717,19 @@ def summary_line(metrics: dict[str, Any], out: str | os.PathLike) -> str:
     else:
         timing = f" in {seconds:.1f} s"
     return f"done: {accuracy}, {plural(len(rows), 'epoch')}{timing}, in {out}"
+
+
+def _optimizer_words(config: TrainConfig) -> str:
+    """The optimizer and the settings it reads, as the first line says them.
+
+    >>> _optimizer_words(TrainConfig()), _optimizer_words(TrainConfig(optimizer="adam", weight_decay=0.01))
+    ('momentum 0.9', 'adam (beta1 0.9, beta2 0.999, eps 1e-08, weight decay 0.01)')
+    """
+    if config.optimizer == "sgd":  # the default run's line, as it always was
+        return f"momentum {config.momentum:g}"
+    rule = OPTIMIZERS[config.optimizer]
+    settings = ", ".join(f"{name.replace('_', ' ')} {getattr(config, name):g}" for name in rule.SETTINGS)
+    return f"{config.optimizer} ({settings})"
 
 
 def _backend_note(asked: str, backend: Backend) -> str:

@@ -18,7 +18,7 @@ from ..backend import Backend, to_numpy
 from ..data.datasets import classes_of
 from ..files import atomic_write, read_npz
 from ..model import MLP, PARAM_NAMES
-from ..optim import SGD
+from ..optim import Optimizer
 from .config import TrainConfig
 from .step import confusion_matrix
 
@@ -137,13 +137,17 @@ def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
         f.write(text.getvalue())
 
 
-def save_checkpoint(out_dir: Path, model: MLP, optimizer: SGD, epochs_done: int, config: dict, metrics: dict) -> None:
-    velocity = optimizer.velocity
+def save_checkpoint(
+    out_dir: Path, model: MLP, optimizer: Optimizer, epochs_done: int, config: dict, metrics: dict
+) -> None:
+    """checkpoint.npz: the parameters, the optimizer's state (``train.<name>``: SGD's ``train.velocity``, Adam's
+    ``train.m``, ``train.v``, ``train.t``), the epochs done, the config and the metrics."""
+    state = {f"train.{name}": value for name, value in optimizer.state_dict().items()}
     model.save(
         out_dir / CHECKPOINT,
         **{
             "train.epochs_done": np.int64(epochs_done),
-            "train.velocity": to_numpy(velocity) if velocity is not None else np.zeros(0, model.dtype),
+            **state,
             "train.config": json.dumps(config),
             "train.metrics": json.dumps(metrics),
         },
@@ -159,17 +163,16 @@ def load_params(path: Path, model: MLP) -> int:
     return int(arrays["train.epoch"])
 
 
-def restore_state(path: Path, model: MLP, optimizer: SGD) -> int:
-    """Put the checkpoint's momentum buffer into ``optimizer``; return the epochs already done."""
+def restore_state(path: Path, model: MLP, optimizer: Optimizer) -> int:
+    """Put the checkpoint's optimizer state into ``optimizer``; return the epochs already done."""
     arrays = read_npz(path, "a backprop-xp checkpoint")
     try:
-        epochs_done, velocity = int(arrays["train.epochs_done"]), arrays["train.velocity"]
+        epochs_done = int(arrays["train.epochs_done"])
+        optimizer.load_state_dict({name: arrays[f"train.{name}"] for name in optimizer.STATE})
     except KeyError as exc:
         raise ValueError(f"{path}: not a backprop-xp checkpoint (no {exc})") from exc
-    if optimizer.velocity is not None:
-        if velocity.shape != optimizer.velocity.shape:
-            raise ValueError(f"{path}: momentum buffer has shape {velocity.shape}, expected {optimizer.velocity.shape}")
-        optimizer.velocity[...] = model.xp.asarray(velocity)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     return epochs_done
 
 
@@ -198,7 +201,7 @@ def draw_run_pictures(out: Path, model: MLP, metrics: dict[str, Any], x_test: np
 def _run_title(config: dict[str, Any], model: MLP) -> str:
     title = (
         f"{model.n_inputs}-{model.n_hidden}-{model.n_outputs} {config['activation']}, batch {config['batch_size']}, "
-        f"lr {config['lr']:g} ({config['lr_schedule']}), momentum {config['momentum']:g}"
+        f"lr {config['lr']:g} ({config['lr_schedule']}), " + _optimizer_title(config)
     )
     if config.get("weight_decay"):
         title += f", weight decay {config['weight_decay']:g}"
@@ -206,6 +209,12 @@ def _run_title(config: dict[str, Any], model: MLP) -> str:
         title += ", augmented"
     data = "" if config.get("dataset", "mnist") == "mnist" else f"{config['dataset']}, "
     return data + title + f" ({config.get('backend_used', config['backend'])})"
+
+
+def _optimizer_title(config: dict[str, Any]) -> str:
+    """The optimizer in a picture's title: "momentum 0.9" for SGD (as before), else its name."""
+    name = config.get("optimizer", "sgd")
+    return f"momentum {config['momentum']:g}" if name == "sgd" else name
 
 
 def load_metrics(out_dir: str | os.PathLike) -> dict[str, Any] | None:

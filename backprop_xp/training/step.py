@@ -25,13 +25,13 @@ from ..backend import GPU_EXTRAS, INSTALL_GPU, array_module, to_numpy
 from ..files import check_interrupt
 from ..kernels import softmax_cross_entropy_
 from ..model import MLP
-from ..optim import SGD
+from ..optim import SGD, Optimizer
 
 # --------------------------------------------------------------------------- one step, one epoch
 
 
 def make_step(
-    model: MLP, optimizer: SGD, *, graphs: bool = True, tf32: bool = False, checked: bool = True
+    model: MLP, optimizer: Optimizer, *, graphs: bool = True, tf32: bool = False, checked: bool = True
 ) -> Callable[[Any, Any], tuple[Any, Any]]:
     """The training step ``step(xb, yb) -> (loss, n_correct)`` for this model's backend.
 
@@ -39,8 +39,12 @@ def make_step(
     is the step on NumPy. On CuPy, for the ``SGD`` update, it is the same
     math fused and captured as CUDA graphs (``cuda/step.py``, with TF32
     matrix products if ``tf32``), checked against this definition by the GPU
-    tests; an optimizer with a ``step()`` of its own keeps the definition on
-    CuPy too, so its update is never silently replaced. Without nvmath-python
+    tests; an optimizer with a ``step()`` of its own (``Nesterov``, ``Adam``,
+    ``AdamW``: ``optim.OPTIMIZERS``) keeps the definition on CuPy too, so its
+    update is never silently replaced. On the fused CPU path the same holds:
+    ``model.backprop`` runs the fused loops, and each ``step()`` chooses its
+    own update (``SGD`` and ``Adam``/``AdamW`` have fused loops bit-identical
+    to their ``xp`` lines; ``Nesterov`` runs its ``xp`` lines). Without nvmath-python
     (the fused step's cuBLAS calls), or where it cannot open cuBLAS, CuPy
     still trains with the definition, run eagerly on CuPy's own products: the
     process says once why graphs are off and what to install, and the step's
@@ -102,7 +106,7 @@ def _install(model: MLP) -> str:
     return INSTALL_GPU
 
 
-def warm_up(model: MLP, optimizer: SGD, batch_size: int) -> None:
+def warm_up(model: MLP, optimizer: Optimizer, batch_size: int) -> None:
     """One step of a throwaway twin of ``model`` and ``optimizer``, so that no epoch's time holds one-time loading.
 
     On the fused CPU path the first call of each compiled kernel loads it
@@ -116,7 +120,7 @@ def warm_up(model: MLP, optimizer: SGD, batch_size: int) -> None:
     if not fused_cpu.active(model.xp):
         return
     twin = MLP(model.n_inputs, model.n_hidden, model.n_outputs, activation=model.activation, dtype=model.dtype.name)
-    rule = SGD(twin, lr=optimizer.lr, momentum=optimizer.momentum, weight_decay=optimizer.weight_decay)
+    rule = type(optimizer)(twin, optimizer.lr, **optimizer.settings())  # the same update, so the same kernels
     make_step(twin, rule, checked=False)(
         np.zeros((batch_size, model.n_inputs), model.dtype), np.zeros(batch_size, np.int64)
     )

@@ -33,7 +33,7 @@ from .run import Diverged, train
 from .run_files import CHECKPOINT, load_metrics, read_checkpoint
 
 # Settings a sweep may vary (each given as a comma-separated list on the command line).
-SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule")
+SWEPT = ("hidden", "lr", "batch_size", "activation", "momentum", "weight_decay", "lr_schedule", "optimizer")
 # the distortions' strengths (with --augment), and the seed: one run per seed trains a committee's members
 SWEPT += ("augment_shift", "augment_rotation", "augment_scale", "elastic_alpha", "elastic_sigma", "seed")
 SWEPT += ("preprocess",)  # members trained on differently preprocessed digits make different mistakes
@@ -45,6 +45,7 @@ _SHORT = {
     "momentum": "m",
     "weight_decay": "wd",
     "lr_schedule": "",
+    "optimizer": "",
     "augment_shift": "shift",
     "augment_rotation": "rot",
     "augment_scale": "scale",
