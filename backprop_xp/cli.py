@@ -252,8 +252,8 @@ def _add_optimizer_flags(p: argparse.ArgumentParser, d: Any, many: Callable, eac
     """The optimizer (a sweep takes a list of them) and Adam's settings (one value each)."""
     p.add_argument(
         "--optimizer", type=many(choice_of(tuple(OPTIMIZERS))), metavar="{" + ",".join(OPTIMIZERS) + "}",
-        help=f"sgd (with --momentum), nesterov (Nesterov momentum), adam, adamw (Adam with decoupled weight decay; "
-        f"Adam's usual --lr is 1e-3){each} (default: {d.optimizer})",
+        help=f"sgd (with --momentum), nesterov (Nesterov momentum), adam, adamw (Adam with decoupled weight decay: give it --weight-decay, "
+        f"e.g. 0.01; Adam's usual --lr is 1e-3){each} (default: {d.optimizer})",
     )  # fmt: skip
     p.add_argument("--beta1", type=momentum_float, metavar="B1",
                    help=f"adam, adamw: decay of the gradient's running mean, in [0, 1) (default: {d.beta1:g})")  # fmt: skip
@@ -857,7 +857,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         description=(
             "Train every combination of the listed settings, each run in its own sub-folder of --out (as train "
             "would write it), and write sweep.csv, sweep.md and sweep.png. Runs are ranked by the accuracy on a "
-            "validation set held out of the training images (--val-size, 5000 by default, the same for every run); "
+            "validation set held out of the training images (--val-size, 5000 by default, the same for every run of one --seed); "
             "the test accuracy of each run's final model is reported beside it, never used to choose. On the CPU "
             "--jobs runs train in parallel processes; on a GPU runs go one after another. A failed or diverged "
             "run is recorded and the sweep goes on; running the same sweep into the same folder again skips the "

@@ -86,9 +86,16 @@ def _leaky_relu(z: Any) -> Any:
 
 def _leaky_relu_derivative(a: Any, out: Any) -> Any:
     xp = array_module(a)
-    out.fill(1)
-    xp.copyto(out, LEAKY_SLOPE, where=a <= 0)  # f' = 1 where a > 0 (a > 0 exactly where z > 0), else α
-    return out
+    xp.greater(a, 0, out=out)  # [a > 0] (a > 0 exactly where z > 0)
+    return xp.maximum(out, LEAKY_SLOPE, out=out)  # f' = 1 where a > 0, else α
+
+
+def _leaky_relu_and_slope(z: Any, fprime: Any) -> Any:
+    """Leaky ReLU with its derivative, as ReLU's: ``f'(z) = max([z > 0], α)``, then ``a = z ⊙ f'(z)``."""
+    xp = array_module(z)
+    xp.greater(z, 0, out=fprime)
+    xp.maximum(fprime, LEAKY_SLOPE, out=fprime)  # f'(z) = 1 where z > 0, else α
+    return xp.multiply(z, fprime, out=z)  # f(z) = z ⊙ f'(z): z if z > 0, else α z
 
 
 def he_normal(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -116,7 +123,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "sigmoid": Activation(_sigmoid, _sigmoid_derivative, glorot_uniform),
     "tanh": Activation(_tanh, _tanh_derivative, glorot_uniform),
     # He's draw: its factor for a slope α, 1 / (1 + α²), is 0.9999 at α = 0.01
-    "leaky_relu": Activation(_leaky_relu, _leaky_relu_derivative, he_normal),
+    "leaky_relu": Activation(_leaky_relu, _leaky_relu_derivative, he_normal, _leaky_relu_and_slope),
 }
 
 

@@ -179,6 +179,14 @@ def test_config_validates_the_optimizer_settings():
         TrainConfig(optimizer="adam", beta2=1.0).validate()
     with pytest.raises(SettingError, match="eps must be a finite number > 0"):
         TrainConfig(eps=0.0).validate()
+    # a hyperparameter the optimizer does not read is refused, not silently ignored (a sweep over
+    # --optimizer adam,sgd --momentum 0.5,0.9 would train two identical Adam runs)
+    with pytest.raises(SettingError, match="--momentum is not a setting of --optimizer adam"):
+        TrainConfig(optimizer="adam", momentum=0.5).validate()
+    with pytest.raises(SettingError, match="--beta1 is not a setting of --optimizer sgd"):
+        TrainConfig(optimizer="sgd", beta1=0.8).validate()
+    TrainConfig(optimizer="adamw", beta1=0.8).validate()  # its own settings, and the others at their defaults
+    TrainConfig(optimizer="nesterov", momentum=0.5).validate()
 
 
 # --------------------------------------------------------------------------- in a run

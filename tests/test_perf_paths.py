@@ -109,15 +109,16 @@ def test_sgd_with_momentum_and_weight_decay_matches_the_formulas():
     np.testing.assert_allclose(opt.velocity, v, rtol=1e-5, atol=1e-6)
 
 
-def test_training_step_allocates_no_batch_sized_array():
-    """After the first step, forward + backward + update reuse their buffers.
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_training_step_allocates_no_batch_sized_array(activation):
+    """After the first step, forward + backward + update reuse their buffers, whatever the activation.
 
     NumPy reports its array memory to tracemalloc. One ``(batch, hidden)``
     float32 array here is 256 KiB; the step may allocate only small things
     (per-example vectors of the softmax, NumPy's fixed 32 KiB ufunc buffer).
     """
     batch, hidden = 128, 512
-    m = bx.MLP(784, hidden, 10)
+    m = bx.MLP(784, hidden, 10, activation=activation)
     opt = bx.SGD(m, lr=0.1, momentum=0.9, weight_decay=1e-4)
     rng = np.random.default_rng(0)
     x, y = rng.random((batch, 784), dtype=np.float32), rng.integers(0, 10, size=batch)

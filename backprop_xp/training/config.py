@@ -138,6 +138,14 @@ class TrainConfig:
             ("dataset", tuple(DATASETS)),
         ):
             check_choice(name.replace("_", "-"), getattr(self, name), allowed, SettingError)
+        # A hyperparameter the chosen optimizer does not read would do nothing: say so rather than train as if it did.
+        unread = [
+            name
+            for name in ("momentum", "beta1", "beta2", "eps")
+            if name not in OPTIMIZERS[self.optimizer].SETTINGS and getattr(self, name) != getattr(TrainConfig, name)
+        ]
+        if unread:
+            raise SettingError(f"--{unread[0]} is not a setting of --optimizer {self.optimizer}: leave it out")
         if self.optimizer == "nesterov" and not self.momentum:
             raise SettingError("--optimizer nesterov looks ahead along the momentum: give it --momentum > 0 (e.g. 0.9)")
         if self.train_size and self.val_size >= self.train_size:

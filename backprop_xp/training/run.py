@@ -431,13 +431,13 @@ def restore_model(out: Path, metrics: dict[str, Any]) -> tuple[int, str]:
 def load_run_data(config: TrainConfig) -> RunData:
     """The data set, cut to ``train_size``, split for ``val_size``, and checked to fit ``batch_size``."""
     x_train, y_train, x_test, y_test = load_dataset(config.dataset, config.data_dir)
-    prepare = PREPROCESSING[config.preprocess]  # every image the network sees, as evaluate and predict will
-    x_train, x_test = prepare(x_train), prepare(x_test)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
     if config.train_size:
         if config.train_size > len(x_train):
             raise SettingError(f"--train-size {config.train_size} is more than the {len(x_train)} training images")
         x_train, y_train = x_train[: config.train_size], y_train[: config.train_size]
+    prepare = PREPROCESSING[config.preprocess]  # every image the network sees, as evaluate and predict will
+    x_train, x_test = prepare(x_train), prepare(x_test)  # (image by image: after the cut, the same images)
     chance = float(np.bincount(y_train, minlength=n_classes).max() / len(y_train))
     x_val = y_val = None
     if config.val_size:

@@ -54,7 +54,7 @@ _SHORT = {
     "seed": "s",
     "preprocess": "",
 }
-SWEEP_VAL_SIZE = 5000  # training images held out (seeded, the same for every run) to rank the runs by
+SWEEP_VAL_SIZE = 5000  # training images held out (seeded by --seed: the same within a seed) to rank the runs by
 DONE = ("finished", "diverged")  # a deterministic run that diverged would diverge again: not retried
 SUMMARY_FIELDS = (
     "name", "status", "val_accuracy", "best_val_accuracy", "best_val_epoch", "test_accuracy", "test_loss", "train_loss",
