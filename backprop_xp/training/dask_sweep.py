@@ -42,7 +42,7 @@ Choices, and why:
 A worker uses the backend its config asks for on its own machine: with
 ``backend="auto"`` a worker with a GPU trains there. One worker per GPU:
 ``CUDA_VISIBLE_DEVICES=0 dask worker tcp://host:8786 --nworkers 1 --nthreads 1``,
-then the same with 1, 2, ... (see the README).
+then the same with 1, 2, ... (see docs/sweeps.md).
 
 ``distributed`` is an optional dependency (``pip install 'backprop-xp[dask]'``),
 imported only inside the functions here.
