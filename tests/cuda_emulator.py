@@ -202,7 +202,10 @@ def build(text: str) -> ctypes.CDLL:
 
 # ---- ElementwiseKernel bodies: CuPy wraps a body into a loop over the element index ``i``; here it is a plain
 # C++ loop, each non-raw parameter a reference to element i, each raw one the whole array.
-ELEMENTWISE_TYPES = {"T": "T", "int32": "int", "int64": "long long", "float32": "float", "float64": "double"}
+# (tests/test_cuda_compile.py builds the CUDA kernel CuPy would compile from the same parse)
+ELEMENTWISE_TYPES = {
+    "T": "T", "int32": "int", "int64": "long long", "uint32": "unsigned int", "float32": "float", "float64": "double",
+}  # fmt: skip
 
 
 def elementwise_params(text: str) -> list[tuple[bool, str, str]]:
@@ -210,6 +213,7 @@ def elementwise_params(text: str) -> list[tuple[bool, str, str]]:
     out = []
     for part in text.split(","):
         words = part.split()
+        assert words[-2] in ELEMENTWISE_TYPES, f"unknown parameter type {words[-2]!r} in {text!r}"
         out.append((words[0] == "raw", words[-2], words[-1]))
     return out
 

@@ -35,12 +35,16 @@ def test_every_engine_either_runs_here_or_says_why_not():
     assert missing_reason("numpy") is None
 
 
-def test_an_engine_whose_library_is_missing_is_listed_with_the_reason(tmp_path, mnist_dir, monkeypatch, capsys):
-    # A fake 'sklearn' package first on the workers' path, failing to import as an absent one would.
+def hide_package(name: str, tmp_path, monkeypatch) -> None:
+    """A fake package ``name`` first on the workers' path, failing to import as an absent one would."""
     fake = tmp_path / "fake"
-    (fake / "sklearn").mkdir(parents=True)
-    (fake / "sklearn" / "__init__.py").write_text("raise ImportError('faked: no scikit-learn here')\n")
+    (fake / name).mkdir(parents=True)
+    (fake / name / "__init__.py").write_text(f"raise ImportError('faked: no {name} here')\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_an_engine_whose_library_is_missing_is_listed_with_the_reason(tmp_path, mnist_dir, monkeypatch, capsys):
+    hide_package("sklearn", tmp_path, monkeypatch)
     code, result = _bench(tmp_path / "out", mnist_dir, "--engines", "numpy,sklearn")
     assert code == 0
     assert result["missing"] == {"sklearn": "scikit-learn is not installed (pip install scikit-learn)"}
@@ -278,10 +282,7 @@ def test_compiled_engines_train_exactly_as_ours_on_the_same_start_and_order(engi
 
 
 def test_missing_jax_is_listed_with_the_reason(tmp_path, mnist_dir, monkeypatch, capsys):
-    fake = tmp_path / "fake"
-    (fake / "jax").mkdir(parents=True)
-    (fake / "jax" / "__init__.py").write_text("raise ImportError('faked: no JAX here')\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    hide_package("jax", tmp_path, monkeypatch)
     code, result = _bench(tmp_path / "out", mnist_dir, "--engines", "numpy,jax,jax-step")
     reason = "JAX is not installed (pip install 'backprop-xp[bench]', or pip install 'jax[cpu]')"
     assert code == 0 and result["missing"] == {"jax": reason, "jax-step": reason}

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 
 import pytest
+from cuda_emulator import ELEMENTWISE_TYPES, elementwise_params
 
 from backprop_xp.cuda import kernels as kc
 
@@ -41,14 +42,6 @@ from backprop_xp.cuda import kernels as kc
 ARCHS_BY_MAJOR = {
     12: (("compute_70", "c++11"), ("compute_90", "c++17")),
     13: (("compute_75", "c++17"), ("compute_90", "c++17")),
-}
-CTYPES = {
-    "T": "T",
-    "int64": "long long",
-    "int32": "int",
-    "uint32": "unsigned int",
-    "float32": "float",
-    "float64": "double",
 }
 # What CuPy 14.2 adds to the options of every kernel it compiles with NVRTC, whatever the kernel asks for
 # (read in its source): -ftz=true (cupy/cuda/compiler.py, _compile_with_cache_cuda: float32 subnormals
@@ -104,16 +97,18 @@ class Nvrtc:
             lib.nvrtcDestroyProgram(ctypes.byref(program))
 
 
-def _nvrtc_candidates() -> list[str]:
-    """Where libnvrtc may be: NVIDIA's wheels (``nvidia/cuda_nvrtc`` for 12, ``nvidia/cu13`` for 13), CUDA_PATH, the loader."""
-    found = []
+def _in_nvidia_wheels(folder: str, pattern: str) -> list[str]:
+    """Files named ``pattern`` in ``nvidia/*/folder`` of NVIDIA's wheels (the namespace package ``nvidia``)."""
     try:
         import nvidia
-
-        for folder in nvidia.__path__:
-            found += sorted(glob.glob(os.path.join(folder, "*", "lib", "libnvrtc.so*")))
     except ImportError:
-        pass
+        return []
+    return [path for root in nvidia.__path__ for path in sorted(glob.glob(os.path.join(root, "*", folder, pattern)))]
+
+
+def _nvrtc_candidates() -> list[str]:
+    """Where libnvrtc may be: NVIDIA's wheels (``nvidia/cuda_nvrtc`` for 12, ``nvidia/cu13`` for 13), CUDA_PATH, the loader."""
+    found = _in_nvidia_wheels("lib", "libnvrtc.so*")
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
         if root:
             found += sorted(glob.glob(os.path.join(root, "lib64", "libnvrtc.so*")))
@@ -159,24 +154,12 @@ def compile_ptx(nvrtc: Nvrtc, source: str, name: str, options: tuple[str, ...], 
         pytest.fail(f"{name} ({arch}) does not compile: {exc}\n--- source ---\n{source}")
 
 
-def _params(text: str) -> list[tuple[bool, str, str]]:
-    """``"raw T x, int32 n"`` -> ``[(True, "T", "x"), (False, "int32", "n")]``."""
-    out = []
-    for part in text.split(","):
-        words = part.split()
-        raw = words[0] == "raw"
-        ctype, name = words[-2], words[-1]
-        assert ctype in CTYPES, f"unknown parameter type {ctype!r} in {text!r}"
-        out.append((raw, ctype, name))
-    return out
-
-
 def standalone_elementwise(spec: kc.ElementwiseSpec, float_type: str) -> str:
     """The ElementwiseKernel ``spec`` as one self-contained CUDA kernel (see the module docstring)."""
     args, loads = [], []
     for is_output, text in ((False, spec.in_params), (True, spec.out_params)):
-        for raw, ctype, name in _params(text):
-            c = CTYPES[ctype]
+        for raw, ctype, name in elementwise_params(text):
+            c = ELEMENTWISE_TYPES[ctype]
             if raw:
                 args.append(f"{c}* {name}")
             else:
@@ -264,14 +247,7 @@ def test_a_broken_source_is_reported(nvrtc):
 
 def _ptxas_candidates() -> list[str]:
     """ptxas from NVIDIA's nvcc wheels (``nvidia/cu13/bin``, ``nvidia/cuda_nvcc/bin``), CUDA_PATH, the PATH."""
-    found = []
-    try:
-        import nvidia
-
-        for folder in nvidia.__path__:
-            found += sorted(glob.glob(os.path.join(folder, "*", "bin", "ptxas")))
-    except ImportError:
-        pass
+    found = _in_nvidia_wheels("bin", "ptxas")
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME")):
         if root:
             found.append(os.path.join(root, "bin", "ptxas"))

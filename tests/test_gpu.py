@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_kernel_twins import stepped_sgd
 
 import backprop_xp as bx
 from backprop_xp.cuda import kernels as kc
@@ -85,15 +86,8 @@ def test_public_softmax_cross_entropy_cupy_equals_numpy(cupy, dtype):
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-3)])
 def test_sgd_kernel_is_bit_identical_to_optim_sgd(cupy, dtype, momentum, weight_decay):
     """The update kernel against optim.SGD.step itself, on the same flat buffers."""
-    rng = np.random.default_rng(6)
-    model = bx.MLP(30, 20, 10, backend="numpy", dtype=dtype)
-    opt = bx.SGD(model, lr=0.037, momentum=momentum, weight_decay=weight_decay)
-    n = model.flat_params.size
-    w, g, v = (rng.normal(0, 1, n).astype(dtype) for _ in range(3))
-    model.flat_params[...], model.flat_grads[...] = w, g
-    if momentum:
-        opt.velocity[...] = v
-    opt.step()  # the reference: the optimizer itself, no re-derivation of its rule
+    opt, w, g, v = stepped_sgd(dtype, momentum, weight_decay)
+    model = opt.model
     w_dev, v_dev = cupy.asarray(w), cupy.asarray(v) if momentum else None
     hyper = cupy.asarray(np.array([opt.lr, momentum, weight_decay], dtype))
     kc.sgd_momentum_(w_dev, cupy.asarray(g), v_dev, hyper)

@@ -77,19 +77,27 @@ def test_every_elementwise_body_has_a_cpu_twin_test():
     assert sorted(spec.name for spec in kc.elementwise_specs()) == ["sgd_momentum", "sgd_plain"]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-3)])
-def test_sgd_bodies_equal_optim_sgd_bit_for_bit(dtype, momentum, weight_decay):
-    """The update kernels' bodies (sgd_momentum, sgd_plain) on the CPU against optim.SGD.step, to the bit."""
+def stepped_sgd(dtype: str, momentum: float, weight_decay: float) -> tuple[bx.SGD, np.ndarray, np.ndarray, np.ndarray]:
+    """``optim.SGD`` stepped once, the reference of the update kernels: ``(optimizer, w, g, v)``, the
+    weights, gradients and velocity it started from (its model and velocity hold the result)."""
     rng = np.random.default_rng(6)
-    model = bx.MLP(30, 20, 10, dtype=dtype)
+    model = bx.MLP(30, 20, 10, backend="numpy", dtype=dtype)
     opt = bx.SGD(model, lr=0.037, momentum=momentum, weight_decay=weight_decay)
     n = model.flat_params.size
     w, g, v = (rng.normal(0, 1, n).astype(dtype) for _ in range(3))
     model.flat_params[...], model.flat_grads[...] = w, g
     if momentum:
         opt.velocity[...] = v
-    opt.step()
+    opt.step()  # the optimizer itself, no re-derivation of its rule
+    return opt, w, g, v
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-3)])
+def test_sgd_bodies_equal_optim_sgd_bit_for_bit(dtype, momentum, weight_decay):
+    """The update kernels' bodies (sgd_momentum, sgd_plain) on the CPU against optim.SGD.step, to the bit."""
+    opt, w, g, v = stepped_sgd(dtype, momentum, weight_decay)
+    model = opt.model
     before = w.copy()
     hyper = np.array([opt.lr, momentum, weight_decay], dtype)
     if momentum:  # the argument order of sgd_momentum_: g, hyper, then w and v written in place

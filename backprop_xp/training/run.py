@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -71,6 +71,15 @@ def plural(n: int, word: str) -> str:
     ('1 epoch', '3 runs')
     """
     return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def few(names: Sequence[str], shown: int = 4) -> str:
+    """The first ``shown`` names, and how many more: ``"a, b, c, d and 2 more"``.
+
+    >>> few(["a", "b", "c", "d", "e", "f"])
+    'a, b, c, d and 2 more'
+    """
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 # --------------------------------------------------------------------------- a whole run
@@ -280,9 +289,8 @@ def check_new_run_folder(out: Path) -> None:
         return
     foreign = sorted(name for name in names if name not in RUN_LOGS)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise SettingError(
-            f"--out {out} is not empty and holds no run of backprop-xp ({shown}): choose a new or empty folder"
+            f"--out {out} is not empty and holds no run of backprop-xp ({few(foreign, 5)}): choose a new or empty folder"
         )
 
 

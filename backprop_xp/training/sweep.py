@@ -29,7 +29,7 @@ from typing import Any
 
 from ..files import atomic_write, interrupt, make_out_dir
 from .config import SettingError, TrainConfig
-from .run import Diverged, train
+from .run import Diverged, few, train
 from .run_files import CHECKPOINT, load_metrics, read_checkpoint
 
 # Settings a sweep may vary (each given as a comma-separated list on the command line).
@@ -176,7 +176,7 @@ def check_sweep_folder(configs: Sequence[dict[str, Any]], names: Sequence[str], 
     if differ:
         runs = sorted({name for names_ in differ.values() for name in names_})
         raise SettingError(
-            f"{out} holds runs of a sweep with other settings ({_few(runs)}): this sweep asks for "
+            f"{out} holds runs of a sweep with other settings ({few(runs)}): this sweep asks for "
             f"{'; '.join(differ)}; sweep into another --out, or give the settings of the sweep there"
         )
     # Runs this sweep does not have (another --lr list, say) would lose their rows in the tables it rewrites.
@@ -184,18 +184,9 @@ def check_sweep_folder(configs: Sequence[dict[str, Any]], names: Sequence[str], 
     others = [p.name for p in folders if p.name not in wanted and _saved_config(p) is not None]
     if others:
         raise SettingError(
-            f"{out} holds runs that this sweep does not have ({_few(others)}), whose rows its sweep.md would "
+            f"{out} holds runs that this sweep does not have ({few(others)}), whose rows its sweep.md would "
             "lose: sweep into another --out, or give the settings of the sweep there"
         )
-
-
-def _few(names: Sequence[str], shown: int = 4) -> str:
-    """``"a, b, c and 2 more"``.
-
-    >>> _few(["a", "b", "c", "d", "e", "f"])
-    'a, b, c, d and 2 more'
-    """
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _saved_config(run_dir: Path) -> TrainConfig | None:
