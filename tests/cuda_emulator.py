@@ -218,17 +218,24 @@ def elementwise_params(text: str) -> list[tuple[bool, str, str]]:
     return out
 
 
-def elementwise_cpp(spec, float_type: str) -> str:
-    """The ElementwiseKernel ``spec`` (``cuda.kernels.ElementwiseSpec``) as ``extern "C" void NAME_T(arrays..., n)``."""
+def elementwise_arguments(spec, const_raw_inputs: bool = False) -> tuple[list[str], list[str]]:
+    """An ElementwiseKernel's parameters as a C function's (``T* x_ptr``; a raw one ``T* x``), and the body's
+    names bound to element ``i`` of each non-raw array (``const T x = x_ptr[i];``, outputs by reference)."""
     args, loads = [], []
     for is_output, text in ((False, spec.in_params), (True, spec.out_params)):
         for raw, ctype, name in elementwise_params(text):
             c = ELEMENTWISE_TYPES[ctype]
             if raw:
-                args.append(f"const {c}* {name}" if not is_output else f"{c}* {name}")
+                args.append(f"const {c}* {name}" if const_raw_inputs and not is_output else f"{c}* {name}")
             else:
                 args.append(f"{c}* {name}_ptr")
                 loads.append(f"{c}& {name} = {name}_ptr[i];" if is_output else f"const {c} {name} = {name}_ptr[i];")
+    return args, loads
+
+
+def elementwise_cpp(spec, float_type: str) -> str:
+    """The ElementwiseKernel ``spec`` (``cuda.kernels.ElementwiseSpec``) as ``extern "C" void NAME_T(arrays..., n)``."""
+    args, loads = elementwise_arguments(spec, const_raw_inputs=True)
     return (
         f"namespace {spec.name}_{float_type} {{\ntypedef {float_type} T;\n{spec.preamble}\n"
         f'extern "C" void {spec.name}_{float_type}({", ".join(args)}, long long n) {{\n'

@@ -33,7 +33,7 @@ import shutil
 import subprocess
 
 import pytest
-from cuda_emulator import ELEMENTWISE_TYPES, elementwise_params
+from cuda_emulator import elementwise_arguments
 
 from backprop_xp.cuda import kernels as kc
 
@@ -156,15 +156,7 @@ def compile_ptx(nvrtc: Nvrtc, source: str, name: str, options: tuple[str, ...], 
 
 def standalone_elementwise(spec: kc.ElementwiseSpec, float_type: str) -> str:
     """The ElementwiseKernel ``spec`` as one self-contained CUDA kernel (see the module docstring)."""
-    args, loads = [], []
-    for is_output, text in ((False, spec.in_params), (True, spec.out_params)):
-        for raw, ctype, name in elementwise_params(text):
-            c = ELEMENTWISE_TYPES[ctype]
-            if raw:
-                args.append(f"{c}* {name}")
-            else:
-                args.append(f"{c}* {name}_ptr")
-                loads.append(f"{c}& {name} = {name}_ptr[i];" if is_output else f"const {c} {name} = {name}_ptr[i];")
+    args, loads = elementwise_arguments(spec)
     return (
         f"typedef {float_type} T;\n{spec.preamble}\n"
         f'extern "C" __global__ void {spec.name}({", ".join(args)}, long long n) {{\n'
