@@ -21,9 +21,9 @@ What happens inside, by hand::
 
 from .backend import Backend, BackendError, get_backend, to_numpy
 from .data import DataFormatError, Minibatches, load_mnist
-from .kernels import softmax_cross_entropy
+from .loss import softmax_cross_entropy
 from .model import MLP
-from .optim import OPTIMIZERS, SGD, Adam, AdamW, Nesterov, sgd_update
+from .optimizers import OPTIMIZERS, SGD, Adam, AdamW, Nesterov, sgd_update_
 from .training import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -43,7 +43,7 @@ __all__ = [
     "DataFormatError",
     "get_backend",
     "load_mnist",
-    "sgd_update",
+    "sgd_update_",
     "softmax_cross_entropy",
     "to_numpy",
     "train",

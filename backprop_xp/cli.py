@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .activations import ACTIVATIONS
 from .backend import BACKENDS, DTYPES, BackendError
 from .checks import AT_LEAST_0, AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Rule
 from .data import DATASETS
 from .files import signals_as_interrupts
-from .kernels import ACTIVATIONS
-from .optim import OPTIMIZERS
+from .optimizers import OPTIMIZERS
 from .training import DIVERGED_EXIT_CODE, SCHEDULES, SettingError, TrainConfig
 
 
@@ -982,7 +982,7 @@ def _say_sweep_interrupted(args: argparse.Namespace, names: list[str], out: str)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .bench.engines import DEFAULT_ENGINES, ENGINES  # names only: no engine library is imported here
+    from .speed.engines import DEFAULT_ENGINES, ENGINES  # names only: no engine library is imported here
 
     p = sub.add_parser(
         "bench",
@@ -1050,7 +1050,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import command
+    from .speed import command
 
     check_data_env("mnist", args.data_dir)
     return command(args)

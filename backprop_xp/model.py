@@ -12,11 +12,11 @@ and, by the chain rule::
     δ1 = δ2 W2 ⊙ f'(z1)      ∂L/∂W1 = δ1ᵀ x      ∂L/∂b1 = Σ_b δ1
 
 ``MLP.backprop`` is exactly these lines, written against the array module
-``xp`` (NumPy or CuPy) into buffers allocated once per batch size, so the
-training loop allocates nothing large per step. On the CPU with the ``[fast]``
-extra and ReLU, the lines between ``x W1ᵀ`` and ``δ1ᵀ x`` run as one compiled
-loop instead (``fused_cpu.relu_output_layer_``, the same formulas, checked
-against these lines by ``tests/test_fused_cpu.py``).
+``xp`` (NumPy or CuPy) into buffers allocated once per batch size
+(``workspace.py``), so the training loop allocates nothing large per step. It
+is the definition: the fused steps (``cpu/fused_cpu_step.py``,
+``cuda/fused_gpu_step.py``) compute the same lines in fewer passes and are
+checked against it; ``step.make_step`` is the one place that chooses.
 """
 
 from __future__ import annotations
@@ -24,66 +24,21 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import fused_cpu
+from .activations import ACTIVATIONS, activation_forward_
 from .backend import get_backend, resolve_dtype, to_numpy
 from .checks import AT_LEAST_0, AT_LEAST_1, check, check_choice
 from .files import atomic_savez, read_npz
-from .kernels import ACTIVATIONS, activation_forward_, check_labels, softmax_, softmax_cross_entropy_
+from .loss import check_labels, softmax_, softmax_cross_entropy_
+from .workspace import PerBatchSize, Workspace
 
 PARAM_NAMES = ("W1", "b1", "W2", "b2")
 # Rows of a batch pushed through the network at once by predict/evaluate: big
 # enough to keep BLAS busy, small enough to bound memory (4096 x 800 x 4 B = 13 MB).
 EVAL_CHUNK = 4096
-
-
-class PerBatchSize(dict):
-    """Buffers kept per batch size, built on first use by ``build(batch)``.
-
-    A training run uses two sizes (the full batch and the epoch's last,
-    partial one) and evaluation a few chunk sizes, so a handful are kept; a
-    new size beyond ``limit`` starts the cache afresh rather than growing it
-    without bound. The model's workspaces and the GPU step's buffers both use it.
-    """
-
-    def __init__(self, build: Callable[[int], Any], limit: int = 4) -> None:
-        super().__init__()
-        self.build, self.limit = build, limit
-
-    def __call__(self, batch: int) -> Any:
-        found = self.get(batch)
-        if found is None:
-            if len(self) >= self.limit:
-                self.clear()
-            found = self[batch] = self.build(batch)
-        return found
-
-
-class _Workspace:
-    """Activations, deltas and constants for one batch size, reused every step.
-
-    The output layer's arrays are ``(B, K)`` views of ``(K, B)`` buffers (K = 10
-    classes): the softmax's per-example max and sum, and the argmax, then
-    reduce along the long contiguous axis instead of over ten-element rows,
-    which NumPy does several times faster. The math does not see the layout.
-    """
-
-    def __init__(self, xp: Any, batch: int, n_hidden: int, n_outputs: int, dtype: np.dtype, *, training: bool) -> None:
-        # The fused ReLU step of fused_cpu reads and writes only a1, z2, delta2,
-        # delta1 and row_loss; the others serve the NumPy path, a few kB to 0.4 MB.
-        self.a1 = xp.empty((batch, n_hidden), dtype)  # holds z1, then a1 = f(z1) in place
-        self.fprime = xp.empty((batch, n_hidden), dtype)  # f'(z1), written by the forward pass
-        self.z2 = xp.empty((n_outputs, batch), dtype).T  # (B, K), stored transposed
-        if training:  # the backward pass's buffers; evaluation needs none of them
-            self.delta1 = xp.empty((batch, n_hidden), dtype)
-            self.delta2 = xp.empty((n_outputs, batch), dtype).T  # (B, K), stored transposed
-            self.ones = xp.ones(batch, dtype)  # Σ_b v = 1ᵀ v, a matrix-vector product for BLAS
-            self.rows = xp.arange(batch)  # the row index of each label, for the softmax
-            self.row_loss = xp.empty(batch, dtype)  # −log ŷ_y of each row (the fused CPU kernel's)
 
 
 class MLP:
@@ -178,20 +133,21 @@ class MLP:
         )
 
     # ------------------------------------------------------------------ the math
-    def _new_workspace(self, batch: int, *, training: bool) -> _Workspace:
-        return _Workspace(self.xp, batch, self.n_hidden, self.n_outputs, self.dtype, training=training)
+    def workspace(self, batch: int) -> Workspace:
+        """The training buffers for ``batch`` rows (built on first use, then reused; the fused CPU step writes here too)."""
+        return self._workspaces(batch)
 
-    def _forward_into(self, x: Any, ws: _Workspace, *, keep_fprime: bool = False) -> None:
+    def _new_workspace(self, batch: int, *, training: bool) -> Workspace:
+        return Workspace(self.xp, batch, self.n_hidden, self.n_outputs, self.dtype, training=training)
+
+    def forward_into(self, x: Any, ws: Workspace, *, keep_fprime: bool = False) -> None:
         """z1 = x W1ᵀ + b1, a1 = f(z1), z2 = a1 W2ᵀ + b2, into the workspace (and f'(z1) if asked)."""
         xp, p = self.xp, self.params
         xp.matmul(x, p["W1"].T, out=ws.a1)
-        if self.activation == "relu" and fused_cpu.active(xp):
-            fused_cpu.bias_relu_(ws.a1, p["b1"], ws.fprime)  # the two lines below in one pass
-        else:
-            ws.a1 += p["b1"]
-            # ReLU always goes through its mask: z ⊙ [z > 0] is cheaper than NumPy's maximum.
-            keep_fprime = keep_fprime or self.activation == "relu"
-            activation_forward_(ws.a1, self.activation, fprime=ws.fprime if keep_fprime else None)
+        ws.a1 += p["b1"]
+        # ReLU always goes through its mask: z ⊙ [z > 0] is cheaper than NumPy's maximum.
+        keep_fprime = keep_fprime or self.activation == "relu"
+        activation_forward_(ws.a1, self.activation, fprime=ws.fprime if keep_fprime else None)
         xp.matmul(p["W2"], ws.a1.T, out=ws.z2.T)  # z2ᵀ = W2 a1ᵀ: z2 = a1 W2ᵀ into its (K, B) buffer
         ws.z2 += p["b2"]
 
@@ -210,30 +166,26 @@ class MLP:
         n_correct : 0-d array
             How many rows the forward pass classified correctly.
         """
-        xp, p, g = self.xp, self.params, self.grads
-        if x.ndim != 2 or labels.shape != (x.shape[0],):  # the compiled kernels would read past the labels
+        xp = self.xp
+        if x.ndim != 2 or labels.shape != (x.shape[0],):  # a fused step would read past the labels
             raise ValueError(f"backprop needs x (batch, {self.n_inputs}) and labels (batch,), got "
                              f"{tuple(x.shape)} and {tuple(labels.shape)}")  # fmt: skip
         ws = self._workspaces(x.shape[0])
-        if self.activation == "relu" and fused_cpu.active(xp):
-            # The lines below, the two large products aside, in one compiled pass per block of rows.
-            xp.matmul(x, p["W1"].T, out=ws.a1)
-            loss, n_correct = fused_cpu.relu_output_layer_(p, g, labels, ws)
-            xp.matmul(ws.delta1.T, x, out=g["W1"])
-            return loss, n_correct
-        self._forward_into(x, ws, keep_fprime=True)
-        if fused_cpu.active(xp):  # the two lines below in one pass per row
-            loss, n_correct = fused_cpu.output_layer_(ws.z2, labels, ws.delta2, ws.row_loss)
-        else:
-            n_correct = xp.count_nonzero(ws.z2.argmax(axis=1) == labels)
-            loss = softmax_cross_entropy_(ws.z2, labels, out=ws.delta2, rows=ws.rows)  # δ2 = (ŷ − y) / B
+        self.forward_into(x, ws, keep_fprime=True)
+        n_correct = xp.count_nonzero(ws.z2.argmax(axis=1) == labels)
+        loss = softmax_cross_entropy_(ws.z2, labels, out=ws.delta2, rows=ws.rows)  # δ2 = (ŷ − y) / B
+        self.backward_into(x, ws)
+        return loss, n_correct
+
+    def backward_into(self, x: Any, ws: Workspace) -> None:
+        """From ``δ2`` (in ``ws.delta2``) back to every gradient: ``∂L/∂W2``, ``∂L/∂b2``, ``δ1``, ``∂L/∂W1``, ``∂L/∂b1``."""
+        xp, p, g = self.xp, self.params, self.grads
         xp.matmul(ws.delta2.T, ws.a1, out=g["W2"])  # ∂L/∂W2 = δ2ᵀ a1
         xp.matmul(ws.delta2.T, ws.ones, out=g["b2"])  # ∂L/∂b2 = Σ_b δ2 = δ2ᵀ 1
         xp.matmul(ws.delta2, p["W2"], out=ws.delta1)
         ws.delta1 *= ws.fprime  # δ1 = δ2 W2 ⊙ f'(z1)
         xp.matmul(ws.delta1.T, x, out=g["W1"])  # ∂L/∂W1 = δ1ᵀ x
         xp.matmul(ws.ones, ws.delta1, out=g["b1"])  # ∂L/∂b1 = Σ_b δ1 = 1ᵀ δ1
-        return loss, n_correct
 
     # ------------------------------------------------------------------ public API
     def as_input(self, x: Any) -> Any:
@@ -297,7 +249,7 @@ class MLP:
         for start in range(0, x.shape[0], EVAL_CHUNK):
             chunk = x[start : start + EVAL_CHUNK]
             ws = self._eval_workspaces(chunk.shape[0])
-            self._forward_into(chunk, ws)
+            self.forward_into(chunk, ws)
             out[start : start + chunk.shape[0]] = ws.z2
         return out
 
@@ -427,7 +379,7 @@ def _flat_buffer(xp: Any, shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -
 
 def _initial_params(shapes: dict[str, tuple[int, ...]], activation: str, seed: int) -> dict[str, np.ndarray]:
     """Zero biases, and weights drawn in float64 with NumPy as the activation's table entry says (He for ReLU,
-    Glorot for sigmoid and tanh: ``kernels.ACTIVATIONS``)."""
+    Glorot for sigmoid and tanh: ``activations.ACTIVATIONS``)."""
     rng = np.random.default_rng(seed)
     draw = ACTIVATIONS[activation].init
     return {name: np.zeros(shape) if name.startswith("b") else draw(rng, shape) for name, shape in shapes.items()}

@@ -1,6 +1,6 @@
 """GPU benchmark for ``scripts/gpu_check.sh``: ``backprop-xp bench`` with the GPU engines, plus issue 12's targets.
 
-The measuring is ``backprop_xp.bench`` (one implementation for every engine):
+The measuring is ``backprop_xp.speed`` (one implementation for every engine):
 ``cupy`` (our step with CUDA graphs), ``cupy-eager``, ``torch-cuda`` (PyTorch
 eager) and ``torch-cuda-graph`` (PyTorch's whole step captured as one CUDA
 graph), each in its own process, data on the device, the same shuffles, CUDA
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from backprop_xp.bench import Settings, run, write_files
+    from backprop_xp.speed import Settings, run, write_files
 
     if args.tf32:
         print("bench_gpu: --tf32 is not measured here (float32 only); `train --tf32` shows its effect", file=sys.stderr)
@@ -115,7 +115,7 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     """The benchmark's table and the targets (``gpu_check.sh`` prints this from the JSON)."""
-    from backprop_xp.bench import table as bench_table
+    from backprop_xp.speed import table as bench_table
 
     lines = [bench_table(report)]
     verdicts = report.get("targets") or {}

@@ -3,7 +3,7 @@
     python bench/compare.py                  # the full run (a few minutes on 2 cores)
     python bench/compare.py --quick          # a tiny run, to check that it works
 
-The measuring is ``backprop_xp.bench`` (engines ``numpy`` and ``torch-cpu``,
+The measuring is ``backprop_xp.speed`` (engines ``numpy`` and ``torch-cpu``,
 each in its own worker process, rounds interleaved); this script only picks
 its settings and writes the results in the format of ``bench/RESULTS.md``,
 which ``backprop-xp bench`` does not: on MNIST-shaped random data (no MNIST
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     import math
     from pathlib import Path
 
-    from backprop_xp.bench import Settings, run
     from backprop_xp.files import atomic_write
+    from backprop_xp.speed import Settings, run
 
     if removed:
         print(f"compare.py: removed {', '.join(removed)} from its own environment and its workers' (see the docstring)")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _machine(bench: dict, threads: int, removed: list[str]) -> dict:
     """The machine keys of ``RESULTS.md``, from what the two workers reported."""
-    from backprop_xp.bench.report import cpu_step
+    from backprop_xp.speed.report import cpu_step
 
     ours, theirs = bench["engines"]["numpy"], bench["engines"]["torch-cpu"]
     return {
@@ -171,7 +171,7 @@ def _machine(bench: dict, threads: int, removed: list[str]) -> dict:
         "torch": theirs["torch"],
         "torch_threads": theirs["torch_threads"],
         "torch_blas": theirs["torch_blas"],
-        "train_loop": "backprop_xp.training.run_epoch + data.Minibatches + training.make_step (backprop_xp.bench engine numpy)",
+        "train_loop": "backprop_xp.training.run_epoch + data.Minibatches + training.make_step (backprop_xp.speed engine numpy)",
         "cpu_step": cpu_step(ours["cpu_step"]) if ours.get("cpu_step") else "?",
         "openblas_env_removed": removed,
     }

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 import backprop_xp as bx  # noqa: E402
 from backprop_xp.backend import BackendError, get_backend  # noqa: E402
-from backprop_xp.cuda.step import make_gpu_step  # noqa: E402
+from backprop_xp.cuda.fused_gpu_step import make_gpu_step  # noqa: E402
 from backprop_xp.files import atomic_write  # noqa: E402
 
 SHAPES = [(128, 128), (800, 128), (128, 32), (800, 4096)]  # (hidden, batch)

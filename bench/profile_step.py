@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads as w  # noqa: E402
 
 import backprop_xp as bx  # noqa: E402
-from backprop_xp.kernels import activation_forward_, softmax_cross_entropy_  # noqa: E402
+from backprop_xp.activations import activation_forward_
+from backprop_xp.loss import softmax_cross_entropy_  # noqa: E402
 
 
 def best_time(fn, clock, calls: int = 20, windows: int = 15) -> float:

@@ -1,6 +1,6 @@
 """The workloads of the pytest-benchmark suite (``test_bench_cpu.py``): single operations, one process.
 
-The comparison between libraries is ``backprop-xp bench`` (``backprop_xp.bench``,
+The comparison between libraries is ``backprop-xp bench`` (``backprop_xp.speed``,
 which ``compare.py`` calls); this module shares its pieces (the GEMM bound, the
 random MNIST-shaped data, PyTorch's network with our initial parameters) and
 wraps them for pytest-benchmark. Three contestants run the same work on
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 import backprop_xp as bx
-from backprop_xp.bench.engines import GemmBound, mnist_shaped, seconds_per_call, torch_mlp
 from backprop_xp.data import Minibatches
+from backprop_xp.speed.engines import GemmBound, mnist_shaped, seconds_per_call, torch_mlp
 from backprop_xp.training import make_step, run_epoch
 
 __all__ = ["GemmBound", "Ours", "TorchNet", "batches_of", "mnist_shaped", "run_all", "run_all_x", "seconds_per_call"]

@@ -57,7 +57,7 @@ def train_one(variant: str, data: tuple, epochs: int) -> dict:
     elif variant == "numpy":
         step = make_step(model, opt)
     else:
-        from backprop_xp.cuda.step import make_gpu_step, set_tf32
+        from backprop_xp.cuda.fused_gpu_step import make_gpu_step, set_tf32
 
         set_tf32(variant.endswith("tf32"))
         if variant == "cupy_graphs":
@@ -86,7 +86,7 @@ def train_one(variant: str, data: tuple, epochs: int) -> dict:
     if getattr(step, "capture_error", None):
         result["capture_error"] = step.capture_error
     if variant.endswith("tf32"):
-        from backprop_xp.cuda.step import set_tf32
+        from backprop_xp.cuda.fused_gpu_step import set_tf32
 
         set_tf32(False)
     return result

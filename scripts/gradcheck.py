@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 import backprop_xp as bx
+from backprop_xp.activations import ACTIVATIONS
 from backprop_xp.gradcheck import numeric_gradient, relative_error
-from backprop_xp.kernels import ACTIVATIONS
 
 
 def main() -> None:

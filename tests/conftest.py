@@ -114,17 +114,17 @@ def _require_fast() -> bool:
 
 @pytest.fixture(params=["numpy", "fast"])
 def cpu_path(request):
-    """Runs the test on the plain NumPy CPU path and on the fused Numba one (``backprop_xp.fused_cpu``)."""
-    from backprop_xp import fused_cpu
+    """Runs the test on the plain NumPy CPU path and on the fused Numba one (``backprop_xp.cpu.numba_loops``)."""
+    from backprop_xp.cpu import numba_loops
 
-    if request.param == "fast" and not fused_cpu.available():
+    if request.param == "fast" and not numba_loops.available():
         message = "Numba not installed: the fast CPU path (pip install 'backprop-xp[fast]') is not tested"
         if _require_fast():
             pytest.fail(message + " but BACKPROP_XP_REQUIRE_FAST is set")
         pytest.skip(message)
-    previous = fused_cpu.set_enabled(request.param == "fast")
+    previous = numba_loops.set_enabled(request.param == "fast")
     yield request.param
-    fused_cpu.set_enabled(previous)
+    numba_loops.set_enabled(previous)
 
 
 def pytest_terminal_summary(terminalreporter):

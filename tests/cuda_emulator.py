@@ -1,4 +1,4 @@
-"""Run the CUDA sources of cuda/kernels.py on the CPU: each CUDA thread a real thread; each elementwise body a loop.
+"""Run the CUDA sources of cuda/cuda_kernels.py on the CPU: each CUDA thread a real thread; each elementwise body a loop.
 
 The CUDA sources are compiled as C++ by g++ with a small shim, and a launch
 runs its blocks one after another; in a block, each of the ``blockDim.x``

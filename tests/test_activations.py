@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import backprop_xp as bx
+from backprop_xp.activations import ACTIVATIONS, LEAKY_SLOPE, activation_derivative, activation_forward_
 from backprop_xp.gradcheck import numeric_gradient, relative_error
-from backprop_xp.kernels import ACTIVATIONS, LEAKY_SLOPE, activation_derivative, activation_forward_
 
 # The functions themselves, written independently of the table (one NumPy expression each).
 FORMULAS = {
@@ -87,7 +87,7 @@ def test_leaky_relu_cuda_source_matches_its_xp_lines_on_the_emulator(dtype, batc
     against its NumPy twin; a1 = f(z1 + b1) must be equal bit for bit (one product, rounded the same way)."""
     from test_cuda_emulated import case, close, run_output_layer
 
-    from backprop_xp.cuda import kernels as kc
+    from backprop_xp.cuda import cuda_kernels as kc
 
     z1, params, labels = case(np.random.default_rng(batch), batch, n_hidden, 10, dtype)
     assert (z1 + params["b1"] < 0).any()

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from backprop_xp import cli
-from backprop_xp.bench import report, summarize
-from backprop_xp.bench.engines import ENGINES, missing_reason
+from backprop_xp.speed import report, summarize
+from backprop_xp.speed.engines import ENGINES, missing_reason
 
 TINY = ["--hidden", "16", "--batch-size", "64", "--epochs", "1", "--train-size", "2000"]
 
@@ -254,7 +254,7 @@ def test_ctrl_c_or_sigterm_prints_the_table_of_the_rounds_so_far(tmp_path, mnist
 @pytest.fixture(scope="module")
 def small_mnist(mnist_dir):
     """1,000 MNIST training images (15 batches of 64 and a last one of 40) and the test set."""
-    from backprop_xp.bench.engines import load_data
+    from backprop_xp.speed.engines import load_data
 
     return load_data(str(mnist_dir), train_size=1000)
 
@@ -262,7 +262,7 @@ def small_mnist(mnist_dir):
 @pytest.mark.parametrize("engine", ["jax", "jax-step", "torch-compile"])
 def test_compiled_engines_train_exactly_as_ours_on_the_same_start_and_order(engine, small_mnist, reference_missing):
     # The oracle is our NumPy engine: same He-normal start, same epoch_permutation order, same SGD with momentum.
-    from backprop_xp.bench.engines import Builder
+    from backprop_xp.speed.engines import Builder
 
     library = "jax" if engine.startswith("jax") else "torch"
     if missing_reason(engine) is not None:

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from test_cublas import emulated_cublas
 
-from backprop_xp.bench.engines import N_INPUTS, N_OUTPUTS, _bound_scale, batch_slices, cupy_gemm_bound
 from backprop_xp.cuda.cublas import Blas
+from backprop_xp.speed.engines import N_INPUTS, N_OUTPUTS, _bound_scale, batch_slices, cupy_gemm_bound
 
 
 class FakeCuda:

@@ -1,4 +1,4 @@
-"""The CUDA Adam kernel (cuda/kernels.py ADAM_SPEC): compiled by NVRTC, and run on the CPU emulator against Adam.step."""
+"""The CUDA Adam kernel (cuda/cuda_kernels.py ADAM_SPEC): compiled by NVRTC, and run on the CPU emulator against Adam.step."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from cuda_emulator import EmulatedKernels
 from test_cuda_compile import compile_ptx, nvrtc, standalone_elementwise  # noqa: F401 - nvrtc is a fixture
 
 import backprop_xp as bx
-from backprop_xp import fused_cpu
-from backprop_xp.cuda import kernels as kc
-from backprop_xp.optim import Adam, AdamW
+from backprop_xp.cpu import numba_loops
+from backprop_xp.cuda import cuda_kernels as kc
+from backprop_xp.optimizers import Adam, AdamW
 
 PARAMS = [("T*", "g_ptr"), ("T*", "hyper"), ("T*", "w_ptr"), ("T*", "m_ptr"), ("T*", "v_ptr"), ("int", "n")]
 
@@ -49,7 +49,7 @@ def _emulated() -> EmulatedKernels:
 @pytest.mark.parametrize("kind, weight_decay", [(Adam, 0.0), (Adam, 1e-2), (AdamW, 1e-2)])
 def test_adam_kernel_on_the_emulator_equals_adam_step_bit_for_bit(kind, weight_decay, dtype):
     emulated, rng = _emulated(), np.random.default_rng(11)
-    previous = fused_cpu.set_enabled(False)  # the reference is the xp lines themselves
+    previous = numba_loops.set_enabled(False)  # the reference is the xp lines themselves
     try:
         model = bx.MLP(30, 20, 10, dtype=dtype, seed=2)
         opt = kind(model, lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-7, weight_decay=weight_decay)
@@ -62,7 +62,7 @@ def test_adam_kernel_on_the_emulator_equals_adam_step_bit_for_bit(kind, weight_d
             name = "adam_float" if dtype == "float32" else "adam_double"
             emulated.launch(name, 4, 32, 0, g, hyper, w, m, v, w.size)  # 128 threads: a grid-stride loop
     finally:
-        fused_cpu.set_enabled(previous)
+        numba_loops.set_enabled(previous)
     np.testing.assert_array_equal(m, opt.m)
     np.testing.assert_array_equal(v, opt.v)
     np.testing.assert_array_equal(w, model.flat_params)

@@ -1,4 +1,4 @@
-"""Every CUDA source in cuda/kernels.py compiles with NVRTC 12 and NVRTC 13, as CuPy compiles it, without a GPU.
+"""Every CUDA source in cuda/cuda_kernels.py compiles with NVRTC 12 and NVRTC 13, as CuPy compiles it, without a GPU.
 
 NVRTC (the CUDA runtime compiler CuPy uses) needs no device, so this runs on
 the CPU CI machine, once per CUDA major version: ``nvidia-cuda-nvrtc-cu12``
@@ -35,7 +35,7 @@ import subprocess
 import pytest
 from cuda_emulator import elementwise_arguments
 
-from backprop_xp.cuda import kernels as kc
+from backprop_xp.cuda import cuda_kernels as kc
 
 # (architecture, C++ dialect) per CUDA major version: the oldest GPU that major supports (Volta for 12,
 # Turing for 13) in the oldest dialect a CuPy may ask for, and the H100/H200 the benchmarks target.

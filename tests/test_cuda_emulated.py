@@ -1,4 +1,4 @@
-"""The output-layer kernel of cuda/kernels.py, run on the CPU by tests/cuda_emulator.py, against its NumPy twin.
+"""The output-layer kernel of cuda/cuda_kernels.py, run on the CPU by tests/cuda_emulator.py, against its NumPy twin.
 
 No GPU is needed: the kernels' own source is compiled with g++ and each CUDA
 thread runs as a host thread (see the emulator's docstring for what that
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from cuda_emulator import OUTPUT_LAYER_PARAMS, EmulatedKernels
 
-from backprop_xp.cuda import kernels as kc
+from backprop_xp.cuda import cuda_kernels as kc
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import backprop_xp as bx
-from backprop_xp.kernels import ACTIVATIONS
+from backprop_xp.activations import ACTIVATIONS
 
 pytestmark = pytest.mark.usefixtures("cpu_path")  # the NumPy and the fused CPU paths alike
 

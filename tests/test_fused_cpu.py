@@ -1,12 +1,12 @@
-"""The fused CPU kernels (``backprop_xp.fused_cpu``, Numba) against the NumPy code they replace.
+"""The fused CPU kernels (``backprop_xp.cpu.numba_loops``, Numba) against the NumPy code they replace.
 
-Bit-identical where the operations are the same (bias + ReLU + mask, the whole
-SGD update, on one thread and on several); within a stated tolerance where
+Bit-identical where the operations are the same (the whole SGD update, on one
+thread and on several); within a stated tolerance where
 ``exp`` and ``log`` come from another library (the output layer):
 ``|Δδ2| <= 4 eps / B`` per entry (every entry of ``δ2`` lies in ``[-1/B, 1/B]``)
 and ``|Δloss| <= 4 eps max(1, loss)``; the measured worst case over 300 random
 batches was 1.9 eps / B and 1.4 eps in float32, and 0.5 eps / B and 0 in float64.
-The ReLU output layer (``relu_output_layer_``) also sums its small matrix
+The ReLU output layer (``relu_output_layer_loop_``) also sums its small matrix
 products in its own order; its tolerance is stated against a float64 reference
 in ``test_relu_output_layer_is_as_accurate_as_the_blas_path``.
 """
@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 
 import backprop_xp as bx
-from backprop_xp import fused_cpu
-from backprop_xp.kernels import activation_forward_, softmax_cross_entropy_
+from backprop_xp.cpu import numba_loops
+from backprop_xp.cpu.fused_cpu_step import FusedCpuStep
+from backprop_xp.loss import softmax_cross_entropy_
+from backprop_xp.step import TextbookStep, make_step
 
-if not fused_cpu.available():
+if not numba_loops.available():
     if os.environ.get("BACKPROP_XP_REQUIRE_FAST", "") not in ("", "0"):
         pytest.fail("Numba not installed but BACKPROP_XP_REQUIRE_FAST is set", pytrace=False)
     pytest.skip("Numba not installed: the fast CPU path is not tested", allow_module_level=True)
@@ -34,13 +36,13 @@ DTYPES = [np.float32, np.float64]
 def kernel_mode(request, monkeypatch):
     """Run the kernels on the calling thread, and split over two threads even for small arrays."""
     if request.param == "parallel":
-        monkeypatch.setattr(fused_cpu, "PARALLEL_MIN", 1)
-        previous = fused_cpu._state["threads"]
-        fused_cpu.set_threads(2)
+        monkeypatch.setattr(numba_loops, "PARALLEL_MIN", 1)
+        previous = numba_loops._state["threads"]
+        numba_loops.set_threads(2)
         yield request.param
-        fused_cpu._state["threads"] = previous
+        numba_loops._state["threads"] = previous
     else:
-        monkeypatch.setattr(fused_cpu, "PARALLEL_MIN", 1 << 62)
+        monkeypatch.setattr(numba_loops, "PARALLEL_MIN", 1 << 62)
         yield request.param
 
 
@@ -52,39 +54,19 @@ def identical(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bias_relu_is_bit_identical_to_numpy(dtype, kernel_mode):
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(33, 70)).astype(dtype)
-    b = rng.normal(size=70).astype(dtype)
-    z[0, :8] = [0.0, -0.0, 1e-30, -1e-30, np.inf, -np.inf, np.nan, np.finfo(dtype).max]
-    b[:8] = 0  # so that the specials reach the ReLU unchanged
-    z[1, :3] = np.finfo(dtype).smallest_subnormal * np.array([1, -1, 3])
-    want, want_mask = z.copy(), np.empty_like(z)
-    want += b
-    with np.errstate(invalid="ignore"):  # -inf ⊙ 0 is NaN on both paths
-        activation_forward_(want, "relu", fprime=want_mask)
-    got, got_mask = z.copy(), np.full_like(z, 7)
-    fused_cpu.bias_relu_(got, b, got_mask)
-    assert identical(got, want) and identical(got_mask, want_mask)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-2)])
 def test_sgd_step_is_bit_identical_to_numpy(dtype, momentum, weight_decay, kernel_mode):
-    """``SGD.step`` on both paths: parameters, velocity and (weight-decayed) gradients, bit for bit."""
+    """``SGD.step`` against the fused step's update: parameters, velocity and (weight-decayed) gradients, bit for bit."""
     models = {}
     for fast in (False, True):
-        previous = fused_cpu.set_enabled(fast)
-        try:
-            m = bx.MLP(50, 40, 10, dtype=np.dtype(dtype).name, seed=3)
-            opt = bx.SGD(m, lr=0.05, momentum=momentum, weight_decay=weight_decay)
-            rng = np.random.default_rng(1)
-            for step in range(4):
-                m.flat_grads[...] = rng.normal(size=m.flat_grads.shape)
-                opt.lr = 0.05 / (1 + step)  # a schedule: the learning rate may change between steps
-                opt.step()
-        finally:
-            fused_cpu.set_enabled(previous)
+        m = bx.MLP(50, 40, 10, dtype=np.dtype(dtype).name, seed=3)
+        opt = bx.SGD(m, lr=0.05, momentum=momentum, weight_decay=weight_decay)
+        update = FusedCpuStep(m, opt).update if fast else opt.step
+        rng = np.random.default_rng(1)
+        for step in range(4):
+            m.flat_grads[...] = rng.normal(size=m.flat_grads.shape)
+            opt.lr = 0.05 / (1 + step)  # a schedule: the learning rate may change between steps
+            update()
         models[fast] = (m, opt)
     (m0, o0), (m1, o1) = models[False], models[True]
     assert identical(m1.flat_params, m0.flat_params)
@@ -104,7 +86,7 @@ def test_output_layer_matches_softmax_cross_entropy(dtype, batch, scale):
     want_loss = softmax_cross_entropy_(z.copy(), y, out=want)
     got, row_loss = np.full((10, batch), np.nan, dtype).T, np.empty(batch, dtype)
     logits = z.copy()
-    loss, n_correct = fused_cpu.output_layer_(logits, y, got, row_loss)
+    loss, n_correct = numba_loops.output_layer_loop_(logits, y, got, row_loss)
     eps = np.finfo(dtype).eps
     assert n_correct == np.count_nonzero(z.argmax(axis=1) == y)
     assert identical(logits, z.copy()), "the logits must be left unchanged"
@@ -123,13 +105,13 @@ def test_output_layer_counts_ties_and_nans_like_argmax():
     z[3, 4] = np.nan
     for labels in ([2, 7, 9, 4], [5, 3, 0, 0]):
         y = np.array(labels)
-        _, n_correct = fused_cpu.output_layer_(z.copy(), y, np.empty_like(z), np.empty(4, np.float32))
+        _, n_correct = numba_loops.output_layer_loop_(z.copy(), y, np.empty_like(z), np.empty(4, np.float32))
         assert n_correct == np.count_nonzero(z.argmax(axis=1) == y)
 
 
 @pytest.mark.parametrize("hidden", [16, 300])
 def test_training_on_both_paths_stays_within_the_stated_tolerance(hidden):
-    """Twenty steps of ``backprop`` + ``SGD.step`` on each path end at nearly the same parameters.
+    """Twenty steps of ``make_step``'s step on each path end at nearly the same parameters.
 
     The paths differ only by the output layer's last bits (exp, log); twenty
     steps of training keep that at the level of float32 rounding.
@@ -138,16 +120,14 @@ def test_training_on_both_paths_stays_within_the_stated_tolerance(hidden):
     data = [(rng.random((64, 784), dtype=np.float32), rng.integers(0, 10, size=64)) for _ in range(20)]
     finals = {}
     for fast in (False, True):
-        previous = fused_cpu.set_enabled(fast)
+        previous = numba_loops.set_enabled(fast)
         try:
             m = bx.MLP(784, hidden, 10, seed=4)
-            opt = bx.SGD(m, lr=0.1, momentum=0.9, weight_decay=1e-4)
-            losses = []
-            for x, y in data:
-                losses.append(float(m.backprop(x, y)[0]))
-                opt.step()
+            step = make_step(m, bx.SGD(m, lr=0.1, momentum=0.9, weight_decay=1e-4))
+            assert type(step) is (FusedCpuStep if fast else TextbookStep)
+            losses = [float(step(x, y)[0]) for x, y in data]
         finally:
-            fused_cpu.set_enabled(previous)
+            numba_loops.set_enabled(previous)
         finals[fast] = (m.flat_params.copy(), losses)
     np.testing.assert_allclose(finals[True][0], finals[False][0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(finals[True][1], finals[False][1], rtol=1e-5)
@@ -156,41 +136,37 @@ def test_training_on_both_paths_stays_within_the_stated_tolerance(hidden):
 
 def test_threads_follow_the_blas_and_can_be_set():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    previous = fused_cpu._state["threads"]
+    previous = numba_loops._state["threads"]
     try:
         with threadpoolctl.threadpool_limits(1, user_api="blas"):
-            fused_cpu.set_threads(None)
-            assert fused_cpu.threads() == 1 == fused_cpu.info()["threads"]
-        fused_cpu.set_threads(None)
-        assert fused_cpu.threads() == max(
+            numba_loops.set_threads(None)
+            assert numba_loops.threads() == 1 == numba_loops.info()["threads"]
+        numba_loops.set_threads(None)
+        assert numba_loops.threads() == max(
             p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"
         )
-        fused_cpu.set_threads(1)
-        assert fused_cpu.info()["threads"] == 1
+        numba_loops.set_threads(1)
+        assert numba_loops.info()["threads"] == 1
         with pytest.raises(ValueError, match="positive integer"):
-            fused_cpu.set_threads(0)
+            numba_loops.set_threads(0)
     finally:
-        fused_cpu._state["threads"] = previous
+        numba_loops._state["threads"] = previous
 
 
 def test_the_switch():
-    previous = fused_cpu.set_enabled(False)
+    previous = numba_loops.set_enabled(False)
     try:
-        assert not fused_cpu.active(np) and fused_cpu.info()["enabled"] is False
-        fused_cpu.set_enabled(True)
-        assert fused_cpu.active(np)
+        assert not numba_loops.active(np) and numba_loops.info()["enabled"] is False
+        numba_loops.set_enabled(True)
+        assert numba_loops.active(np)
     finally:
-        fused_cpu.set_enabled(previous)
+        numba_loops.set_enabled(previous)
 
 
 def _numpy_step(m: bx.MLP, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-    """``backprop`` on the plain NumPy path: every array the fused output layer writes."""
-    previous = fused_cpu.set_enabled(False)
-    try:
-        loss, n_correct = m.backprop(x, y)
-    finally:
-        fused_cpu.set_enabled(previous)
-    ws = m._workspaces(x.shape[0])
+    """``MLP.backprop``, the textbook lines: every array the fused output layer writes."""
+    loss, n_correct = m.backprop(x, y)
+    ws = m.workspace(x.shape[0])
     out = {name: getattr(ws, name).copy() for name in ("a1", "z2", "delta2", "delta1")}
     out.update({name: m.grads[name].copy() for name in ("W2", "b2", "b1", "W1")})
     out.update(loss=np.asarray(loss), n_correct=np.asarray(n_correct))
@@ -198,15 +174,12 @@ def _numpy_step(m: bx.MLP, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray
 
 
 def _fused_step(m: bx.MLP, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-    previous = fused_cpu.set_enabled(True)
-    try:
-        ws = m._workspaces(x.shape[0])
-        for name in ("z2", "delta2", "delta1"):  # stale values must not leak into the result
-            getattr(ws, name)[...] = np.nan
-        m.grads["W2"][...] = np.nan
-        loss, n_correct = m.backprop(x, y)
-    finally:
-        fused_cpu.set_enabled(previous)
+    """``FusedCpuStep.backprop``: the same arrays, written by the fused loops."""
+    ws = m.workspace(x.shape[0])
+    for name in ("z2", "delta2", "delta1"):  # stale values must not leak into the result
+        getattr(ws, name)[...] = np.nan
+    m.grads["W2"][...] = np.nan
+    loss, n_correct = FusedCpuStep(m, bx.SGD(m, lr=0.1)).backprop(x, y)
     out = {name: getattr(ws, name).copy() for name in ("a1", "z2", "delta2", "delta1")}
     out.update({name: m.grads[name].copy() for name in ("W2", "b2", "b1", "W1")})
     out.update(loss=np.asarray(loss), n_correct=np.asarray(n_correct))

@@ -2,8 +2,8 @@
 
 Every test here needs CuPy and a usable CUDA device (the ``cupy`` fixture
 skips with the reason otherwise). The NumPy side is always the reference:
-the same inputs go through ``kernels.py``/``model.py``/``optim.py`` on the
-CPU and through the kernels of ``cuda/kernels.py`` on the device.
+the same inputs go through ``activations.py``/``loss.py``/``model.py``/``optimizers.py`` on the
+CPU and through the kernels of ``cuda/cuda_kernels.py`` on the device.
 
 Tolerances: kernels doing the same IEEE operations in the same order
 (the SGD update, compiled with ``--fmad=false``) must match bit for bit,
@@ -26,7 +26,7 @@ import pytest
 from test_kernel_twins import stepped_sgd
 
 import backprop_xp as bx
-from backprop_xp.cuda import kernels as kc
+from backprop_xp.cuda import cuda_kernels as kc
 
 pytestmark = pytest.mark.gpu
 
@@ -85,7 +85,7 @@ def test_public_softmax_cross_entropy_cupy_equals_numpy(cupy, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-3)])
 def test_sgd_kernel_is_bit_identical_to_optim_sgd(cupy, dtype, momentum, weight_decay):
-    """The update kernel against optim.SGD.step itself, on the same flat buffers."""
+    """The update kernel against optimizers.SGD.step itself, on the same flat buffers."""
     opt, w, g, v = stepped_sgd(dtype, momentum, weight_decay)
     model = opt.model
     w_dev, v_dev = cupy.asarray(w), cupy.asarray(v) if momentum else None
@@ -250,7 +250,7 @@ def _reference_run(activation, dtype, momentum, weight_decay, x, y, sizes, lrs, 
 def _fused_run(cupy, graphs, activation, dtype, momentum, weight_decay, x, y, sizes, lrs, prepare=None, fused=None,
                n_hidden=64):  # fmt: skip
     """The GPU step over the same batches, each gathered into one of two alternating buffers, as Minibatches does."""
-    from backprop_xp.cuda.step import make_gpu_step
+    from backprop_xp.cuda.fused_gpu_step import make_gpu_step
 
     m = bx.MLP(784, n_hidden, 10, activation=activation, backend="cupy", dtype=dtype, seed=5)
     opt = bx.SGD(m, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
@@ -364,7 +364,7 @@ def test_a_training_epoch_replays_graphs_from_minibatches(cupy):
 
 def test_a_shape_the_fused_kernel_does_not_fit_runs_backprop_and_sgd(cupy):
     """fused=None runs MLP.backprop + SGD.step where W2 does not fit in shared memory (said once); fused=True refuses."""
-    from backprop_xp.cuda.step import make_gpu_step
+    from backprop_xp.cuda.fused_gpu_step import make_gpu_step
 
     rng = np.random.default_rng(20)
     x, y = rng.random((8, 784)), rng.integers(0, 10, 8)
@@ -425,7 +425,7 @@ def test_graph_step_falls_back_to_eager_with_one_notice(cupy):
 
 def test_graph_step_follows_a_new_velocity_array(cupy):
     """Replacing optimizer.velocity (a restored checkpoint, say) re-captures instead of updating the old one."""
-    from backprop_xp.cuda.step import make_gpu_step
+    from backprop_xp.cuda.fused_gpu_step import make_gpu_step
 
     rng = np.random.default_rng(12)
     x = cupy.asarray(rng.random((40, 784)).astype(np.float32))
@@ -447,7 +447,7 @@ def test_graph_step_follows_a_new_velocity_array(cupy):
 
 def test_an_optimizer_with_its_own_step_is_never_fused(cupy):
     """make_step keeps model.backprop + optimizer.step() for an SGD subclass whose step() differs."""
-    from backprop_xp.cuda.step import GpuStep, make_gpu_step
+    from backprop_xp.cuda.fused_gpu_step import GpuStep, make_gpu_step
     from backprop_xp.training import make_step
 
     class HalfSteps(bx.SGD):
@@ -467,7 +467,7 @@ def test_an_optimizer_with_its_own_step_is_never_fused(cupy):
 
 
 def test_step_rejects_wrong_inputs_with_a_clear_message(cupy):
-    from backprop_xp.cuda.step import make_gpu_step
+    from backprop_xp.cuda.fused_gpu_step import make_gpu_step
 
     m = bx.MLP(784, 16, 10, backend="cupy")
     step = make_gpu_step(m, bx.SGD(m, lr=0.1))
@@ -486,7 +486,7 @@ def test_step_rejects_wrong_inputs_with_a_clear_message(cupy):
 
 def test_step_accepts_strided_views(cupy):
     """Every other row and label (not contiguous: eager) give the same step as their contiguous copies (graphs)."""
-    from backprop_xp.cuda.step import make_gpu_step
+    from backprop_xp.cuda.fused_gpu_step import make_gpu_step
 
     rng = np.random.default_rng(15)
     x = cupy.asarray(rng.random((60, 784)).astype(np.float64))
@@ -527,7 +527,7 @@ def test_step_loop_never_waits_for_the_device(cupy):
     tests the graph replays (after their capture), a learning-rate change and
     the eager fused step; it is a causal test, not a timing one.
     """
-    from backprop_xp.cuda.step import make_gpu_step
+    from backprop_xp.cuda.fused_gpu_step import make_gpu_step
 
     rng = np.random.default_rng(13)
     x = cupy.asarray(rng.random((700, 784)).astype(np.float32))

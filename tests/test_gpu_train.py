@@ -51,7 +51,7 @@ def backend(request):
 @pytest.fixture
 def set_tf32(cupy):
     """``cuda.step.set_tf32``; CuPy's float32 products are left without TF32 after the test, whatever it did."""
-    from backprop_xp.cuda.step import set_tf32
+    from backprop_xp.cuda.fused_gpu_step import set_tf32
 
     yield set_tf32
     set_tf32(False)

@@ -1,10 +1,10 @@
 """The NumPy twins of the CUDA kernels against the model itself, and the elementwise bodies against theirs, on the CPU.
 
-The GPU tests compare each fused kernel with its twin in ``cuda/kernels.py``;
+The GPU tests compare each fused kernel with its twin in ``cuda/cuda_kernels.py``;
 these tests make sure the twins compute what ``MLP.backprop`` computes, so a
 kernel that matches its twin matches the model. The elementwise bodies (the
 SGD update) run here too, compiled by g++ (``tests/cuda_emulator.py``), bit
-for bit against ``optim.SGD.step``; ``tests/test_cuda_emulated.py`` does the
+for bit against ``optimizers.SGD.step``; ``tests/test_cuda_emulated.py`` does the
 same for the output-layer kernel.
 """
 
@@ -17,7 +17,7 @@ import pytest
 from cuda_emulator import EmulatedElementwise
 
 import backprop_xp as bx
-from backprop_xp.cuda import kernels as kc
+from backprop_xp.cuda import cuda_kernels as kc
 
 
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
@@ -59,7 +59,7 @@ def test_output_layer_grid_and_shared_memory():
 
 # --------------------------------------------------------------------------- the elementwise bodies, on the CPU
 # Each ElementwiseKernel body the package ships, compiled by g++ (tests/cuda_emulator.py) and run on the CPU
-# against its twin, bit for bit: the update's twin is optim.SGD.step itself.
+# against its twin, bit for bit: the update's twin is optimizers.SGD.step itself.
 
 _ELEMENTWISE: list = []
 
@@ -78,7 +78,7 @@ def test_every_elementwise_body_has_a_cpu_twin_test():
 
 
 def stepped_sgd(dtype: str, momentum: float, weight_decay: float) -> tuple[bx.SGD, np.ndarray, np.ndarray, np.ndarray]:
-    """``optim.SGD`` stepped once, the reference of the update kernels: ``(optimizer, w, g, v)``, the
+    """``optimizers.SGD`` stepped once, the reference of the update kernels: ``(optimizer, w, g, v)``, the
     weights, gradients and velocity it started from (its model and velocity hold the result)."""
     rng = np.random.default_rng(6)
     model = bx.MLP(30, 20, 10, backend="numpy", dtype=dtype)
@@ -95,7 +95,7 @@ def stepped_sgd(dtype: str, momentum: float, weight_decay: float) -> tuple[bx.SG
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-3)])
 def test_sgd_bodies_equal_optim_sgd_bit_for_bit(dtype, momentum, weight_decay):
-    """The update kernels' bodies (sgd_momentum, sgd_plain) on the CPU against optim.SGD.step, to the bit."""
+    """The update kernels' bodies (sgd_momentum, sgd_plain) on the CPU against optimizers.SGD.step, to the bit."""
     opt, w, g, v = stepped_sgd(dtype, momentum, weight_decay)
     model = opt.model
     before = w.copy()

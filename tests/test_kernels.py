@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import backprop_xp as bx
+from backprop_xp.activations import ACTIVATIONS, activation_derivative, activation_forward_
 from backprop_xp.gradcheck import numeric_gradient, relative_error
-from backprop_xp.kernels import ACTIVATIONS, activation_derivative, activation_forward_
 
 
 def reference_loss(z: np.ndarray, y: np.ndarray) -> float:

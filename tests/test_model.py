@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import backprop_xp as bx
+from backprop_xp.activations import ACTIVATIONS
 from backprop_xp.gradcheck import numeric_gradient, relative_error
-from backprop_xp.kernels import ACTIVATIONS
 
 N_IN, N_HID, N_OUT, BATCH = 7, 5, 4, 6
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("cpu_path")  # the NumPy and the fused CPU 
 
 def test_sgd_update_is_the_textbook_rule():
     w = np.array([1.0, -2.0], np.float32)
-    out = bx.sgd_update(w, np.array([0.5, 0.25], np.float32), lr=0.1)
+    out = bx.sgd_update_(w, np.array([0.5, 0.25], np.float32), lr=0.1)
     assert out is w and w.dtype == np.float32
     np.testing.assert_allclose(w, [0.95, -2.025], rtol=1e-7)
 

@@ -11,7 +11,7 @@ import pytest
 
 import backprop_xp as bx
 from backprop_xp.cli import main
-from backprop_xp.optim import OPTIMIZERS, SGD, Adam, AdamW, Nesterov, make_optimizer
+from backprop_xp.optimizers import OPTIMIZERS, SGD, Adam, AdamW, Nesterov, make_optimizer
 from backprop_xp.training import TrainConfig, make_step, train
 
 NAMES = ("W1", "b1", "W2", "b2")
@@ -143,19 +143,19 @@ def test_bad_settings_are_refused_naming_the_setting(make, message):
 def test_make_step_applies_adam_not_the_fused_sgd_loop(fast):
     """On the fused CPU path too, make_step's update is Adam's: the plain NumPy backprop then Adam's xp lines
     (up to the fused backprop's last bits), not the fused SGD loop."""
-    from backprop_xp import fused_cpu
+    from backprop_xp.cpu import numba_loops
 
-    if fast and not fused_cpu.available():
+    if fast and not numba_loops.available():
         pytest.skip("Numba not installed")
     rng = np.random.default_rng(0)
     x, y = rng.random((32, 12)).astype(np.float32), rng.integers(0, 4, 32)
-    previous = fused_cpu.set_enabled(False)
+    previous = numba_loops.set_enabled(False)
     by_hand = bx.MLP(12, 7, 4, seed=5)
     rule = Adam(by_hand, lr=0.01)
     for _ in range(3):
         by_hand.backprop(x, y)
         rule.step()
-    fused_cpu.set_enabled(fast)
+    numba_loops.set_enabled(fast)
     try:
         stepped, sgd = bx.MLP(12, 7, 4, seed=5), bx.MLP(12, 7, 4, seed=5)
         step, sgd_step = make_step(stepped, Adam(stepped, lr=0.01)), make_step(sgd, SGD(sgd, lr=0.01, momentum=0.9))
@@ -163,7 +163,7 @@ def test_make_step_applies_adam_not_the_fused_sgd_loop(fast):
             step(x, y)
             sgd_step(x, y)
     finally:
-        fused_cpu.set_enabled(previous)
+        numba_loops.set_enabled(previous)
     np.testing.assert_allclose(stepped.flat_params, by_hand.flat_params, rtol=1e-5, atol=1e-7)
     assert not np.allclose(sgd.flat_params, stepped.flat_params, rtol=1e-3)  # (the two rules differ on this data)
 
@@ -275,28 +275,27 @@ def test_bad_optimizer_flags_exit_2_with_one_line(flags, message, tmp_path, caps
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kind, weight_decay", [(Adam, 0.0), (Adam, 1e-2), (AdamW, 1e-2), (AdamW, 0.0)])
 def test_fused_adam_is_bit_identical_to_its_xp_lines(kind, weight_decay, dtype):
-    """fused_cpu.adam_update_ (one Numba pass) against Adam.step's NumPy lines, 50 steps, lr changed midway."""
-    from backprop_xp import fused_cpu
+    """The fused CPU step's update (numba_loops.adam_loop_) against Adam.step's NumPy lines, 50 steps, lr changed midway."""
+    from backprop_xp.cpu import numba_loops
 
-    if not fused_cpu.available():
+    if not numba_loops.available():
         pytest.skip("Numba not installed")
     rng = np.random.default_rng(7)
     grads = [
         rng.normal(size=bx.MLP(30, 40, 10, dtype=dtype).flat_params.shape) * 10.0 ** rng.integers(-4, 2)
         for _ in range(50)
     ]
+    from backprop_xp.cpu.fused_cpu_step import FusedCpuStep
+
     params = {}
     for fast in (False, True):
-        previous = fused_cpu.set_enabled(fast)
-        try:
-            m = bx.MLP(30, 40, 10, dtype=dtype, seed=3)
-            opt = kind(m, lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-7, weight_decay=weight_decay)
-            for i, g in enumerate(grads):
-                opt.lr = 3e-3 if i < 25 else 1e-3  # a schedule: the step's numbers are read every step
-                m.flat_grads[...] = g
-                opt.step()
-        finally:
-            fused_cpu.set_enabled(previous)
+        m = bx.MLP(30, 40, 10, dtype=dtype, seed=3)
+        opt = kind(m, lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-7, weight_decay=weight_decay)
+        update = FusedCpuStep(m, opt).update if fast else opt.step
+        for i, g in enumerate(grads):
+            opt.lr = 3e-3 if i < 25 else 1e-3  # a schedule: the step's numbers are read every step
+            m.flat_grads[...] = g
+            update()
         params[fast] = (m.flat_params.copy(), opt.m.copy(), opt.v.copy(), m.flat_grads.copy())
     for plain, fused, what in zip(params[False], params[True], ("w", "m", "v", "g")):
         np.testing.assert_array_equal(fused, plain, err_msg=what)

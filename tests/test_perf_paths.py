@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import backprop_xp as bx
-from backprop_xp.kernels import ACTIVATIONS, activation_forward_
+from backprop_xp.activations import ACTIVATIONS, activation_forward_
 
 pytestmark = pytest.mark.usefixtures("cpu_path")  # the NumPy and the fused CPU paths alike
 
@@ -85,7 +85,7 @@ def test_relu_forward_with_mask_equals_maximum_and_keeps_the_derivative():
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
 def test_forward_derivative_equals_the_derivative_from_the_output(activation):
-    from backprop_xp.kernels import activation_derivative
+    from backprop_xp.activations import activation_derivative
 
     z = np.random.default_rng(4).normal(size=(20, 30))
     fprime = np.empty_like(z)

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from backprop_xp import MLP, SGD, get_backend
-from backprop_xp.cuda import kernels
+from backprop_xp import step as step_module
+from backprop_xp.cuda import cuda_kernels
 from backprop_xp.training import evaluate, make_step
-from backprop_xp.training import step as step_module
 
 SHARED_MEMORY_OPT_IN = 232448  # an H100's, for the fused step's set-up before it asks for cuBLAS
 
@@ -53,9 +53,9 @@ def cupy_without_nvmath(monkeypatch):
     for name in ["nvmath", *[n for n in sys.modules if n.startswith("nvmath.")]]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setattr(step_module, "_SAID", set())
-    kernels.device_limits.cache_clear()  # the stand-in's limits must not outlive it (a real GPU's tests follow)
+    cuda_kernels.device_limits.cache_clear()  # the stand-in's limits must not outlive it (a real GPU's tests follow)
     yield cupy
-    kernels.device_limits.cache_clear()
+    cuda_kernels.device_limits.cache_clear()
 
 
 def train_three_steps(model, *, graphs=True):

@@ -176,20 +176,20 @@ def test_evaluate_advises_what_writes_a_deleted_model_again_and_it_does(keep_bes
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "numpy"])
 def test_the_first_line_and_metrics_name_the_cpu_step_and_the_blas(fused, small, tmp_path, capsys):
-    from backprop_xp import fused_cpu
+    from backprop_xp.cpu import numba_loops
 
-    if fused and not fused_cpu.available():
+    if fused and not numba_loops.available():
         pytest.skip("Numba is not installed: no fused step")
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    previous = fused_cpu.set_enabled(fused)
+    previous = numba_loops.set_enabled(fused)
     try:
         assert main(["train", *TINY, "--data-dir", small, "--out", str(tmp_path / "run")]) == 0
     finally:
-        fused_cpu.set_enabled(previous)
+        numba_loops.set_enabled(previous)
     first = capsys.readouterr().out.splitlines()[0]
     environment = json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]["environment"]
     blas = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    threads = fused_cpu.threads() if fused else max(lib["num_threads"] for lib in blas)
+    threads = numba_loops.threads() if fused else max(lib["num_threads"] for lib in blas)
     step = "fused CPU step" if fused else "plain NumPy step"
     assert first == f"backend numpy ({step}, {threads} thread{'' if threads == 1 else 's'})"
     assert environment["cpu_step"]["step"] == ("fused" if fused else "numpy")

@@ -1,15 +1,16 @@
 """Training a network: the settings, the step and the epoch, a whole run with its files, and sweeps of runs.
 
 * ``config.py``: ``TrainConfig`` (every setting, checked once) and the learning-rate schedules;
-* ``step.py``: ``make_step`` (``model.backprop`` then ``optimizer.step()``, or its fused GPU form),
-  ``run_epoch`` (no host synchronisation per step), ``evaluate``;
+* ``epoch.py``: ``run_epoch`` (the step over every batch, no host synchronisation per step), ``evaluate``;
 * ``run.py``: ``train``, a run as named steps: open the run folder, load the data, build the model,
   run the epochs (divergence, checkpoints, early stopping), finish;
 * ``run_files.py``: what a run folder holds (checkpoint, metrics, model, pictures);
 * ``sweep.py``, ``dask_sweep.py``: many runs, locally or on a Dask cluster.
 """
 
+from ..step import make_step
 from .config import SCHEDULES, SettingError, TrainConfig, constant_lr, cosine_lr, step_lr
+from .epoch import EpochSums, confusion_matrix, evaluate, run_epoch
 from .run import DIVERGED_EXIT_CODE, Diverged, divergence, plural, summary_line, train
 from .run_files import (
     BEST,
@@ -22,7 +23,6 @@ from .run_files import (
     load_metrics,
     read_checkpoint,
 )  # fmt: skip
-from .step import EpochSums, confusion_matrix, evaluate, make_step, run_epoch
 
 __all__ = [
     "BEST", "CHECKPOINT", "DIVERGED_EXIT_CODE", "Diverged", "EpochSums", "METRICS_CSV", "METRICS_JSON", "MODEL",

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..activations import ACTIVATIONS
 from ..backend import BACKENDS, DTYPES
 from ..checks import AT_LEAST_0, AT_LEAST_1, BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, Rule, check, check_choice
 from ..data.preprocess import PREPROCESSING
-from ..kernels import ACTIVATIONS
-from ..optim import OPTIMIZERS
+from ..optimizers import OPTIMIZERS
 
 # --------------------------------------------------------------------------- schedules
 # Plain functions of (epoch, total epochs, base lr); epoch counts from 0. The
@@ -93,7 +93,7 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9  # sgd and nesterov
     weight_decay: float = 0.0  # every optimizer: L2 in the gradient; adamw: decoupled
-    optimizer: str = "sgd"  # a name in optim.OPTIMIZERS; it reads the settings its class lists in SETTINGS
+    optimizer: str = "sgd"  # a name in optimizers.OPTIMIZERS; it reads the settings its class lists in SETTINGS
     beta1: float = 0.9  # adam and adamw: the decay of the running mean of the gradient
     beta2: float = 0.999  # adam and adamw: the decay of the running mean of its square
     eps: float = 1e-8  # adam and adamw: the floor under √v̂

@@ -1,6 +1,6 @@
 """Training: the epoch loop, learning-rate schedules, evaluation, checkpoints, resume, divergence.
 
-One training step is ``model.backprop`` then ``optimizer.step()`` (``make_step``);
+One training step is ``model.backprop`` then ``optimizer.step()`` (``step.make_step``);
 one epoch is that step over every minibatch (``run_epoch``); a run is epochs
 with a learning-rate schedule, an evaluation after each, a checkpoint after
 each, and the files a person looks at afterwards (``train``).
@@ -40,9 +40,11 @@ from ..data.datasets import class_names, data_folder
 from ..data.preprocess import PREPROCESSING
 from ..files import LOCK, check_interrupt, in_use, make_out_dir, read_npz
 from ..model import MLP
-from ..optim import OPTIMIZERS, Optimizer, make_optimizer
+from ..optimizers import OPTIMIZERS, Optimizer, make_optimizer
 from ..progress import progress_bar
+from ..step import make_step, warm_up
 from .config import SCHEDULES, SettingError, TrainConfig
+from .epoch import evaluate, run_epoch
 from .run_files import (
     BEST,
     CHECKPOINT,
@@ -59,7 +61,6 @@ from .run_files import (
     save_checkpoint,
     write_metrics,
 )  # fmt: skip
-from .step import evaluate, make_step, run_epoch, warm_up
 
 DIVERGED_EXIT_CODE = 3
 
@@ -610,7 +611,7 @@ class EpochLoop:
         synchronize(self.xp)
         start = time.perf_counter()
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught by check_divergence
-            sums = run_epoch(self.step, self.batches, epoch, progress=report, stop_at_nonfinite=self.xp is np)
+            sums = run_epoch(self.step, self.batches, epoch, progress=report, stop_at_nonfinite=None)
         seconds = time.perf_counter() - start  # run_epoch ends by reading the device: synchronised
         bar.close()
         return {

@@ -18,9 +18,9 @@ from ..backend import Backend, to_numpy
 from ..data.datasets import classes_of
 from ..files import atomic_write, read_npz
 from ..model import MLP, PARAM_NAMES
-from ..optim import Optimizer
+from ..optimizers import Optimizer
 from .config import TrainConfig
-from .step import confusion_matrix
+from .epoch import confusion_matrix
 
 CHECKPOINT = "checkpoint.npz"
 METRICS_JSON = "metrics.json"
@@ -57,14 +57,14 @@ def environment(backend: Backend) -> dict[str, Any]:
 
 
 def cpu_step() -> dict[str, Any]:
-    """Which CPU training step runs: "fused" (Numba's compiled loops, ``fused_cpu``) or "numpy", and its threads.
+    """Which CPU training step runs: "fused" (Numba's compiled loops, ``numba_loops``) or "numpy", and its threads.
 
-    The fused step's threads are its kernels' (``fused_cpu.threads``); the
+    The fused step's threads are its kernels' (``numba_loops.threads``); the
     plain step's are the BLAS's (None where they cannot be told).
     """
-    from .. import fused_cpu
+    from ..cpu import numba_loops
 
-    info = fused_cpu.info()
+    info = numba_loops.info()
     if info["enabled"]:
         return {"step": "fused", "threads": info["threads"], "numba": info["numba"],
                 "threading_layer": info["threading_layer"]}  # fmt: skip

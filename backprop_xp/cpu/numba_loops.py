@@ -1,7 +1,7 @@
-"""Fused, multi-core CPU kernels for the training step (optional: ``pip install backprop-xp[fast]``).
+"""Fused, multi-core CPU loops for the training step, compiled by Numba (optional: ``pip install backprop-xp[fast]``).
 
-The NumPy training step makes several single-threaded passes over the same
-arrays around the matrix products: ``z1 + b1``, then ReLU and its mask; the
+The textbook training step makes several single-threaded NumPy passes over the
+same arrays around the matrix products: ``z1 + b1``, then ReLU and its mask; the
 argmax, softmax and cross-entropy of the output layer; and four passes for the
 momentum update over every parameter. Here each group is one loop compiled by
 Numba, so the data is read once, and loops over large arrays (the update at a
@@ -11,16 +11,17 @@ BLAS) is one loop over blocks of rows, the output layer's three small products
 included: the CPU twin of the GPU's fused output-layer kernel.
 
 Each kernel does the same float operations, in the same order and precision, as
-the NumPy code it replaces in ``kernels.py``/``optim.py`` (Numba without
+the NumPy code it replaces in ``loss.py``/``optimizers.py`` (Numba without
 ``fastmath`` neither reorders nor fuses multiply-adds), so its results are
-bit-identical to it, with two exceptions: ``output_layer_`` computes ``exp`` and
+bit-identical to it, with two exceptions: ``output_layer_loop_`` computes ``exp`` and
 ``log`` with the C library rather than NumPy's own SIMD routines, which may
-differ in the last bits, and ``relu_output_layer_`` also sums its small matrix
-products in its own order; ``tests/test_fused_cpu.py`` bounds both differences.
+differ in the last bits, and ``relu_output_layer_loop_`` also sums its small matrix
+products in its own order; ``tests/test_cpu/numba_loops.py`` bounds both differences.
 
-Nothing here is imported unless Numba is installed and the fast path is on
+Numba is not imported until a loop is first called; ``step.make_step`` chooses
+``cpu/fused_cpu_step.py`` where Numba is installed and the fast path is on
 (``enabled()``): ``BACKPROP_XP_FAST=0`` in the environment, or
-``set_enabled(False)``, keeps the plain NumPy path.
+``set_enabled(False)``, keeps the textbook NumPy step.
 """
 
 from __future__ import annotations
@@ -129,14 +130,6 @@ def info() -> dict[str, Any]:
 # threads for. The comments give the NumPy expression each line reproduces.
 
 
-def _bias_relu(z, b, fprime):  # pragma: no cover - compiled by Numba
-    for i in _prange(z.shape[0]):
-        for j in range(z.shape[1]):
-            zb = z[i, j] + b[j]  # z1 = x W1ᵀ + b1
-            fprime[i, j] = zb > 0  # relu'(z) = [z > 0]
-            z[i, j] = zb * fprime[i, j]  # relu(z) = z ⊙ [z > 0]
-
-
 def _output_layer(z, labels, delta, row_loss, inv_batch, batch):  # pragma: no cover
     n_correct = 0
     for i in range(z.shape[0]):
@@ -220,7 +213,7 @@ def _relu_output_layer(
 ):  # pragma: no cover
     # Everything of the step between the two large products z1 = x W1ᵀ and
     # ∂L/∂W1 = δ1ᵀ x, a block of rows at a time: the CPU twin of the GPU's fused
-    # output-layer kernel (cuda/kernels.py), here without a separate f'(z1):
+    # output-layer kernel (cuda/cuda_kernels.py), here without a separate f'(z1):
     # for ReLU, f'(z1) = [a1 > 0].
     n_rows, n_hidden = a1.shape
     n_classes = W2.shape[0]
@@ -243,7 +236,7 @@ def _relu_output_layer(
                 for j in range(n_hidden):
                     s += a[j] * w[j]
                 z2[i, k] = s + b2[k]  # z2 = a1 W2ᵀ + b2
-        # argmax, ŷ = softmax(z2), L_i = −log ŷ_y and δ2 = (ŷ − y) / B of these rows: output_layer_'s own loop
+        # argmax, ŷ = softmax(z2), L_i = −log ŷ_y and δ2 = (ŷ − y) / B of these rows: output_layer_loop_'s own loop
         rows = slice(start, stop)
         n_correct += _output_rows(z2[rows], labels[rows], delta2[rows], row_loss[rows], inv_batch, batch)
         for k in range(n_classes):
@@ -307,7 +300,7 @@ def _kernels() -> Any:
             numba.config.THREADING_LAYER = "workqueue"
         options = {"fastmath": False, "cache": True, "nogil": True}
         k = types.SimpleNamespace()
-        for name, fn in (("bias_relu", _bias_relu), ("momentum", _momentum), ("plain", _plain), ("adam", _adam)):
+        for name, fn in (("momentum", _momentum), ("plain", _plain), ("adam", _adam)):
             setattr(k, name, numba.njit(parallel=True, **options)(fn))
             setattr(k, name + "_serial", numba.njit(**options)(_renamed(fn, "_serial")))
         k.output_layer = _output_rows = numba.njit(**options)(_output_layer)
@@ -320,7 +313,7 @@ def _kernels() -> Any:
     return _state["kernels"]
 
 
-# --------------------------------------------------------------------------- what the model and optimizer call
+# --------------------------------------------------------------------------- what the fused CPU step calls
 
 # Below this many elements a kernel runs on the calling thread. On 2 cores,
 # right after a two-thread GEMM (whose BLAS threads still spin), splitting the
@@ -357,14 +350,7 @@ def _run(name: str, size: int, *args: Any) -> Any:
     return getattr(kernels, name + "_serial")(*args)
 
 
-def bias_relu_(z: Any, b: Any, fprime: Any) -> Any:
-    """``z ← relu(z + b)`` and ``fprime ← [z + b > 0]`` in one pass; bit-identical to
-    ``z += b`` then ``activation_forward_(z, "relu", fprime)``. Returns ``z``."""
-    _run("bias_relu", z.size, z, b, fprime)
-    return z
-
-
-def adam_update_(w: Any, g: Any, m: Any, v: Any, hyper: Any, decoupled: bool) -> Any:
+def adam_loop_(w: Any, g: Any, m: Any, v: Any, hyper: Any, decoupled: bool) -> Any:
     """``Adam.step``'s lines in one pass over the parameters, bit-identical to them; returns ``w``.
 
     ``hyper`` holds, in ``w``'s dtype, what ``Adam.step`` multiplies by:
@@ -375,7 +361,7 @@ def adam_update_(w: Any, g: Any, m: Any, v: Any, hyper: Any, decoupled: bool) ->
     return w
 
 
-def output_layer_(logits: Any, labels: Any, out: Any, row_loss: Any) -> tuple[Any, int]:
+def output_layer_loop_(logits: Any, labels: Any, out: Any, row_loss: Any) -> tuple[Any, int]:
     """``softmax_cross_entropy_(logits, labels, out)`` and the count of rows whose argmax is the label.
 
     One pass per row. ``row_loss`` (length B) receives ``−log ŷ_y`` of each row;
@@ -389,7 +375,7 @@ def output_layer_(logits: Any, labels: Any, out: Any, row_loss: Any) -> tuple[An
     return row_loss.sum() / batch, n_correct
 
 
-def relu_output_layer_(params: dict[str, Any], grads: dict[str, Any], labels: Any, ws: Any) -> tuple[Any, int]:
+def relu_output_layer_loop_(params: dict[str, Any], grads: dict[str, Any], labels: Any, ws: Any) -> tuple[Any, int]:
     """From ``z1 = x W1ᵀ`` to ``δ1``: the rest of the forward pass, the loss and the output layer's gradients.
 
     ``ws`` is the model's workspace for this batch size. ``ws.a1`` holds ``z1``
@@ -400,7 +386,7 @@ def relu_output_layer_(params: dict[str, Any], grads: dict[str, Any], labels: An
     matrix products, two matrix-vector products and five elementwise passes.
     The small products' sums are ordered as LLVM vectorises them, not as the
     BLAS orders its own, so results agree with ``MLP.backprop``'s NumPy path to
-    float rounding, not bit for bit (``tests/test_fused_cpu.py`` states the tolerance).
+    float rounding, not bit for bit (``tests/test_cpu/numba_loops.py`` states the tolerance).
 
     Returns the mean loss and the count of rows whose argmax is the label.
     """
@@ -413,7 +399,7 @@ def relu_output_layer_(params: dict[str, Any], grads: dict[str, Any], labels: An
     return ws.row_loss.sum() / batch, n_correct
 
 
-def momentum_update_(w: Any, g: Any, v: Any, lr: float, momentum: float, weight_decay: float) -> None:
+def momentum_loop_(w: Any, g: Any, v: Any, lr: float, momentum: float, weight_decay: float) -> None:
     """``SGD.step`` with momentum in one pass: ``g ← g + λ w`` (if ``λ``), ``v ← μ v + g``, ``w ← w − η v``.
 
     Bit-identical to the NumPy passes (the scalars are rounded to ``w``'s dtype first, as there).
@@ -422,7 +408,7 @@ def momentum_update_(w: Any, g: Any, v: Any, lr: float, momentum: float, weight_
     _run("momentum", w.size, w, g, v, t(lr), t(momentum), t(weight_decay))
 
 
-def sgd_update_(w: Any, g: Any, lr: float, weight_decay: float) -> None:
+def plain_sgd_loop_(w: Any, g: Any, lr: float, weight_decay: float) -> None:
     """``SGD.step`` without momentum in one pass: ``g ← g + λ w`` (if ``λ``), ``w ← w − η g``."""
     t = w.dtype.type
     _run("plain", w.size, w, g, t(lr), t(weight_decay))

@@ -81,11 +81,11 @@ def threads_line(result: dict[str, Any]) -> str:
 
 
 def cpu_step(info: dict[str, Any]) -> str:
-    """Which CPU step ours ran, from ``fused_cpu.info()``: the fused loops with their threads, or plain NumPy."""
+    """Which CPU step ours ran, from ``numba_loops.info()``: the fused loops with their threads, or plain NumPy."""
     if not info.get("enabled"):
         return "the plain NumPy path (no Numba, or BACKPROP_XP_FAST=0)"
     return (
-        f"fused Numba {info.get('numba')} loops (backprop_xp.fused_cpu; BACKPROP_XP_FAST=0 turns them off), "
+        f"fused Numba {info.get('numba')} loops (backprop_xp.cpu.numba_loops; BACKPROP_XP_FAST=0 turns them off), "
         f"{info.get('threads')} thread(s) for the parallel ones ({info.get('threading_layer')} layer)"
     )
 

@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from . import fused_cpu
 from .backend import array_module, to_numpy
 from .checks import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, check, check_choice
 
 
-def sgd_update(w: Any, grad: Any, lr: float, *, scratch: Any = None) -> Any:
+def sgd_update_(w: Any, grad: Any, lr: float, *, scratch: Any = None) -> Any:
     """The gradient-descent update ``w ← w − η ∂L/∂w``, in place; returns ``w``.
 
     ``scratch``, an array like ``w``, receives ``η ∂L/∂w`` on the way, so that
@@ -40,7 +39,7 @@ def sgd_update(w: Any, grad: Any, lr: float, *, scratch: Any = None) -> Any:
     >>> import numpy as np
     >>> w, x, target = np.array([3.0]), 2.0, 10.0
     >>> grad = -2 * (target - w * x) * x
-    >>> sgd_update(w, grad, lr=0.01)
+    >>> sgd_update_(w, grad, lr=0.01)
     array([3.16])
     """
     xp = array_module(w)
@@ -144,12 +143,6 @@ class SGD(Optimizer):
         """
         xp = self.model.xp
         w, g, scratch = self.model.flat_params, self.model.flat_grads, self._scratch
-        if fused_cpu.active(xp):  # the same arithmetic in one multi-core pass, bit for bit
-            if self.velocity is not None:
-                fused_cpu.momentum_update_(w, g, self.velocity, self.lr, self.momentum, self.weight_decay)
-            else:
-                fused_cpu.sgd_update_(w, g, self.lr, self.weight_decay)
-            return
         if self.weight_decay:
             g += xp.multiply(w, self.weight_decay, dtype=w.dtype, out=scratch)  # g ← ∂L/∂w + λ w
         if self.velocity is not None:
@@ -157,7 +150,7 @@ class SGD(Optimizer):
             xp.multiply(self.velocity, self.momentum, dtype=w.dtype, out=self.velocity)
             self.velocity += g  # v ← μ v + g
             g = self.velocity
-        sgd_update(w, g, self.lr, scratch=scratch)  # w ← w − η v
+        sgd_update_(w, g, self.lr, scratch=scratch)  # w ← w − η v
 
 
 class Nesterov(SGD):
@@ -171,8 +164,8 @@ class Nesterov(SGD):
         w ← w − η (g + μ v)
 
     ``momentum`` must be > 0 (without it this is plain SGD). There is no fused
-    CPU loop or CUDA kernel for it: it runs the ``xp`` lines below on every
-    backend (``make_step`` keeps a step of its own on a GPU).
+    CPU loop or CUDA kernel for it: every step runs the ``xp`` lines below
+    (``step.make_step`` never replaces an update it has no fused form of).
     """
 
     def __init__(self, model: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
@@ -188,7 +181,7 @@ class Nesterov(SGD):
         xp.multiply(v, self.momentum, dtype=w.dtype, out=v)
         v += g  # v ← μ v + g
         g += xp.multiply(v, self.momentum, dtype=w.dtype, out=scratch)  # g + μ v, the look-ahead direction
-        sgd_update(w, g, self.lr, scratch=scratch)  # w ← w − η (g + μ v)
+        sgd_update_(w, g, self.lr, scratch=scratch)  # w ← w − η (g + μ v)
 
 
 class Adam(Optimizer):
@@ -206,9 +199,8 @@ class Adam(Optimizer):
     Each parameter moves by about ``η`` at most, whatever its gradient's
     scale: the usual learning rate is 1e-3, not SGD's 0.1. The last line is
     computed as PyTorch does, ``w − (η / (1 − β₁ᵗ)) m / (√v / √(1 − β₂ᵗ) + ε)``.
-    ``AdamW`` decouples the weight decay. On the fused CPU path the same
-    arithmetic runs as one Numba loop (``fused_cpu.adam_update_``, bit for
-    bit); on CuPy the ``xp`` lines below run (no CUDA kernel in the captured step yet).
+    ``AdamW`` decouples the weight decay. The fused steps run the same
+    arithmetic in one pass (``cpu/numba_loops.py``'s ``adam_loop_``, bit for bit).
     """
 
     STATE = ("m", "v", "t")
@@ -241,9 +233,6 @@ class Adam(Optimizer):
         w, g, scratch = self.model.flat_params, self.model.flat_grads, self._scratch
         b1, b2 = self.beta1, self.beta2
         self.t += 1
-        if fused_cpu.active(xp):  # the same arithmetic in one multi-core pass, bit for bit
-            fused_cpu.adam_update_(w, g, self.m, self.v, self.fused_hyper(), self.DECOUPLED)
-            return
         self.decay(w, g)
         self.m *= b1
         self.m += xp.multiply(g, 1 - b1, dtype=dtype, out=scratch)  # m ← β₁ m + (1 − β₁) g
@@ -258,7 +247,7 @@ class Adam(Optimizer):
         w -= step  # w ← w − η m̂ / (√v̂ + ε)
 
     def fused_hyper(self) -> np.ndarray:
-        """The numbers this step multiplies by, in the parameters' dtype, for ``fused_cpu.adam_update_``."""
+        """The numbers step ``t`` multiplies by, in the parameters' dtype, for the fused steps' one-pass update."""
         b1, b2, lr, t, wd = self.beta1, self.beta2, self.lr, self.t, self.weight_decay
         decay = 1 - lr * wd if self.DECOUPLED else wd
         numbers = (b1, 1 - b1, b2, 1 - b2, math.sqrt(1 - b2**t), self.eps, lr / (1 - b1**t), decay)

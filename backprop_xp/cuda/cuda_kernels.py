@@ -1,6 +1,6 @@
 """The fused CUDA kernels of the GPU path, and their NumPy twins.
 
-Each kernel does in one launch what ``kernels.py``/``model.py``/``optim.py``
+Each kernel does in one launch what ``activations.py``/``loss.py``/``model.py``/``optimizers.py``
 do in several whole-array operations:
 
 * ``output_layer_step``: the training step's whole output layer and the
@@ -12,7 +12,7 @@ do in several whole-array operations:
 
 There is no second, cuBLAS-based output layer for the shapes the fused kernel
 does not take (more than 32 classes, or W2 too large for shared memory): the
-step runs ``MLP.backprop`` + ``SGD.step`` on CuPy for those (``cuda/step.py``),
+step runs ``MLP.backprop`` + ``SGD.step`` on CuPy for those (``cuda/fused_gpu_step.py``),
 code the CPU tests already check, rather than nine more launches and three
 more kernels that only a GPU could test.
 
@@ -23,8 +23,8 @@ every source with NVRTC 12 and 13 (with the options CuPy adds) and
 ``tests/test_cuda_emulated.py`` runs the output-layer kernel on the CPU, and
 ``tests/test_kernel_twins.py`` the update's body; on a device,
 ``tests/test_gpu.py`` checks every kernel against its NumPy twin (the
-``*_reference`` functions below, written with ``kernels.py``) or, for the
-update, against ``optim.SGD.step`` itself.
+``*_reference`` functions below, written with ``activations.py``/``loss.py``) or, for the
+update, against ``optimizers.SGD.step`` itself.
 
 Element types: ``T`` is the model's float type (float32 or float64); labels
 are int64. A label outside ``[0, K)`` never makes a kernel read out of bounds:
@@ -42,8 +42,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..activations import ACTIVATIONS, activation_derivative, activation_forward_
 from ..checks import check_choice
-from ..kernels import ACTIVATIONS, activation_derivative, activation_forward_, softmax_cross_entropy_
+from ..loss import softmax_cross_entropy_
 
 # --------------------------------------------------------------------------- CUDA sources
 # One device function per idea, shared by the kernels below through their preambles.
@@ -71,7 +72,7 @@ template <typename T> __device__ __forceinline__ T act_derivative(T a) { return 
 # PyTorch's SGD, in NumPy's operation order: g' = g + λw; v = μv + g'; w = w − ηv.
 # ``hyper`` = [η, μ, λ] lives in device memory so a captured CUDA graph sees a
 # changed learning rate. Compiled with --fmad=false so no multiply-add is
-# contracted and the result is bit-identical to optim.SGD.step for normal
+# contracted and the result is bit-identical to optimizers.SGD.step for normal
 # numbers (CuPy adds -ftz=true: float32 subnormals become zero on the GPU).
 SGD_MOMENTUM = (
     "T g, raw T hyper",
@@ -341,8 +342,8 @@ def sgd_momentum_(w: Any, g: Any, velocity: Any | None, hyper: Any) -> Any:
     """One SGD step on flat buffers: ``g' = g + λw; v = μv + g'; w −= η v`` (``v`` None: ``w −= η g'``).
 
     ``hyper`` is a device array ``[η, μ, λ]`` of ``w``'s dtype. ``g`` is left
-    unchanged (``optim.SGD.step`` adds ``λw`` into it; the next backward pass
-    overwrites it either way). Its reference is ``optim.SGD.step`` itself,
+    unchanged (``optimizers.SGD.step`` adds ``λw`` into it; the next backward pass
+    overwrites it either way). Its reference is ``optimizers.SGD.step`` itself,
     which it equals bit for bit where every value is a normal number
     (``tests/test_gpu.py`` on a device, ``tests/test_kernel_twins.py`` on the
     CPU). CuPy compiles every kernel with ``-ftz=true``: in float32 a
@@ -371,7 +372,7 @@ def output_layer_shared_bytes(batch: int, n_hidden: int, n_classes: int, dtype: 
 def output_layer_fits(
     batch: int, n_hidden: int, n_classes: int, dtype: Any, shared_limit: int, max_blocks: int
 ) -> bool:
-    """Whether the fused output layer can run this shape (else the step runs ``MLP.backprop``, see cuda/step.py).
+    """Whether the fused output layer can run this shape (else the step runs ``MLP.backprop``, see cuda/fused_gpu_step.py).
 
     ``shared_limit`` is the device's opt-in shared memory per block
     (``device_limits``: 227 KiB on an H100); 1 KiB of it is left for the
@@ -474,7 +475,7 @@ def activation_backward_reference(a: Any, delta: Any, activation: str) -> Any:
 
 
 def output_layer_reference(z1: Any, labels: Any, params: dict[str, Any], activation: str) -> dict[str, Any]:
-    """Twin of ``output_layer_step``, with the functions of ``kernels.py``: every array it writes, by name.
+    """Twin of ``output_layer_step``, with the functions of ``activations.py``/``loss.py``: every array it writes, by name.
 
     ``z1`` is left unchanged; the returned ``"a1"`` is ``f(z1 + b1)``.
     """
@@ -496,7 +497,7 @@ def output_layer_reference(z1: Any, labels: Any, params: dict[str, Any], activat
 # ---- Leaky ReLU's device functions (kernels.ACTIVATIONS["leaky_relu"]), the same values as its xp lines:
 # f(z) = z if z > 0 else α z (the product rounded in T, as NumPy's float32 × weak scalar is), f' from a.
 # (Here at the end, with its import, so that this entry is one hunk apart from the rest of the file.)
-from ..kernels import LEAKY_SLOPE  # noqa: E402
+from ..activations import LEAKY_SLOPE  # noqa: E402
 
 ACTIVATION_SOURCES["leaky_relu"] = f"""
 template <typename T> __device__ __forceinline__ T act_forward(T z) {{ return z > T(0) ? z : T({LEAKY_SLOPE!r}) * z; }}
@@ -504,11 +505,11 @@ template <typename T> __device__ __forceinline__ T act_derivative(T a) {{ return
 """
 
 
-# ---- Adam's update (optim.Adam.step, AdamW), one elementwise pass, the same operations in the same order as
-# fused_cpu.adam_update_ and Adam.step's NumPy lines (--fmad=false: no multiply-add contracted, so bit for bit).
+# ---- Adam's update (optimizers.Adam.step, AdamW), one elementwise pass, the same operations in the same order as
+# numba_loops.adam_loop_ and Adam.step's NumPy lines (--fmad=false: no multiply-add contracted, so bit for bit).
 # ``hyper`` = [β₁, 1 − β₁, β₂, 1 − β₂, √(1 − β₂ᵗ), ε, η / (1 − β₁ᵗ), λ or (AdamW) 1 − η λ, 1 if AdamW else 0]
 # (Adam.fused_hyper() and the flag) lives in device memory, so a captured graph sees a new step count and rate.
-# ``g`` is left unchanged, as sgd_momentum_ leaves it. Not yet called by cuda/step.py's captured step.
+# ``g`` is left unchanged, as sgd_momentum_ leaves it. Not yet called by cuda/fused_gpu_step.py's captured step.
 ADAM_SPEC = ElementwiseSpec(
     "adam",
     "T g, raw T hyper",

@@ -5,7 +5,7 @@ doing exactly ``model.backprop(xb, yb)`` then ``optimizer.step()`` (up to
 float32 rounding), in four launches::
 
     z1 = x W1ᵀ                                   cuBLAS
-    a1 = f(z1 + b1), z2, softmax, loss,          output_layer_step   (cuda/kernels.py)
+    a1 = f(z1 + b1), z2, softmax, loss,          output_layer_step   (cuda/cuda_kernels.py)
       δ2, δ1 = δ2 W2 ⊙ f'(z1),
       ∂L/∂W2 = δ2ᵀ a1, ∂L/∂b2, ∂L/∂b1
     ∂L/∂W1 = δ1ᵀ x                               cuBLAS
@@ -52,19 +52,24 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from ..backend import error_line
-from ..model import MLP, PerBatchSize
-from ..optim import SGD
-from . import kernels as kc
+from ..model import MLP
+from ..optimizers import SGD, Optimizer
+from ..workspace import PerBatchSize, Workspace
+from . import cuda_kernels as kc
 from .cublas import Blas
 
 # Graphs per batch size, one per input buffer: Minibatches alternates two.
 GRAPHS_PER_SIZE = 2
+
+
+def has_gpu_update(optimizer: Optimizer) -> bool:
+    """Whether this step has a kernel for ``optimizer``'s update (SGD's rule; a subclass with its own ``step()`` has not)."""
+    return type(optimizer).step is SGD.step
 
 
 def set_tf32(enabled: bool) -> None:
@@ -80,27 +85,6 @@ def set_tf32(enabled: bool) -> None:
 
     kind = linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT
     cupy._core.set_compute_type(np.float32, kind)
-
-
-class _Buffers:
-    """Everything one batch size needs on the device, allocated once, and its graphs.
-
-    ``fused`` False: this size runs ``model.backprop`` + ``optimizer.step()``, and nothing is allocated here.
-    """
-
-    def __init__(self, xp: ModuleType, model: MLP, batch: int, fused: bool, max_blocks: int) -> None:
-        dt, h, k = model.dtype, model.n_hidden, model.n_outputs
-        self.batch, self.fused = batch, fused
-        if fused:
-            self.a1 = xp.empty((batch, h), dt)  # z1, then a1 = f(z1 + b1) in place
-            self.delta2 = xp.empty((batch, k), dt)
-            self.delta1 = xp.empty((batch, h), dt)
-            self.loss = xp.zeros((), dt)
-            self.n_correct = xp.zeros((), xp.int64)
-            self.output = kc.OutputLayerScratch(xp, batch, h, k, dt, max_blocks)
-        self.seen = 0  # steps run at this size
-        # (x address, labels address) -> (graph, the memory pool of anything allocated inside the capture)
-        self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
 
 
 class GpuStep:
@@ -171,7 +155,7 @@ class GpuStep:
         self._hyper = cupy.zeros(3, model.dtype)  # [lr, momentum, weight decay] on the device
         self._hyper_host: tuple[float, float, float] | None = None
         self._velocity = optimizer.velocity
-        self._buffers = PerBatchSize(self._new_buffers)  # and their graphs
+        self._workspaces = PerBatchSize(self._new_workspace)  # None for a size that runs unfused
         self._capture_stream: Any = None
 
     # ------------------------------------------------------------------ the step
@@ -189,41 +173,41 @@ class GpuStep:
             )
         if not isinstance(x, xp.ndarray) or not isinstance(labels, xp.ndarray):
             raise ValueError("step: x and labels must be CuPy arrays already on the device")
-        buf = self._buffers(batch)
+        ws = self._workspaces(batch)
         # the kernels, cuBLAS and MLP.backprop take raw pointers: rows must be contiguous (Minibatches' are)
         contiguous_x = x if x.flags.c_contiguous else xp.ascontiguousarray(x)
         contiguous_labels = labels if labels.flags.c_contiguous else xp.ascontiguousarray(labels)
-        if not buf.fused:  # the generic path: no kernel of ours, no graph
+        if ws is None:  # the generic path: no kernel of ours, no graph
             loss, n_correct = model.backprop(contiguous_x, contiguous_labels)
             self.optimizer.step()
             return loss, n_correct
         self._refresh_hyper()
-        buf.seen += 1
+        ws.steps += 1
         stream = xp.cuda.get_current_stream()
-        graph = self._graph_for(buf, x, labels) if buf.seen > 1 else None
+        graph = self._graph_for(ws, x, labels) if ws.steps > 1 else None
         if graph is not None:
             graph.launch(stream)
             self.n_replays += 1
-            return buf.loss, buf.n_correct
+            return ws.loss, ws.n_correct
         x, labels = contiguous_x, contiguous_labels
         self.blas.use_stream(stream.ptr)
-        self._launch(x, labels, buf)
-        return buf.loss, buf.n_correct
+        self._launch(x, labels, ws)
+        return ws.loss, ws.n_correct
 
-    def _launch(self, x: Any, labels: Any, buf: _Buffers) -> None:
+    def _launch(self, x: Any, labels: Any, ws: Workspace) -> None:
         """The launches of one step, on the current stream (captured or not)."""
-        for _, launch in self.launches(x, labels, buf):
+        for _, launch in self.launches(x, labels, ws):
             launch()
 
-    def launches(self, x: Any, labels: Any, buf: _Buffers) -> list[tuple[str, Callable[[], Any]]]:
+    def launches(self, x: Any, labels: Any, ws: Workspace) -> list[tuple[str, Callable[[], Any]]]:
         """The step as named launches, in order (``bench/gpu_launches.py`` times each one alone)."""
         blas, p, g, act = self.blas, self.model.params, self.model.grads, self.model.activation
         return [
-            ("z1 = x W1ᵀ (cuBLAS)", lambda: blas.matmul(x, p["W1"], buf.a1, transpose_b=True)),
+            ("z1 = x W1ᵀ (cuBLAS)", lambda: blas.matmul(x, p["W1"], ws.a1, transpose_b=True)),
             ("a1 = f(z1 + b1) ... ∂L/∂W2, ∂L/∂b2, δ1, ∂L/∂b1 (output_layer_step)", lambda: kc.output_layer_step(
-                buf.a1, labels, p, g, buf.delta2, buf.delta1, buf.loss, buf.n_correct, buf.output, act
+                ws.a1, labels, p, g, ws.delta2, ws.delta1, ws.loss, ws.n_correct, ws.scratch, act
             )),
-            ("∂L/∂W1 = δ1ᵀ x (cuBLAS)", lambda: blas.matmul(buf.delta1, x, g["W1"], transpose_a=True)),
+            ("∂L/∂W1 = δ1ᵀ x (cuBLAS)", lambda: blas.matmul(ws.delta1, x, g["W1"], transpose_a=True)),
             ("w, v ← SGD (sgd_momentum_)", lambda: kc.sgd_momentum_(
                 self.model.flat_params, self.model.flat_grads, self.optimizer.velocity, self._hyper
             )),
@@ -231,18 +215,19 @@ class GpuStep:
 
     @property
     def fused(self) -> bool:
-        if not self._buffers:
+        if not self._workspaces:
             return self._fused_choice is not False
-        return all(buf.fused for buf in self._buffers.values())
+        return all(ws is not None for ws in self._workspaces.values())
 
     # ------------------------------------------------------------------ state kept in step with the optimizer
     def _refresh_hyper(self) -> None:
         opt = self.optimizer
         if opt.velocity is not self._velocity:  # a new velocity array: graphs hold the old pointer
             self._velocity = opt.velocity
-            for buf in self._buffers.values():
-                buf.graphs.clear()
-                buf.seen = 0
+            for ws in self._workspaces.values():
+                if ws is not None:
+                    ws.graphs.clear()
+                    ws.steps = 0
         hyper = (float(opt.lr), float(opt.momentum), float(opt.weight_decay))
         if hyper != self._hyper_host:
             # Three scalar fills (kernel launches with the value as an argument):
@@ -251,7 +236,7 @@ class GpuStep:
                 self._hyper[i : i + 1].fill(value)
             self._hyper_host = hyper
 
-    def _new_buffers(self, batch: int) -> _Buffers:
+    def _new_workspace(self, batch: int) -> Workspace | None:
         model, limit = self.model, self._shared_limit
         fits = kc.output_layer_fits(batch, model.n_hidden, model.n_outputs, model.dtype, limit, self._max_blocks)
         shape = f"{model.n_outputs} classes x {model.n_hidden} hidden units at batch {batch}"
@@ -264,25 +249,32 @@ class GpuStep:
                 f"backprop-xp: the fused output layer does not fit {shape} ({limit} bytes of shared memory per "
                 "block); this batch size runs MLP.backprop + SGD.step on CuPy, eagerly"
             )
-        return _Buffers(self.xp, model, batch, fits and self._fused_choice is not False, self._max_blocks)
+        if not fits or self._fused_choice is False:
+            return None  # this size runs model.backprop + optimizer.step(), on the model's own workspaces
+        # Row-major output arrays: the kernel indexes rows of K values.
+        ws = Workspace(self.xp, batch, model.n_hidden, model.n_outputs, model.dtype, training=True, class_major=False)
+        ws.scratch = kc.OutputLayerScratch(
+            self.xp, batch, model.n_hidden, model.n_outputs, model.dtype, self._max_blocks
+        )
+        return ws
 
     # ------------------------------------------------------------------ CUDA graphs
-    def _graph_for(self, buf: _Buffers, x: Any, labels: Any) -> Any:
+    def _graph_for(self, ws: Workspace, x: Any, labels: Any) -> Any:
         """The graph for these inputs' addresses (captured now if new and room is left), or None: run eagerly."""
         if self.mode != "graphs":
             return None
         if not (x.flags.c_contiguous and labels.flags.c_contiguous):
             return None
         key = (x.data.ptr, labels.data.ptr)
-        entry = buf.graphs.get(key)
+        entry = ws.graphs.get(key)
         if entry is None:
-            if len(buf.graphs) >= GRAPHS_PER_SIZE or not self._capture(buf, x, labels):
+            if len(ws.graphs) >= GRAPHS_PER_SIZE or not self._capture(ws, x, labels):
                 return None
-            entry = buf.graphs[key]
+            entry = ws.graphs[key]
         return entry[0]
 
-    def _capture(self, buf: _Buffers, x: Any, labels: Any) -> bool:
-        """Capture ``_launch`` on these inputs into ``buf.graphs``; on failure switch to eager and say so once."""
+    def _capture(self, ws: Workspace, x: Any, labels: Any) -> bool:
+        """Capture ``_launch`` on these inputs into ``ws.graphs``; on failure switch to eager and say so once."""
         cupy = self.xp
         if self._capture_stream is None:
             self._capture_stream = cupy.cuda.Stream(non_blocking=True)  # capture needs a non-default stream
@@ -297,7 +289,7 @@ class GpuStep:
             with cupy.cuda.using_allocator(pool.malloc), stream:
                 stream.begin_capture()
                 try:
-                    self._launch(x, labels, buf)
+                    self._launch(x, labels, ws)
                 except Exception as exc:  # noqa: BLE001 - reported below; the capture must still be ended
                     error = error_line(exc, with_type=True)
                 try:
@@ -311,13 +303,13 @@ class GpuStep:
         if error is not None or graph is None:
             self.mode = "eager"
             self.capture_error = error or "capture returned no graph"
-            for other in self._buffers.values():
+            for other in filter(None, self._workspaces.values()):
                 other.graphs.clear()
             self._notice(
                 f"backprop-xp: CUDA graph capture failed ({self.capture_error}); running the fused step eagerly"
             )
             return False
-        buf.graphs[(x.data.ptr, labels.data.ptr)] = (graph, pool)
+        ws.graphs[(x.data.ptr, labels.data.ptr)] = (graph, pool)
         self.n_captures += 1
         return True
 

@@ -1,6 +1,6 @@
 """One engine's worker process, and the handle the command drives it through.
 
-Each engine runs in its own process (``python -m backprop_xp.bench ENGINE``),
+Each engine runs in its own process (``python -m backprop_xp.speed ENGINE``),
 driven one job at a time: one line of JSON in, one line of JSON out. Two
 reasons. In one process, OpenBLAS's threads and PyTorch's OpenMP threads each
 spin for a while after a call and steal the cores from the other library's
@@ -64,7 +64,7 @@ class Worker:
         command = [
             sys.executable,
             "-m",
-            "backprop_xp.bench",
+            "backprop_xp.speed",
             engine,
             "--threads",
             str(threads),
@@ -176,9 +176,9 @@ def _engine_info(engine: str, threads: int) -> dict[str, Any]:
     if engine in ("numpy", "sklearn"):
         info.update(_blas_info())
     if engine == "numpy":
-        from .. import fused_cpu
+        from ..cpu import numba_loops
 
-        info["cpu_step"] = fused_cpu.info()  # the [fast] extra's fused loops, or the plain NumPy path
+        info["cpu_step"] = numba_loops.info()  # the [fast] extra's fused loops, or the plain NumPy path
     if engine == "sklearn":
         import sklearn
 
@@ -279,7 +279,7 @@ def _notes(contestant: Any) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m backprop_xp.bench", description="one engine of backprop-xp bench (not for people)"
+        prog="python -m backprop_xp.speed", description="one engine of backprop-xp bench (not for people)"
     )
     parser.add_argument("engine", choices=tuple(ENGINES))
     parser.add_argument("--threads", type=int, required=True)

@@ -303,7 +303,7 @@ class NumpyEngine(_CpuEngine):
     def __init__(self, hidden: int, batch: int, data: Data, clock: Callable[[], float] = time.perf_counter) -> None:
         from ..data import Minibatches
         from ..model import MLP
-        from ..optim import SGD
+        from ..optimizers import SGD
         from ..training import make_step
 
         super().__init__(hidden, batch, data, clock)
@@ -680,7 +680,7 @@ class CupyEngine:
 
         from ..data import Minibatches
         from ..model import MLP
-        from ..optim import SGD
+        from ..optimizers import SGD
         from ..training import make_step
 
         self.cp, self.hidden, self.batch, self.data = cp, hidden, batch, data
@@ -743,7 +743,7 @@ def cupy_gemm_bound(
     except ImportError as exc:
         blas, note = None, f"eager cupy.matmul launches ({_one_line(exc)})"
 
-    def five(x: Any) -> None:  # as cuda/step.py calls them: z1, z2, ∂L/∂W2, δ1, ∂L/∂W1
+    def five(x: Any) -> None:  # as cuda/fused_gpu_step.py calls them: z1, z2, ∂L/∂W2, δ1, ∂L/∂W1
         n = x.shape[0]
         blas.matmul(x, w1, a1[:n], transpose_b=True)
         blas.matmul(a1[:n], w2, z2[:n], transpose_b=True)
