@@ -17,6 +17,7 @@ What happens inside, by hand::
         m.loss_and_grads(xb, yb)
         opt.step()
     m.save("my-model.npz")  # what MLP.load reads
+    step = bx.make_step(m, opt)  # those two lines as train runs them: fused where the machine allows
 """
 
 from .backend import Backend, BackendError, get_backend, to_numpy
@@ -24,6 +25,7 @@ from .data import DataFormatError, Minibatches, load_mnist
 from .loss import softmax_cross_entropy
 from .model import MLP
 from .optimizers import OPTIMIZERS, SGD, Adam, AdamW, Nesterov, sgd_update_
+from .step import make_step
 from .training import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -43,6 +45,7 @@ __all__ = [
     "DataFormatError",
     "get_backend",
     "load_mnist",
+    "make_step",
     "sgd_update_",
     "softmax_cross_entropy",
     "to_numpy",

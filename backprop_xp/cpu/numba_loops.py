@@ -16,7 +16,7 @@ the NumPy code it replaces in ``loss.py``/``optimizers.py`` (Numba without
 bit-identical to it, with two exceptions: ``output_layer_loop_`` computes ``exp`` and
 ``log`` with the C library rather than NumPy's own SIMD routines, which may
 differ in the last bits, and ``relu_output_layer_loop_`` also sums its small matrix
-products in its own order; ``tests/test_cpu/numba_loops.py`` bounds both differences.
+products in its own order; ``tests/test_fused_cpu.py`` bounds both differences.
 
 Numba is not imported until a loop is first called; ``step.make_step`` chooses
 ``cpu/fused_cpu_step.py`` where Numba is installed and the fast path is on
@@ -386,7 +386,7 @@ def relu_output_layer_loop_(params: dict[str, Any], grads: dict[str, Any], label
     matrix products, two matrix-vector products and five elementwise passes.
     The small products' sums are ordered as LLVM vectorises them, not as the
     BLAS orders its own, so results agree with ``MLP.backprop``'s NumPy path to
-    float rounding, not bit for bit (``tests/test_cpu/numba_loops.py`` states the tolerance).
+    float rounding, not bit for bit (``tests/test_fused_cpu.py`` states the tolerance).
 
     Returns the mean loss and the count of rows whose argmax is the label.
     """
