@@ -306,7 +306,7 @@ def sweep_with_client(
     ValueError
         A worker cannot see ``out`` or cannot import backprop_xp.
     """
-    from distributed import KilledWorker, as_completed
+    from distributed import as_completed
 
     out = Path(out).resolve()  # workers have their own working folders: only absolute paths mean the same
     out.mkdir(parents=True, exist_ok=True)
@@ -339,25 +339,11 @@ def sweep_with_client(
         """A run's task ended: record its summary, or resubmit it once if it raised on its worker."""
         del submitted[future.key]  # first: an interrupt between the two must still find the run's name
         config, name, attempt = running.pop(future.key)
-        try:
-            summary = future.result()
-        except KilledWorker as exc:  # the scheduler already retried it after the first death
-            tries = exc.allowed_failures + 1
-            message = (
-                f"KilledWorker: {tries} workers died while it was assigned to them (last {exc.last_worker.address})"
-            )
-            summary = summarize(name, config, load_metrics(out / name), message)
-        except Exception as exc:
-            error = str(exc) if isinstance(exc, WorkerRunError) else f"{type(exc).__name__}: {exc}"
-            if attempt == 1:
-                echo(f"{name}: {error}; retrying elsewhere")
-                submit(config, name, 2, avoid=getattr(exc, "worker", None))
-                return
-            summary = summarize(name, config, load_metrics(out / name), error)
-        future.release()
-        if summary.get("epochs_done") and load_metrics(out / name) is None:  # a worker that joined later
-            error = f"trained on {summary.get('worker')}, but {out / name} is empty here: not a shared filesystem"
-            summary = {**summary, "status": "failed", "error": error}
+        summary, retry_avoiding = _outcome(future, config, name, attempt, out)
+        if summary is None:
+            echo(f"{name}: {retry_avoiding[1]}; retrying elsewhere")
+            submit(config, name, 2, avoid=retry_avoiding[0])
+            return
         record_run(summaries, summary, len(configs), out, echo=echo, title=title)
         fill()
 
@@ -371,6 +357,28 @@ def sweep_with_client(
         stop_runs(client, {running[key][1]: future for key, future in submitted.items()}, echo=echo)
         raise
     return [summaries[name] for name in names if name in summaries]
+
+
+def _outcome(future: Any, config: dict[str, Any], name: str, attempt: int, out: Path) -> tuple[Any, Any]:
+    """What a finished task means: ``(summary, None)``, or ``(None, (worker to avoid, error))`` to retry it once."""
+    from distributed import KilledWorker
+
+    try:
+        summary = future.result()
+    except KilledWorker as exc:  # the scheduler already retried it after the first death
+        tries = exc.allowed_failures + 1
+        message = f"KilledWorker: {tries} workers died while it was assigned to them (last {exc.last_worker.address})"
+        return summarize(name, config, load_metrics(out / name), message), None
+    except Exception as exc:
+        error = str(exc) if isinstance(exc, WorkerRunError) else f"{type(exc).__name__}: {exc}"
+        if attempt == 1:
+            return None, (getattr(exc, "worker", None), error)
+        return summarize(name, config, load_metrics(out / name), error), None
+    future.release()
+    if summary.get("epochs_done") and load_metrics(out / name) is None:  # a worker that joined later
+        error = f"trained on {summary.get('worker')}, but {out / name} is empty here: not a shared filesystem"
+        summary = {**summary, "status": "failed", "error": error}
+    return summary, None
 
 
 STOP_WAIT = 60.0  # seconds an interrupted sweep waits for its runs to stop on their workers
