@@ -64,12 +64,12 @@ def measure(cupy, hidden: int, batch: int, reps: int, rounds: int) -> dict:
     y = cupy.asarray(rng.integers(0, 10, batch))
     step(x, y)  # compiles the kernels, allocates this batch size's buffers
     cupy.cuda.get_current_stream().synchronize()
-    buf = step._buffers[batch]
+    ws = step._workspaces[batch]  # this size's buffers (None if it runs unfused)
     rows = [
         {"launch": name, "us": time_captured(cupy, step, launch, reps, rounds)}
-        for name, launch in step.launches(x, y, buf)
+        for name, launch in step.launches(x, y, ws)
     ]
-    whole = time_captured(cupy, step, lambda: step._launch(x, y, buf), reps, rounds)
+    whole = time_captured(cupy, step, lambda: step._launch(x, y, ws), reps, rounds)
     return {"hidden": hidden, "batch": batch, "fused": step.fused, "launches": rows, "step_us": whole,
             "epoch_ms_60000": whole * -(-60_000 // batch) / 1000}  # fmt: skip
 
