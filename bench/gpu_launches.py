@@ -64,7 +64,7 @@ def measure(cupy, hidden: int, batch: int, reps: int, rounds: int) -> dict:
     y = cupy.asarray(rng.integers(0, 10, batch))
     step(x, y)  # compiles the kernels, allocates this batch size's buffers
     cupy.cuda.get_current_stream().synchronize()
-    buf = step._buffers[batch]
+    buf = step._workspaces[batch]
     rows = [
         {"launch": name, "us": time_captured(cupy, step, launch, reps, rounds)}
         for name, launch in step.launches(x, y, buf)
