@@ -110,6 +110,18 @@ def test_output_layer_kernel_matches_twin(activation, dtype, batch, n_hidden, n_
     assert int(got["n_correct"]) == int(expected["n_correct"])
 
 
+@pytest.mark.parametrize("activation", kc.ACTIVATIONS)
+def test_every_activation_in_the_table_runs_as_its_xp_lines(activation):
+    """Each entry's CUDA expressions (ACTIVATIONS[name].cuda, in output_layer.cu) against its xp lines: a new
+    activation is checked here without a test of its own. a1 = f(z1 + b1) and δ1 = ... ⊙ f'(a1) to rounding."""
+    rng = np.random.default_rng(31)
+    z1, params, labels = case(rng, 37, 45, 10, "float64")
+    expected = output_layer_reference(z1, labels, params, activation)
+    got, _ = run_output_layer(z1, params, labels, activation, 10, times=1)
+    for name in ("a1", "delta1"):
+        close(got[name], expected[name], "float64")
+
+
 def test_output_layer_counts_a_tie_as_argmax_does_first_maximum():
     """Classes 3 and 5 have the same weights and bias, the largest: every row ties, argmax says 3."""
     rng = np.random.default_rng(6)
