@@ -107,10 +107,16 @@ class ElementwiseSpec(NamedTuple):
 def elementwise_specs() -> list[ElementwiseSpec]:
     """Every ElementwiseKernel this module builds."""
     return [
-        ElementwiseSpec("sgd_momentum", *SGD_MOMENTUM, UPDATES_SOURCE, EXACT_OPTIONS),
-        ElementwiseSpec("sgd_plain", *SGD_PLAIN, UPDATES_SOURCE, EXACT_OPTIONS),
-        ElementwiseSpec("adam", *ADAM, UPDATES_SOURCE, EXACT_OPTIONS),
+        ElementwiseSpec("sgd_momentum", *SGD_MOMENTUM, _preamble("sgd_momentum"), EXACT_OPTIONS),
+        ElementwiseSpec("sgd_plain", *SGD_PLAIN, _preamble("sgd_plain"), EXACT_OPTIONS),
+        ElementwiseSpec("adam", *ADAM, _preamble("adam"), EXACT_OPTIONS),
     ]
+
+
+def _preamble(name: str) -> str:
+    """updates.cu, then a ``#line`` naming what follows it (the kernel CuPy writes around the body), so that an
+    error there is not reported at a line of updates.cu past its end."""
+    return f'{UPDATES_SOURCE}\n#line 1 "{name}: the ElementwiseKernel around its body (cuda_kernels.py)"\n'
 
 
 # --------------------------------------------------------------------------- the device
@@ -263,7 +269,7 @@ def output_layer_step(
     whose first largest logit is the label, as ``argmax``). Nothing is read
     back to the host. A bad label gives NaN for that row, never a read out of
     bounds. The shape must pass ``output_layer_fits``. The NumPy twin is
-    ``output_layer_reference``.
+    ``output_layer_reference`` in ``tests/kernel_references.py``.
     """
     check_choice("activation", activation, ACTIVATIONS)
     batch, n_hidden = a1.shape

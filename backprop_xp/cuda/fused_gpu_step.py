@@ -18,7 +18,7 @@ the CPU; any other optimizer (Nesterov, a subclass with a ``step()`` of its
 own) keeps its own ``step()``: ``step.make_step`` gives it the textbook step.
 
 That needs the output layer to fit the fused kernel
-(``cuda.kernels.output_layer_fits``: K ≤ 32 classes and W2 in shared memory,
+(``cuda_kernels.output_layer_fits``: K ≤ 32 classes and W2 in shared memory,
 H up to about 5,600 in float32). A batch size that does not fit runs
 ``model.backprop`` then ``optimizer.step()`` on CuPy, eagerly, and the step
 says so once. (There was a nine-launch cuBLAS output layer for those shapes;
