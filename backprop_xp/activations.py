@@ -1,11 +1,11 @@
-"""The hidden layer's activation functions, as a table: ``ACTIVATIONS[name]`` holds ``f``, ``f'`` and the weights' first draw.
+"""The hidden layer's activation functions, as a table: ``ACTIVATIONS[name]`` holds ``f``, ``f'``, the first draw, and both in CUDA C.
 
 scikit-learn's ``ACTIVATIONS``/``DERIVATIVES`` in one table. Every function
 is written once against the array module of its arguments (NumPy or CuPy) and
 works in place on buffers the caller owns: the training step reuses the same
 few buffers every step, so the hot loop allocates nothing of size batch x
 hidden (see ``model.py``). The CUDA kernels' device functions for the same
-names (``cuda/cuda_kernels.py``) are checked against these lines.
+names (the ``cuda`` field, built into ``cuda/output_layer.cu``) are checked against these lines.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from .checks import check_choice
 # a = f(z) is computed in place. The derivative f'(z) is written in terms of the
 # output a = f(z), which the backward pass already has, so the forward pass
 # need not keep z1 alive: relu' = [a > 0], sigmoid' = a(1 - a), tanh' = 1 - a²,
-# leaky_relu' = 1 where a > 0, else α. A new activation is one entry here, its
-# CUDA device functions under the same name in cuda/cuda_kernels.py
-# (``ACTIVATION_SOURCES[name]``: ``act_forward(z)``, ``act_derivative(a)``), and
-# the tests, which take every name in this table.
+# leaky_relu' = 1 where a > 0, else α. A new activation is one entry here (its
+# forward, derivative, initialisation and the same two lines in CUDA C, which
+# cuda/output_layer.cu wraps) and the tests, which take every name in this table.
 
 
 def _relu(z: Any) -> Any:
@@ -113,15 +112,28 @@ class Activation(NamedTuple):
     forward: Callable[[Any], Any]  # z ← f(z), in place; returns z
     derivative: Callable[[Any, Any], Any]  # out ← f'(z), computed from a = f(z); returns out
     init: Callable[[np.random.Generator, tuple[int, int]], np.ndarray]  # the weights' first draw, (fan_out, fan_in)
+    # The same f(z) and f'(a) for the GPU: two C expressions in the kernel's float type T (z or a its argument),
+    # which cuda/output_layer.cu wraps into its device functions. Same values as the lines above; for the
+    # derivative, the same operations in the same order.
+    cuda: tuple[str, str]
     forward_and_derivative: Callable[[Any, Any], Any] | None = None  # (z, fprime): both in one go, where cheaper
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "relu": Activation(_relu, _relu_derivative, he_normal, _relu_and_mask),
-    "sigmoid": Activation(_sigmoid, _sigmoid_derivative, glorot_uniform),
-    "tanh": Activation(_tanh, _tanh_derivative, glorot_uniform),
-    # He's draw: its factor for a slope α, 1 / (1 + α²), is 0.9999 at α = 0.01
-    "leaky_relu": Activation(_leaky_relu, _leaky_relu_derivative, he_normal, _leaky_relu_and_slope),
+    "relu": Activation(
+        _relu, _relu_derivative, he_normal, ("z < T(0) ? T(0) : z", "a > T(0) ? T(1) : T(0)"), _relu_and_mask
+    ),
+    "sigmoid": Activation(_sigmoid, _sigmoid_derivative, glorot_uniform, ("T(1) / (T(1) + exp(-z))", "(T(1) - a) * a")),
+    "tanh": Activation(_tanh, _tanh_derivative, glorot_uniform, ("tanh(z)", "T(1) - a * a")),
+    # He's draw: its factor for a slope α, 1 / (1 + α²), is 0.9999 at α = 0.01. On the GPU α z is rounded
+    # in T, as NumPy's float32 times a Python float is.
+    "leaky_relu": Activation(
+        _leaky_relu,
+        _leaky_relu_derivative,
+        he_normal,
+        (f"z > T(0) ? z : T({LEAKY_SLOPE!r}) * z", f"a > T(0) ? T(1) : T({LEAKY_SLOPE!r})"),
+        _leaky_relu_and_slope,
+    ),
 }
 
 

@@ -65,7 +65,7 @@ run_part() {
     if grep -qE '^[0-9]+ skipped' "$log" 2>/dev/null || grep -qE '^=+ [0-9]+ skipped in' "$log" 2>/dev/null; then
         status=SKIP; note=$(grep -m1 -oE "SKIPPED \[[0-9]+\] [^:]+:[0-9]+: .*" "$log" | cut -c1-120)
     fi
-    { [ "$name" = bench ] || [ "$name" = train ] || [ "$name" = launches ]; } && [ $rc -eq 2 ] && status=SKIP && note="no CUDA device"
+    { [ "$name" = bench ] || [ "$name" = train ] || [ "$name" = train-adam ] || [ "$name" = launches ]; } && [ $rc -eq 2 ] && status=SKIP && note="no CUDA device"
     # with a GPU on the machine, a skip means something refused it: that is a failure
     [ "$GPU_PRESENT" = 1 ] && [ "$status" = SKIP ] && status=FAIL && note="a GPU is listed but the part skipped: $note"
     local summary
@@ -121,6 +121,9 @@ run_part launches 90 "$PY" bench/gpu_launches.py --out "$RESULTS/gpu_launches.js
 
 # 4. a short real-MNIST training, every variant, against NumPy; TF32's accuracy effect
 run_part train 120 "$PY" scripts/gpu_train_check.py --data "$DATA" --epochs 2 --out "$RESULTS/gpu_train_check.json"
+# 4b. the same with Adam: the captured step with Adam's kernel, its per-step numbers refilled before each replay
+run_part train-adam 120 "$PY" scripts/gpu_train_check.py --data "$DATA" --epochs 2 --optimizer adam \
+    --out "$RESULTS/gpu_train_check_adam.json"
 
 # 5. the command line on the GPU (what a user runs)
 rm -rf "$RESULTS/cli-run"

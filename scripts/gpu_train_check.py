@@ -9,6 +9,11 @@ Trains 784-128-10 (ReLU, batch 128, SGD lr 0.1 then 0.05, momentum 0.9) for
 * ``cupy_graphs``: the fused step as CUDA graphs (what ``train --backend cupy`` runs);
 * ``cupy_graphs_tf32``: the same with TF32 matrix products (the accuracy effect of ``--tf32``).
 
+``--optimizer adam`` (or ``adamw``) trains with that optimizer instead (lr
+1e-3, then 5e-4) and runs ``numpy``, ``cupy_eager`` and ``cupy_graphs``: the
+fused step with Adam's kernel, its per-step numbers refilled before each
+replay; the graph run must also have used that kernel.
+
 Each prints its test accuracy, training loss and seconds per epoch; the run
 passes when every float32 GPU variant is within 1 point of NumPy's test
 accuracy and above 95%, and the graph variants really ran as graphs (replays
@@ -37,15 +42,25 @@ from backprop_xp.data import Minibatches  # noqa: E402
 from backprop_xp.files import atomic_write  # noqa: E402
 from backprop_xp.training import evaluate, make_step, run_epoch  # noqa: E402
 
-HIDDEN, BATCH, LRS, MOMENTUM, SEED = 128, 128, (0.1, 0.05), 0.9, 0
+HIDDEN, BATCH, MOMENTUM, SEED = 128, 128, 0.9, 0
+LRS = {"sgd": (0.1, 0.05), "adam": (1e-3, 5e-4), "adamw": (1e-3, 5e-4)}
+VARIANTS = {
+    "sgd": ("numpy", "cupy_generic", "cupy_eager", "cupy_graphs", "cupy_graphs_tf32"),
+    "adam": ("numpy", "cupy_eager", "cupy_graphs"),
+    "adamw": ("numpy", "cupy_eager", "cupy_graphs"),
+}
 
 
-def train_one(variant: str, data: tuple, epochs: int) -> dict:
+def train_one(variant: str, data: tuple, epochs: int, optimizer: str = "sgd") -> dict:
     """Train one variant; its accuracy, loss, epoch times and (GPU) step mode."""
     x_train, y_train, x_test, y_test = data
     backend = "numpy" if variant == "numpy" else "cupy"
     model = bx.MLP(784, HIDDEN, 10, backend=backend, seed=SEED)
-    opt = bx.SGD(model, lr=LRS[0], momentum=MOMENTUM)
+    lrs = LRS[optimizer]
+    if optimizer == "sgd":
+        opt = bx.SGD(model, lr=lrs[0], momentum=MOMENTUM)
+    else:
+        opt = bx.OPTIMIZERS[optimizer](model, lr=lrs[0])
     xp = model.xp
     if variant == "cupy_generic":
 
@@ -73,7 +88,7 @@ def train_one(variant: str, data: tuple, epochs: int) -> dict:
     test_x, test_y = model.as_input(x_test), xp.asarray(y_test)
     result = {"epoch_s": [], "train_loss": [], "test_accuracy": []}
     for epoch in range(epochs):
-        opt.lr = LRS[min(epoch, len(LRS) - 1)]  # a learning-rate change between epochs: graphs must follow it
+        opt.lr = lrs[min(epoch, len(lrs) - 1)]  # a learning-rate change between epochs: graphs must follow it
         t = time.perf_counter()
         sums = run_epoch(step, batches, epoch)  # reads the device once, at the end
         result["epoch_s"].append(time.perf_counter() - t)
@@ -83,6 +98,9 @@ def train_one(variant: str, data: tuple, epochs: int) -> dict:
     for name in ("fused", "n_captures", "n_replays"):
         if hasattr(step, name):
             result[name] = getattr(step, name)
+    kernel = getattr(getattr(step, "update", None), "kernel", None)  # the GPU step's (GPU_UPDATES)
+    if kernel is not None:
+        result["update"] = kernel
     if getattr(step, "capture_error", None):
         result["capture_error"] = step.capture_error
     if variant.endswith("tf32"):
@@ -98,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "--data", default=os.environ.get("BACKPROP_XP_DATA"), help="MNIST folder (default $BACKPROP_XP_DATA)"
     )
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--optimizer", choices=sorted(VARIANTS), default="sgd")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     try:
@@ -113,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     data = bx.load_mnist(args.data, download=False)
     results, ok, problems = {}, True, []
-    for variant in ("numpy", "cupy_generic", "cupy_eager", "cupy_graphs", "cupy_graphs_tf32"):
+    for variant in VARIANTS[args.optimizer]:
         try:
-            results[variant] = r = train_one(variant, data, args.epochs)
+            results[variant] = r = train_one(variant, data, args.epochs, args.optimizer)
         except Exception as exc:  # noqa: BLE001 - report it, go on with the others
             results[variant] = {"error": f"{type(exc).__name__}: {exc}"}
             problems.append(f"{variant}: {type(exc).__name__}: {exc}")
@@ -141,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     for variant, fused in (("cupy_graphs", True), ("cupy_graphs_tf32", True)):
         r = results.get(variant, {})
-        if "error" in r:
+        if "error" in r or variant not in VARIANTS[args.optimizer]:
             continue
         if r.get("mode") != "graphs" or not r.get("n_replays"):
             problems.append(
@@ -149,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if r.get("fused") is not fused:
             problems.append(f"{variant}: fused output layer {r.get('fused')}, expected {fused}")
+        kernel = "adam_update_" if args.optimizer.startswith("adam") else "sgd_momentum_"
+        if kernel not in r.get("update", ""):
+            problems.append(f"{variant}: update {r.get('update')!r}, expected the {kernel} kernel")
     if "error" in results.get("numpy", {}):
         problems.append("no NumPy reference")
     tf32, fp32 = results.get("cupy_graphs_tf32", {}), results.get("cupy_graphs", {})

@@ -248,9 +248,7 @@ class EmulatedElementwise:
 
     def __init__(self, specs) -> None:
         self.specs = {spec.name: spec for spec in specs}
-        header = (
-            "#include <cmath>\n#define __device__\n#define __forceinline__ inline\nusing std::exp; using std::tanh;\n"
-        )
+        header = "#include <cmath>\n#define __device__\n#define __forceinline__ inline\nusing std::exp; using std::sqrt; using std::tanh;\n"
         self.lib = build(header + "".join(elementwise_cpp(s, t) for s in specs for t in ("float", "double")))
 
     def run(self, name: str, dtype, *arrays: np.ndarray) -> None:

@@ -83,15 +83,14 @@ def test_leaky_relu_trains_and_is_saved_by_name(tmp_path):
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
 @pytest.mark.parametrize("dtype, batch, n_hidden", [("float32", 128, 64), ("float64", 37, 45)])
 def test_leaky_relu_cuda_source_matches_its_xp_lines_on_the_emulator(dtype, batch, n_hidden):
-    """The output-layer kernel built with ACTIVATION_SOURCES["leaky_relu"], run on the CPU (cuda_emulator),
+    """The output-layer kernel built with ACTIVATIONS["leaky_relu"].cuda, run on the CPU (cuda_emulator),
     against its NumPy twin; a1 = f(z1 + b1) must be equal bit for bit (one product, rounded the same way)."""
+    from kernel_references import output_layer_reference
     from test_cuda_emulated import case, close, run_output_layer
-
-    from backprop_xp.cuda import cuda_kernels as kc
 
     z1, params, labels = case(np.random.default_rng(batch), batch, n_hidden, 10, dtype)
     assert (z1 + params["b1"] < 0).any()
-    expected = kc.output_layer_reference(z1, labels, params, "leaky_relu")
+    expected = output_layer_reference(z1, labels, params, "leaky_relu")
     got = run_output_layer(z1, params, labels, "leaky_relu", 10)[0]  # (the outputs, then counts)
     np.testing.assert_array_equal(got["a1"], expected["a1"])
     for name in ("delta2", "delta1", "W2"):

@@ -1,4 +1,4 @@
-"""Every CUDA source in cuda/cuda_kernels.py compiles with NVRTC 12 and NVRTC 13, as CuPy compiles it, without a GPU.
+"""Every CUDA source of cuda/cuda_kernels.py (the .cu files) compiles with NVRTC 12 and NVRTC 13, as CuPy compiles it, without a GPU.
 
 NVRTC (the CUDA runtime compiler CuPy uses) needs no device, so this runs on
 the CPU CI machine, once per CUDA major version: ``nvidia-cuda-nvrtc-cu12``
@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from cuda_emulator import elementwise_arguments
@@ -49,6 +50,7 @@ ARCHS_BY_MAJOR = {
 # also adds -std=c++17 when no -std is given (cupy/_core/core.pyx, assemble_cupy_compiler_options: the
 # dialect below), its own include folders, and -arch=sm_XX of the device (compute_XX below).
 CUPY_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+CUDA_FOLDER = Path(kc.__file__).parent  # the .cu files
 
 
 class NVRTCError(RuntimeError):
@@ -168,7 +170,7 @@ def standalone_elementwise(spec: kc.ElementwiseSpec, float_type: str) -> str:
 def test_every_elementwise_kernel_is_listed_once():
     names = [spec.name for spec in kc.elementwise_specs()]
     assert len(names) == len(set(names))
-    assert names == ["sgd_momentum", "sgd_plain"]  # the update; the output layer is one RawKernel
+    assert names == ["sgd_momentum", "sgd_plain", "adam"]  # the updates; the output layer is one RawKernel
 
 
 @pytest.mark.parametrize("float_type", ["float", "double"])
@@ -196,7 +198,7 @@ def test_exact_kernels_have_no_fused_multiply_add(nvrtc):
 @pytest.mark.parametrize("activation", kc.ACTIVATIONS)
 def test_output_layer_raw_kernel_compiles(nvrtc, activation, n_classes):
     """As output_layer_step builds it: the activation's functions, then the kernel, with -DN_CLASSES."""
-    source = kc.ACTIVATION_SOURCES[activation] + kc.OUTPUT_LAYER_SOURCE
+    source = kc.output_layer_source(activation)
     for arch in nvrtc.archs:
         ptx = compile_ptx(nvrtc, source, f"output_layer_{activation}", (f"-DN_CLASSES={n_classes}",), arch)
         for name in ("output_layer_float", "output_layer_double"):
@@ -206,12 +208,33 @@ def test_output_layer_raw_kernel_compiles(nvrtc, activation, n_classes):
 
 
 def test_output_layer_needs_the_class_count(nvrtc):
-    with pytest.raises(NVRTCError, match="N_CLASSES"):
-        nvrtc.compile(
-            kc.ACTIVATION_SOURCES["relu"] + kc.OUTPUT_LAYER_SOURCE,
-            "no_k.cu",
-            [f"--gpu-architecture={nvrtc.archs[-1][0]}"],
-        )
+    """The #error names output_layer.cu and its line (the #line directive), not the program's name."""
+    text = (CUDA_FOLDER / "output_layer.cu").read_text()
+    line = text.splitlines().index('#error "compile with -DN_CLASSES=<number of classes>"') + 1
+    with pytest.raises(NVRTCError, match=rf"output_layer\.cu\({line}\).*N_CLASSES"):
+        nvrtc.compile(kc.output_layer_source("relu"), "no_k.cu", [f"--gpu-architecture={nvrtc.archs[-1][0]}"])
+
+
+def test_a_compile_error_in_updates_cu_names_the_file_and_line(nvrtc):
+    """An error planted in updates.cu is reported at updates.cu(line), not at a line of the program NVRTC was given."""
+    spec = next(s for s in kc.elementwise_specs() if s.name == "sgd_momentum")
+    text = (CUDA_FOLDER / "updates.cu").read_text()
+    planted = "    w = w - v * lr;"  # sgd_momentum_update's last line
+    line = text.splitlines().index(planted) + 1
+    broken = spec._replace(preamble=spec.preamble.replace(planted, "    w = w - v * undefined_rate;"))
+    assert broken.preamble != spec.preamble
+    with pytest.raises(NVRTCError, match=rf"updates\.cu\({line}\): error: identifier \"undefined_rate\""):
+        nvrtc.compile(standalone_elementwise(broken, "float"), "program.cu", ["--gpu-architecture=compute_90"])
+
+
+def test_a_compile_error_in_an_activation_names_where_output_layer_cu_uses_it(nvrtc):
+    """A typo in an activation's CUDA expression is reported at output_layer.cu's act_forward, naming the typo."""
+    text = (CUDA_FOLDER / "output_layer.cu").read_text()
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "T act_forward(T z)" in row)
+    source = kc.output_layer_source("tanh").replace("(tanh(z))", "(tanhh(z))")
+    assert source != kc.output_layer_source("tanh")
+    with pytest.raises(NVRTCError, match=rf'output_layer\.cu\({line}\): error: identifier "tanhh" is undefined'):
+        nvrtc.compile(source, "program.cu", ["--gpu-architecture=compute_90", "-DN_CLASSES=10"])
 
 
 def test_nvrtc_versions_pick_their_architectures():
@@ -228,9 +251,10 @@ def test_nvrtc_versions_pick_their_architectures():
 
 
 def test_a_broken_source_is_reported(nvrtc):
-    """The harness itself can fail: a body with an undefined name does not compile, and the log says why."""
+    """The harness itself can fail: a body with an undefined name does not compile, and the log says why and
+    where: in the kernel around the body (the #line after updates.cu), not at a line of updates.cu."""
     spec = kc.elementwise_specs()[0]._replace(body="row_loss = undefined_name;")
-    with pytest.raises(NVRTCError, match="undefined_name"):
+    with pytest.raises(NVRTCError, match=r'sgd_momentum: the ElementwiseKernel around its body.*"undefined_name"'):
         nvrtc.compile(standalone_elementwise(spec, "float"), "broken.cu", ["--gpu-architecture=compute_90"])
 
 
@@ -290,7 +314,7 @@ def _sm90_sources() -> list[tuple[str, str, tuple[str, ...], list[str]]]:
     sources = []
     for n_classes in (3, 10, kc.OUTPUT_LAYER_MAX_CLASSES):
         for activation in kc.ACTIVATIONS:
-            sources.append((f"output_layer_{activation}_K{n_classes}", kc.ACTIVATION_SOURCES[activation] + kc.OUTPUT_LAYER_SOURCE,
+            sources.append((f"output_layer_{activation}_K{n_classes}", kc.output_layer_source(activation),
                             (f"-DN_CLASSES={n_classes}",), ["output_layer_float", "output_layer_double"]))  # fmt: skip
     for spec in kc.elementwise_specs():
         for float_type in ("float", "double"):

@@ -5,7 +5,8 @@ thread runs as a host thread (see the emulator's docstring for what that
 does and does not check). Same launch configuration and scratch layout as the
 CuPy wrappers use, so a wrong index, a missing barrier between phases, a
 shuffle reduction that leaves lanes disagreeing, or a last-block reduction
-that misses a block shows up here, before a GPU ever sees the code.
+that misses a block shows up here, before a GPU ever sees the code. The twin is in
+tests/kernel_references.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import numpy as np
 import pytest
 from cuda_emulator import OUTPUT_LAYER_PARAMS, EmulatedKernels
+from kernel_references import output_layer_reference
 
 from backprop_xp.cuda import cuda_kernels as kc
 
@@ -35,7 +37,7 @@ def output_layer_kernels(activation: str, n_classes: int) -> EmulatedKernels:
     key = ("output_layer", activation, n_classes)
     if key not in _BUILT:
         _BUILT[key] = EmulatedKernels(
-            kc.ACTIVATION_SOURCES[activation] + kc.OUTPUT_LAYER_SOURCE,
+            kc.output_layer_source(activation),
             {"output_layer_float": OUTPUT_LAYER_PARAMS, "output_layer_double": OUTPUT_LAYER_PARAMS},
             defines={"N_CLASSES": n_classes},
         )
@@ -97,7 +99,7 @@ def case(rng, batch, n_hidden, n_classes, dtype):
 def test_output_layer_kernel_matches_twin(activation, dtype, batch, n_hidden, n_classes, max_blocks, n_blocks):
     rng = np.random.default_rng(batch + n_hidden)
     z1, params, labels = case(rng, batch, n_hidden, n_classes, dtype)
-    expected = kc.output_layer_reference(z1, labels, params, activation)
+    expected = output_layer_reference(z1, labels, params, activation)
     got, blocks = run_output_layer(z1, params, labels, activation, n_classes, max_blocks=max_blocks)
     assert blocks == n_blocks
     for name in ("a1", "delta2", "delta1", "W2"):
@@ -108,6 +110,18 @@ def test_output_layer_kernel_matches_twin(activation, dtype, batch, n_hidden, n_
     assert int(got["n_correct"]) == int(expected["n_correct"])
 
 
+@pytest.mark.parametrize("activation", kc.ACTIVATIONS)
+def test_every_activation_in_the_table_runs_as_its_xp_lines(activation):
+    """Each entry's CUDA expressions (ACTIVATIONS[name].cuda, in output_layer.cu) against its xp lines: a new
+    activation is checked here without a test of its own. a1 = f(z1 + b1) and δ1 = ... ⊙ f'(a1) to rounding."""
+    rng = np.random.default_rng(31)
+    z1, params, labels = case(rng, 37, 45, 10, "float64")
+    expected = output_layer_reference(z1, labels, params, activation)
+    got, _ = run_output_layer(z1, params, labels, activation, 10, times=1)
+    for name in ("a1", "delta1"):
+        close(got[name], expected[name], "float64")
+
+
 def test_output_layer_counts_a_tie_as_argmax_does_first_maximum():
     """Classes 3 and 5 have the same weights and bias, the largest: every row ties, argmax says 3."""
     rng = np.random.default_rng(6)
@@ -116,7 +130,7 @@ def test_output_layer_counts_a_tie_as_argmax_does_first_maximum():
     labels[:] = np.where(np.arange(40) % 3 == 0, 3, 5)  # 14 rows say 3, 26 say 5
     got, _ = run_output_layer(z1, params, labels, "relu", 10, times=1)
     assert int(got["n_correct"]) == 14 == int(np.count_nonzero(labels == 3))
-    expected = kc.output_layer_reference(z1, labels, params, "relu")
+    expected = output_layer_reference(z1, labels, params, "relu")
     assert int(expected["n_correct"]) == 14  # NumPy's argmax agrees: the twin has the same tie
     close(got["delta2"], expected["delta2"], "float32")
 
@@ -143,10 +157,8 @@ def test_output_layer_is_deterministic():
 
 def test_the_emulator_catches_a_planted_bug():
     """The harness can fail: a kernel whose δ1 skips the activation's derivative is caught."""
-    source = kc.ACTIVATION_SOURCES["tanh"] + kc.OUTPUT_LAYER_SOURCE.replace(
-        "d1[h] = s * act_derivative<T>(a[h]);", "d1[h] = s;"
-    )
-    assert source != kc.ACTIVATION_SOURCES["tanh"] + kc.OUTPUT_LAYER_SOURCE
+    source = kc.output_layer_source("tanh").replace("d1[h] = s * act_derivative<T>(a[h]);", "d1[h] = s;")
+    assert source != kc.output_layer_source("tanh")
     _BUILT[("output_layer", "tanh", 10)] = EmulatedKernels(
         source, {"output_layer_double": OUTPUT_LAYER_PARAMS, "output_layer_float": OUTPUT_LAYER_PARAMS},
         defines={"N_CLASSES": 10},
@@ -155,7 +167,7 @@ def test_the_emulator_catches_a_planted_bug():
         rng = np.random.default_rng(5)
         z1, params, labels = case(rng, 20, 40, 10, "float64")
         got, _ = run_output_layer(z1, params, labels, "tanh", 10, times=1)
-        expected = kc.output_layer_reference(z1, labels, params, "tanh")
+        expected = output_layer_reference(z1, labels, params, "tanh")
         with pytest.raises(AssertionError):
             close(got["delta1"], expected["delta1"], "float64")
     finally:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kernel_references import output_layer_reference
 from test_kernel_twins import stepped_sgd
 
 import backprop_xp as bx
@@ -96,6 +97,25 @@ def test_sgd_kernel_is_bit_identical_to_optim_sgd(cupy, dtype, momentum, weight_
         np.testing.assert_array_equal(v_dev.get(), opt.velocity)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule, weight_decay", [(bx.Adam, 0.0), (bx.Adam, 1e-2), (bx.AdamW, 1e-2)])
+def test_adam_kernel_is_bit_identical_to_adam_step(cupy, dtype, rule, weight_decay):
+    """The Adam kernel, fed Adam.fused_hyper() of each step, against optimizers.Adam.step itself over 20 steps."""
+    rng = np.random.default_rng(21)
+    model = bx.MLP(30, 20, 10, backend="numpy", dtype=dtype, seed=2)
+    opt = rule(model, lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-7, weight_decay=weight_decay)
+    w, m, v = (cupy.asarray(a) for a in (model.flat_params, opt.m, opt.v))
+    for _ in range(20):
+        g = (rng.normal(size=w.shape) * 10.0 ** rng.integers(-4, 2)).astype(dtype)
+        model.flat_grads[...] = g
+        opt.step()  # t becomes this step's (its NumPy lines: the fused CPU loops are not involved)
+        hyper = np.append(opt.fused_hyper(), 1.0 if opt.DECOUPLED else 0.0).astype(dtype)
+        kc.adam_update_(w, cupy.asarray(g), m, v, cupy.asarray(hyper))
+    np.testing.assert_array_equal(m.get(), opt.m)
+    np.testing.assert_array_equal(v.get(), opt.v)
+    np.testing.assert_array_equal(w.get(), model.flat_params)
+
+
 def _output_layer_case(rng, batch, n_hidden, n_classes, dtype):
     z1 = rng.normal(0, 1.5, size=(batch, n_hidden)).astype(dtype)
     z1[0, : min(3, n_hidden)] = 0.0  # the ReLU kink
@@ -149,7 +169,7 @@ def test_output_layer_kernel_matches_twin(cupy, dtype, activation, batch, n_hidd
     rng = np.random.default_rng(batch + n_hidden)
     z1, params, labels = _output_layer_case(rng, batch, n_hidden, n_classes, dtype)
     assert kc.output_layer_fits(batch, n_hidden, n_classes, dtype, 227 * 1024, 132)
-    expected = kc.output_layer_reference(z1, labels, params, activation)
+    expected = output_layer_reference(z1, labels, params, activation)
     got = _run_output_layer(cupy, z1, params, labels, activation, n_classes)
     for name in ("a1", "delta2", "delta1", "W2"):
         close(got[name], expected[name], dtype)
@@ -163,7 +183,7 @@ def test_output_layer_kernel_large_shared_memory(cupy):
     """H = 2048 in float64 needs 160 KiB of W2 in shared memory: the kernel opts in above 48 KiB."""
     rng = np.random.default_rng(16)
     z1, params, labels = _output_layer_case(rng, 256, 2048, 10, "float64")
-    expected = kc.output_layer_reference(z1, labels, params, "relu")
+    expected = output_layer_reference(z1, labels, params, "relu")
     got = _run_output_layer(cupy, z1, params, labels, "relu", 10, times=1)
     close(got["delta1"], expected["delta1"], "float64")
     close(got["W2"], expected["W2"], "float64")
@@ -234,10 +254,15 @@ def _batches(x, y, sizes):
         start += size
 
 
-def _reference_run(activation, dtype, momentum, weight_decay, x, y, sizes, lrs, n_hidden=64):
+def _optimizer(model, lr, momentum, weight_decay, rule=None):
+    """SGD with these settings, or ``rule(model, lr)`` (an Adam, say)."""
+    return bx.SGD(model, lr=lr, momentum=momentum, weight_decay=weight_decay) if rule is None else rule(model, lr)
+
+
+def _reference_run(activation, dtype, momentum, weight_decay, x, y, sizes, lrs, n_hidden=64, rule=None):
     """The generic NumPy path: model.backprop then optimizer.step, batch by batch."""
     m = bx.MLP(784, n_hidden, 10, activation=activation, backend="numpy", dtype=dtype, seed=5)
-    opt = bx.SGD(m, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+    opt = _optimizer(m, lrs[0], momentum, weight_decay, rule)
     history = []
     for i, (xb, yb) in enumerate(_batches(x, y, sizes)):
         opt.lr = lrs[i]
@@ -248,12 +273,12 @@ def _reference_run(activation, dtype, momentum, weight_decay, x, y, sizes, lrs, 
 
 
 def _fused_run(cupy, graphs, activation, dtype, momentum, weight_decay, x, y, sizes, lrs, prepare=None, fused=None,
-               n_hidden=64):  # fmt: skip
+               n_hidden=64, rule=None):  # fmt: skip
     """The GPU step over the same batches, each gathered into one of two alternating buffers, as Minibatches does."""
     from backprop_xp.cuda.fused_gpu_step import make_gpu_step
 
     m = bx.MLP(784, n_hidden, 10, activation=activation, backend="cupy", dtype=dtype, seed=5)
-    opt = bx.SGD(m, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+    opt = _optimizer(m, lrs[0], momentum, weight_decay, rule)
     notices = []
     step = make_gpu_step(m, opt, graphs=graphs, fused=fused)
     step._notice = notices.append
@@ -312,6 +337,55 @@ def test_step_follows_the_reference(cupy, graphs, activation, dtype, momentum, w
     assert notices == [] and step.capture_error is None, notices
 
 
+ADAM_LRS = [1e-3] * 4 + [5e-4] * 5  # a rate change after the graphs were captured
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize(
+    "rule, activation, dtype",
+    [(bx.Adam, "relu", "float64"), (bx.AdamW, "tanh", "float64"), (bx.Adam, "relu", "float32")],
+)
+def test_captured_adam_step_follows_adam_step(cupy, graphs, rule, activation, dtype):
+    """The fused step with Adam's kernel, eager and captured, equals MLP.backprop + Adam.step on NumPy."""
+    rng = np.random.default_rng(22)
+    n = sum(SIZES)
+    x = rng.random((n, 784)).astype(dtype)
+    y = rng.integers(0, 10, n)
+    ref, ref_opt, ref_history = _reference_run(activation, dtype, 0, 0, x, y, SIZES, ADAM_LRS, rule=rule)
+    got, step, history, notices = _fused_run(
+        cupy, graphs, activation, dtype, 0, 0, x, y, SIZES, ADAM_LRS, fused=True, rule=rule
+    )
+    assert step.fused and "adam_update_" in step.update.kernel
+    assert step.mode == ("graphs" if graphs else "eager") and step.capture_error is None, notices
+    assert step.n_replays == (len(SIZES) - 2 if graphs else 0)
+    rtol = 2e-4 if dtype == "float32" else 1e-9
+    for (loss, correct), (ref_loss, ref_correct) in zip(history, ref_history, strict=True):
+        np.testing.assert_allclose(loss, ref_loss, rtol=rtol)
+        assert abs(correct - ref_correct) <= (1 if dtype == "float32" else 0)
+    opt = step.optimizer
+    assert opt.t == ref_opt.t == len(SIZES)
+    for name in ref.params:
+        close(got.params[name], ref.params[name], dtype, rtol=rtol)
+    close(opt.m, ref_opt.m, dtype, rtol=rtol, atol_scale=10)
+    close(opt.v, ref_opt.v, dtype, rtol=rtol, atol_scale=10)
+
+
+def test_captured_adam_graphs_equal_eager_adam_bit_for_bit(cupy):
+    """Adam's per-step numbers reach the replayed graphs: captured and eager runs give the same bits."""
+    rng = np.random.default_rng(23)
+    n = sum(SIZES)
+    x = rng.random((n, 784)).astype(np.float32)
+    y = rng.integers(0, 10, n)
+    runs = [_fused_run(cupy, graphs, "relu", "float32", 0, 0, x, y, SIZES, ADAM_LRS, rule=bx.AdamW)
+            for graphs in (False, True)]  # fmt: skip
+    (eager, _, eager_history, _), (graph, step, graph_history, notices) = runs
+    assert step.mode == "graphs" and step.capture_error is None, notices
+    assert (step.n_captures, step.n_replays) == (3, 7)
+    assert graph_history == eager_history
+    for name in eager.params:
+        np.testing.assert_array_equal(graph.params[name].get(), eager.params[name].get())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_one_fused_step_equals_backprop_and_sgd(cupy, dtype):
     """The issue's tolerance for one step: float64 to 1e-12 relative, float32 to float32 rounding."""
@@ -336,7 +410,7 @@ def test_graphs_are_captured_per_batch_size_and_buffer_and_equal_eager(cupy):
     assert step.mode == "graphs" and step.capture_error is None, f"capture failed: {step.capture_error} {notices}"
     # steps 0 (50, first: eager), 1 (50, buffer B: capture), 2 (50, A: capture), 3 (17, first: eager),
     # 5 (17, B: capture); every later step replays
-    assert {size: len(buf.graphs) for size, buf in step._buffers.items()} == {50: 2, 17: 1}
+    assert {size: len(buf.graphs) for size, buf in step._workspaces.items()} == {50: 2, 17: 1}
     assert (step.n_captures, step.n_replays) == (3, 7) and (eager_step.n_captures, eager_step.n_replays) == (0, 0)
     assert graph_history == eager_history  # the same kernels in the same order: bit for bit
     for name in eager.params:
@@ -357,7 +431,7 @@ def test_a_training_epoch_replays_graphs_from_minibatches(cupy):
         sums = run_epoch(step, batches, epoch)
         assert sums.n_samples == 517 and sums.first_bad_step is None
     assert step.mode == "graphs", step.capture_error
-    assert {size: len(buf.graphs) for size, buf in step._buffers.items()} == {100: 2, 17: 1}
+    assert {size: len(buf.graphs) for size, buf in step._workspaces.items()} == {100: 2, 17: 1}
     assert step.n_replays == 3 * 6 - 2  # all but the first step of each size
     assert step.n_captures == 3
 
@@ -517,7 +591,8 @@ extern "C" __global__ void hold(volatile const int* release, int* outcome, long 
 """
 
 
-def test_step_loop_never_waits_for_the_device(cupy):
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_step_loop_never_waits_for_the_device(cupy, rule):
     """Steps are enqueued while the device is held busy; the host releases it only afterwards.
 
     A kernel on the same stream spins until the host writes a flag into pinned
@@ -525,7 +600,8 @@ def test_step_loop_never_waits_for_the_device(cupy):
     a synchronising copy), it would wait for that kernel, which waits for the
     host: the kernel then gives up after its time limit and reports it. This
     tests the graph replays (after their capture), a learning-rate change and
-    the eager fused step; it is a causal test, not a timing one.
+    the eager fused step, with SGD and with Adam (whose numbers change every
+    step); it is a causal test, not a timing one.
     """
     from backprop_xp.cuda.fused_gpu_step import make_gpu_step
 
@@ -533,7 +609,7 @@ def test_step_loop_never_waits_for_the_device(cupy):
     x = cupy.asarray(rng.random((700, 784)).astype(np.float32))
     y = cupy.asarray(rng.integers(0, 10, 700))
     m = bx.MLP(784, 64, 10, backend="cupy")
-    opt = bx.SGD(m, lr=0.1, momentum=0.9)
+    opt = bx.SGD(m, lr=0.1, momentum=0.9) if rule == "sgd" else bx.Adam(m, lr=0.1)
     graph_step, eager_step = make_gpu_step(m, opt, graphs=True), make_gpu_step(m, opt, graphs=False)
     losses = cupy.zeros(6, cupy.float32)
     # First steps (compile, allocate, capture) happen before the hold, and every kernel the loop

@@ -158,6 +158,36 @@ def test_a_checkpoint_holds_the_momentum_and_a_resume_continues_from_it(backend,
         np.testing.assert_allclose(b.params[name], a.params[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+def test_an_adam_checkpoint_holds_m_v_and_t_and_a_resume_continues_from_them(backend, mnist_dir, tmp_path, monkeypatch):
+    """Adam on the GPU is the captured step (its kernel, its numbers refilled each step); a resume goes on from t."""
+    real, steps = train_module.make_step, []
+
+    def make_step(*args, **kwargs):
+        steps.append(real(*args, **kwargs))
+        return steps[-1]
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    adam = {**{k: v for k, v in SMALL.items() if k != "momentum"}, "lr": 1e-3, "optimizer": "adam"}
+    config = TrainConfig(**adam, backend=backend, data_dir=str(mnist_dir))
+    straight = train(config, tmp_path / "straight", echo=None, pictures=False)
+    if backend == "cupy":
+        assert steps[0].mode == "graphs" and "adam_update_" in steps[0].update.kernel, steps[0].capture_error
+        assert (steps[0].n_captures, steps[0].n_replays) == (2, 2 * 30 - 1)
+    train(config, tmp_path / "resumed", echo=None, pictures=False, stop_after=1)
+    with np.load(tmp_path / "resumed" / CHECKPOINT, allow_pickle=False) as f:
+        t, m, v = int(f["train.t"]), f["train.m"], f["train.v"]
+    assert t == 30  # one epoch of 3000 images in batches of 100: the step count came back from the host's count
+    assert np.isfinite(m).all() and np.abs(m).max() > 0 and (v >= 0).all() and v.max() > 0
+    resumed = train(config, tmp_path / "resumed", resume=True, echo=None, pictures=False)
+    assert resumed["status"] == "finished"
+    # Epoch 2 from the checkpoint ends where the straight run's ends: restarting t at 0 would redo the bias
+    # corrections (a first step of size η in every weight), far outside this tolerance.
+    assert resumed["epochs"][1]["train_loss"] == pytest.approx(straight["epochs"][1]["train_loss"], rel=1e-4)
+    a, b = MLP.load(tmp_path / "straight" / "model.npz"), MLP.load(tmp_path / "resumed" / "model.npz")
+    for name in PARAMS:
+        np.testing.assert_allclose(b.params[name], a.params[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def test_mlp_load_onto_cupy_and_back(cupy, tmp_path):
     cpu = MLP(784, 32, 10, activation="tanh", seed=4)
     cpu.params["b2"][...] = np.linspace(-1, 1, 10)

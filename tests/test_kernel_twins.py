@@ -1,6 +1,6 @@
 """The NumPy twins of the CUDA kernels against the model itself, and the elementwise bodies against theirs, on the CPU.
 
-The GPU tests compare each fused kernel with its twin in ``cuda/cuda_kernels.py``;
+The GPU tests compare each fused kernel with its twin in ``tests/kernel_references.py``;
 these tests make sure the twins compute what ``MLP.backprop`` computes, so a
 kernel that matches its twin matches the model. The elementwise bodies (the
 SGD update) run here too, compiled by g++ (``tests/cuda_emulator.py``), bit
@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import pytest
 from cuda_emulator import EmulatedElementwise
+from kernel_references import output_layer_reference
 
 import backprop_xp as bx
 from backprop_xp.cuda import cuda_kernels as kc
@@ -30,7 +31,7 @@ def test_output_layer_twin_equals_backprop(activation, n_classes):
     x, y = rng.random((23, 30)), rng.integers(0, n_classes, 23)
     loss, n_correct = m.backprop(x, y)
     z1 = x @ m.params["W1"].T
-    twin = kc.output_layer_reference(z1, y, m.params, activation)
+    twin = output_layer_reference(z1, y, m.params, activation)
     np.testing.assert_array_equal(z1, x @ m.params["W1"].T)  # the twin leaves z1 alone
     np.testing.assert_allclose(twin["loss"], loss, rtol=1e-12)
     assert int(twin["n_correct"]) == int(n_correct)
@@ -74,7 +75,11 @@ def elementwise():
 
 def test_every_elementwise_body_has_a_cpu_twin_test():
     """A new body in elementwise_specs() must be added to the twin tests below."""
-    assert sorted(spec.name for spec in kc.elementwise_specs()) == ["sgd_momentum", "sgd_plain"]
+    assert sorted(spec.name for spec in kc.elementwise_specs()) == [
+        "adam",
+        "sgd_momentum",
+        "sgd_plain",
+    ]  # adam: test_cuda_adam.py
 
 
 def stepped_sgd(dtype: str, momentum: float, weight_decay: float) -> tuple[bx.SGD, np.ndarray, np.ndarray, np.ndarray]:

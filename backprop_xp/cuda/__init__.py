@@ -1,9 +1,11 @@
 """The GPU's own speed-ups, beside the generic ``xp`` code: fused CUDA kernels, cuBLAS on a handle of our own, and
 the training step that uses both as a CUDA graph.
 
-* ``activations.py``/``loss.py``: the CUDA sources and their CuPy wrappers, each with a NumPy twin;
+* ``output_layer.cu``, ``updates.cu``: the CUDA C (read at import); ``cuda_kernels.py``: their CuPy wrappers;
 * ``cublas.py``: the step's matrix products through nvmath-python's cuBLAS bindings;
-* ``step.py``: ``make_gpu_step``, the fused, graph-captured form of ``MLP.backprop`` + ``SGD.step``.
+* ``fused_gpu_step.py``: ``GpuStep``, the fused, graph-captured form of ``MLP.backprop`` + the optimizer's
+  ``step()`` (SGD, Adam and AdamW: ``GPU_UPDATES``).
 
-Nothing here is imported by ``import backprop_xp``; ``training.step.make_step`` imports ``step.py`` for CuPy models.
+Nothing here is imported by ``import backprop_xp``; ``step.make_step`` imports ``fused_gpu_step.py`` for CuPy models.
+The kernels' NumPy twins, used by the tests only, are in ``tests/kernel_references.py``.
 """

@@ -9,10 +9,16 @@ float32 rounding), in four launches::
       δ2, δ1 = δ2 W2 ⊙ f'(z1),
       ∂L/∂W2 = δ2ᵀ a1, ∂L/∂b2, ∂L/∂b1
     ∂L/∂W1 = δ1ᵀ x                               cuBLAS
-    w, v ← SGD(w, v, g)                          sgd_momentum_       (every parameter: one flat buffer)
+    w (and v, or m and v) ← the update           GPU_UPDATES[type(optimizer)]: sgd_momentum_ or adam_update_
+                                                 (every parameter: one flat buffer)
+
+The update comes from ``GPU_UPDATES``, a table keyed by the optimizer's exact
+class (SGD; Adam and AdamW), as ``cpu/fused_cpu_step.FUSED_UPDATES`` is on
+the CPU; any other optimizer (Nesterov, a subclass with a ``step()`` of its
+own) keeps its own ``step()``: ``step.make_step`` gives it the textbook step.
 
 That needs the output layer to fit the fused kernel
-(``cuda.kernels.output_layer_fits``: K ≤ 32 classes and W2 in shared memory,
+(``cuda_kernels.output_layer_fits``: K ≤ 32 classes and W2 in shared memory,
 H up to about 5,600 in float32). A batch size that does not fit runs
 ``model.backprop`` then ``optimizer.step()`` on CuPy, eagerly, and the step
 says so once. (There was a nine-launch cuBLAS output layer for those shapes;
@@ -33,9 +39,24 @@ training run captures two graphs per batch size and never copies its input
 again. Inputs at addresses not seen before run eagerly once the
 ``GRAPHS_PER_SIZE`` graphs of that size exist. The first step of each batch
 size always runs eagerly (it compiles the kernels and lets cuBLAS settle
-outside any capture). The learning rate, momentum and weight decay live in a
-small device array, refreshed (by a kernel, never a host copy) only when
-``optimizer`` changes them, so a schedule needs no recapture.
+outside any capture).
+
+The numbers the update multiplies by live in a small device array, ``hyper``,
+which the captured kernel reads at each replay: SGD's ``[η, μ, λ]``, Adam's
+``Adam.fused_hyper()`` (and the AdamW flag). Before each step the host
+computes them (for Adam after ``t += 1``, exactly as ``Adam.fused_hyper()``
+does, in double precision then rounded to the model's dtype) and writes the
+entries that changed with ``fill`` launches: the value travels as a kernel
+argument, stream-ordered before the replay, with no host-to-device copy, no
+synchronisation and no recapture. SGD refills only when a schedule changes the
+rate; Adam's two bias corrections (``√(1 − β₂ᵗ)`` and ``η / (1 − β₁ᵗ)``)
+change every step, so an Adam step is two small fills and one graph launch.
+(The other way, ``t`` kept on the device and the corrections computed by a
+kernel in the graph, would need the device's ``pow`` to round as the host's
+does, which CUDA does not promise: no bit-for-bit agreement with
+``Adam.step``.) Adam's ``m``, ``v`` and ``t`` stay the optimizer's own
+(``state_dict`` saves them), so a run resumed from a checkpoint continues from
+its saved ``t``.
 
 Nothing here waits for the device: the returned ``loss`` and ``n_correct``
 are 0-d device arrays. They are this batch size's output buffers, overwritten
@@ -52,13 +73,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..backend import error_line
 from ..model import MLP
-from ..optimizers import SGD, Optimizer
+from ..optimizers import SGD, Adam, AdamW, Optimizer
 from ..workspace import PerBatchSize, Workspace
 from . import cuda_kernels as kc
 from .cublas import Blas
@@ -67,9 +88,45 @@ from .cublas import Blas
 GRAPHS_PER_SIZE = 2
 
 
+class GpuUpdate(NamedTuple):
+    """One optimizer's update in the GPU step: one kernel over the flat buffers, its numbers in device memory."""
+
+    kernel: str  # what GpuStep.launches() calls it
+    n_numbers: int  # the length of the device array ``hyper``
+    numbers: Callable[[Any], np.ndarray]  # this step's hyper, on the host (Adam's advances ``t`` first)
+    state: Callable[[Any], tuple[Any, ...]]  # the optimizer's arrays the kernel updates (a graph holds their addresses)
+    launch: Callable[[Any, Any], Any]  # (optimizer, hyper on the device): the kernel, on the current stream
+
+
+def _sgd_numbers(opt: SGD) -> np.ndarray:
+    return np.array([opt.lr, opt.momentum, opt.weight_decay], opt.model.dtype)  # [η, μ, λ]
+
+
+def _sgd_launch(opt: SGD, hyper: Any) -> Any:
+    return kc.sgd_momentum_(opt.model.flat_params, opt.model.flat_grads, opt.velocity, hyper)
+
+
+def _adam_numbers(opt: Adam) -> np.ndarray:
+    """``Adam.fused_hyper()`` at this step's ``t`` (counted here, as ``Adam.step`` counts it), then the AdamW flag."""
+    opt.t += 1
+    return np.concatenate([opt.fused_hyper(), np.array([1.0 if opt.DECOUPLED else 0.0], opt.model.dtype)])
+
+
+def _adam_launch(opt: Adam, hyper: Any) -> Any:
+    return kc.adam_update_(opt.model.flat_params, opt.model.flat_grads, opt.m, opt.v, hyper)
+
+
+# The table: an optimizer class -> its update kernel. Exact classes: a subclass may change step().
+GPU_UPDATES: dict[type[Optimizer], GpuUpdate] = {
+    SGD: GpuUpdate("SGD (sgd_momentum_)", 3, _sgd_numbers, lambda opt: (opt.velocity,), _sgd_launch),
+    Adam: GpuUpdate("Adam (adam_update_)", 9, _adam_numbers, lambda opt: (opt.m, opt.v), _adam_launch),
+    AdamW: GpuUpdate("AdamW (adam_update_)", 9, _adam_numbers, lambda opt: (opt.m, opt.v), _adam_launch),
+}
+
+
 def has_gpu_update(optimizer: Optimizer) -> bool:
-    """Whether this step has a kernel for ``optimizer``'s update (SGD's rule; a subclass with its own ``step()`` has not)."""
-    return type(optimizer).step is SGD.step
+    """Whether this step has a kernel for ``optimizer``'s update (``GPU_UPDATES``; Nesterov and subclasses have not)."""
+    return type(optimizer) in GPU_UPDATES
 
 
 def set_tf32(enabled: bool) -> None:
@@ -94,8 +151,8 @@ class GpuStep:
     ----------
     model : MLP
         A CuPy model (``model.xp`` is ``cupy``).
-    optimizer : SGD
-        Its optimizer; ``lr``, ``momentum`` and ``weight_decay`` are read at
+    optimizer : SGD, Adam or AdamW
+        Its optimizer (a class in ``GPU_UPDATES``); its settings are read at
         every step, so changes take effect at the next one.
     graphs : bool, default True
         Capture and replay CUDA graphs; False launches the kernels one by one
@@ -126,7 +183,7 @@ class GpuStep:
     def __init__(
         self,
         model: MLP,
-        optimizer: SGD,
+        optimizer: Optimizer,
         *,
         graphs: bool = True,
         fused: bool | None = None,
@@ -139,10 +196,12 @@ class GpuStep:
             raise ValueError(f"make_gpu_step needs a CuPy model, got backend {model.backend.name!r}")
         if optimizer.model is not model:
             raise ValueError("the optimizer belongs to another model")
-        if type(optimizer).step is not SGD.step:  # the update kernel is SGD.step's rule, read from its settings
+        if not has_gpu_update(optimizer):  # never another rule's kernel in place of its own step()
             raise ValueError(
-                f"the fused GPU step applies SGD's update; {type(optimizer).__name__} has a step() of its own"
+                f"the fused GPU step has update kernels for {', '.join(c.__name__ for c in GPU_UPDATES)}; "
+                f"{type(optimizer).__name__} has a step() of its own"
             )
+        self.update = GPU_UPDATES[type(optimizer)]
         self.model, self.optimizer, self.xp = model, optimizer, cupy
         self.mode = "graphs" if graphs else "eager"
         self._fused_choice = fused
@@ -152,9 +211,9 @@ class GpuStep:
         self.n_captures = self.n_replays = 0
         self.blas = Blas(cupy, tf32=tf32)
         self._notice = notice or (lambda line: print(line, file=sys.stderr))
-        self._hyper = cupy.zeros(3, model.dtype)  # [lr, momentum, weight decay] on the device
-        self._hyper_host: tuple[float, float, float] | None = None
-        self._velocity = optimizer.velocity
+        self._hyper = cupy.zeros(self.update.n_numbers, model.dtype)  # what the update multiplies by, on the device
+        self._hyper_host: np.ndarray | None = None  # what was last written there
+        self._state = self.update.state(optimizer)
         self._workspaces = PerBatchSize(self._new_workspace)  # None for a size that runs unfused
         self._capture_stream: Any = None
 
@@ -208,9 +267,7 @@ class GpuStep:
                 ws.a1, labels, p, g, ws.delta2, ws.delta1, ws.loss, ws.n_correct, ws.scratch, act
             )),
             ("∂L/∂W1 = δ1ᵀ x (cuBLAS)", lambda: blas.matmul(ws.delta1, x, g["W1"], transpose_a=True)),
-            ("w, v ← SGD (sgd_momentum_)", lambda: kc.sgd_momentum_(
-                self.model.flat_params, self.model.flat_grads, self.optimizer.velocity, self._hyper
-            )),
+            (f"w ← {self.update.kernel}", lambda: self.update.launch(self.optimizer, self._hyper)),
         ]  # fmt: skip
 
     @property
@@ -221,20 +278,22 @@ class GpuStep:
 
     # ------------------------------------------------------------------ state kept in step with the optimizer
     def _refresh_hyper(self) -> None:
+        """This step's numbers into ``hyper`` (see the module docstring); graphs dropped if a state array was replaced."""
         opt = self.optimizer
-        if opt.velocity is not self._velocity:  # a new velocity array: graphs hold the old pointer
-            self._velocity = opt.velocity
+        state = self.update.state(opt)
+        if any(new is not old for new, old in zip(state, self._state, strict=True)):  # graphs hold the old pointers
+            self._state = state
             for ws in self._workspaces.values():
                 if ws is not None:
                     ws.graphs.clear()
                     ws.steps = 0
-        hyper = (float(opt.lr), float(opt.momentum), float(opt.weight_decay))
-        if hyper != self._hyper_host:
-            # Three scalar fills (kernel launches with the value as an argument):
-            # stream-ordered, no host-to-device copy, no synchronisation.
-            for i, value in enumerate(hyper):
-                self._hyper[i : i + 1].fill(value)
-            self._hyper_host = hyper
+        numbers = self.update.numbers(opt)
+        changed = range(len(numbers)) if self._hyper_host is None else np.flatnonzero(numbers != self._hyper_host)
+        for i in changed:
+            # a scalar fill: a kernel launch with the value as its argument, stream-ordered before the step's
+            # launches or graph; no host-to-device copy, no synchronisation
+            self._hyper[i : i + 1].fill(numbers[i])
+        self._hyper_host = numbers
 
     def _new_workspace(self, batch: int) -> Workspace | None:
         model, limit = self.model, self._shared_limit
@@ -247,7 +306,7 @@ class GpuStep:
         if self._fused_choice is None and not fits:
             self._notice(
                 f"backprop-xp: the fused output layer does not fit {shape} ({limit} bytes of shared memory per "
-                "block); this batch size runs MLP.backprop + SGD.step on CuPy, eagerly"
+                "block); this batch size runs MLP.backprop + the optimizer's step() on CuPy, eagerly"
             )
         if not fits or self._fused_choice is False:
             return None  # this size runs model.backprop + optimizer.step(), on the model's own workspaces
@@ -316,7 +375,7 @@ class GpuStep:
 
 def make_gpu_step(
     model: MLP,
-    optimizer: SGD,
+    optimizer: Optimizer,
     *,
     graphs: bool = True,
     tf32: bool | None = None,
@@ -326,8 +385,8 @@ def make_gpu_step(
 
     Parameters
     ----------
-    model, optimizer : MLP, SGD
-        The model (on CuPy) and the optimizer that updates it.
+    model, optimizer : MLP, Optimizer
+        The model (on CuPy) and the optimizer that updates it (SGD, Adam or AdamW: ``GPU_UPDATES``).
     graphs : bool, default True
         Replay captured CUDA graphs (falls back to eager, with a one-line
         notice, where capture fails).
