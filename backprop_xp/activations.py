@@ -95,6 +95,32 @@ def _leaky_relu_and_slope(z: Any, fprime: Any) -> Any:
     return xp.multiply(z, fprime, out=z)  # f(z) = z ⊙ f'(z): z if z > 0, else α z
 
 
+def _elu(z: Any) -> Any:
+    """ELU (Clevert et al. 2016, α = 1): ``f(z) = z`` if ``z > 0``, else ``eᶻ − 1`` (``expm1``: exact near 0)."""
+    xp = array_module(z)
+    negative_part = xp.expm1(xp.minimum(z, 0))  # eᶻ − 1 where z ≤ 0, exactly 0 where z > 0
+    xp.maximum(z, 0, out=z)
+    z += negative_part  # z + 0 where z > 0 (exact), 0 + (eᶻ − 1) elsewhere
+    return z
+
+
+def _elu_derivative(a: Any, out: Any) -> Any:
+    xp = array_module(a)
+    xp.add(a, 1, out=out)  # eᶻ = a + 1 where z ≤ 0
+    return xp.minimum(out, 1, out=out)  # f' = 1 where a > 0 (a + 1 > 1 there), else a + 1
+
+
+def _elu_and_derivative(z: Any, fprime: Any) -> Any:
+    """ELU with its derivative and no scratch array: ``fprime`` holds ``eᶻ − 1`` on the way."""
+    xp = array_module(z)
+    xp.minimum(z, 0, out=fprime)
+    xp.expm1(fprime, out=fprime)
+    xp.maximum(z, 0, out=z)
+    z += fprime  # f(z), as _elu computes it
+    _elu_derivative(z, fprime)  # then f' from a = f(z)
+    return z
+
+
 def he_normal(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     """He et al. (2015): ``N(0, 2 / fan_in)``, which keeps the variance of ReLU layers' outputs steady."""
     return rng.normal(0.0, math.sqrt(2.0 / shape[1]), size=shape)
@@ -133,6 +159,10 @@ ACTIVATIONS: dict[str, Activation] = {
         he_normal,
         (f"z > T(0) ? z : T({LEAKY_SLOPE!r}) * z", f"a > T(0) ? T(1) : T({LEAKY_SLOPE!r})"),
         _leaky_relu_and_slope,
+    ),
+    # He's draw, as the ELU paper's. f'(a) = min(a + 1, 1): the same value as "a > 0 ? 1 : a + 1".
+    "elu": Activation(
+        _elu, _elu_derivative, he_normal, ("z > T(0) ? z : expm1(z)", "a > T(0) ? T(1) : a + T(1)"), _elu_and_derivative
     ),
 }
 

@@ -17,6 +17,7 @@ FORMULAS = {
     "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
     "tanh": np.tanh,
     "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
+    "elu": lambda z: np.where(z > 0, z, np.expm1(np.minimum(z, 0))),
 }
 
 

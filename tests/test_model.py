@@ -46,7 +46,7 @@ def test_gradients_match_pytorch_autograd(activation, torch):
 
     t = {k: torch.tensor(v, requires_grad=True) for k, v in m.params.items()}
     f = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-         "leaky_relu": torch.nn.functional.leaky_relu}[activation]  # fmt: skip
+         "leaky_relu": torch.nn.functional.leaky_relu, "elu": torch.nn.functional.elu}[activation]  # fmt: skip
     z2 = f(torch.tensor(x) @ t["W1"].T + t["b1"]) @ t["W2"].T + t["b2"]
     ref = torch.nn.functional.cross_entropy(z2, torch.tensor(y))
     ref.backward()
@@ -111,7 +111,7 @@ def test_initialisation_is_seeded_and_scaled(activation):
     for name, rel in (("W1", 0.02), ("W2", 0.05)):
         w = a.params[name]
         fan_out, fan_in = w.shape
-        he = activation in ("relu", "leaky_relu")
+        he = activation in ("relu", "leaky_relu", "elu")
         expected = np.sqrt(2 / fan_in) if he else np.sqrt(2 / (fan_in + fan_out))  # He / Glorot
         assert w.std() == pytest.approx(expected, rel=rel), name
         assert abs(float(w.mean())) < 0.1 * expected, name

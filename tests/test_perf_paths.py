@@ -25,10 +25,12 @@ def textbook_step(params: dict, x: np.ndarray, y: np.ndarray, activation: str) -
     p = {k: v.astype(np.float64) for k, v in params.items()}
     x = x.astype(np.float64)
     f = {"relu": lambda z: np.maximum(z, 0), "sigmoid": lambda z: 1 / (1 + np.exp(-z)), "tanh": np.tanh,
-         "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z)}[activation]  # fmt: skip
+         "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
+         "elu": lambda z: np.where(z > 0, z, np.expm1(np.minimum(z, 0)))}[activation]  # fmt: skip
     df = {
         "relu": lambda z: (z > 0) * 1.0,
         "leaky_relu": lambda z: np.where(z > 0, 1.0, 0.01),
+        "elu": lambda z: np.where(z > 0, 1.0, np.exp(np.minimum(z, 0))),
         "sigmoid": lambda z: f(z) * (1 - f(z)),
         "tanh": lambda z: 1 - np.tanh(z) ** 2,
     }
