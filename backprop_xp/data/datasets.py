@@ -3,7 +3,9 @@
 ``load_mnist`` finds the four files (``data_dir``, else ``$BACKPROP_XP_DATA``,
 else the cache that ``download.fetch_mnist`` fills), checks that they fit
 together, and returns float32 images in [0, 1] and int64 labels;
-``train_val_split`` holds some out.
+``train_val_split`` holds some out. ``data_env`` is the one reader of the
+data sets' environment variables; ``folder_to_test_on`` says where a saved
+model's test set is found.
 """
 
 from __future__ import annotations
@@ -165,12 +167,51 @@ def data_folder(dataset: str = "mnist", data_dir: str | os.PathLike | None = Non
     resolved here, once, against the folder the program runs in, so that a run
     that records it, or a process that works from another folder, still finds it.
     """
-    env = dataset_info(dataset)[1]
+    env, named = data_env(dataset)
     if data_dir is not None:
         return Path(os.path.abspath(data_dir)), "data_dir", False
-    if os.environ.get(env):
-        return Path(os.path.abspath(os.environ[env])), f"${env}", False
+    if named:
+        return Path(os.path.abspath(named)), f"${env}", False
     return Path(os.path.abspath(cache_dir(dataset))), "the cache", True
+
+
+def data_env(dataset: str) -> tuple[str, str | None]:
+    """The environment variable that names ``dataset``'s folder, and the folder it names (None when unset or empty).
+
+    The one place that reads it: the loader and the command line's checks ask
+    here, so that they cannot disagree on what an empty variable means.
+
+    >>> data_env("fashion-mnist")[0]
+    'BACKPROP_XP_FASHION_DATA'
+    """
+    env = dataset_info(dataset)[1]
+    return env, os.environ.get(env) or None
+
+
+def trained_on(config: dict) -> tuple[str, str | None]:
+    """The data set a run's saved config says it was trained on, and the folder its data came from, if it says.
+
+    Older model files say nothing: MNIST, from wherever the loader looks.
+
+    >>> trained_on({"dataset": "fashion-mnist", "data_dir": "/data/f"}), trained_on({})
+    (('fashion-mnist', '/data/f'), ('mnist', None))
+    """
+    folder = config.get("data_dir")
+    return str(config.get("dataset", "mnist")), str(folder) if folder else None
+
+
+def folder_to_test_on(config: dict, dataset: str, data_dir: str | None) -> str | None:
+    """The folder to load ``dataset``'s test set from, for a model whose run saved ``config``.
+
+    ``data_dir`` if given. Else, for the run's own data set, the folder the run
+    read (if it still exists), unless the environment names one: the loader
+    would otherwise try the download cache first. Else None: the loader's default.
+    """
+    run_dataset, run_folder = trained_on(config)
+    if data_dir is None and dataset == run_dataset and run_folder and os.path.isdir(run_folder):
+        if data_env(dataset)[1] is None:
+            return run_folder
+    return data_dir
 
 
 def load_dataset(
