@@ -115,6 +115,18 @@ class Committee:
 _MUST_AGREE = "a committee's members must agree"
 
 
+def mean_log_loss(proba: np.ndarray, labels: np.ndarray) -> float:
+    """-mean log ŷ[label]: the members' test loss, of the committee's probabilities ``proba`` (B, classes).
+
+    A probability of 0 counts as the smallest float64 (the loss stays finite).
+
+    >>> round(mean_log_loss(np.array([[0.5, 0.5], [0.0, 1.0]]), np.array([0, 1])), 6)  # (log 2 + 0) / 2
+    0.346574
+    """
+    picked = proba[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.maximum(picked, np.finfo(np.float64).tiny))))
+
+
 def _as_given(x: Any) -> Any:
     return x
 

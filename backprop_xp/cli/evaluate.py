@@ -92,7 +92,7 @@ def _test_set_of(model: Any, args: argparse.Namespace) -> tuple[str, list[str], 
 
 def _evaluate_committee(args: argparse.Namespace) -> int:
     """evaluate RUN1 RUN2 ...: each member's test accuracy, then the committee's (the mean of their probabilities)."""
-    from ..committee import load_committee
+    from ..committee import load_committee, mean_log_loss
     from ..training import confusion_matrix, evaluate, per_class_tables
 
     committee = load_committee(args.models, args.backend)
@@ -108,8 +108,7 @@ def _evaluate_committee(args: argparse.Namespace) -> int:
     proba = committee.predict_proba(x_test)
     predicted = proba.argmax(axis=1)
     right = int(np.count_nonzero(predicted == y_test))
-    # -mean log ŷ[label], the members' loss, of the averaged probabilities (tiny: a 0 would make it infinite)
-    loss = float(-np.mean(np.log(np.maximum(proba[np.arange(n), y_test], np.finfo(np.float64).tiny))))
+    loss = mean_log_loss(proba, y_test)
     print(
         f"committee (mean of the {len(committee)} members' probabilities): test accuracy {100 * right / n:.2f}%  "
         f"({right} of {n}), test loss {loss:.4f}"
