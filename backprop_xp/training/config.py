@@ -151,6 +151,10 @@ class TrainConfig:
     The defaults are the measured default recipe: 784-512-10 with ReLU, SGD
     with momentum 0.9, batch 128, learning rate 0.1 decayed by a
     cosine over 10 epochs. See the README's "Results" for its accuracy and time.
+
+    A new setting is a field here, its rule in ``RULES`` (or its choices in
+    ``CHOICES``), its flag in ``FLAGS`` (train's and sweep's are made from it),
+    and its name in ``MATH_FIELDS`` if it changes the result.
     """
 
     hidden: int = 512
