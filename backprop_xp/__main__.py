@@ -1,4 +1,4 @@
-"""``python -m backprop_xp``: the command line (see ``cli.py``)."""
+"""``python -m backprop_xp``: the command line (see ``cli/``)."""
 
 from .cli import main
 

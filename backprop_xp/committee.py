@@ -14,6 +14,9 @@ the caller names per member (class names, data set); a member that differs
 is refused with one line naming it. Each member may prepare the inputs its
 own way first (``prepare``: its run's preprocessing, deskewed or not), as
 Meier et al.'s members each read differently normalised digits.
+
+``load_committee`` makes one of saved runs (what ``evaluate`` and ``predict``
+read): each member's file, preprocessing, class names and data set as its run saved them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from typing import Any
 import numpy as np
 
 from .backend import to_numpy
+
+
+class Disagreement(ValueError):
+    """Members that differ in what they read or say (inputs, classes, data set): bad arguments to a command."""
 
 
 class Committee:
@@ -42,7 +49,7 @@ class Committee:
     True
     >>> Committee([a, MLP(4, 3, 5)], names=["run-a", "run-b"])
     Traceback (most recent call last):
-    ValueError: run-b: 5 classes, but run-a has 2: a committee's members must agree
+    backprop_xp.committee.Disagreement: run-b: 5 classes, but run-a has 2: a committee's members must agree
     """
 
     def __init__(
@@ -74,10 +81,10 @@ class Committee:
                 ("classes", model.n_outputs, first.n_outputs),
             ):
                 if mine != theirs:
-                    raise ValueError(f"{name}: {mine} {what}, but {first_name} has {theirs}: {_MUST_AGREE}")
+                    raise Disagreement(f"{name}: {mine} {what}, but {first_name} has {theirs}: {_MUST_AGREE}")
             for key in sorted(set(own) | set(traits[0])):
                 if own.get(key) != traits[0].get(key):
-                    raise ValueError(
+                    raise Disagreement(
                         f"{name}: {key} {own.get(key)!r}, but {first_name} has {traits[0].get(key)!r}: {_MUST_AGREE}"
                     )
 
@@ -108,5 +115,56 @@ class Committee:
 _MUST_AGREE = "a committee's members must agree"
 
 
+def mean_log_loss(proba: np.ndarray, labels: np.ndarray) -> float:
+    """-mean log ŷ[label]: the members' test loss, of the committee's probabilities ``proba`` (B, classes).
+
+    A probability of 0 counts as the smallest float64 (the loss stays finite).
+
+    >>> round(mean_log_loss(np.array([[0.5, 0.5], [0.0, 1.0]]), np.array([0, 1])), 6)  # (log 2 + 0) / 2
+    0.346574
+    """
+    picked = proba[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.maximum(picked, np.finfo(np.float64).tiny))))
+
+
 def _as_given(x: Any) -> Any:
     return x
+
+
+def load_member(path: str, backend: str = "numpy") -> Any:
+    """The model of a run folder (its model.npz) or model file, on ``backend``; ``model.path`` is the file read.
+
+    FileNotFoundError saying why a run folder holds no model, and what writes it.
+    """
+    from .model import MLP
+    from .training.run_files import model_file
+
+    return MLP.load(model_file(path), backend=backend)
+
+
+def preprocessing_of(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """The preprocessing the loaded ``model``'s run applied to every image (none for files that do not say)."""
+    from .data.preprocess import PREPROCESSING
+    from .training.run_files import saved_config
+
+    name = saved_config(model.path).get("preprocess", "none")
+    if name not in PREPROCESSING:
+        raise ValueError(f"{model.path}: preprocess {name!r} is not one of {', '.join(PREPROCESSING)}")
+    return PREPROCESSING[name]
+
+
+def load_committee(paths: Sequence[str], backend: str = "numpy") -> Committee:
+    """The saved runs (or model files) ``paths`` as a Committee, each member preparing its inputs as its run did.
+
+    Members must agree on inputs, classes, class names and data set (Disagreement, naming the one that differs).
+    """
+    from .data.datasets import classes_of, trained_on
+    from .training.run_files import saved_config
+
+    models = [load_member(path, backend) for path in paths]
+    configs = [saved_config(model.path) for model in models]
+    traits = [
+        {"classes": classes_of(config, model.n_outputs), "data set": trained_on(config)[0]}
+        for model, config in zip(models, configs)
+    ]
+    return Committee(models, names=list(paths), traits=traits, prepare=[preprocessing_of(m) for m in models])

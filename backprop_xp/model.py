@@ -69,12 +69,16 @@ class MLP:
         The same keys and shapes, views into ``flat_grads``; filled by ``backprop``.
     xp : module
         ``numpy`` or ``cupy``.
+    path : str or None
+        The file ``load`` read the model from; None for a model made here.
 
     Notes
     -----
     Initialisation: He (normal, variance 2/fan_in) for ReLU, Glorot (uniform,
     variance 2/(fan_in+fan_out)) for sigmoid and tanh; biases zero.
     """
+
+    path: str | None = None  # set by load
 
     def __init__(
         self,
@@ -334,6 +338,7 @@ class MLP:
         model = cls(**arguments, backend=backend)
         for name, value in params.items():
             model.params[name][...] = model.xp.asarray(value)
+        model.path = os.fspath(path)
         return model
 
 

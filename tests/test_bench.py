@@ -227,7 +227,7 @@ def test_ctrl_c_or_sigterm_prints_the_table_of_the_rounds_so_far(tmp_path, mnist
                "--engines", "numpy", "--hidden", "16", "--batch-size", "64", "--train-size", "2000", "--epochs", "100000"]  # fmt: skip
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
     }
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -704,7 +704,7 @@ def test_a_picture_path_that_cannot_be_a_png_file_is_refused_before_any_work(nam
 
 
 def test_predicts_picture_titles_keep_long_file_names_apart():
-    from backprop_xp.cli import _title_name
+    from backprop_xp.cli.predict import _title_name
 
     # Cut to the first 14 characters, both of these read "photo_of_digit" under their pictures.
     one, two = _title_name("pics/photo_of_digit_1.png"), _title_name("/tmp/photo_of_digit_2.jpg")
@@ -727,3 +727,103 @@ def test_a_run_folder_without_model_names_its_best_epoch_file_if_it_has_one(tmp_
     (run / "best.npz").write_bytes(b"")
     assert main(["evaluate", str(run)]) == 1
     assert f"; its best epoch so far is in {run / 'best.npz'})" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- one declaration of each setting
+
+
+def test_every_setting_has_exactly_one_flag_in_train_and_sweep():
+    """train's and sweep's flags are made from TrainConfig's tables: a setting without its flag (or with two) fails here."""
+    import argparse
+    import dataclasses
+    import re
+
+    from backprop_xp.cli import build_parser
+    from backprop_xp.training import TrainConfig
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("train", "sweep"):
+        parser = commands.choices[command]
+        text = parser.format_help()
+        for field in dataclasses.fields(TrainConfig):
+            flag = "--" + field.name.replace("_", "-")
+            actions = [a for a in parser._actions if a.dest == field.name]
+            assert [a.option_strings for a in actions] == [[flag]], (command, field.name)
+            assert len(re.findall(rf"^  {flag}\b(?![-])", text, flags=re.MULTILINE)) == 1, (command, flag)
+        # ... and every flag that is not a setting is one of the command's own
+        own = (
+            {"help", "out", "resume", "quiet", "verbose"}
+            if command == "train"
+            else {"help", "out", "jobs", "scheduler"}
+        )
+        settings = {f.name for f in dataclasses.fields(TrainConfig)}
+        assert {a.dest for a in parser._actions} - settings == own, command
+
+
+def test_the_data_folder_variable_is_read_in_one_place(tmp_path, monkeypatch):
+    """$BACKPROP_XP_DATA (each data set's variable) is read by data.datasets.data_env alone, whoever asks.
+
+    train, evaluate and show-data each check it and then load from the folder it
+    names: every read of it, by any of them, must come from that one function.
+    """
+    from pathlib import Path
+
+    from idx_files import fake_mnist, write_mnist_folder
+
+    from backprop_xp.data.download import DATASETS
+
+    variables = {info[1] for info in DATASETS.values()}
+    readers = set()
+
+    class Watched(dict):
+        def _seen(self, key):
+            if key in variables:
+                caller = sys._getframe(2).f_code
+                readers.add(f"{Path(caller.co_filename).name}:{caller.co_name}")
+
+        def get(self, key, default=None):
+            self._seen(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            self._seen(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            self._seen(key)
+            return super().__contains__(key)
+
+    folder = tmp_path / "data"
+    write_mnist_folder(folder, fake_mnist(rows=8, cols=8))  # square: show-data draws them
+    monkeypatch.setattr(os, "environ", Watched({**os.environ, "BACKPROP_XP_DATA": str(folder)}))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))  # never the real cache
+    run = tmp_path / "run"
+    tiny = ["--hidden", "4", "--epochs", "1", "--batch-size", "10", "--backend", "numpy", "--quiet"]
+    assert main(["train", *tiny, "--out", str(run)]) == 0
+    assert main(["evaluate", str(run), "--backend", "numpy"]) == 0
+    assert main(["show-data", "--out", str(tmp_path / "digits.png"), "--count", "4"]) == 0
+    assert readers == {"datasets.py:data_env"}
+
+
+def test_a_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    """train --resume reads the run's saved settings once: the command line hands what it read to train()."""
+    from idx_files import write_mnist_folder
+
+    import backprop_xp.training as training
+
+    folder = tmp_path / "data"
+    write_mnist_folder(folder)
+    run = tmp_path / "run"
+    tiny = ["--hidden", "4", "--batch-size", "10", "--backend", "numpy", "--quiet", "--data-dir", str(folder)]
+    assert main(["train", *tiny, "--epochs", "1", "--out", str(run)]) == 0
+    reads = []
+
+    def counted(out_dir):
+        reads.append(out_dir)
+        return original(out_dir)
+
+    original = training.read_checkpoint
+    monkeypatch.setattr(training, "read_checkpoint", counted)  # where the command line finds it
+    monkeypatch.setattr(train_module, "read_checkpoint", counted)  # where train() finds it
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert len(reads) == 1 and json.loads((run / "metrics.json").read_text())["status"] == "finished"

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from idx_files import TYPE_BYTES, fake_mnist, idx_bytes, write_idx, write_mnist_folder
+from standardize import fit_standardizer, standardize
 
 import backprop_xp
 from backprop_xp.data import (
@@ -24,10 +25,8 @@ from backprop_xp.data import (
     Minibatches,
     datasets,
     epoch_permutation,
-    fit_standardizer,
     load_mnist,
     read_idx,
-    standardize,
     train_val_split,
 )
 from backprop_xp.data import download as data

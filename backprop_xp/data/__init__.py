@@ -8,7 +8,7 @@ In the order data flows through it:
   ``fetch_mnist`` fills a per-user cache, checking every download;
 * ``datasets.py``: ``load_mnist``/``load_dataset`` find the four files, check
   that they fit together and return float32 images in [0, 1] and int64
-  labels; ``train_val_split``, ``fit_standardizer``, ``standardize``;
+  labels; ``train_val_split`` holds a validation set out;
 * ``batches.py``: ``Minibatches`` moves a set to the backend once and serves
   shuffled batches gathered there;
 * ``augment.py``: random shifts, rotations and elastic distortions;
@@ -17,12 +17,11 @@ In the order data flows through it:
 """
 
 from .batches import Minibatches, epoch_permutation
-from .datasets import fit_standardizer, load_dataset, load_mnist, standardize, train_val_split
+from .datasets import load_dataset, load_mnist, train_val_split
 from .download import DATASETS, FILES, SHA256, ChecksumError, DownloadError, cache_dir, download_file, fetch_mnist
 from .idx import DataFormatError, read_idx
 
 __all__ = [
     "DATASETS", "FILES", "SHA256", "ChecksumError", "DataFormatError", "DownloadError", "Minibatches", "cache_dir", "download_file",
-    "epoch_permutation", "fetch_mnist", "fit_standardizer", "load_dataset", "load_mnist", "read_idx",
-    "standardize", "train_val_split",
+    "epoch_permutation", "fetch_mnist", "load_dataset", "load_mnist", "read_idx", "train_val_split",
 ]  # fmt: skip

@@ -1,9 +1,11 @@
-"""Loading a data set as arrays: the four files checked to fit together, then a validation split and standardisation.
+"""Loading a data set as arrays: the four files checked to fit together, then a validation split.
 
 ``load_mnist`` finds the four files (``data_dir``, else ``$BACKPROP_XP_DATA``,
 else the cache that ``download.fetch_mnist`` fills), checks that they fit
 together, and returns float32 images in [0, 1] and int64 labels;
-``train_val_split``, ``fit_standardizer`` and ``standardize`` prepare them.
+``train_val_split`` holds some out. ``data_env`` is the one reader of the
+data sets' environment variables; ``folder_to_test_on`` says where a saved
+model's test set is found.
 """
 
 from __future__ import annotations
@@ -165,12 +167,51 @@ def data_folder(dataset: str = "mnist", data_dir: str | os.PathLike | None = Non
     resolved here, once, against the folder the program runs in, so that a run
     that records it, or a process that works from another folder, still finds it.
     """
-    env = dataset_info(dataset)[1]
+    env, named = data_env(dataset)
     if data_dir is not None:
         return Path(os.path.abspath(data_dir)), "data_dir", False
-    if os.environ.get(env):
-        return Path(os.path.abspath(os.environ[env])), f"${env}", False
+    if named:
+        return Path(os.path.abspath(named)), f"${env}", False
     return Path(os.path.abspath(cache_dir(dataset))), "the cache", True
+
+
+def data_env(dataset: str) -> tuple[str, str | None]:
+    """The environment variable that names ``dataset``'s folder, and the folder it names (None when unset or empty).
+
+    The one place that reads it: the loader and the command line's checks ask
+    here, so that they cannot disagree on what an empty variable means.
+
+    >>> data_env("fashion-mnist")[0]
+    'BACKPROP_XP_FASHION_DATA'
+    """
+    env = dataset_info(dataset)[1]
+    return env, os.environ.get(env) or None
+
+
+def trained_on(config: dict) -> tuple[str, str | None]:
+    """The data set a run's saved config says it was trained on, and the folder its data came from, if it says.
+
+    Older model files say nothing: MNIST, from wherever the loader looks.
+
+    >>> trained_on({"dataset": "fashion-mnist", "data_dir": "/data/f"}), trained_on({})
+    (('fashion-mnist', '/data/f'), ('mnist', None))
+    """
+    folder = config.get("data_dir")
+    return str(config.get("dataset", "mnist")), str(folder) if folder else None
+
+
+def folder_to_test_on(config: dict, dataset: str, data_dir: str | None) -> str | None:
+    """The folder to load ``dataset``'s test set from, for a model whose run saved ``config``.
+
+    ``data_dir`` if given. Else, for the run's own data set, the folder the run
+    read (if it still exists), unless the environment names one: the loader
+    would otherwise try the download cache first. Else None: the loader's default.
+    """
+    run_dataset, run_folder = trained_on(config)
+    if data_dir is None and dataset == run_dataset and run_folder and os.path.isdir(run_folder):
+        if data_env(dataset)[1] is None:
+            return run_folder
+    return data_dir
 
 
 def load_dataset(
@@ -236,68 +277,3 @@ def train_val_split(
     is_val = np.zeros(n, dtype=bool)
     is_val[rng.choice(n, size=val_size, replace=False)] = True
     return x[~is_val], y[~is_val], x[is_val], y[is_val]
-
-
-def fit_standardizer(x: np.ndarray, *, min_std: float = 0.1, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and standard deviation of ``x`` (fit on training data only).
-
-    Accumulated over row chunks in float64 (Chan's parallel update), so no
-    full-size temporary is made and a large mean does not cancel the variance.
-
-    Parameters
-    ----------
-    x : numpy.ndarray
-        ``(n, d)``.
-    min_std : float
-        Floor for the standard deviation. Constant features (MNIST's border
-        pixels) would otherwise divide by zero, and near-constant ones blow rare
-        values up: on MNIST a floor of 0.1 keeps every standardized pixel within
-        about +-10 (340 of 784 pixels hit it), while 1e-3 lets test pixels reach 400.
-    chunk : int
-        Rows per accumulation step.
-
-    Returns
-    -------
-    mean, std : numpy.ndarray
-        float32, shape ``(d,)``; ``std >= min_std``.
-
-    Examples
-    --------
-    >>> mean, std = fit_standardizer(np.array([[0, 1], [0, 3]], dtype=np.float32))
-    >>> mean.tolist(), std.tolist()
-    ([0.0, 2.0], [0.10000000149011612, 1.0])
-    """
-    if getattr(x, "ndim", None) != 2 or len(x) == 0:
-        raise ValueError(
-            f"x must be a non-empty 2-D array (n_samples, n_features), got shape {getattr(x, 'shape', None)}"
-        )
-    if not min_std > 0:
-        raise ValueError(f"min_std must be > 0, got {min_std}")
-    count, mean, m2 = 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
-    for start in range(0, len(x), chunk):
-        block = np.asarray(x[start : start + chunk], dtype=np.float64)
-        k, block_mean = len(block), block.mean(axis=0)
-        block_m2 = ((block - block_mean) ** 2).sum(axis=0)
-        delta = block_mean - mean
-        total = count + k
-        mean += delta * (k / total)
-        m2 += block_m2 + delta**2 * (count * k / total)
-        count = total
-    std = np.sqrt(m2 / count)
-    return mean.astype(np.float32), np.maximum(std, min_std).astype(np.float32)
-
-
-def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """``(x - mean) / std`` as a new float32 array (``mean``, ``std`` from ``fit_standardizer``).
-
-    >>> standardize(np.array([[1.0, 5.0]], np.float32), np.array([1.0, 1.0], np.float32), np.array([1.0, 2.0], np.float32))
-    array([[0., 2.]], dtype=float32)
-    """
-    if getattr(x, "ndim", None) != 2:
-        raise ValueError(f"x must be a 2-D array (n_samples, n_features), got shape {getattr(x, 'shape', None)}")
-    d = x.shape[1]
-    if np.shape(mean) != (d,) or np.shape(std) != (d,):
-        raise ValueError(f"mean and std must have shape ({d},) to match x, got {np.shape(mean)} and {np.shape(std)}")
-    out = np.subtract(x, np.asarray(mean, np.float32), dtype=np.float32)
-    out /= np.asarray(std, np.float32)
-    return out

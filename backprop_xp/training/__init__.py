@@ -10,7 +10,7 @@
 
 from ..step import make_step
 from .config import SCHEDULES, SettingError, TrainConfig, constant_lr, cosine_lr, step_lr
-from .epoch import EpochSums, confusion_matrix, evaluate, run_epoch
+from .epoch import EpochSums, confusion_matrix, evaluate, per_class_tables, run_epoch
 from .run import DIVERGED_EXIT_CODE, Diverged, divergence, plural, summary_line, train
 from .run_files import (
     BEST,
@@ -27,6 +27,6 @@ from .run_files import (
 __all__ = [
     "BEST", "CHECKPOINT", "DIVERGED_EXIT_CODE", "Diverged", "EpochSums", "METRICS_CSV", "METRICS_JSON", "MODEL",
     "SCHEDULES", "SettingError", "TrainConfig", "confusion_matrix", "constant_lr", "cosine_lr", "default_out_dir",
-    "divergence", "environment", "evaluate", "load_metrics", "make_step", "plural", "read_checkpoint", "run_epoch",
+    "divergence", "environment", "evaluate", "load_metrics", "make_step", "per_class_tables", "plural", "read_checkpoint", "run_epoch",
     "step_lr", "summary_line", "train",
 ]  # fmt: skip

@@ -6,11 +6,12 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..activations import ACTIVATIONS
 from ..backend import BACKENDS, DTYPES
 from ..checks import AT_LEAST_0, AT_LEAST_1, BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, Rule, check, check_choice
+from ..data.download import DATASETS
 from ..data.preprocess import PREPROCESSING
 from ..optimizers import OPTIMIZERS
 
@@ -72,6 +73,72 @@ DISTORTION_RULES = {
 }  # fmt: skip
 RULES.update(DISTORTION_RULES)
 
+# The allowed values of every setting that names one thing of a table.
+CHOICES = {
+    "activation": ACTIVATIONS, "optimizer": tuple(OPTIMIZERS), "lr_schedule": tuple(SCHEDULES), "dtype": DTYPES,
+    "backend": BACKENDS, "dataset": tuple(DATASETS), "preprocess": tuple(PREPROCESSING),
+}  # fmt: skip
+
+
+class Flag(NamedTuple):
+    """A setting's command-line flag: its value's name in the help, and the help.
+
+    In ``help``, ``{default}`` is the setting's default, ``{choices}`` its
+    choices, and ``{each}`` where ``sweep``, which takes a list of some
+    settings, says so (with ``each``'s words).
+    """
+
+    metavar: str | None
+    help: str
+    each: str = " (comma-separated list)"
+
+
+DATA_HELP = (
+    "folder with the data set's four IDX files (default: $BACKPROP_XP_DATA for mnist, "
+    "$BACKPROP_XP_FASHION_DATA for fashion-mnist, else the download cache)"
+)
+# The flag of every setting, in the order ``train --help`` lists them. The command line makes train's and
+# sweep's flags from this table alone: each flag's check is its setting's rule in RULES (a true/false one a
+# switch), or its choices in CHOICES; a setting in neither is a folder to read from (--data-dir).
+FLAGS = {
+    "dataset": Flag(None, "the data set (default: {default})"),
+    "data_dir": Flag("DIR", DATA_HELP),
+    "backend": Flag(None, "numpy (CPU), cupy (CUDA GPU) or auto: cupy when usable (default: {default})"),
+    "val_size": Flag("N", "hold out N training images (seeded) for validation, shown each epoch instead of test (default: {default})"),
+    "keep_best": Flag(None, "model.npz gets the parameters of the epoch with the best validation accuracy (needs --val-size)"),
+    "patience": Flag("K", "stop after K epochs without a better validation accuracy (needs --val-size; default: {default}, never)"),
+    "train_size": Flag("N", "train on the first N training images only; 0 = all (default: {default})"),
+    "augment": Flag(None, "distort the training images afresh every epoch: random shifts, small rotations and "
+                    "scalings, elastic distortions"),
+    "tf32": Flag(None, "let float32 matrix products on a GPU use TF32 tensor cores "
+                 "(faster, about 3 fewer significant digits; cupy only, no effect on numpy)"),
+    "seed": Flag(None, "seeds the initial weights, the shuffling and the validation split{each} (default: {default})",
+                 " (comma-separated list: one run per seed, e.g. a committee's members)"),
+    "dtype": Flag(None, "float32 or float64 (default: {default})"),
+    "augment_shift": Flag("PX", "with --augment: largest shift, in pixels, in each direction{each} (default: {default})"),
+    "augment_rotation": Flag("DEG", "with --augment: largest rotation, in degrees, either way{each} (default: {default})"),
+    "augment_scale": Flag("S", "with --augment: largest scaling: by a factor in [1-S, 1+S], S in [0, 1){each} (default: {default})"),
+    "elastic_alpha": Flag("A", "with --augment: strength of the elastic distortion, in pixels{each} (default: {default})"),
+    "elastic_sigma": Flag("S", "with --augment: width of the Gaussian smoothing the elastic field, in pixels, > 0{each} "
+                          "(default: {default})"),
+    "preprocess": Flag(None, "deskew: shear each digit upright (moment-based), in training and, saved with the model, in "
+                       "evaluate and predict; none: the images as they are{each} (default: {default})"),
+    "hidden": Flag("N", "hidden units{each} (default: {default})"),
+    "activation": Flag(None, "{choices}{each} (default: {default})"),
+    "epochs": Flag("N", "passes over the training set (default: {default})"),
+    "batch_size": Flag("B", "images per step{each} (default: {default})"),
+    "lr": Flag("LR", "learning rate, > 0{each} (default: {default})"),
+    "momentum": Flag("M", "SGD momentum in [0, 1){each} (default: {default})"),
+    "weight_decay": Flag("WD", "L2 weight decay (adamw: decoupled){each} (default: {default})"),
+    "lr_schedule": Flag(None, "constant; step: /10 after 1/2 and 3/4 of the epochs; cosine: half a cosine to 0{each} "
+                        "(default: {default})"),
+    "optimizer": Flag(None, "sgd (with --momentum), nesterov (Nesterov momentum), adam, adamw (Adam with decoupled weight "
+                      "decay: give it --weight-decay, e.g. 0.01; Adam's usual --lr is 1e-3){each} (default: {default})"),
+    "beta1": Flag("B1", "adam, adamw: decay of the gradient's running mean, in [0, 1) (default: {default})"),
+    "beta2": Flag("B2", "adam, adamw: decay of its square's running mean, in [0, 1) (default: {default})"),
+    "eps": Flag("EPS", "adam, adamw: the floor under the root of that mean, > 0 (default: {default})"),
+}  # fmt: skip
+
 
 class SettingError(ValueError):
     """A setting that cannot work (``--batch-size`` larger than the training set, say): exit 2 on the command line."""
@@ -84,6 +151,10 @@ class TrainConfig:
     The defaults are the measured default recipe: 784-512-10 with ReLU, SGD
     with momentum 0.9, batch 128, learning rate 0.1 decayed by a
     cosine over 10 epochs. See the README's "Results" for its accuracy and time.
+
+    A new setting is a field here, its rule in ``RULES`` (or its choices in
+    ``CHOICES``), its flag in ``FLAGS`` (train's and sweep's are made from it),
+    and its name in ``MATH_FIELDS`` if it changes the result.
     """
 
     hidden: int = 512
@@ -125,19 +196,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise SettingError (a ValueError) naming the first setting that cannot work."""
-        from ..data import DATASETS
-
         for name, rule in RULES.items():
             check(name.replace("_", "-"), getattr(self, name), rule, SettingError)
-        for name, allowed in (
-            ("activation", ACTIVATIONS),
-            ("optimizer", tuple(OPTIMIZERS)),
-            ("lr_schedule", tuple(SCHEDULES)),
-            ("dtype", DTYPES),
-            ("backend", BACKENDS),
-            ("dataset", tuple(DATASETS)),
-        ):
-            check_choice(name.replace("_", "-"), getattr(self, name), allowed, SettingError)
+        for name, allowed in CHOICES.items():
+            if name != "preprocess":  # checked last, below: the first error named stays the one it was
+                check_choice(name.replace("_", "-"), getattr(self, name), allowed, SettingError)
         # A hyperparameter the chosen optimizer does not read would do nothing: say so rather than train as if it did.
         unread = [
             name
@@ -161,7 +224,7 @@ class TrainConfig:
         changed = [name for name in DISTORTION_RULES if getattr(self, name) != getattr(TrainConfig, name)]
         if changed and not self.augment:
             raise SettingError(f"--{changed[0].replace('_', '-')} sets a distortion: it needs --augment")
-        check_choice("preprocess", self.preprocess, tuple(PREPROCESSING), SettingError)
+        check_choice("preprocess", self.preprocess, CHOICES["preprocess"], SettingError)
 
     def distortions(self) -> dict[str, float]:
         """The keyword arguments of ``augment.distort`` these settings ask for."""

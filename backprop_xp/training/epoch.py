@@ -14,7 +14,7 @@ Two rules shape the loop:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -128,3 +128,41 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int |
     if n_classes is None:
         n_classes = int(max(labels.max(initial=0), predicted.max(initial=0))) + 1
     return np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def per_class_tables(counts: np.ndarray, names: Sequence[str]) -> str:
+    """evaluate's tables: each class's accuracy, and the confusion matrix ``counts``, classes by name.
+
+    Digits fit a column each; longer names (Fashion-MNIST's) get a row each,
+    and the matrix's columns are numbered as its rows. Starts with an empty line.
+
+    >>> print(per_class_tables(np.array([[3, 1], [0, 2]]), ["0", "1"]))
+    <BLANKLINE>
+    per-class accuracy (%):
+      class         0      1
+      accuracy  75.00 100.00
+    <BLANKLINE>
+    confusion matrix (rows: true class, columns: predicted class):
+      true\\pred     0     1
+              0     3     1
+              1     0     2
+    """
+    k_all = range(len(names))
+    numbers = list(names) == [str(k) for k in k_all]
+    accuracy = [100 * counts[k, k] / max(counts[k].sum(), 1) for k in k_all]
+    lines = ["", "per-class accuracy (%):"]
+    if numbers:
+        lines.append("  class    " + " ".join(f"{k:>6d}" for k in k_all))
+        lines.append("  accuracy " + " ".join(f"{a:6.2f}" for a in accuracy))
+    else:
+        width = max(len(name) for name in names)
+        lines += [f"  {name:<{width}}  {a:6.2f}" for name, a in zip(names, accuracy)]
+    lines.append("")
+    rows = [str(k) if numbers else f"{k} {name}" for k, name in zip(k_all, names)]
+    width = max(9, *(len(row) for row in rows))
+    columns = "" if numbers else ", numbered as the rows"
+    lines.append(f"confusion matrix (rows: true class, columns: predicted class{columns}):")
+    align = ">" if numbers else "<"  # numbers line up on the right, names on the left
+    lines.append(f"  {'true' + chr(92) + 'pred':{align}{width}} " + " ".join(f"{k:>5d}" for k in k_all))
+    lines += [f"  {row:{align}{width}} " + " ".join(f"{c:>5d}" for c in counts[k]) for k, row in zip(k_all, rows)]
+    return "\n".join(lines)

@@ -184,6 +184,7 @@ def train(
     pictures: bool = True,
     stop_after: int | None = None,
     verbose: bool = False,
+    checkpoint: tuple[TrainConfig, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train a network as ``config`` says, writing everything into ``out_dir``; return the metrics.
 
@@ -212,6 +213,10 @@ def train(
         then have status "stopped".
     verbose : bool
         Also echo the full reason for the backend choice (always in metrics.json).
+    checkpoint : (TrainConfig, dict) or None
+        With ``resume``: what ``read_checkpoint(out_dir)`` returned, when the
+        caller has read it already (the command line does, to apply its flags
+        to the run's saved settings), so that it is read once.
 
     Raises
     ------
@@ -235,7 +240,7 @@ def train(
     say = echo or (lambda line: None)
     # --- the run folder: ours alone while we train; a new run, or the checkpoint of the run to continue
     with run_folder_lock(out, resume):
-        saved = open_run_folder(config, out, resume)
+        saved = open_run_folder(config, out, resume, checkpoint)
         if saved is not None and (finished := already_finished(config, out, saved, say)) is not None:
             return finished
         folder, chosen_by, _ = data_folder(config.dataset, config.data_dir)
@@ -346,11 +351,14 @@ def _remove_if_empty(path: Path, made: Path) -> None:
             return
 
 
-def open_run_folder(config: TrainConfig, out: Path, resume: bool) -> tuple[TrainConfig, dict[str, Any]] | None:
+def open_run_folder(
+    config: TrainConfig, out: Path, resume: bool, checkpoint: tuple[TrainConfig, dict[str, Any]] | None = None
+) -> tuple[TrainConfig, dict[str, Any]] | None:
     """The saved config and metrics of the run to resume (checked against ``config``), or None for a new run.
 
-    A new run's folder was made by ``run_folder_lock``, before the data is
-    loaded, so that a folder that cannot be written fails at once.
+    ``checkpoint``: those, when the caller has read them already. A new run's folder
+    was made by ``run_folder_lock``, before the data is loaded, so that a folder
+    that cannot be written fails at once.
     """
     if not resume:
         if holds_a_run(out):
@@ -358,7 +366,7 @@ def open_run_folder(config: TrainConfig, out: Path, resume: bool) -> tuple[Train
                 raise SettingError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
             raise SettingError(f"{out} already holds a run (no checkpoint to resume it from); choose another --out")
         return None
-    saved, metrics = read_checkpoint(out)
+    saved, metrics = checkpoint or read_checkpoint(out)
     conflicts = [
         f"{name.replace('_', '-')} {getattr(config, name)!r} (the run has {getattr(saved, name)!r})"
         for name in TrainConfig.MATH_FIELDS

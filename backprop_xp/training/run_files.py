@@ -234,3 +234,41 @@ def load_metrics(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(metrics, dict):
         raise ValueError(f"{path} holds a JSON {type(metrics).__name__}, not the object of a run's metrics")
     return metrics
+
+
+def model_file(path: str | os.PathLike) -> str:
+    """The model file ``path`` names: itself, or a run folder's model.npz; FileNotFoundError saying why there is none."""
+    path = os.fspath(path)
+    if os.path.isdir(path):  # a run folder: its model
+        folder, path = path, os.path.join(path, MODEL)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(_no_model(folder))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such model file")
+    return path
+
+
+def _no_model(folder: str) -> str:
+    """Why the run folder ``folder`` has no model.npz, and the command that writes it."""
+    try:
+        finished = (load_metrics(folder) or {}).get("status") == "finished"
+    except ValueError:
+        finished = False
+    if finished and os.path.isfile(os.path.join(folder, CHECKPOINT)):  # deleted since: resume writes it again
+        return (
+            f"{folder} holds no model.npz (it was removed after the run finished); "
+            f"write it again with: backprop-xp train --resume {folder}"
+        )
+    best = os.path.join(folder, BEST)  # --keep-best: the best epoch so far, even of a run that diverged
+    also = f"; its best epoch so far is in {best}" if os.path.isfile(best) else ""
+    return f"{folder} holds no model.npz (a run writes it when it finishes; resume it with --resume {folder}{also})"
+
+
+def saved_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The run's config saved in a model file by train; empty for files that have none (older ones, MLP.save's)."""
+    arrays = read_npz(path, "a model file written by backprop-xp")
+    try:
+        config = json.loads(str(arrays["train.config"]))
+    except (KeyError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}

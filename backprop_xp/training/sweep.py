@@ -27,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from ..backend import Backend, get_backend
 from ..files import atomic_write, interrupt, make_out_dir
 from .config import SettingError, TrainConfig
 from .run import Diverged, few, train
@@ -71,6 +72,44 @@ def grid(base: dict[str, Any], options: dict[str, Sequence[Any]]) -> list[dict[s
     """
     keys = list(options)
     return [{**base, **dict(zip(keys, values))} for values in itertools.product(*(options[k] for k in keys))]
+
+
+def sweep_settings(given: dict[str, Any]) -> tuple[TrainConfig, dict[str, list[Any]]]:
+    """The settings of a sweep, split: the base config, and the lists of values of the swept settings given.
+
+    A sweep holds out ``SWEEP_VAL_SIZE`` training images unless ``given`` says
+    otherwise: it chooses settings on held-out training images, never on the test set.
+
+    >>> base, options = sweep_settings({"hidden": [8, 16], "epochs": 2})
+    >>> base.epochs, base.val_size, options
+    (2, 5000, {'hidden': [8, 16]})
+    """
+    given = {"val_size": SWEEP_VAL_SIZE, **given}
+    options = {name: given.pop(name) for name in SWEPT if name in given}
+    return TrainConfig(**given), options
+
+
+def resolve_backend(base: TrainConfig) -> Backend:
+    """The backend of a sweep's runs, resolved once, here: ``base.backend`` becomes its name ("auto" what it chose).
+
+    Workers then do not each probe CUDA.
+    """
+    backend = get_backend(base.backend)
+    base.backend = backend.name
+    return backend
+
+
+def plan_runs(base: TrainConfig, options: dict[str, list[Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The config of every run (each combination of ``options`` on ``base``), each checked, and their folder names.
+
+    SettingError names the first setting of a run that cannot work.
+    """
+    d = base.to_dict()
+    configs = grid(d, {name: options.get(name, [d[name]]) for name in SWEPT})
+    for config in configs:
+        TrainConfig.from_dict(config).validate()
+    varied = [name for name in SWEPT if len(options.get(name, [])) > 1]
+    return configs, run_names(configs, varied)
 
 
 def run_name(config: dict[str, Any], varied: Sequence[str], *, exact: bool = False) -> str:
