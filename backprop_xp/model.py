@@ -48,8 +48,8 @@ class MLP:
     ----------
     n_inputs, n_hidden, n_outputs : int
         Layer sizes (784, for example, 128, 10 for MNIST).
-    activation : {"relu", "sigmoid", "tanh", "leaky_relu"}, default "relu"
-        The hidden layer's ``f``.
+    activation : str, default "relu"
+        The hidden layer's ``f``: a name in ``activations.ACTIVATIONS`` (relu, sigmoid, tanh, leaky_relu, elu).
     backend : {"numpy", "cupy", "auto"}, default "numpy"
         Where the arrays live; see ``backprop_xp.get_backend``.
     dtype : {"float32", "float64"}, default "float32"
