@@ -249,3 +249,35 @@ def test_relu_output_layer_counts_ties_like_argmax():
     x = np.ones((2, 4), np.float32)
     assert int(_fused_step(m, x, np.array([2, 5]))["n_correct"]) == 1
     assert int(_fused_step(m, x, np.array([2, 2]))["n_correct"]) == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_velocities_become_zero_and_nothing_else_changes(dtype, kernel_mode):
+    """Velocities decaying into the subnormal range (their gradient zero) are zero in the fused update.
+
+    Everything else keeps ``SGD.step``'s bits: the other velocities, every gradient, and every parameter
+    but those within 2⁻¹⁰³ (float32) of zero, such as the biases that start at 0: η v of a subnormal v is too
+    small for a larger weight to register, and those few differ by less than the smallest normal number.
+    """
+    tiny = np.finfo(dtype).tiny
+    models = {}
+    for fast in (False, True):
+        m = bx.MLP(50, 40, 10, dtype=np.dtype(dtype).name, seed=3)
+        opt = bx.SGD(m, lr=0.05, momentum=0.9)
+        update = FusedCpuStep(m, opt).update if fast else opt.step
+        rng = np.random.default_rng(1)
+        decaying = rng.random(m.flat_grads.shape) < 0.3  # these gradients stay zero: their velocities decay
+        opt.velocity[...] = np.where(decaying, tiny * rng.uniform(1, 4, decaying.shape), 0)  # μ v soon subnormal
+        for _ in range(30):
+            m.flat_grads[...] = np.where(decaying, 0, rng.normal(size=m.flat_grads.shape))
+            update()
+        models[fast] = (m, opt)
+    (m0, o0), (m1, o1) = models[False], models[True]
+    subnormal = (o0.velocity != 0) & (np.abs(o0.velocity) < tiny)
+    assert subnormal.sum() > 0.25 * subnormal.size  # the textbook's velocities did reach the subnormal range
+    assert np.all(o1.velocity[subnormal] == 0)
+    assert identical(o1.velocity[~subnormal], o0.velocity[~subnormal])
+    near_zero = np.abs(m0.flat_params) < tiny / np.finfo(dtype).eps
+    assert identical(m1.flat_params[~near_zero], m0.flat_params[~near_zero])
+    assert np.all(np.abs(m1.flat_params - m0.flat_params) < tiny)
+    assert identical(m1.flat_grads, m0.flat_grads)
