@@ -9,8 +9,11 @@ doing what the textbook step does (``step.TextbookStep``), in fewer passes::
     ∂L/∂W1 = δ1ᵀ x                                NumPy's BLAS
     w ← the optimizer's update                    its loop in FUSED_UPDATES  (one pass over every parameter)
 
-Other activations keep the model's forward and backward lines and fuse the
-softmax and loss alone (``output_layer_loop_``). An optimizer without a loop
+Up to ``HIDDEN_MAJOR_MAX_BATCH`` rows the ReLU lines run with ``a1`` and ``δ1``
+stored hidden-major, ``(H, B)`` (``cpu/hidden_major.py``: the same products,
+faster on OpenBLAS, and the same loop for that layout). Other activations keep
+the model's forward and backward lines and fuse the softmax and loss alone
+(``output_layer_loop_``). An optimizer without a loop
 here (``Nesterov``, or any class not in ``FUSED_UPDATES``) runs its own
 ``step()``. It writes into the model's own workspaces (``model.workspace``).
 """

@@ -282,11 +282,19 @@ class GemmBound:
 
     Forward ``x W1ᵀ`` and ``a1 W2ᵀ``; backward ``δ2ᵀ a1``, ``δ2 W2`` and
     ``δ1ᵀ x``. ``forward`` keeps the first two (the bound for inference).
+    ``step`` stores ``a1`` and ``δ1`` hidden-major where our step does (batches
+    up to ``HIDDEN_MAJOR_MAX_BATCH``): the same products, which OpenBLAS runs
+    faster that way, so the bound stays a bound for ours.
     """
 
     def __init__(self, hidden: int, batch: int, seed: int = 0) -> None:
+        from ..cpu.fused_cpu_step import HIDDEN_MAJOR_MAX_BATCH
+
         rng = np.random.default_rng(seed)
         f32 = np.float32
+        self.hidden_major = batch <= HIDDEN_MAJOR_MAX_BATCH
+        self.a1h = np.empty((hidden, batch), f32)
+        self.delta1h = np.empty((hidden, batch), f32)
         self.x = rng.random((batch, N_INPUTS), dtype=f32)
         self.w1 = rng.random((hidden, N_INPUTS), dtype=f32)
         self.w2 = rng.random((N_OUTPUTS, hidden), dtype=f32)
@@ -312,6 +320,14 @@ class GemmBound:
         """
         x = self.x if x is None else x
         b = x.shape[0]
+        if self.hidden_major:  # as cpu/hidden_major.py computes them
+            a1h, d1h, d2 = self.a1h[:, :b], self.delta1h[:, :b], self.delta2[:b]
+            np.matmul(self.w1, x.T, out=a1h)  # z1ᵀ = W1 xᵀ
+            np.matmul(a1h.T, self.w2.T, out=self.z2[:b])
+            np.matmul(d2.T, a1h.T, out=self.g2)
+            np.matmul(self.w2.T, d2.T, out=d1h)  # δ1ᵀ = W2ᵀ δ2ᵀ
+            np.matmul(d1h, x, out=self.g1)
+            return
         a1, d2, d1 = self.a1[:b], self.delta2[:b], self.delta1[:b]
         np.matmul(x, self.w1.T, out=a1)
         np.matmul(a1, self.w2.T, out=self.z2[:b])
