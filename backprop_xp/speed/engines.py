@@ -295,13 +295,15 @@ class GemmBound:
         self.hidden_major = batch <= HIDDEN_MAJOR_MAX_BATCH
         self.a1h = np.empty((hidden, batch), f32)
         self.delta1h = np.empty((hidden, batch), f32)
+        self.a1_rows = np.empty((batch, hidden), f32)  # forward's: inference keeps rows
         self.x = rng.random((batch, N_INPUTS), dtype=f32)
         self.w1 = rng.random((hidden, N_INPUTS), dtype=f32)
         self.w2 = rng.random((N_OUTPUTS, hidden), dtype=f32)
-        self.a1 = np.empty((batch, hidden), f32)
+        # What step writes, (B, H) in shape: views of the (H, B) buffers where it stores them hidden-major.
+        self.a1 = self.a1h.T if self.hidden_major else np.empty((batch, hidden), f32)
         self.z2 = np.empty((batch, N_OUTPUTS), f32)
         self.delta2 = rng.random((batch, N_OUTPUTS), dtype=f32)
-        self.delta1 = np.empty((batch, hidden), f32)
+        self.delta1 = self.delta1h.T if self.hidden_major else np.empty((batch, hidden), f32)
         self.g1 = np.empty((hidden, N_INPUTS), f32)
         self.g2 = np.empty((N_OUTPUTS, hidden), f32)
 
@@ -309,8 +311,8 @@ class GemmBound:
         """The forward products on ``x`` (a batch of the run's data; default: a fixed one)."""
         x = self.x if x is None else x
         b = x.shape[0]
-        np.matmul(x, self.w1.T, out=self.a1[:b])
-        np.matmul(self.a1[:b], self.w2.T, out=self.z2[:b])
+        np.matmul(x, self.w1.T, out=self.a1_rows[:b])
+        np.matmul(self.a1_rows[:b], self.w2.T, out=self.z2[:b])
 
     def step(self, x: np.ndarray | None = None) -> None:
         """The five products of a training step on ``x``.
