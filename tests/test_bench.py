@@ -116,6 +116,9 @@ def test_tiny_run_writes_three_files_with_consistent_numbers(tmp_path, mnist_dir
         assert line in (tmp_path / "bench.md").read_text()
         assert all(cell in printed for cell in report.cells(row))
     assert rows["torch-cpu"]["ratio_to_torch"] == 1.0
+    # Without --optimizer: SGD with momentum, as every engine's own optimizer object says, and the table too.
+    assert {m["optimizer"] for m in result["first_epochs"] + result["rounds"]} == {"sgd"}
+    assert "optimizer: SGD lr 0.05 momentum 0.9, every engine (--optimizer sgd)" in printed
     # Same initial parameters and the same shuffles: ours and PyTorch end at the same accuracy
     # (up to float32 rounding flipping a few of the 10,000 test predictions).
     assert rows["numpy"]["test_accuracy"] == pytest.approx(rows["torch-cpu"]["test_accuracy"], abs=0.01)
@@ -259,16 +262,22 @@ def small_mnist(mnist_dir):
     return load_data(str(mnist_dir), train_size=1000)
 
 
-@pytest.mark.parametrize("engine", ["jax", "jax-step", "torch-compile"])
-def test_compiled_engines_train_exactly_as_ours_on_the_same_start_and_order(engine, small_mnist, reference_missing):
-    # The oracle is our NumPy engine: same He-normal start, same epoch_permutation order, same SGD with momentum.
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("engine", ["jax", "jax-step", "torch-compile", "torch-cpu"])
+def test_peer_engines_train_exactly_as_ours_on_the_same_start_and_order(
+    engine, optimizer, small_mnist, reference_missing
+):
+    # The oracle is our NumPy engine: same He-normal start, same epoch_permutation order, same optimizer
+    # (SGD with momentum, or Adam: torch.optim.Adam, and the JAX Adam written in compiled.py).
     from backprop_xp.speed.engines import Builder
 
     library = "jax" if engine.startswith("jax") else "torch"
     if missing_reason(engine) is not None:
         reference_missing(f"{engine} cannot run here ({missing_reason(engine)}); CI installs {library}")
-    ours, theirs = Builder("numpy", small_mnist)(16, 64), Builder(engine, small_mnist)(16, 64)
-    assert theirs.compile_s > 0  # compiled when built, before any epoch
+    ours = Builder("numpy", small_mnist, optimizer=optimizer)(16, 64)
+    theirs = Builder(engine, small_mnist, optimizer=optimizer)(16, 64)
+    if engine != "torch-cpu":
+        assert theirs.compile_s > 0  # compiled when built, before any epoch
     for epoch in (0, 1):
         ours.epoch(epoch), theirs.epoch(epoch)
         # float32 rounding in another order of operations is all that separates them
@@ -332,3 +341,90 @@ def test_compile_time_is_reported_beside_the_first_epoch_and_never_in_the_epochs
     assert rows["jax"]["compile_s"] == 2.04 and rows["jax"]["median_s"] == pytest.approx(0.3)
     assert report.cells(rows["jax"])[-1] == "0.50 s (+2.0 s compile)"
     assert rows["numpy"]["compile_s"] is None and report.cells(rows["numpy"])[-1] == "0.70 s"
+
+
+# --------------------------------------------------------------------------- bench --optimizer adam
+
+
+def test_jax_adam_is_optimizers_adam_step_for_step(reference_missing):
+    # The hand-written JAX Adam (compiled.jax_optimizer) against optimizers.Adam.step on the same gradients,
+    # 40 steps whose gradients range over ten decades (1e-9 to 10: at the small end ε decides the step).
+    if missing_reason("jax") is not None:
+        reference_missing(f"JAX cannot run here ({missing_reason('jax')}); CI installs jax[cpu]")
+    import jax
+
+    from backprop_xp.model import MLP
+    from backprop_xp.optimizers import Adam
+    from backprop_xp.speed.compiled import jax_optimizer
+    from backprop_xp.speed.engines import OPTIMIZERS
+
+    model = MLP(20, 8, 3, activation="relu", backend="numpy", dtype="float32", seed=0)
+    ours = Adam(model, **OPTIMIZERS["adam"])
+    init, update = jax_optimizer(jax, "adam")
+    update = jax.jit(update)  # as the engines run it: inside a jitted step
+    state = init({k: jax.numpy.asarray(v) for k, v in model.params.items()})
+    rng = np.random.default_rng(1)
+    for t in range(1, 41):
+        scale = 10.0 ** rng.uniform(-9, 1)
+        grads = {k: (rng.standard_normal(v.shape) * scale).astype(np.float32) for k, v in model.params.items()}
+        before = {k: v.copy() for k, v in model.params.items()}
+        for k, g in grads.items():
+            model.grads[k][...] = g
+        ours.step()
+        theirs, state = update(before, grads, state)  # from the same parameters: the update alone is compared
+        assert int(state[2]) == ours.t == t
+        for k, w in model.params.items():
+            # float32 rounding of the step and of the sum: 2 units in the last place of each, at most
+            tolerance = 2 * (np.abs(w - before[k]) * np.finfo(np.float32).eps + np.spacing(np.abs(w)))
+            assert np.all(np.abs(np.asarray(theirs[k]) - w) <= tolerance), (t, k)
+
+
+def test_every_cpu_engine_trains_with_adam_and_the_files_say_so(tmp_path, mnist_dir, reference_missing):
+    # One bench run with --optimizer adam (lr 1e-3): every CPU engine through its worker, 2 epochs of 2,000 images.
+    from backprop_xp.speed import command
+
+    engines = ["numpy", "jax", "jax-step", "torch-cpu", "sklearn"]
+    for name in engines:
+        if missing_reason(name) is not None:
+            reference_missing(f"{name} cannot run here ({missing_reason(name)}); CI installs it")
+    args = cli.build_parser().parse_args(
+        ["bench", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--engines", ",".join(engines),
+         "--hidden", "32", "--batch-size", "32", "--epochs", "1", "--train-size", "2000"]
+    )  # fmt: skip
+    args.optimizer = "adam"  # what --optimizer adam sets (speed.add_optimizer_flag)
+    assert command(args) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["complete"] and result["missing"] == {} and result["errors"] == []
+    s = result["settings"]
+    assert (s["optimizer"], s["lr"], s["beta1"], s["beta2"], s["eps"]) == ("adam", 1e-3, 0.9, 0.999, 1e-8)
+    assert "momentum" not in s and "--optimizer adam" in result["command"]
+    # What each engine's own optimizer object is (torch.optim.Adam, ours, sklearn's solver), not the setting echoed
+    trained_with = {(m["engine"], m["optimizer"]) for m in result["first_epochs"] + result["rounds"]}
+    assert trained_with == {(name, "adam") for name in engines}
+    accuracy = {row["engine"]: row["test_accuracy"] for row in result["rows"]}
+    assert sorted(accuracy) == sorted(engines)
+    for name, value in accuracy.items():
+        assert value > 0.75, f"{name} reached {value:.3f} with Adam"  # chance is 0.1; SGD's tiny run reaches 0.5
+    for name in ("jax", "jax-step", "torch-cpu"):  # our start and order: the same Adam ends at the same accuracy
+        assert accuracy[name] == pytest.approx(accuracy["numpy"], abs=0.002), name
+    line = "optimizer: Adam lr 0.001 betas 0.9/0.999 eps 1e-08, every engine (--optimizer adam)"
+    assert line in report.table(result) and f"- {line}" in (tmp_path / "bench.md").read_text()
+    assert "softmax cross-entropy, Adam lr 0.001" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_optimizer_flag_takes_sgd_or_adam_and_refuses_others_in_one_line(capsys):
+    import argparse
+
+    from backprop_xp.speed import add_optimizer_flag
+
+    parser = argparse.ArgumentParser(prog="backprop-xp bench")
+    add_optimizer_flag(parser)
+    assert parser.parse_args([]).optimizer == "sgd"
+    assert parser.parse_args(["--optimizer", "adam"]).optimizer == "adam"
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--optimizer", "rmsprop"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "argument --optimizer: invalid choice: 'rmsprop'" in err  # usage, then the error
+    help_text = " ".join(parser.format_help().split())  # argparse wraps it
+    assert "sgd: SGD lr 0.05 momentum 0.9" in help_text and "adam: Adam lr 0.001 betas 0.9/0.999" in help_text

@@ -249,3 +249,77 @@ def test_relu_output_layer_counts_ties_like_argmax():
     x = np.ones((2, 4), np.float32)
     assert int(_fused_step(m, x, np.array([2, 5]))["n_correct"]) == 1
     assert int(_fused_step(m, x, np.array([2, 2]))["n_correct"]) == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_velocities_become_zero_and_nothing_else_changes(dtype, kernel_mode):
+    """Velocities decaying into the subnormal range (their gradient zero) are zero in the fused update.
+
+    Everything else keeps ``SGD.step``'s bits: the other velocities, every gradient, and every parameter
+    but those within 2⁻¹⁰³ (float32) of zero, such as the biases that start at 0: η v of a subnormal v is too
+    small for a larger weight to register, and those few differ by less than the smallest normal number.
+    """
+    tiny = np.finfo(dtype).tiny
+    models = {}
+    for fast in (False, True):
+        m = bx.MLP(50, 40, 10, dtype=np.dtype(dtype).name, seed=3)
+        opt = bx.SGD(m, lr=0.05, momentum=0.9)
+        update = FusedCpuStep(m, opt).update if fast else opt.step
+        rng = np.random.default_rng(1)
+        decaying = rng.random(m.flat_grads.shape) < 0.3  # these gradients stay zero: their velocities decay
+        opt.velocity[...] = np.where(decaying, tiny * rng.uniform(1, 4, decaying.shape), 0)  # μ v soon subnormal
+        for _ in range(30):
+            m.flat_grads[...] = np.where(decaying, 0, rng.normal(size=m.flat_grads.shape))
+            update()
+        models[fast] = (m, opt)
+    (m0, o0), (m1, o1) = models[False], models[True]
+    subnormal = (o0.velocity != 0) & (np.abs(o0.velocity) < tiny)
+    assert subnormal.sum() > 0.25 * subnormal.size  # the textbook's velocities did reach the subnormal range
+    assert np.all(o1.velocity[subnormal] == 0)
+    assert identical(o1.velocity[~subnormal], o0.velocity[~subnormal])
+    near_zero = np.abs(m0.flat_params) < tiny / np.finfo(dtype).eps
+    assert identical(m1.flat_params[~near_zero], m0.flat_params[~near_zero])
+    assert np.all(np.abs(m1.flat_params - m0.flat_params) < tiny)
+    assert identical(m1.flat_grads, m0.flat_grads)
+
+
+# --------------------------------------------------------------------------- a1 and δ1 hidden-major (issue 27)
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 30.0])
+@pytest.mark.parametrize(("batch", "hidden", "classes"), RELU_SHAPES)
+def test_the_row_layout_is_as_accurate_too(batch, hidden, classes, logit_scale, monkeypatch):
+    """The tolerance test above runs the hidden-major loop (batches up to 1024); here the row one it replaced."""
+    from backprop_xp.cpu import fused_cpu_step
+
+    monkeypatch.setattr(fused_cpu_step, "HIDDEN_MAJOR_MAX_BATCH", 0)
+    m = bx.MLP(24, hidden, classes, seed=batch)
+    FusedCpuStep(m, bx.SGD(m, lr=0.1)).backprop(np.zeros((batch, 24), np.float32), np.zeros(batch, np.int64))
+    assert m.workspace(batch).scratch is None and m.workspace(batch).a1.flags.c_contiguous  # the row loop ran
+    test_relu_output_layer_is_as_accurate_as_the_blas_path(batch, hidden, classes, logit_scale)
+
+
+@pytest.mark.parametrize(("batch", "layout"), [(1, "hidden-major"), (1024, "hidden-major"), (1025, "rows")])
+def test_batches_up_to_1024_store_the_hidden_layer_hidden_major(batch, layout):
+    from backprop_xp.cpu.hidden_major import HiddenMajor
+
+    m = bx.MLP(30, 7, 10, seed=0)
+    rng = np.random.default_rng(0)
+    FusedCpuStep(m, bx.SGD(m, lr=0.1))(rng.random((batch, 30), dtype=np.float32), rng.integers(0, 10, batch))
+    ws = m.workspace(batch)
+    assert ws.a1.shape == ws.delta1.shape == (batch, 7)  # the same shapes for every reader of the workspace
+    hidden_major = isinstance(ws.scratch, HiddenMajor)
+    assert hidden_major == (layout == "hidden-major")
+    assert ws.a1.flags.f_contiguous == hidden_major and (ws.a1.base is ws.scratch.a1 if hidden_major else True)
+
+
+def test_the_textbook_step_on_a_hidden_major_workspace_still_computes_the_same():
+    """After a fused step the workspace's a1 and δ1 are transposed views; MLP.backprop writes through them alike."""
+    rng = np.random.default_rng(3)
+    x, y = rng.random((40, 30), dtype=np.float32), rng.integers(0, 10, 40)
+    used, fresh = bx.MLP(30, 12, 10, seed=1), bx.MLP(30, 12, 10, seed=1)
+    FusedCpuStep(used, bx.SGD(used, lr=0.1)).backprop(x, y)  # leaves the hidden-major views in used's workspace
+    for m in (used, fresh):
+        m.backprop(x, y)
+    for name in ("W1", "b1", "W2", "b2"):
+        np.testing.assert_allclose(used.grads[name], fresh.grads[name], rtol=1e-6, atol=1e-7, err_msg=name)

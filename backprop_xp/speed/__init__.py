@@ -19,11 +19,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from .engines import ENGINES, TORCH_ENGINES
+from .engines import DEFAULT_OPTIMIZER, ENGINES, OPTIMIZERS, TORCH_ENGINES, describe_optimizer
 from .report import table, write_files
 from .runner import DEFAULT_THREADS, Settings, run, summarize
 
-__all__ = ["ENGINES", "TORCH_ENGINES", "Settings", "run", "command", "summarize", "table", "write_files"]
+__all__ = [
+    "ENGINES", "OPTIMIZERS", "TORCH_ENGINES", "Settings", "add_optimizer_flag", "run", "command", "summarize",
+    "table", "write_files",
+]  # fmt: skip
+
+
+def add_optimizer_flag(parser: Any) -> None:
+    """``--optimizer {sgd,adam}`` on the ``bench`` command's parser (``cli.py`` calls this).
+
+    Defined here, beside ``engines.OPTIMIZERS``, so that the choices and the
+    settings in the help are the ones the engines train with.
+    """
+    parser.add_argument(
+        "--optimizer",
+        choices=tuple(OPTIMIZERS),
+        default=DEFAULT_OPTIMIZER,
+        help="the rule every engine trains with, in each library's own form: "
+        + "; ".join(f"{name}: {describe_optimizer(name)}" for name in OPTIMIZERS)
+        + f" (default: {DEFAULT_OPTIMIZER})",
+    )
 
 
 def command(args: Any) -> int:
@@ -42,6 +61,7 @@ def command(args: Any) -> int:
     from ..training import SettingError
 
     threads = args.threads or DEFAULT_THREADS
+    optimizer = getattr(args, "optimizer", DEFAULT_OPTIMIZER)  # a parser without add_optimizer_flag: SGD
     # The data once here, before the workers start: a missing folder is one error line (not one per
     # engine), the download cache is filled by one process, and --train-size is checked.
     n_train = len(load_mnist(args.data_dir)[1])
@@ -52,12 +72,12 @@ def command(args: Any) -> int:
     command_line = (
         f"backprop-xp bench --hidden {','.join(map(str, args.hidden))} --batch-size {','.join(map(str, args.batch_size))} "
         f"--engines {','.join(args.engines)} --epochs {args.epochs} --budget-s {args.budget_s:g} --threads {threads} "
-        f"--train-size {args.train_size}"
+        f"--train-size {args.train_size} --optimizer {optimizer}"
     )
     settings = Settings(
         hidden=args.hidden, batch_sizes=args.batch_size, engines=args.engines, epochs=args.epochs,
         budget_s=args.budget_s, threads=threads, threads_from="--threads" if args.threads else "default",
-        data_dir=args.data_dir, train_size=args.train_size, command=command_line,
+        data_dir=args.data_dir, train_size=args.train_size, optimizer=optimizer, command=command_line,
     )  # fmt: skip
     print(f"{command_line}: writing to {out}", flush=True)
     result = run(

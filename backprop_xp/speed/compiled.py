@@ -2,9 +2,10 @@
 
 Same network, start and sample order as every engine (``engines.py``): 784-H-10,
 ReLU, mean softmax cross-entropy, SGD ``v ← μ v + g, w ← w − η v`` (μ 0.9,
-η 0.05), float32, our He-normal initial parameters, epoch ``e`` in the order
-``data.epoch_permutation(0, e, n)`` cut into contiguous batches, the last one
-shorter.
+η 0.05) or Adam (``jax_optimizer``: written here in ``jax.numpy`` with
+``optimizers.Adam``'s conventions, no optax), float32, our He-normal initial
+parameters, epoch ``e`` in the order ``data.epoch_permutation(0, e, n)`` cut
+into contiguous batches, the last one shorter.
 
 * ``jax``: the whole epoch is one jitted function: gather the epoch's rows,
   ``lax.scan`` the step over the full batches, then the last, shorter batch.
@@ -23,6 +24,7 @@ engine as not run, with the reason, as it does a missing library.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,10 +32,10 @@ from typing import Any
 import numpy as np
 
 from .engines import (
-    LR,
-    MOMENTUM,
+    DEFAULT_OPTIMIZER,
     N_INPUTS,
     N_OUTPUTS,
+    OPTIMIZERS,
     SEED,
     Data,
     TorchEngine,
@@ -42,6 +44,7 @@ from .engines import (
     _shared,
     batch_slices,
     initial_params,
+    restart_torch_optimizer,
     seconds_per_call,
 )
 
@@ -53,13 +56,55 @@ class CompileFailed(RuntimeError):
 # --------------------------------------------------------------------------- JAX
 
 
-def jax_step(jax: Any) -> Callable:
+def jax_optimizer(jax: Any, name: str) -> tuple[Callable, Callable]:
+    """``(init, update)`` of optimizer ``name`` with ``OPTIMIZERS[name]``'s settings, as pure JAX functions.
+
+    ``init(params) -> state``; ``update(params, grads, state) -> (params, state)``.
+    SGD's state is the velocity; Adam's is ``(m, v, t)``, its lines those of
+    ``optimizers.Adam.step`` in the same order (``tests/test_bench.py``
+    checks them against it).
+    """
+    jnp, s = jax.numpy, OPTIMIZERS[name]
+    if name == "sgd":
+        lr, mu = s["lr"], s["momentum"]
+
+        def sgd(params: dict, grads: dict, velocity: dict) -> tuple[dict, dict]:
+            velocity = {k: mu * velocity[k] + grads[k] for k in params}  # v ← μ v + g
+            return {k: params[k] - lr * velocity[k] for k in params}, velocity  # w ← w − η v
+
+        return (lambda params: {k: jnp.zeros_like(w) for k, w in params.items()}), sgd
+    lr, b1, b2, eps = s["lr"], s["beta1"], s["beta2"], s["eps"]
+    # 1 − βᵗ as −expm1(t log β), log β in float64 here: in float32, 1 − 0.999ᵗ would keep only 4 of its
+    # digits (0.999 is 0.99900001 in float32), where Adam's other lines keep 7.
+    log_b1, log_b2 = math.log(b1), math.log(b2)
+
+    def adam(params: dict, grads: dict, state: tuple) -> tuple[dict, tuple]:
+        m, v, t = state
+        t = t + 1
+        m = {k: m[k] * b1 + grads[k] * (1 - b1) for k in params}  # m ← β₁ m + (1 − β₁) g
+        v = {k: v[k] * b2 + (grads[k] * grads[k]) * (1 - b2) for k in params}  # v ← β₂ v + (1 − β₂) g²
+        tf = t.astype(jnp.float32)
+        root2 = jnp.sqrt(-jnp.expm1(tf * log_b2))  # √(1 − β₂ᵗ)
+        step = lr / -jnp.expm1(tf * log_b1)  # η / (1 − β₁ᵗ)
+        # w ← w − η m̂ / (√v̂ + ε), computed as optimizers.Adam does: (m / (√v / √(1 − β₂ᵗ) + ε)) · η / (1 − β₁ᵗ)
+        params = {k: params[k] - (m[k] / (jnp.sqrt(v[k]) / root2 + eps)) * step for k in params}
+        return params, (m, v, t)
+
+    def init(params: dict) -> tuple:
+        zeros = lambda: {k: jnp.zeros_like(w) for k, w in params.items()}  # noqa: E731
+        return zeros(), zeros(), jnp.zeros((), jnp.int32)
+
+    return init, adam
+
+
+def jax_step(jax: Any, optimizer: str = DEFAULT_OPTIMIZER) -> Callable:
     """The training step as a pure function ``(state, (xb, yb)) -> (state, None)``, the shape ``lax.scan`` wants.
 
-    ``state`` is ``(params, velocity, loss_sum, n_correct)``; the sums are
-    carried so that an epoch reads them from the device once.
+    ``state`` is ``(params, optimizer_state, loss_sum, n_correct)``; the sums
+    are carried so that an epoch reads them from the device once.
     """
     jnp = jax.numpy
+    update = jax_optimizer(jax, optimizer)[1]
 
     def loss(params: dict, xb: Any, yb: Any) -> tuple[Any, Any]:
         a1 = jnp.maximum(xb @ params["W1"].T + params["b1"], 0.0)  # a1 = ReLU(x W1ᵀ + b1)
@@ -70,14 +115,13 @@ def jax_step(jax: Any) -> Callable:
     value_and_grad = jax.value_and_grad(loss, has_aux=True)
 
     def step(state: tuple, batch: tuple) -> tuple[tuple, None]:
-        params, velocity, loss_sum, n_correct = state
+        params, opt_state, loss_sum, n_correct = state
         xb, yb = batch
         (value, z2), grads = value_and_grad(params, xb, yb)
-        velocity = {k: MOMENTUM * velocity[k] + grads[k] for k in params}  # v ← μ v + g
-        params = {k: params[k] - LR * velocity[k] for k in params}  # w ← w − η v
+        params, opt_state = update(params, grads, opt_state)
         loss_sum = loss_sum + value * xb.shape[0]
         n_correct = n_correct + jnp.sum(jnp.argmax(z2, axis=1) == yb)
-        return (params, velocity, loss_sum, n_correct), None
+        return (params, opt_state, loss_sum, n_correct), None
 
     return step
 
@@ -117,17 +161,22 @@ def jax_missing(device: str) -> str | None:
 class JaxEngine:
     """JAX on the CPU or a GPU: the whole epoch jitted (``per_step=False``) or the step jitted alone."""
 
-    def __init__(self, hidden: int, batch: int, data: Data, shared: dict[str, Any], device: str, per_step: bool):
+    def __init__(
+        self, hidden: int, batch: int, data: Data, shared: dict[str, Any], device: str, per_step: bool,
+        optimizer: str = DEFAULT_OPTIMIZER,
+    ) -> None:  # fmt: skip
         import jax
 
         self.jax, self.hidden, self.batch, self.data, self.per_step = jax, hidden, batch, data, per_step
+        self.optimizer = optimizer
+        self.trained_with = optimizer  # the update jax_step builds (the worker reports it)
         self.device = jax.devices("gpu" if device == "cuda" else "cpu")[0]
         put = lambda a: jax.device_put(a, self.device)  # noqa: E731
         self.put = put
         # int32 labels: JAX without x64 has no int64. The data on the device once for every shape.
         self.x, self.y = _shared(shared, "data", lambda: (put(data.x), put(data.y.astype(np.int32))))
-        init = initial_params(hidden)  # ours: He normal, zero biases, seed 0
-        self.state = ({k: put(v) for k, v in init.items()}, {k: put(np.zeros_like(v)) for k, v in init.items()})
+        params = {k: put(v) for k, v in initial_params(hidden).items()}  # ours: He normal, zero biases, seed 0
+        self.state = (params, jax.device_put(jax_optimizer(jax, optimizer)[0](params), self.device))
         start = time.perf_counter()
         try:
             self._compile()
@@ -142,7 +191,7 @@ class JaxEngine:
     def _compile(self) -> None:
         """Compile ahead of time (``jit(...).lower(...).compile()``), so no epoch pays for it."""
         jax, n, b = self.jax, len(self.data.x), self.batch
-        step = jax_step(jax)
+        step = jax_step(jax, self.optimizer)
         state = (*self.state, *self._sums())
         order = self.put(np.arange(n, dtype=np.int32))
         if not self.per_step:
@@ -246,9 +295,10 @@ class TorchCompileEngine(TorchEngine):
     The loop is ``TorchEngine``'s. ``dynamic=False``: one specialised graph
     per batch size, as our GPU step keeps one CUDA graph per size. Compiled at
     build time on warm-up steps (three at the full batch: the optimizer's
-    step recompiles once its momentum buffers exist; two at the last batch's
-    size), after which the initial parameters are put back and the momentum
-    buffers zeroed (a zero buffer gives PyTorch's first-step ``v = g`` exactly).
+    step recompiles once its state exists; two at the last batch's size),
+    after which the initial parameters are put back and the optimizer's state
+    zeroed (``restart_torch_optimizer``: SGD's momentum buffers, Adam's moments
+    and step count).
     """
 
     def __init__(
@@ -285,8 +335,7 @@ class TorchCompileEngine(TorchEngine):
         with torch.no_grad():
             for p, p0 in zip(self.net.parameters(), start):
                 p.copy_(p0)
-            for state in self.optimizer.state.values():
-                state["momentum_buffer"].zero_()
+            restart_torch_optimizer(self.optimizer)
         if self.device == "cuda":
             torch.cuda.synchronize()
 

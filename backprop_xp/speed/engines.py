@@ -1,8 +1,9 @@
 """The contestants of ``backprop-xp bench``: one class per engine, run inside that engine's worker.
 
 Every engine trains the same network on the same data: 784-H-10, ReLU,
-softmax cross-entropy, SGD with momentum 0.9 at a constant learning rate,
-float32. Where the engine allows it, the initial parameters are ours (He
+softmax cross-entropy, float32, with the same optimizer at a constant
+learning rate (``OPTIMIZERS``: SGD with momentum 0.9, or Adam with PyTorch's
+conventions, ``bench --optimizer``). Where the engine allows it, the initial parameters are ours (He
 normal, zero biases, seed 0) and the sample order of epoch ``e`` is ours,
 ``data.epoch_permutation(0, e, n)``. scikit-learn allows neither an initial
 state through its public API nor our shuffle inside ``partial_fit``: it gets
@@ -39,6 +40,13 @@ import numpy as np
 N_INPUTS, N_OUTPUTS = 784, 10
 LR, MOMENTUM = 0.05, 0.9
 SEED = 0
+# The optimizers every engine can train with (``bench --optimizer``): name -> its settings, under the names
+# ``optimizers.py``'s classes take them. Each engine builds its own library's form of the same rule.
+OPTIMIZERS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": LR, "momentum": MOMENTUM},
+    "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+}
+DEFAULT_OPTIMIZER = "sgd"
 BOUND_SAMPLES = 8192  # the bound is timed over this many samples' steps, then scaled (it is linear in steps)
 
 # name: (device, one line on what it is); the order is the table's order.
@@ -72,6 +80,53 @@ def device_of(engine: str) -> str:
     ('cuda', 'cpu')
     """
     return ENGINES[engine][0]
+
+
+def describe_optimizer(name: str) -> str:
+    """The optimizer's rule and settings in words, for the table and ``bench.md``.
+
+    >>> describe_optimizer("sgd"), describe_optimizer("adam")
+    ('SGD lr 0.05 momentum 0.9', 'Adam lr 0.001 betas 0.9/0.999 eps 1e-08')
+    """
+    s = OPTIMIZERS[name]
+    if name == "sgd":
+        return f"SGD lr {s['lr']:g} momentum {s['momentum']:g}"
+    return f"Adam lr {s['lr']:g} betas {s['beta1']:g}/{s['beta2']:g} eps {s['eps']:g}"
+
+
+def our_optimizer(name: str, model: Any) -> Any:
+    """Ours: ``optimizers.SGD`` or ``optimizers.Adam`` for ``model``, with ``OPTIMIZERS[name]``'s settings."""
+    from ..optimizers import OPTIMIZERS as RULES
+
+    return RULES[name](model, **OPTIMIZERS[name])
+
+
+def torch_optimizer(torch: Any, params: Any, name: str, *, capturable: bool = False) -> Any:
+    """PyTorch's own form of the same rule: ``torch.optim.SGD`` or ``torch.optim.Adam``.
+
+    ``capturable`` (Adam only): the step count lives on the GPU, so that a CUDA
+    graph can hold the whole step (PyTorch's own requirement for capturing Adam).
+    """
+    s = OPTIMIZERS[name]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"])
+    extra = {"capturable": True} if capturable else {}
+    return torch.optim.Adam(params, lr=s["lr"], betas=(s["beta1"], s["beta2"]), eps=s["eps"], **extra)
+
+
+def restart_torch_optimizer(optimizer: Any) -> None:
+    """Every state tensor of ``optimizer`` zeroed in place: as if it had never stepped.
+
+    For engines that warm up (captures, compiles) and must then start from
+    step 0: SGD's momentum buffers (a zero buffer gives the first step's
+    ``v = g`` exactly) and Adam's moments and step count (``t = 0``, so the
+    next step's bias correction is the first one's). In place, because a
+    captured graph or compiled code holds these very tensors.
+    """
+    for state in optimizer.state.values():
+        for value in state.values():
+            if hasattr(value, "zero_"):
+                value.zero_()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -227,18 +282,28 @@ class GemmBound:
 
     Forward ``x W1ᵀ`` and ``a1 W2ᵀ``; backward ``δ2ᵀ a1``, ``δ2 W2`` and
     ``δ1ᵀ x``. ``forward`` keeps the first two (the bound for inference).
+    ``step`` stores ``a1`` and ``δ1`` hidden-major where our step does (batches
+    up to ``HIDDEN_MAJOR_MAX_BATCH``): the same products, which OpenBLAS runs
+    faster that way, so the bound stays a bound for ours.
     """
 
     def __init__(self, hidden: int, batch: int, seed: int = 0) -> None:
+        from ..cpu.fused_cpu_step import HIDDEN_MAJOR_MAX_BATCH
+
         rng = np.random.default_rng(seed)
         f32 = np.float32
+        self.hidden_major = batch <= HIDDEN_MAJOR_MAX_BATCH
+        self.a1h = np.empty((hidden, batch), f32)
+        self.delta1h = np.empty((hidden, batch), f32)
+        self.a1_rows = np.empty((batch, hidden), f32)  # forward's: inference keeps rows
         self.x = rng.random((batch, N_INPUTS), dtype=f32)
         self.w1 = rng.random((hidden, N_INPUTS), dtype=f32)
         self.w2 = rng.random((N_OUTPUTS, hidden), dtype=f32)
-        self.a1 = np.empty((batch, hidden), f32)
+        # What step writes, (B, H) in shape: views of the (H, B) buffers where it stores them hidden-major.
+        self.a1 = self.a1h.T if self.hidden_major else np.empty((batch, hidden), f32)
         self.z2 = np.empty((batch, N_OUTPUTS), f32)
         self.delta2 = rng.random((batch, N_OUTPUTS), dtype=f32)
-        self.delta1 = np.empty((batch, hidden), f32)
+        self.delta1 = self.delta1h.T if self.hidden_major else np.empty((batch, hidden), f32)
         self.g1 = np.empty((hidden, N_INPUTS), f32)
         self.g2 = np.empty((N_OUTPUTS, hidden), f32)
 
@@ -246,8 +311,8 @@ class GemmBound:
         """The forward products on ``x`` (a batch of the run's data; default: a fixed one)."""
         x = self.x if x is None else x
         b = x.shape[0]
-        np.matmul(x, self.w1.T, out=self.a1[:b])
-        np.matmul(self.a1[:b], self.w2.T, out=self.z2[:b])
+        np.matmul(x, self.w1.T, out=self.a1_rows[:b])
+        np.matmul(self.a1_rows[:b], self.w2.T, out=self.z2[:b])
 
     def step(self, x: np.ndarray | None = None) -> None:
         """The five products of a training step on ``x``.
@@ -257,6 +322,14 @@ class GemmBound:
         """
         x = self.x if x is None else x
         b = x.shape[0]
+        if self.hidden_major:  # as cpu/hidden_major.py computes them
+            a1h, d1h, d2 = self.a1h[:, :b], self.delta1h[:, :b], self.delta2[:b]
+            np.matmul(self.w1, x.T, out=a1h)  # z1ᵀ = W1 xᵀ
+            np.matmul(a1h.T, self.w2.T, out=self.z2[:b])
+            np.matmul(d2.T, a1h.T, out=self.g2)
+            np.matmul(self.w2.T, d2.T, out=d1h)  # δ1ᵀ = W2ᵀ δ2ᵀ
+            np.matmul(d1h, x, out=self.g1)
+            return
         a1, d2, d1 = self.a1[:b], self.delta2[:b], self.delta1[:b]
         np.matmul(x, self.w1.T, out=a1)
         np.matmul(a1, self.w2.T, out=self.z2[:b])
@@ -300,15 +373,18 @@ class _CpuEngine:
 class NumpyEngine(_CpuEngine):
     """Ours on NumPy: ``train.make_step`` over ``data.Minibatches`` with ``train.run_epoch``, as ``train`` does."""
 
-    def __init__(self, hidden: int, batch: int, data: Data, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, hidden: int, batch: int, data: Data, clock: Callable[[], float] = time.perf_counter,
+        optimizer: str = DEFAULT_OPTIMIZER,
+    ) -> None:  # fmt: skip
         from ..data import Minibatches
         from ..model import MLP
-        from ..optimizers import SGD
         from ..training import make_step
 
         super().__init__(hidden, batch, data, clock)
         self.model = MLP(N_INPUTS, hidden, N_OUTPUTS, activation="relu", backend="numpy", dtype="float32", seed=SEED)
-        self.train_step = make_step(self.model, SGD(self.model, lr=LR, momentum=MOMENTUM), checked=False)
+        self.rule = our_optimizer(optimizer, self.model)
+        self.train_step = make_step(self.model, self.rule, checked=False)
         self.batches = Minibatches(data.x, data.y, batch, xp=np, seed=SEED)
 
     def epoch(self, epoch: int) -> float:
@@ -356,7 +432,11 @@ def _shared(shared: dict[str, Any], key: str, make: Callable[[], Any]) -> Any:
 
 
 class SklearnEngine(_CpuEngine):
-    """scikit-learn's ``MLPClassifier``: solver sgd, momentum 0.9 (not Nesterov), no L2, constant rate.
+    """scikit-learn's ``MLPClassifier``: solver sgd, momentum 0.9 (not Nesterov), no L2, constant rate; or solver adam.
+
+    Its Adam has the same betas, ε and rate; it adds ε to ``√v`` before the
+    bias correction rather than after (``η √(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v + ε)``),
+    a difference in the ε term alone.
 
     Each epoch is one ``partial_fit`` over the epoch's rows, gathered in our
     order into one preallocated buffer (``shuffle=False``: sklearn then keeps
@@ -370,14 +450,19 @@ class SklearnEngine(_CpuEngine):
         data: Data,
         shared: dict[str, Any],
         clock: Callable[[], float] = time.perf_counter,
+        optimizer: str = DEFAULT_OPTIMIZER,
     ) -> None:
         from sklearn.neural_network import MLPClassifier
 
         super().__init__(hidden, batch, data, clock)
+        s = OPTIMIZERS[optimizer]
+        if optimizer == "sgd":
+            rule = {"solver": "sgd", "momentum": s["momentum"], "nesterovs_momentum": False}
+        else:
+            rule = {"solver": "adam", "beta_1": s["beta1"], "beta_2": s["beta2"], "epsilon": s["eps"]}
         self.clf = MLPClassifier(
-            hidden_layer_sizes=(hidden,), activation="relu", solver="sgd", alpha=0.0, batch_size=batch,
-            learning_rate="constant", learning_rate_init=LR, momentum=MOMENTUM, nesterovs_momentum=False,
-            shuffle=False, random_state=SEED,
+            hidden_layer_sizes=(hidden,), activation="relu", alpha=0.0, batch_size=batch,
+            learning_rate="constant", learning_rate_init=s["lr"], shuffle=False, random_state=SEED, **rule,
         )  # fmt: skip
         # One gather buffer per worker, shared by every shape (each epoch rewrites it whole): float32 in, float32 math.
         self.xs, self.ys = _shared(shared, "gather", lambda: (np.empty_like(data.x), np.empty_like(data.y)))
@@ -419,7 +504,8 @@ class TorchEngine:
     """PyTorch eager, on the CPU or a GPU: the loop a PyTorch user writes.
 
     ``zero_grad(set_to_none=True)``, forward, ``cross_entropy``, backward,
-    ``SGD(momentum=0.9).step()`` (its default foreach implementation). Each
+    ``SGD(momentum=0.9).step()`` or ``Adam.step()`` (their default foreach
+    implementations). Each
     epoch gathers the shuffled rows once (``index_select`` into a
     preallocated buffer; a DataLoader would only be slower), then takes
     contiguous slices. Loss and correct count are summed on the device and
@@ -434,6 +520,8 @@ class TorchEngine:
         shared: dict[str, Any],
         device: str = "cpu",
         clock: Callable[[], float] = time.perf_counter,
+        optimizer: str = DEFAULT_OPTIMIZER,
+        capturable: bool = False,
     ) -> None:
         import torch
 
@@ -442,7 +530,7 @@ class TorchEngine:
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
         self.net = torch_mlp(torch, hidden, device)
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM)
+        self.optimizer = self.rule = torch_optimizer(torch, self.net.parameters(), optimizer, capturable=capturable)
         # The data on the device once, like our Minibatches, and one gather buffer: shared by every shape.
         self.x, self.y = _shared(
             shared, "data", lambda: (torch.from_numpy(data.x).to(device), torch.from_numpy(data.y).to(device))
@@ -604,8 +692,9 @@ class TorchGraphEngine(TorchEngine):
     buffers (``index_select(..., out=)``) and the graph replayed. One graph
     per batch size: the full batch and, when the epoch does not divide, the
     last one. The warm-up steps change the parameters, so the initial
-    parameters are put back and the momentum buffers zeroed after capture
-    (a zero buffer then gives PyTorch's first-step ``v = g`` exactly).
+    parameters are put back and the optimizer's state zeroed after capture
+    (``restart_torch_optimizer``: the momentum buffers, or Adam's moments and
+    step count). Adam is built ``capturable`` for this engine.
     """
 
     def __init__(
@@ -615,8 +704,10 @@ class TorchGraphEngine(TorchEngine):
         data: Data,
         shared: dict[str, Any],
         clock: Callable[[], float] = time.perf_counter,
+        optimizer: str = DEFAULT_OPTIMIZER,
     ) -> None:
-        super().__init__(hidden, batch, data, shared, device="cuda", clock=clock)
+        # Adam's step count on the GPU (capturable): the graph then holds the bias correction too.
+        super().__init__(hidden, batch, data, shared, "cuda", clock, optimizer, capturable=True)
         torch = self.torch
         start = [p.detach().clone() for p in self.net.parameters()]
         sizes = sorted({s.stop - s.start for s in batch_slices(len(data.x), batch)})
@@ -624,9 +715,7 @@ class TorchGraphEngine(TorchEngine):
         with torch.no_grad():
             for p, p0 in zip(self.net.parameters(), start):
                 p.copy_(p0)
-            for state in self.optimizer.state.values():
-                if state.get("momentum_buffer") is not None:
-                    state["momentum_buffer"].zero_()
+            restart_torch_optimizer(self.optimizer)
         torch.cuda.synchronize()
 
     def _capture(self, size: int) -> tuple[Any, Any, Any]:
@@ -675,17 +764,20 @@ class CupyEngine:
     timed with CUDA events.
     """
 
-    def __init__(self, hidden: int, batch: int, data: Data, shared: dict[str, Any], graphs: bool) -> None:
+    def __init__(
+        self, hidden: int, batch: int, data: Data, shared: dict[str, Any], graphs: bool,
+        optimizer: str = DEFAULT_OPTIMIZER,
+    ) -> None:  # fmt: skip
         import cupy as cp
 
         from ..data import Minibatches
         from ..model import MLP
-        from ..optimizers import SGD
         from ..training import make_step
 
         self.cp, self.hidden, self.batch, self.data = cp, hidden, batch, data
         self.model = MLP(N_INPUTS, hidden, N_OUTPUTS, activation="relu", backend="cupy", dtype="float32", seed=SEED)
-        self.train_step = make_step(self.model, SGD(self.model, lr=LR, momentum=MOMENTUM), graphs=graphs)
+        self.rule = our_optimizer(optimizer, self.model)
+        self.train_step = make_step(self.model, self.rule, graphs=graphs)
         # One device copy shared by every shape (Minibatches does not copy a contiguous device array again).
         self.x, self.y = _shared(shared, "data", lambda: (cp.asarray(data.x), cp.asarray(data.y)))
         self.batches = Minibatches(self.x, self.y, batch, xp=cp, seed=SEED)
@@ -797,28 +889,33 @@ def cupy_gemm_bound(
 class Builder:
     """Builds one engine's contestant for a shape; keeps what its shapes share (data on the device, buffers)."""
 
-    def __init__(self, engine: str, data: Data, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.engine, self.data, self.clock = engine, data, clock
+    def __init__(
+        self, engine: str, data: Data, clock: Callable[[], float] = time.perf_counter,
+        optimizer: str = DEFAULT_OPTIMIZER,
+    ) -> None:  # fmt: skip
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
+        self.engine, self.data, self.clock, self.optimizer = engine, data, clock, optimizer
         self.shared: dict[str, Any] = {}
 
     def __call__(self, hidden: int, batch: int) -> Any:
-        e, data, shared, clock = self.engine, self.data, self.shared, self.clock
+        e, data, shared, clock, opt = self.engine, self.data, self.shared, self.clock, self.optimizer
         if e == "numpy":
-            return NumpyEngine(hidden, batch, data, clock)
+            return NumpyEngine(hidden, batch, data, clock, opt)
         if e == "sklearn":
-            return SklearnEngine(hidden, batch, data, shared, clock)
+            return SklearnEngine(hidden, batch, data, shared, clock, opt)
         if e == "torch-cpu":
-            return TorchEngine(hidden, batch, data, shared, "cpu", clock)
+            return TorchEngine(hidden, batch, data, shared, "cpu", clock, opt)
         if e == "torch-cuda":
-            return TorchEngine(hidden, batch, data, shared, "cuda", clock)
+            return TorchEngine(hidden, batch, data, shared, "cuda", clock, opt)
         if e == "torch-cuda-graph":
-            return TorchGraphEngine(hidden, batch, data, shared, clock)
+            return TorchGraphEngine(hidden, batch, data, shared, clock, opt)
         if e in ("cupy", "cupy-eager"):
-            return CupyEngine(hidden, batch, data, shared, graphs=(e == "cupy"))
+            return CupyEngine(hidden, batch, data, shared, graphs=(e == "cupy"), optimizer=opt)
         from .compiled import JaxEngine, TorchCompileEngine
 
         if e in JAX_ENGINES:
-            return JaxEngine(hidden, batch, data, shared, device_of(e), per_step="step" in e)
+            return JaxEngine(hidden, batch, data, shared, device_of(e), per_step="step" in e, optimizer=opt)
         if e in TORCH_COMPILE_ENGINES:
-            return TorchCompileEngine(hidden, batch, data, shared, device_of(e), clock=clock)
+            return TorchCompileEngine(hidden, batch, data, shared, device_of(e), clock=clock, optimizer=opt)
         raise ValueError(f"unknown engine {e!r}")

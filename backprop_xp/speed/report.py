@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write
-from .engines import ENGINES
+from .engines import ENGINES, describe_optimizer
 
 HEADER = ("hidden", "batch", "engine", "samples/s", "ms per epoch (min-max)", "vs fastest PyTorch", "test accuracy",
           "of GEMM bound", "first epoch")  # fmt: skip
@@ -62,12 +62,19 @@ def table(result: dict[str, Any]) -> str:
     if not result["rows"]:
         lines.append("(no engine finished a timed round)")
     lines += [f"not run: {name}: {reason}" for name, reason in result["missing"].items()]
+    lines.append(optimizer_line(result))
     lines.append(threads_line(result))
     if result["machine"].get("load_warning"):
         lines.append(f"warning: {result['machine']['load_warning']}")
     if result["stopped"]:
         lines.append(f"stopped: {result['stopped']}")
     return "\n".join(lines)
+
+
+def optimizer_line(result: dict[str, Any]) -> str:
+    """Which optimizer every engine trained with (``bench --optimizer``; a file from before the flag: SGD)."""
+    name = result["settings"].get("optimizer", "sgd")
+    return f"optimizer: {describe_optimizer(name)}, every engine (--optimizer {name})"
 
 
 def threads_line(result: dict[str, Any]) -> str:
@@ -137,12 +144,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"`{result['command']}`, {result['date']}, {result['seconds']:.0f} s.",
         "",
         f"- CPU: {m['cpu']}, {m['cores']} cores; {threads_line(result)}",
+        f"- {optimizer_line(result)}",
         *([f"- **warning: {m['load_warning']}**"] if m.get("load_warning") else []),
         *_versions(result),
         f"- OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: {env} (left as they were)",
         f"- load average (1, 5, 15 min): {load(m['load_average_start'])} at the start, {load(m.get('load_average_end'))} at the end",
         f"- data: {data}",
-        f"- 784-H-10, ReLU, softmax cross-entropy, SGD lr {s['lr']:g} momentum {s['momentum']:g}, float32; one first "
+        f"- 784-H-10, ReLU, softmax cross-entropy, {describe_optimizer(s.get('optimizer', 'sgd'))}, float32; one first "
         f"epoch, then up to {s['epochs']} timed rounds, engines interleaved; every number is the median over the rounds",
         "- first epoch: compilation, allocation and graph capture happen there; a compiled engine (JAX, torch.compile) "
         "compiles before it, and that time is given beside it, never counted in an epoch",

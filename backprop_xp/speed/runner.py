@@ -31,7 +31,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .engines import DEFAULT_ENGINES, ENGINES, LR, MOMENTUM, TORCH_ENGINES, device_of
+from .engines import (
+    DEFAULT_ENGINES,
+    DEFAULT_OPTIMIZER,
+    ENGINES,
+    OPTIMIZERS,
+    TORCH_ENGINES,
+    describe_optimizer,
+    device_of,
+)
 from .worker import Worker, WorkerDied
 
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -47,6 +55,7 @@ class Settings:
     batch_sizes: list[int] = field(default_factory=lambda: [32, 128, 4096])
     engines: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINES))
     epochs: int = 3
+    optimizer: str = DEFAULT_OPTIMIZER  # a key of engines.OPTIMIZERS: every engine trains with this rule
     budget_s: float = 180.0
     # One thread per engine by default: on a machine where anything else runs, a BLAS call split over every core
     # waits for whichever thread was descheduled, and the numbers swing (issue 24: a 2-thread run under load ranked
@@ -136,7 +145,8 @@ def run(
     result: dict[str, Any] = {
         "command": settings.command,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "settings": {**asdict(settings), "lr": LR, "momentum": MOMENTUM, "dtype": "float32"},
+        # The optimizer's name is in the settings; its hyperparameters beside it (lr, momentum or betas and eps).
+        "settings": {**asdict(settings), **OPTIMIZERS[settings.optimizer], "dtype": "float32"},
         "machine": machine(),
         "engines": {},
         "missing": {},
@@ -251,7 +261,10 @@ def _accuracies(shapes: list, workers: dict, result: dict, failed: set, echo: Ca
 
 def _start(settings: Settings, result: dict[str, Any], workers: dict[str, Worker], echo: Callable[[str], None]) -> None:
     """Start every engine's worker at once; keep those that can run, list the others with the reason."""
-    started = {name: Worker(name, settings.threads, settings.data_args(), settings.clock) for name in settings.engines}
+    started = {
+        name: Worker(name, settings.threads, settings.data_args(), settings.clock, settings.optimizer)
+        for name in settings.engines
+    }
     workers.update(started)
     for name, worker in started.items():
         try:
@@ -268,7 +281,7 @@ def _start(settings: Settings, result: dict[str, Any], workers: dict[str, Worker
         worker.close()
         del workers[name]
     if workers:
-        echo(f"engines: {', '.join(workers)}; {settings.threads} CPU thread(s) each; "
+        echo(f"engines: {', '.join(workers)}; {describe_optimizer(settings.optimizer)}; {settings.threads} CPU thread(s) each; "
              f"{next(iter(result['engines'].values()))['data']}")  # fmt: skip
 
 

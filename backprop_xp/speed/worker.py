@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .compiled import CompileFailed
-from .engines import ENGINES, Builder, _one_line, load_data, missing_reason
+from .engines import DEFAULT_OPTIMIZER, ENGINES, OPTIMIZERS, Builder, _one_line, load_data, missing_reason
 
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
 
@@ -53,9 +53,13 @@ class Worker:
         ``--data-dir D``, ``--train-size N`` or ``--random N`` for the worker.
     clock : {"wall", "cpu"}
         What the CPU engines time with (``cpu``: this thread's CPU time).
+    optimizer : str
+        A key of ``engines.OPTIMIZERS``: the rule every contestant trains with.
     """
 
-    def __init__(self, engine: str, threads: int, data_args: list[str], clock: str = "wall") -> None:
+    def __init__(
+        self, engine: str, threads: int, data_args: list[str], clock: str = "wall", optimizer: str = DEFAULT_OPTIMIZER
+    ) -> None:
         self.engine = engine
         package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
@@ -70,6 +74,8 @@ class Worker:
             str(threads),
             "--clock",
             clock,
+            "--optimizer",
+            optimizer,
             *data_args,
         ]
         self.process = subprocess.Popen(
@@ -215,7 +221,7 @@ def _engine_info(engine: str, threads: int) -> dict[str, Any]:
     return info
 
 
-def _serve(engine: str, threads: int, data_args: argparse.Namespace, clock: str, reply: Any) -> int:
+def _serve(engine: str, threads: int, data_args: argparse.Namespace, clock: str, reply: Any, optimizer: str) -> int:
     if engine.startswith("jax") and ENGINES[engine][0] == "cpu":
         _pin_to_cores(threads)
     reason = missing_reason(engine)
@@ -228,7 +234,7 @@ def _serve(engine: str, threads: int, data_args: argparse.Namespace, clock: str,
     info["data"] = data.source
     info["n_train"] = len(data.x)
     reply({"info": info})
-    build = Builder(engine, data, time.thread_time if clock == "cpu" else time.perf_counter)
+    build = Builder(engine, data, time.thread_time if clock == "cpu" else time.perf_counter, optimizer)
     contestants: dict[tuple[int, int], Any] = {}
     for line in sys.stdin:
         request = json.loads(line)
@@ -270,11 +276,28 @@ def _notes(contestant: Any) -> dict[str, Any]:
         value = getattr(step, name, None)
         if isinstance(value, (str, int, float, bool)):
             notes[f"step_{name}"] = value
+    trained_with = _trained_with(contestant)
+    if trained_with:
+        notes["optimizer"] = trained_with
     if getattr(contestant, "compile_s", None) is not None:  # JAX and torch.compile: compiled when built
         notes["compile_s"] = contestant.compile_s
     if getattr(contestant, "bound_note", None):
         notes["bound_note"] = contestant.bound_note
     return notes
+
+
+def _trained_with(contestant: Any) -> str | None:
+    """The optimizer the contestant's own objects train with, in lower case (``adam``, ``sgd``): what really ran.
+
+    Read from the engine's optimizer object (ours or ``torch.optim``'s class,
+    scikit-learn's ``solver``), not from the setting it was given.
+    """
+    if getattr(contestant, "trained_with", None):
+        return contestant.trained_with
+    if getattr(contestant, "rule", None) is not None:
+        return type(contestant.rule).__name__.lower()
+    clf = getattr(contestant, "clf", None)
+    return None if clf is None else str(clf.solver)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("engine", choices=tuple(ENGINES))
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=DEFAULT_OPTIMIZER)
     parser.add_argument("--data-dir")
     parser.add_argument("--train-size", type=int, default=0)
     parser.add_argument("--random", type=int, default=0, help="random MNIST-shaped data of this many examples")
@@ -299,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         answers.flush()
 
     try:
-        return _serve(args.engine, args.threads, args, args.clock, reply)
+        return _serve(args.engine, args.threads, args, args.clock, reply, args.optimizer)
     except Exception as exc:  # noqa: BLE001 - before any job: say why in the answer, then stop
         reply({"failed": _one_line(exc)})
         return 1

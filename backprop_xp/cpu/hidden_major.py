@@ -1,0 +1,138 @@
+"""The ReLU step's two large products with the hidden layer stored hidden-major (issue 27).
+
+``FusedCpuStep`` keeps ``a1`` and ``δ1`` as ``(B, H)`` rows and calls OpenBLAS
+for ``z1 = x W1ᵀ`` and ``∂L/∂W1 = δ1ᵀ x``. Stored ``(H, B)`` instead, the same
+products are ``z1ᵀ = W1 xᵀ`` and ``∂L/∂W1 = δ1ᵀᵀ x`` (a plain NN product), which
+OpenBLAS's single-thread kernels run 7-13% faster at 784-800-10, batch 128
+(bench/NOTES.md, issue 27), with the same bits. ``relu_output_layer_hm_loop_``
+is ``numba_loops.relu_output_layer_loop_`` for that layout: everything
+between the two products, one hidden unit (a row of ``B`` values) at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import numba_loops
+
+_state: dict[str, Any] = {"kernel": None}
+_output_rows = None  # numba_loops' compiled output_layer once compiled (Numba reads globals when it compiles)
+
+
+def _relu_output_layer_hm(
+    a1, b1, W2, b2, labels, z2t, d2t, d1, gW2, gb1, gb2, row_loss, inv_batch, batch
+):  # pragma: no cover
+    # a1 (H, B) holds z1ᵀ and receives a1ᵀ; z2t, d2t (K, B) are z2ᵀ and δ2ᵀ; d1 (H, B) receives δ1ᵀ.
+    n_hidden, n_rows = a1.shape
+    n_classes = W2.shape[0]
+    zero = inv_batch - inv_batch  # 0 in the arrays' dtype
+    z2t[:, :] = zero
+    for j in range(n_hidden):
+        a = a1[j]
+        bj = b1[j]
+        for i in range(n_rows):
+            zb = a[i] + bj  # z1 = x W1ᵀ + b1
+            a[i] = zb * (zb > 0)  # a1 = relu(z1)
+        for k in range(n_classes):
+            w = W2[k, j]
+            z = z2t[k]
+            for i in range(n_rows):
+                z[i] += a[i] * w  # z2 = a1 W2ᵀ, one hidden unit at a time
+    for k in range(n_classes):
+        z = z2t[k]
+        for i in range(n_rows):
+            z[i] += b2[k]  # + b2
+    # argmax, ŷ = softmax(z2), L_i = −log ŷ_y and δ2 = (ŷ − y) / B: output_layer_loop_'s own loop
+    n_correct = _output_rows(z2t.T, labels, d2t.T, row_loss, inv_batch, batch)
+    for k in range(n_classes):
+        d = d2t[k]
+        s = zero
+        for i in range(n_rows):
+            s += d[i]
+        gb2[k] = s  # ∂L/∂b2 = Σ_b δ2
+    for j in range(n_hidden):
+        a = a1[j]
+        out = d1[j]
+        w = W2[0, j]
+        d = d2t[0]
+        for i in range(n_rows):
+            out[i] = d[i] * w
+        for k in range(1, n_classes):
+            w = W2[k, j]
+            d = d2t[k]
+            for i in range(n_rows):
+                out[i] += d[i] * w  # δ2 W2
+        s = zero
+        for i in range(n_rows):
+            v = out[i] * (a[i] > 0)  # δ1 = δ2 W2 ⊙ f'(z1)
+            out[i] = v
+            s += v
+        gb1[j] = s  # ∂L/∂b1 = Σ_b δ1
+        for k in range(n_classes):
+            d = d2t[k]
+            s = zero
+            for i in range(n_rows):
+                s += d[i] * a[i]
+            gW2[k, j] = s  # ∂L/∂W2 = δ2ᵀ a1
+    return n_correct
+
+
+def _kernel() -> Any:
+    """The compiled loop (compiled on first use, cached on disk by Numba)."""
+    if _state["kernel"] is None:
+        import numba
+
+        global _output_rows
+        _output_rows = numba_loops._kernels().output_layer
+        # The small products' sums in an order of LLVM's choosing, as relu_output_layer_loop_'s.
+        options = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}}
+        _state["kernel"] = numba.njit(**options)(_relu_output_layer_hm)
+    return _state["kernel"]
+
+
+def relu_output_layer_hm_loop_(
+    params: dict[str, Any], grads: dict[str, Any], labels: Any, ws: Any, a1: Any, delta1: Any
+) -> tuple[Any, int]:
+    """``numba_loops.relu_output_layer_loop_`` with ``a1`` and ``δ1`` hidden-major, ``(H, B)``.
+
+    ``a1`` holds ``z1ᵀ = W1 xᵀ`` and receives ``relu(z1 + b1)ᵀ``; ``delta1``
+    receives ``δ1ᵀ``; ``ws.z2``, ``ws.delta2`` (class-major buffers), ``ws.row_loss``
+    and ``grads`` (``W2``, ``b2``, ``b1``) as there. Returns the mean loss and the
+    count of rows whose argmax is the label.
+    """
+    batch = a1.shape[1]
+    dtype = a1.dtype.type
+    n_correct = _kernel()(
+        a1, params["b1"], params["W2"], params["b2"], labels, ws.z2.T, ws.delta2.T, delta1,
+        grads["W2"], grads["b1"], grads["b2"], ws.row_loss, dtype(1.0 / batch), dtype(batch),
+    )  # fmt: skip
+    return ws.row_loss.sum() / batch, n_correct
+
+
+class HiddenMajor:
+    """A batch size's ``(H, B)`` buffers for ``a1`` and ``δ1`` (kept in the workspace's ``scratch`` slot)."""
+
+    def __init__(self, n_hidden: int, batch: int, dtype: Any) -> None:
+        self.a1 = np.empty((n_hidden, batch), dtype)
+        self.delta1 = np.empty((n_hidden, batch), dtype)
+
+
+def hidden_major_backprop(model: Any, x: Any, labels: Any) -> tuple[Any, Any]:
+    """``MLP.backprop``'s gradients and results for a ReLU model, the hidden layer hidden-major.
+
+    On first use for a batch size, the workspace's ``a1`` and ``delta1`` become
+    ``(B, H)`` views of the ``(H, B)`` buffers: every reader of the workspace
+    sees the same values, in the same shape, only their memory order changes.
+    """
+    p, g = model.params, model.grads
+    ws = model.workspace(x.shape[0])
+    if not isinstance(ws.scratch, HiddenMajor):
+        ws.scratch = HiddenMajor(model.n_hidden, x.shape[0], model.dtype)
+        ws.a1, ws.delta1 = ws.scratch.a1.T, ws.scratch.delta1.T
+    hm = ws.scratch
+    np.matmul(p["W1"], x.T, out=hm.a1)  # z1ᵀ = W1 xᵀ
+    loss, n_correct = relu_output_layer_hm_loop_(p, g, labels, ws, hm.a1, hm.delta1)
+    np.matmul(hm.delta1, x, out=g["W1"])  # ∂L/∂W1 = δ1ᵀ x, with δ1ᵀ stored
+    return loss, n_correct
