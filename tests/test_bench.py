@@ -389,9 +389,8 @@ def test_every_cpu_engine_trains_with_adam_and_the_files_say_so(tmp_path, mnist_
             reference_missing(f"{name} cannot run here ({missing_reason(name)}); CI installs it")
     args = cli.build_parser().parse_args(
         ["bench", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--engines", ",".join(engines),
-         "--hidden", "32", "--batch-size", "32", "--epochs", "1", "--train-size", "2000"]
+         "--hidden", "32", "--batch-size", "32", "--epochs", "1", "--train-size", "2000", "--optimizer", "adam"]
     )  # fmt: skip
-    args.optimizer = "adam"  # what --optimizer adam sets (speed.add_optimizer_flag)
     assert command(args) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["complete"] and result["missing"] == {} and result["errors"] == []

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..checks import AT_LEAST_1, Rule
+from ..speed import add_optimizer_flag
 from .arguments import (
     check_data_env,
     checked,
@@ -35,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="time the same training on every engine installed here (ours, JAX, PyTorch, scikit-learn; CPU and GPU)",
         description=(
-            "Train 784-H-10 (ReLU, SGD with momentum 0.9, float32) on MNIST with every engine that can run here, each "
+            "Train 784-H-10 (ReLU, SGD with momentum 0.9 or Adam with --optimizer adam, float32) on MNIST with every engine that can run here, each "
             "in its own process, rounds interleaved across engines: samples/s, ms per epoch, the ratio to the fastest "
             "PyTorch engine on the same device, test accuracy after the epochs, and the fraction of the step's matrix-"
             "product bound. Writes bench.json, bench.md and bench.png; engines that cannot run are listed with the "
@@ -60,6 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=nonempty,
         help="folder for bench.json, bench.md and bench.png (default: a new folder under runs/)",
     )
+    add_optimizer_flag(p)  # the speed package owns the rules it compares
     p.set_defaults(handler=run)
 
 
