@@ -38,9 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Train 784-H-10 (ReLU, SGD with momentum 0.9 or Adam with --optimizer adam, float32) on MNIST with every "
             "engine that can run here, each in its own process, rounds interleaved across engines: samples/s, ms per "
-            "epoch, the ratio to the fastest PyTorch engine on the same device, test accuracy after the epochs, and the fraction of the step's matrix-"
-            "product bound. Writes bench.json, bench.md and bench.png; engines that cannot run are listed with the "
-            "reason; Ctrl-C (or SIGTERM) prints the table of what was measured so far. The defaults take about 3 minutes on a 2-core CPU."
+            "epoch, the ratio to the fastest PyTorch engine on the same device, test accuracy after the epochs, and the "
+            "fraction of the step's matrix-product bound. Writes bench.json, bench.md and bench.png; engines that cannot "
+            "run are listed with the reason; Ctrl-C (or SIGTERM) prints the table of what was measured so far. The "
+            "defaults take about 3 minutes on a 2-core CPU."
         ),
     )
     _add_what_to_time(p)
