@@ -46,8 +46,6 @@ SKIPPED = {
     "pip install -e '.[cuda12]'": INSTALLS + "; and a GPU",
     "python -m pytest -q": "the whole test suite, of which this test is a part",
     "python scripts/check_accuracy.py --data-dir ../shared/mnist": LONG + " (two recipes, 80 s on a quiet machine)",
-    "backprop-xp bench --data-dir ../shared/mnist --threads 1 --epochs 5 --budget-s 600 --out runs/bench": LONG
-    + " (168 s; tests/test_bench.py runs bench small)",
     "backprop-xp bench --data-dir ../shared/mnist": LONG + " (about 3 minutes)",
     "backprop-xp bench --engines numpy,torch-cpu --hidden 800 --batch-size 128 --epochs 5 --train-size 0": LONG
     + " (6 epochs of 60,000 images at hidden 800, twice)",
@@ -55,6 +53,19 @@ SKIPPED = {
     "--batch-size 32,128 --epochs 3 --jobs 2 --out sweeps/first": LONG
     + " (18 runs, about 3 minutes; tests/test_sweep.py runs sweep small)",
     "python -m backprop_xp train --backend cupy --data-dir ../shared/mnist": "needs a GPU",
+    "backprop-xp bench --data-dir ../shared/mnist --engines numpy,jax,jax-step,torch-cpu,torch-compile,sklearn "
+    "--hidden 128,800 --batch-size 128 --threads 1 --epochs 9 --budget-s 400 --out runs/bench-jax": (
+        "times six engines for a minute and a half (CI runs a tiny bench with jax)"
+    ),
+    "python -m backprop_xp train --data-dir ../shared/mnist --hidden 800 --epochs 150 --augment --preprocess deskew "
+    "--val-size 5000 --keep-best --lr 0.1 --momentum 0.9 --out runs/record": LONG + " (38 minutes on the 2-core CPU)",
+    "python -m backprop_xp sweep --data-dir ../shared/mnist --hidden 800 --epochs 100 --augment --preprocess "
+    "deskew,none --seed 1,2 --val-size 5000 --keep-best --jobs 2 --out runs/committee": LONG + " (26 minutes)",
+    "python -m backprop_xp evaluate --data-dir ../shared/mnist runs/record runs/committee/*/": (
+        "needs the two runs above (an hour of training)"
+    ),
+    "python -m backprop_xp train --dataset fashion-mnist --data-dir /usr/share/datasets/fashion-mnist --hidden 1024 "
+    "--epochs 40 --lr 0.05 --val-size 5000": LONG + " (a minute on a quiet machine; Debian's Fashion-MNIST path)",
     "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=1 dask scheduler --port 8786": "starts a Dask scheduler server",
     "dask worker tcp://SCHEDULER_HOST:8786 --nworkers 16 --nthreads 1": "needs a Dask scheduler on another machine",
     'CUDA_VISIBLE_DEVICES=0 dask worker tcp://SCHEDULER_HOST:8786 --nworkers 1 --nthreads 1 --name "$(hostname)-gpu0"': (
