@@ -44,6 +44,7 @@ def main() -> int:
     parser.add_argument("--out", default="error-vs-time.png", help="the picture (default: error-vs-time.png)")
     args = parser.parse_args()
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -57,7 +58,8 @@ def main() -> int:
         minutes, error, kept, kept_error = curve(folder)
         total += minutes[-1]
         (line,) = ax.plot(minutes, error, linewidth=1, alpha=0.8)
-        label = f"{folder.name}: {kept_error:.2f}% (epoch {kept} kept, {minutes[-1]:.1f} min)"
+        took = f"{60 * minutes[-1]:.0f} s" if minutes[-1] < 1 else f"{minutes[-1]:.1f} min"
+        label = f"{folder.name}: {kept_error:.2f}% (epoch {kept} kept, {took})"
         ax.scatter([minutes[kept - 1]], [kept_error], color=line.get_color(), zorder=3, label=label)
     if args.committee is not None:
         minutes = args.committee_seconds / 60 if args.committee_seconds else total
@@ -65,6 +67,9 @@ def main() -> int:
                    label=f"committee: {100 * args.committee:.2f}% ({minutes:.0f} min of training, all members)")  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FormatStrFormatter("%g")  # 0.5, 1, 2 rather than 5 x 10^-1
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("training time (minutes, 2-core CPU; log scale)")
     ax.set_ylabel("test error (%, log scale)")
     ax.set_title("MNIST test error against training time")
