@@ -15,7 +15,8 @@ import pytest
 
 from backprop_xp import cli
 from backprop_xp.speed import report, summarize
-from backprop_xp.speed.engines import ENGINES, missing_reason
+from backprop_xp.speed.engine_table import missing_reason
+from backprop_xp.speed.engines import ENGINES
 
 TINY = ["--hidden", "16", "--batch-size", "64", "--epochs", "1", "--train-size", "2000"]
 
@@ -269,7 +270,7 @@ def test_peer_engines_train_exactly_as_ours_on_the_same_start_and_order(
 ):
     # The oracle is our NumPy engine: same He-normal start, same epoch_permutation order, same optimizer
     # (SGD with momentum, or Adam: torch.optim.Adam, and the JAX Adam written in compiled.py).
-    from backprop_xp.speed.engines import Builder
+    from backprop_xp.speed.engine_table import Builder
 
     library = "jax" if engine.startswith("jax") else "torch"
     if missing_reason(engine) is not None:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from .compiled import CompileFailed
-from .engines import DEFAULT_OPTIMIZER, ENGINES, OPTIMIZERS, Builder, _one_line, load_data, missing_reason
+from .engine_table import Builder, missing_reason
+from .engines import DEFAULT_OPTIMIZER, ENGINES, OPTIMIZERS, _one_line, load_data
 
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
 
