@@ -233,7 +233,10 @@ def test_ctrl_c_or_sigterm_prints_the_table_of_the_rounds_so_far(tmp_path, mnist
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
     }
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A CI job started in the background inherits SIGINT ignored, and the command rightly leaves an ignored
+    # signal alone (files.signals_as_interrupts): give the child Ctrl-C's default, as tests/processes.py does.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         for line in process.stdout:
             if line.startswith("round 2/"):
