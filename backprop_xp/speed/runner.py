@@ -45,6 +45,10 @@ from .worker import Worker, WorkerDied
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 WORKLOADS = ("epoch", "step", "infer")  # the table's order
 DEFAULT_THREADS = 1
+# Seconds between one engine's timed job and the next: after a call, OpenBLAS's, OpenMP's (PyTorch, KMP_BLOCKTIME
+# 200 ms) and XLA's idle threads spin for a while, in their own process, and took the cores from the next engine
+# timed (ours at 2 threads: 197 ms an epoch interleaved, 66 ms alone; bench/NOTES.md, issue 27).
+SETTLE_S = 0.25
 
 
 @dataclass
@@ -233,6 +237,7 @@ def _timed_round(
             for workload in settings.workloads:
                 if workload != "epoch" and device_of(name) != "cpu":
                     continue
+                time.sleep(SETTLE_S)  # the previous engine's idle threads stop spinning before this one is timed
                 answer = _ask(
                     workers, name, result, echo, "time", hidden=hidden, batch=batch, workload=workload, epoch=r
                 )
