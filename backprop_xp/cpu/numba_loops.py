@@ -156,17 +156,6 @@ def _output_layer(z, labels, delta, row_loss, inv_batch, batch):  # pragma: no c
     return n_correct
 
 
-def _momentum(w, g, v, lr, mu, wd):  # pragma: no cover
-    for i in _prange(w.shape[0]):
-        gi = g[i]
-        if wd != 0:
-            gi = gi + w[i] * wd  # g ← ∂L/∂w + λ w (kept in the gradient buffer, as SGD.step does)
-            g[i] = gi
-        vi = v[i] * mu + gi  # v ← μ v + g
-        v[i] = vi
-        w[i] = w[i] - vi * lr  # w ← w − η v
-
-
 def _plain(w, g, lr, wd):  # pragma: no cover
     for i in _prange(w.shape[0]):
         gi = g[i]
@@ -300,7 +289,7 @@ def _kernels() -> Any:
             numba.config.THREADING_LAYER = "workqueue"
         options = {"fastmath": False, "cache": True, "nogil": True}
         k = types.SimpleNamespace()
-        for name, fn in (("momentum", _momentum), ("plain", _plain), ("adam", _adam)):
+        for name, fn in (("momentum_flushed", _momentum_flushed), ("plain", _plain), ("adam", _adam)):
             setattr(k, name, numba.njit(parallel=True, **options)(fn))
             setattr(k, name + "_serial", numba.njit(**options)(_renamed(fn, "_serial")))
         k.output_layer = _output_rows = numba.njit(**options)(_output_layer)
@@ -399,15 +388,6 @@ def relu_output_layer_loop_(params: dict[str, Any], grads: dict[str, Any], label
     return ws.row_loss.sum() / batch, n_correct
 
 
-def momentum_loop_(w: Any, g: Any, v: Any, lr: float, momentum: float, weight_decay: float) -> None:
-    """``SGD.step`` with momentum in one pass: ``g ← g + λ w`` (if ``λ``), ``v ← μ v + g``, ``w ← w − η v``.
-
-    Bit-identical to the NumPy passes (the scalars are rounded to ``w``'s dtype first, as there).
-    """
-    t = w.dtype.type
-    _run("momentum", w.size, w, g, v, t(lr), t(momentum), t(weight_decay))
-
-
 def plain_sgd_loop_(w: Any, g: Any, lr: float, weight_decay: float) -> None:
     """``SGD.step`` without momentum in one pass: ``g ← g + λ w`` (if ``λ``), ``w ← w − η g``."""
     t = w.dtype.type
@@ -441,23 +421,12 @@ def _momentum_flushed(w, g, v, lr, mu, wd, smallest):  # pragma: no cover
         w[i] = w[i] - vi * lr  # w ← w − η v
 
 
-def _flush_kernels() -> Any:
-    """``_kernels()`` with the flushed momentum loop added (parallel and serial), compiled on first use."""
-    kernels = _kernels()
-    if not hasattr(kernels, "momentum_flushed"):
-        import numba
-
-        options = {"fastmath": False, "cache": True, "nogil": True}
-        kernels.momentum_flushed = numba.njit(parallel=True, **options)(_momentum_flushed)
-        kernels.momentum_flushed_serial = numba.njit(**options)(_renamed(_momentum_flushed, "_serial"))
-    return kernels
-
-
 def momentum_flushed_loop_(w: Any, g: Any, v: Any, lr: float, momentum: float, weight_decay: float) -> None:
-    """``momentum_loop_``, with a velocity below ``w``'s smallest normal number set to zero (see above).
+    """``SGD.step`` with momentum in one pass: ``g ← g + λ w`` (if ``λ``), ``v ← μ v + g``, ``w ← w − η v``,
+    with a velocity below ``w``'s smallest normal number set to zero (see above).
 
-    Bit-identical to ``SGD.step`` wherever no velocity is subnormal.
+    Bit-identical to ``SGD.step`` wherever no velocity is subnormal (the scalars are rounded to ``w``'s dtype
+    first, as there).
     """
     t = w.dtype.type
-    _flush_kernels()
     _run("momentum_flushed", w.size, w, g, v, t(lr), t(momentum), t(weight_decay), t(np.finfo(w.dtype).tiny))
