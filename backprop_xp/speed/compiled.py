@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import error_line
 from .engines import (
     DEFAULT_OPTIMIZER,
     N_INPUTS,
@@ -40,7 +41,6 @@ from .engines import (
     Data,
     TorchEngine,
     _bound_scale,
-    _one_line,
     _shared,
     batch_slices,
     initial_params,
@@ -149,7 +149,7 @@ def jax_missing(device: str) -> str | None:
     except ImportError:
         return "JAX is not installed (pip install 'backprop-xp[bench]', or pip install 'jax[cpu]')"
     except Exception as exc:  # noqa: BLE001 - a broken install is reported, not raised mid-timing
-        return f"JAX is installed but fails to import ({_one_line(exc)})"
+        return f"JAX is installed but fails to import ({error_line(exc, with_type=True)})"
     platform = "gpu" if device == "cuda" else "cpu"
     try:
         jax.devices(platform)
@@ -181,7 +181,7 @@ class JaxEngine:
         try:
             self._compile()
         except Exception as exc:  # noqa: BLE001 - any compiler error: the engine is listed as not run
-            raise CompileFailed(f"jax.jit failed: {_one_line(exc)}") from exc
+            raise CompileFailed(f"jax.jit failed: {error_line(exc, with_type=True)}") from exc
         self.compile_s = time.perf_counter() - start
         self.last_loss = self.last_correct = None
 
@@ -323,7 +323,7 @@ class TorchCompileEngine(TorchEngine):
         try:
             self._warm_up()
         except Exception as exc:  # noqa: BLE001 - inductor's errors (no C++ compiler, ...): listed as not run
-            raise CompileFailed(f"torch.compile failed: {_one_line(exc)}") from exc
+            raise CompileFailed(f"torch.compile failed: {error_line(exc, with_type=True)}") from exc
         self.compile_s = time.perf_counter() - start
 
     def _warm_up(self) -> None:

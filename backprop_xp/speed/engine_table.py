@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..backend import error_line
 from .compiled import JaxEngine, TorchCompileEngine, jax_missing
 from .engines import (
     DEFAULT_OPTIMIZER,
@@ -25,7 +26,6 @@ from .engines import (
     SklearnEngine,
     TorchEngine,
     TorchGraphEngine,
-    _one_line,
     device_of,
 )
 
@@ -54,7 +54,7 @@ def missing_reason(engine: str) -> str | None:
         except ImportError:
             return "PyTorch is not installed (pip install torch)"
         except Exception as exc:  # a broken install fails here, not later in the middle of a timing
-            return f"PyTorch is installed but fails to import ({_one_line(exc)})"
+            return f"PyTorch is installed but fails to import ({error_line(exc, with_type=True)})"
         if device_of(engine) == "cuda" and not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
             return f"PyTorch {torch.__version__} ({build}) sees no usable CUDA device"
@@ -65,7 +65,7 @@ def missing_reason(engine: str) -> str | None:
         except ImportError:
             return "scikit-learn is not installed (pip install scikit-learn)"
         except Exception as exc:
-            return f"scikit-learn is installed but fails to import ({_one_line(exc)})"
+            return f"scikit-learn is installed but fails to import ({error_line(exc, with_type=True)})"
         return None
     raise ValueError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
 

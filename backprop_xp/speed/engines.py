@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import error_line
+
 N_INPUTS, N_OUTPUTS = 784, 10
 LR, MOMENTUM = 0.05, 0.9
 SEED = 0
@@ -127,11 +129,6 @@ def restart_torch_optimizer(optimizer: Any) -> None:
         for value in state.values():
             if hasattr(value, "zero_"):
                 value.zero_()
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- discovery
@@ -791,7 +788,7 @@ def cupy_gemm_bound(
     try:
         blas = (make_blas or (lambda: Blas(cp)))()
     except ImportError as exc:
-        blas, note = None, f"eager cupy.matmul launches ({_one_line(exc)})"
+        blas, note = None, f"eager cupy.matmul launches ({error_line(exc, with_type=True)})"
 
     def five(x: Any) -> None:  # as cuda/fused_gpu_step.py calls them: z1, z2, ∂L/∂W2, δ1, ∂L/∂W1
         n = x.shape[0]
@@ -828,7 +825,7 @@ def cupy_gemm_bound(
                     graph = stream.end_capture()
                 launch[size] = graph.launch
             except Exception as exc:  # noqa: BLE001 - fall back to eager launches, and say so
-                note = f"eager cuBLAS launches (graph capture failed: {_one_line(exc)})"
+                note = f"eager cuBLAS launches (graph capture failed: {error_line(exc, with_type=True)})"
                 launch[size] = lambda xs=xs: five(xs)
         for go in launch.values():
             go()

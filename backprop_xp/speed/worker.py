@@ -30,9 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..backend import error_line
 from .compiled import CompileFailed
 from .engine_table import Builder, missing_reason
-from .engines import DEFAULT_OPTIMIZER, ENGINES, OPTIMIZERS, _one_line, load_data
+from .engines import DEFAULT_OPTIMIZER, ENGINES, OPTIMIZERS, load_data
 
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
 
@@ -242,7 +243,7 @@ def _serve(engine: str, threads: int, data_args: argparse.Namespace, clock: str,
         try:
             reply(_job(request, build, contestants))
         except Exception as exc:  # noqa: BLE001 - one failing shape must not end the engine
-            reply({"error": _one_line(exc)})
+            reply({"error": error_line(exc, with_type=True)})
     return 0
 
 
@@ -326,5 +327,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _serve(args.engine, args.threads, args, args.clock, reply, args.optimizer)
     except Exception as exc:  # noqa: BLE001 - before any job: say why in the answer, then stop
-        reply({"failed": _one_line(exc)})
+        reply({"failed": error_line(exc, with_type=True)})
         return 1
