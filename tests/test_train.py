@@ -381,7 +381,7 @@ def test_warm_up_loads_the_fused_kernels_before_any_epoch_is_timed(cpu_path):
         "assert np.array_equal(model.flat_params, before)  # the run's own parameters are not touched",
         "loaded = numba_loops._state['kernels'] is not None and all(",
         "    getattr(numba_loops._kernels(), k).signatures for k in ('momentum_flushed_serial',))",
-        "loaded = loaded and hidden_major._state['kernel'] is not None and bool(hidden_major._kernel().signatures)",
+        "loaded = loaded and hidden_major._state['kernel'] is not None and bool(hidden_major._kernels()[0].signatures)",
         "print(loaded)",
     ])  # fmt: skip
     env = {**os.environ, "BACKPROP_XP_FAST": "1" if cpu_path == "fast" else "0"}

@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-_state: dict[str, Any] = {"enabled": None, "threads": None, "kernels": None}
+from . import blas_pool
+
+_state: dict[str, Any] = {"enabled": None, "threads": None, "kernels": None, "pool_started": False}
 
 
 def available() -> bool:
@@ -119,7 +121,9 @@ def info() -> dict[str, Any]:
         try:
             out["threading_layer"] = numba.threading_layer()
         except ValueError:  # no parallel kernel has run yet: the layer the first one will use
-            out["threading_layer"] = os.environ.get("NUMBA_THREADING_LAYER", "workqueue")
+            default = "omp" if blas_pool.available() else "workqueue"
+            out["threading_layer"] = os.environ.get("NUMBA_THREADING_LAYER", default)
+        out["blas_on_these_threads"] = blas_pool.shared()
     return out
 
 
@@ -254,6 +258,11 @@ def _relu_output_layer(
     return n_correct
 
 
+def _take_rows(x, rows, out):  # pragma: no cover
+    for i in _prange(rows.shape[0]):
+        out[i] = x[rows[i]]  # np.take(x, rows, axis=0, out=out): the batch gather
+
+
 _prange = range  # numba.prange once Numba is imported (Numba reads globals when it compiles)
 _output_rows = _output_layer  # its compiled form once Numba is imported, called by the ReLU loop
 
@@ -282,14 +291,15 @@ def _kernels() -> Any:
         global _prange, _output_rows
         _prange = numba.prange
         if "NUMBA_THREADING_LAYER" not in os.environ:
-            # Numba's own pool sleeps between launches. OpenMP's busy-waits, and
-            # so do OpenBLAS's threads: on a machine with few cores the two pools
-            # then take the cores from each other (measured: a 1 ms GEMM took
-            # 36 ms, bench/NOTES.md). Only if no parallel Numba code ran yet.
-            numba.config.THREADING_LAYER = "workqueue"
+            # OpenMP where NumPy's OpenBLAS can run its jobs on it too (cpu/blas_pool.py): one pool whose
+            # threads wait for the next loop in microseconds. Otherwise Numba's own pool, which sleeps
+            # between launches: OpenMP's busy-waits, and so do OpenBLAS's threads, and on a machine with
+            # few cores two such pools take the cores from each other (measured: a 1 ms GEMM took 36 ms,
+            # bench/NOTES.md). Only if no parallel Numba code ran yet.
+            numba.config.THREADING_LAYER = "omp" if blas_pool.available() else "workqueue"
         options = {"fastmath": False, "cache": True, "nogil": True}
         k = types.SimpleNamespace()
-        for name, fn in (("momentum_flushed", _momentum_flushed), ("plain", _plain), ("adam", _adam)):
+        for name, fn in (("momentum_flushed", _momentum_flushed), ("plain", _plain), ("adam", _adam), ("take_rows", _take_rows)):
             setattr(k, name, numba.njit(parallel=True, **options)(fn))
             setattr(k, name + "_serial", numba.njit(**options)(_renamed(fn, "_serial")))
         k.output_layer = _output_rows = numba.njit(**options)(_output_layer)
@@ -309,6 +319,10 @@ def _kernels() -> Any:
 # update of hidden 800's 636k parameters lost more than it gained, and at
 # hidden 1600 (1.27M) it only tied (bench/NOTES.md): only such arrays are split.
 PARALLEL_MIN = 1 << 20
+# The same where NumPy's BLAS runs on the loops' threads (``pool_shared()``): no pool spins against them,
+# a launch costs about 2 µs, and the update of 784-128-10's 102k parameters took 23 µs on two threads
+# against 83 on one beside OpenBLAS's spinning worker (bench/NOTES.md, issue 27).
+SHARED_PARALLEL_MIN = 1 << 14
 
 
 def active(xp: Any) -> bool:
@@ -316,27 +330,49 @@ def active(xp: Any) -> bool:
     return xp is np and enabled()
 
 
+def pool_shared() -> bool:
+    """Whether NumPy's OpenBLAS runs its jobs on these loops' threads (``cpu/blas_pool.py``).
+
+    Asked only with ``threads()`` above 1; the first time, it starts Numba's pool
+    (the threading layer is chosen then) and shares it where it can
+    (``blas_pool.release()`` takes that back, and the loops then split as before).
+    """
+    if not _state["pool_started"]:
+        kernels = _kernels()
+        one = np.zeros(1, np.float32)
+        kernels.plain(one, one, one[0], one[0])  # a parallel launch: Numba starts its pool and fixes the layer
+        _state["pool_started"] = True
+        blas_pool.share()
+    return blas_pool.shared()
+
+
 _launch = threading.Lock()
 
 
-def _run(name: str, size: int, *args: Any) -> Any:
-    """Kernel ``name`` on ``threads()`` threads if the array is large enough, else its serial twin.
+def launch(parallel: Any, serial: Any, size: int, *args: Any) -> Any:
+    """``parallel(*args)`` on ``threads()`` threads if ``size`` elements are worth it, else ``serial(*args)``.
 
-    One parallel launch at a time: a second thread arriving meanwhile (a
-    threaded sweep, say) runs the serial twin instead of waiting.
+    Worth it from ``SHARED_PARALLEL_MIN`` elements where the BLAS runs on the same
+    threads, else from ``PARALLEL_MIN``. One parallel launch at a time: a second
+    thread arriving meanwhile (a threaded sweep, say) runs the serial twin instead of waiting.
     """
-    kernels = _kernels()
     n = threads()
-    if n > 1 and size >= PARALLEL_MIN and _launch.acquire(blocking=False):
+    if n > 1 and size >= (SHARED_PARALLEL_MIN if pool_shared() else PARALLEL_MIN) and _launch.acquire(blocking=False):
         try:
             import numba
 
             if numba.get_num_threads() != n:  # a per-thread setting in Numba
                 numba.set_num_threads(n)
-            return getattr(kernels, name)(*args)
+            return parallel(*args)
         finally:
             _launch.release()
-    return getattr(kernels, name + "_serial")(*args)
+    return serial(*args)
+
+
+def _run(name: str, size: int, *args: Any) -> Any:
+    """Kernel ``name`` (``launch``: on ``threads()`` threads, or its serial twin)."""
+    kernels = _kernels()
+    return launch(getattr(kernels, name), getattr(kernels, name + "_serial"), size, *args)
 
 
 def adam_loop_(w: Any, g: Any, m: Any, v: Any, hyper: Any, decoupled: bool) -> Any:
@@ -386,6 +422,18 @@ def relu_output_layer_loop_(params: dict[str, Any], grads: dict[str, Any], label
         grads["W2"], grads["b1"], grads["b2"], ws.row_loss, dtype(1.0 / batch), dtype(batch),
     )  # fmt: skip
     return ws.row_loss.sum() / batch, n_correct
+
+
+def take_rows_loop_(x: Any, rows: Any, out: Any) -> Any:
+    """``np.take(x, rows, axis=0, out=out)`` for a 2-D ``x`` and ``rows`` in range (not checked); returns ``out``.
+
+    Split over the threads where the BLAS shares them: each thread's rows then
+    sit in its own core's cache when the next product reads them (a 784-128-10
+    epoch at batch 128 took 54 ms instead of 60 on two threads, bench/NOTES.md).
+    Elsewhere it is NumPy's ``take``.
+    """
+    launch(_kernels().take_rows, lambda *args: np.take(x, rows, axis=0, out=out, mode="clip"), out.size, x, rows, out)
+    return out
 
 
 def plain_sgd_loop_(w: Any, g: Any, lr: float, weight_decay: float) -> None:

@@ -1,0 +1,204 @@
+"""NumPy's OpenBLAS runs its threads on Numba's: one pool for the products and the fused loops (issue 27).
+
+On a machine with few cores two thread pools take the cores from each other.
+OpenBLAS's workers spin for about 0.1 s after each product, so a Numba loop
+split over two threads right after one waited for a scheduler tick: a parallel
+update measured 4 ms instead of 0.1 (bench/NOTES.md). The fused loops therefore
+ran on one thread between two-thread products, and at two threads the step lost
+to XLA, whose products and elementwise work share one pool.
+
+OpenBLAS (0.3.28 and later) lets a program run its parallel jobs itself
+(``openblas_set_threads_callback_function``). ``share()`` installs a callback
+compiled by Numba that runs those jobs in a ``prange`` on Numba's OpenMP pool:
+the products, the output-layer loop and the update then take turns on the same
+threads, and OpenBLAS's own workers stay asleep. The products are OpenBLAS's own,
+split the same way: their results are bit for bit the same.
+
+Three conditions, else nothing changes (``share()`` returns False): Numba's
+``omp`` threading layer (its workers wait for the next loop in microseconds,
+where the ``workqueue`` layer's sleep, about 17 µs a launch), NumPy's BLAS is an
+OpenBLAS exporting that function (NumPy's own wheels do), and ``pthread``'s mutex
+functions (Linux, macOS). Once installed the callback stays for the life of the
+process: every threaded OpenBLAS call of NumPy's then runs on Numba's pool,
+one at a time (OpenBLAS's callback path gives each job a buffer by job number, so
+two calls at once would share buffers: the mutex keeps them apart).
+``release()`` gives OpenBLAS its own threads back.
+
+GNU OpenMP is not fork-safe: a process forked (not spawned) after a parallel
+loop ran must not run one itself. The package's sweeps start their workers with
+``spawn``, and Dask does by default.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+# The names the setter has in the OpenBLAS builds NumPy ships or links (scipy-openblas64 prefixes and suffixes).
+SETTER_NAMES = (
+    "scipy_openblas_set_threads_callback_function64_",
+    "scipy_openblas_set_threads_callback_function",
+    "openblas_set_threads_callback_function64_",
+    "openblas_set_threads_callback_function",
+)
+
+_state: dict[str, Any] = {"setter": None, "callback": None, "installed": False, "mutex": None}
+
+
+def numpy_openblas() -> ctypes.CDLL | None:
+    """NumPy's OpenBLAS, opened with ctypes (None if NumPy's BLAS is another library or cannot be told apart).
+
+    threadpoolctl lists every BLAS loaded; SciPy's wheels bring an OpenBLAS of their
+    own, so the one in NumPy's wheel folder (``numpy.libs``, ``numpy/.dylibs``) wins.
+    """
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    paths = [lib["filepath"] for lib in threadpool_info() if lib.get("internal_api") == "openblas"]
+    numpy_dir = os.path.dirname(np.__file__)
+    own = [p for p in paths if p.startswith((numpy_dir + ".libs", os.path.join(numpy_dir, ".dylibs")))]
+    if own:
+        paths = own
+    elif not paths:
+        paths = glob.glob(os.path.join(numpy_dir + ".libs", "*openblas*"))
+    if len(paths) != 1:
+        return None
+    return ctypes.CDLL(paths[0])
+
+
+def _setter() -> Any:
+    """OpenBLAS's ``set_threads_callback_function``, or None."""
+    if _state["setter"] is None:
+        lib = numpy_openblas()
+        found = [getattr(lib, name) for name in SETTER_NAMES if lib is not None and hasattr(lib, name)]
+        _state["setter"] = found[0] if found else False
+        if found:
+            found[0].argtypes, found[0].restype = [ctypes.c_void_p], None
+    return _state["setter"] or None
+
+
+def _c_functions() -> dict[str, Any] | None:
+    """The C functions the callback calls (Linux: glibc's pthread mutex, and GNU OpenMP's team launcher).
+
+    ``libgomp.so.1`` is the library Numba's ``omp`` layer runs on (its ``omppool``
+    module links it), so a team launched here takes its threads from the same pool.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        from numba.np.ufunc import omppool  # noqa: F401 - loads libgomp, which the CDLL below then finds
+    except ImportError:
+        return None
+    try:
+        libc, gomp = ctypes.CDLL(None), ctypes.CDLL("libgomp.so.1")
+        found = {name: getattr(libc, name) for name in ("pthread_mutex_lock", "pthread_mutex_unlock")}
+        found.update({name: getattr(gomp, name) for name in ("GOMP_parallel", "omp_get_thread_num")})
+    except (OSError, AttributeError):
+        return None
+    for name in ("pthread_mutex_lock", "pthread_mutex_unlock"):
+        found[name].argtypes, found[name].restype = [ctypes.c_size_t], ctypes.c_int
+    # void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags): `omp parallel`
+    found["GOMP_parallel"].argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint, ctypes.c_uint]
+    found["GOMP_parallel"].restype = None
+    found["omp_get_thread_num"].argtypes, found["omp_get_thread_num"].restype = [], ctypes.c_int
+    return found
+
+
+def available() -> bool:
+    """Whether ``share()`` can work here: Linux, Numba's OpenMP layer, and an OpenBLAS with the setter."""
+    return _c_functions() is not None and _setter() is not None
+
+
+def _compile() -> Any:
+    """The callback: OpenBLAS's ``n`` jobs on a team of ``n`` OpenMP threads, one call at a time.
+
+    Each job must have a thread of its own: OpenBLAS's threaded products wait for
+    each other's packed panels, so two jobs queued on one thread would wait forever.
+    """
+    from llvmlite import ir
+    from numba import carray, cfunc, types
+    from numba.extending import intrinsic
+
+    c = _c_functions()
+    lock, unlock, gomp_parallel, thread_num = (
+        c["pthread_mutex_lock"], c["pthread_mutex_unlock"], c["GOMP_parallel"], c["omp_get_thread_num"]
+    )  # fmt: skip
+
+    @intrinsic
+    def call_job(typingctx, job, index, data, arg):  # pragma: no cover - runs compiled
+        """``job(index, data, arg)``: the C function ``void (*)(int, void *, int)`` at address ``job``."""
+        sig = types.void(types.uint64, types.int32, types.uint64, types.int32)
+
+        def codegen(context, builder, signature, args):
+            address, i, pointer, a = args
+            void_p = ir.IntType(8).as_pointer()
+            fn_type = ir.FunctionType(ir.VoidType(), [ir.IntType(32), void_p, ir.IntType(32)])
+            builder.call(builder.inttoptr(address, fn_type.as_pointer()), [i, builder.inttoptr(pointer, void_p), a])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    # One thread of the team: job number omp_get_thread_num(). `task` holds the job's function, the size of a
+    # job's record, the address of the first record, and the argument OpenBLAS passes along.
+    @cfunc(types.void(types.voidptr))
+    def one_job(task):  # pragma: no cover - runs compiled
+        t = carray(task, 4, np.uint64)
+        i = thread_num()
+        call_job(t[0], np.int32(i), t[2] + np.uint64(i) * t[1], np.int32(t[3]))
+
+    one_job_address = one_job.address
+    _state["keep"] = one_job  # the compiled function must outlive every call of the callback
+    _state["mutex"] = mutex = np.zeros(64, np.uint8)  # glibc's PTHREAD_MUTEX_INITIALIZER is all zeros
+    mutex_address = mutex.ctypes.data
+
+    # void callback(int sync, void (*job)(int, void *, int), int n_jobs, size_t size, void *jobs, int arg)
+    @cfunc(types.void(types.int32, types.uint64, types.int32, types.uint64, types.uint64, types.int32))
+    def callback(sync, job, n_jobs, size, jobs, arg):  # pragma: no cover - runs compiled
+        task = np.empty(4, np.uint64)
+        task[0], task[1], task[2], task[3] = job, size, jobs, arg
+        lock(mutex_address)  # OpenBLAS numbers the work buffers by job: one call at a time
+        gomp_parallel(one_job_address, task.ctypes.data, n_jobs, 0)
+        unlock(mutex_address)
+
+    return callback
+
+
+def share() -> bool:
+    """Run NumPy's OpenBLAS jobs on Numba's pool from now on; returns whether they do.
+
+    Only once Numba's threading layer is ``omp`` (``numba_loops`` chooses it where
+    ``available()``) and after a parallel loop has started the pool.
+    """
+    if _state["installed"]:
+        return True
+    import numba
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel loop ran yet: the layer is not chosen
+        return False
+    if layer != "omp" or not available():
+        return False
+    if _state["callback"] is None:
+        _state["callback"] = _compile()
+    _setter()(_state["callback"].address)
+    _state["installed"] = True
+    return True
+
+
+def shared() -> bool:
+    """Whether NumPy's OpenBLAS runs its jobs on Numba's pool now."""
+    return _state["installed"]
+
+
+def release() -> None:
+    """Give OpenBLAS its own threads back (the default; ``share()`` takes them again)."""
+    if _state["installed"]:
+        _setter()(None)
+        _state["installed"] = False

@@ -1,0 +1,133 @@
+"""NumPy's OpenBLAS on Numba's OpenMP threads (``backprop_xp.cpu.blas_pool``): the same products, bit for bit.
+
+Each check runs in a fresh process: the threading layer and the callback are
+settings of the whole process, and a hang (two of OpenBLAS's jobs queued on
+one thread wait for each other forever) must fail the test, not stop the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from backprop_xp.cpu import blas_pool, numba_loops
+
+if not numba_loops.available():
+    if os.environ.get("BACKPROP_XP_REQUIRE_FAST", "") not in ("", "0"):
+        pytest.fail("Numba not installed but BACKPROP_XP_REQUIRE_FAST is set", pytrace=False)
+    pytest.skip("Numba not installed: the fast CPU path is not tested", allow_module_level=True)
+pytest.importorskip("threadpoolctl")
+if not blas_pool.available():
+    pytest.skip("no OpenMP layer or no OpenBLAS callback here: nothing is shared", allow_module_level=True)
+
+# The products of the step (hidden-major, batch 128, hidden 800: W1 xᵀ and δ1ᵀ x), a transposed one, float64.
+PRODUCTS = """
+import numpy as np
+rng = np.random.default_rng(0)
+pairs = [
+    (rng.random((800, 784), dtype=np.float32), rng.random((128, 784), dtype=np.float32).T),
+    (rng.random((800, 128), dtype=np.float32), rng.random((128, 784), dtype=np.float32)),
+    (rng.random((784, 128), dtype=np.float32).T, rng.random((784, 300), dtype=np.float32)),
+    (rng.random((300, 500)), rng.random((500, 700))),
+]
+"""
+
+
+def run(script: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", PRODUCTS + textwrap.dedent(script)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_products_on_the_shared_pool_are_bit_identical_to_openblas_own_threads():
+    """1, 2 and 5 BLAS threads on a pool of 2: the jobs' count above the pool's must not hang either."""
+    out = run(
+        """
+        from threadpoolctl import threadpool_limits
+        from backprop_xp.cpu import blas_pool, numba_loops
+        numba_loops.set_threads(2)
+        assert numba_loops.pool_shared()  # the first parallel loop starts the pool, and the BLAS joins it
+        for n in (1, 2, 5):
+            with threadpool_limits(n, user_api="blas"):
+                blas_pool.release()
+                own = [a @ b for a, b in pairs]
+                assert blas_pool.share() and numba_loops.pool_shared()
+                shared = [a @ b for a, b in pairs]
+                assert all(np.array_equal(x, y) for x, y in zip(own, shared)), n
+                assert all(np.allclose(x, a.astype(np.float64) @ b, rtol=1e-5) for x, (a, b) in zip(own, pairs))
+        print(numba_loops.info()["threading_layer"], numba_loops.info()["blas_on_these_threads"])
+        """,
+        env={"NUMBA_NUM_THREADS": "2"},
+    )
+    assert out.split() == ["omp", "True"]
+
+
+def test_products_from_several_threads_at_once_stay_right():
+    """OpenBLAS gives the callback's jobs work buffers by job number: two calls at once must take turns."""
+    out = run(
+        """
+        import threading
+        from threadpoolctl import threadpool_limits
+        from backprop_xp.cpu import numba_loops
+        numba_loops.set_threads(2)
+        threadpool_limits(2, user_api="blas")
+        want = [a @ b for a, b in pairs]
+        assert numba_loops.pool_shared()
+        wrong = []
+        def work():
+            for _ in range(40):
+                wrong.extend(i for i, (a, b) in enumerate(pairs) if not np.array_equal(a @ b, want[i]))
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(len(wrong))
+        """
+    )
+    assert out.strip() == "0"
+
+
+def test_release_gives_openblas_its_threads_back():
+    out = run(
+        """
+        from threadpoolctl import threadpool_limits
+        from backprop_xp.cpu import blas_pool, numba_loops
+        numba_loops.set_threads(2)
+        threadpool_limits(2, user_api="blas")
+        want = [a @ b for a, b in pairs]
+        assert numba_loops.pool_shared()
+        blas_pool.release()
+        assert not blas_pool.shared() and not numba_loops.pool_shared()  # the loops go back to their own threshold
+        assert all(np.array_equal(a @ b, w) for (a, b), w in zip(pairs, want))
+        assert blas_pool.share() and numba_loops.pool_shared()
+        print("ok")
+        """
+    )
+    assert out.strip() == "ok"
+
+
+def test_nothing_is_shared_without_the_openmp_layer():
+    """With Numba's own pool (``workqueue``) the callback is not installed and the loops keep their old threshold."""
+    out = run(
+        """
+        from backprop_xp.cpu import blas_pool, numba_loops
+        numba_loops.set_threads(2)
+        print(numba_loops.pool_shared(), blas_pool.shared(), numba_loops.info()["threading_layer"])
+        """,
+        env={"NUMBA_THREADING_LAYER": "workqueue"},
+    )
+    assert out.split() == ["False", "False", "workqueue"]
+
+
+def test_numpy_own_openblas_is_found_and_not_another():
+    lib = blas_pool.numpy_openblas()
+    assert lib is not None and any(hasattr(lib, name) for name in blas_pool.SETTER_NAMES)
+    import numpy as np
+
+    assert os.path.dirname(lib._name).startswith(os.path.dirname(np.__file__))  # numpy.libs, not SciPy's copy
