@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import backprop_xp as bx
-from backprop_xp.cpu import numba_loops
+from backprop_xp.cpu import fused_cpu_step, numba_loops
 from backprop_xp.cpu.fused_cpu_step import FusedCpuStep
 from backprop_xp.loss import softmax_cross_entropy_
 from backprop_xp.step import TextbookStep, make_step
@@ -44,6 +44,22 @@ def kernel_mode(request, monkeypatch):
     else:
         monkeypatch.setattr(numba_loops, "PARALLEL_MIN", 1 << 62)
         yield request.param
+
+
+@pytest.fixture(params=["one thread", "split"])
+def loop_threads(request, monkeypatch):
+    """The hidden-major ReLU loop on the calling thread, and split over two threads that NumPy's BLAS shares.
+
+    Split even for the smallest shapes (``SHARED_PARALLEL_MIN`` 1); ``_fused_step`` checks which loop ran.
+    """
+    previous = numba_loops._state["threads"]
+    numba_loops.set_threads(1 if request.param == "one thread" else 2)
+    if request.param == "split" and (numba_loops.threads() < 2 or not numba_loops.pool_shared()):
+        numba_loops._state["threads"] = previous
+        pytest.skip("no two threads shared with the BLAS here (one core, or no OpenMP layer or OpenBLAS callback)")
+    monkeypatch.setattr(numba_loops, "SHARED_PARALLEL_MIN", 1)
+    yield numba_loops.threads()
+    numba_loops._state["threads"] = previous
 
 
 def identical(a: np.ndarray, b: np.ndarray) -> bool:
@@ -180,6 +196,9 @@ def _fused_step(m: bx.MLP, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray
         getattr(ws, name)[...] = np.nan
     m.grads["W2"][...] = np.nan
     loss, n_correct = FusedCpuStep(m, bx.SGD(m, lr=0.1)).backprop(x, y)
+    split = getattr(m.workspace(x.shape[0]).scratch, "z2_parts", None) is not None
+    hidden_major = x.shape[0] <= fused_cpu_step.HIDDEN_MAJOR_MAX_BATCH and m.activation == "relu"
+    assert split == (hidden_major and numba_loops.threads() > 1 and numba_loops.pool_shared())
     out = {name: getattr(ws, name).copy() for name in ("a1", "z2", "delta2", "delta1")}
     out.update({name: m.grads[name].copy() for name in ("W2", "b2", "b1", "W1")})
     out.update(loss=np.asarray(loss), n_correct=np.asarray(n_correct))
@@ -193,7 +212,7 @@ RELU_SHAPES = [(1, 1, 2), (5, 33, 10), (8, 17, 3), (19, 300, 10), (130, 70, 32)]
 
 @pytest.mark.parametrize("logit_scale", [1.0, 30.0])
 @pytest.mark.parametrize(("batch", "hidden", "classes"), RELU_SHAPES)
-def test_relu_output_layer_is_as_accurate_as_the_blas_path(batch, hidden, classes, logit_scale):
+def test_relu_output_layer_is_as_accurate_as_the_blas_path(batch, hidden, classes, logit_scale, loop_threads):
     """float32: each array the fused loop writes is as close to the float64 truth as the NumPy path's.
 
     The truth is the NumPy path in float64 from the same float32 parameters and
@@ -229,7 +248,7 @@ def test_relu_output_layer_is_as_accurate_as_the_blas_path(batch, hidden, classe
 
 
 @pytest.mark.parametrize(("batch", "hidden", "classes"), RELU_SHAPES)
-def test_relu_output_layer_in_float64_agrees_with_the_numpy_path(batch, hidden, classes):
+def test_relu_output_layer_in_float64_agrees_with_the_numpy_path(batch, hidden, classes, loop_threads):
     rng = np.random.default_rng(hidden)
     x = rng.random((batch, 24))
     y = rng.integers(0, classes, size=batch)
@@ -242,7 +261,7 @@ def test_relu_output_layer_in_float64_agrees_with_the_numpy_path(batch, hidden, 
         )
 
 
-def test_relu_output_layer_counts_ties_like_argmax():
+def test_relu_output_layer_counts_ties_like_argmax(loop_threads):
     m = bx.MLP(4, 3, 10)
     m.params["W2"][...] = 0  # z2 = b2 in every row
     m.params["b2"][...] = [0, 0, 3, 0, 0, 3, 0, 0, 0, 0]  # a tie: argmax takes the first
@@ -290,13 +309,11 @@ def test_subnormal_velocities_become_zero_and_nothing_else_changes(dtype, kernel
 @pytest.mark.parametrize(("batch", "hidden", "classes"), RELU_SHAPES)
 def test_the_row_layout_is_as_accurate_too(batch, hidden, classes, logit_scale, monkeypatch):
     """The tolerance test above runs the hidden-major loop (batches up to 1024); here the row one it replaced."""
-    from backprop_xp.cpu import fused_cpu_step
-
     monkeypatch.setattr(fused_cpu_step, "HIDDEN_MAJOR_MAX_BATCH", 0)
     m = bx.MLP(24, hidden, classes, seed=batch)
     FusedCpuStep(m, bx.SGD(m, lr=0.1)).backprop(np.zeros((batch, 24), np.float32), np.zeros(batch, np.int64))
     assert m.workspace(batch).scratch is None and m.workspace(batch).a1.flags.c_contiguous  # the row loop ran
-    test_relu_output_layer_is_as_accurate_as_the_blas_path(batch, hidden, classes, logit_scale)
+    test_relu_output_layer_is_as_accurate_as_the_blas_path(batch, hidden, classes, logit_scale, 1)
 
 
 @pytest.mark.parametrize(("batch", "layout"), [(1, "hidden-major"), (1024, "hidden-major"), (1025, "rows")])
