@@ -551,6 +551,30 @@ def test_minibatches_property(n, batch_size, seed, epoch):
     np.testing.assert_array_equal(xs[:, 1], ys)
 
 
+def test_minibatches_gathered_on_two_threads_are_numpys_take(monkeypatch):
+    """With the fused step's two threads (``numba_loops.take_rows_loop_``): the same rows, bit for bit."""
+    from backprop_xp.cpu import numba_loops
+
+    if not numba_loops.active(np):
+        pytest.skip("Numba not installed or the fast path off: NumPy's take gathers")
+    previous = numba_loops._state["threads"]
+    numba_loops.set_threads(2)
+    try:
+        if numba_loops.threads() < 2 or not numba_loops.pool_shared():
+            pytest.skip("no two threads shared with the BLAS here: NumPy's take gathers")
+        monkeypatch.setattr(numba_loops, "SHARED_PARALLEL_MIN", 1)  # split even these small batches
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal((203, 37), dtype=np.float32), rng.integers(0, 10, 203)
+        batches = Minibatches(x, y, 64, seed=5)
+        assert batches._take_rows is numba_loops.take_rows_loop_
+        order = epoch_permutation(5, 4, 203)
+        for i, (xb, yb) in enumerate(batches.epoch(4)):
+            rows = order[i * 64 : (i + 1) * 64]
+            assert np.array_equal(xb, np.take(x, rows, axis=0)) and np.array_equal(yb, y[rows])
+    finally:
+        numba_loops._state["threads"] = previous
+
+
 def test_minibatches_in_order_without_shuffle_are_views():
     x, y = _indexed(25)
     batches = Minibatches(x, y, 10, shuffle=False)
