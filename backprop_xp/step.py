@@ -102,9 +102,9 @@ def warm_up(model: MLP, optimizer: Optimizer, batch_size: int) -> None:
         return
     twin = MLP(model.n_inputs, model.n_hidden, model.n_outputs, activation=model.activation, dtype=model.dtype.name)
     rule = type(optimizer)(twin, optimizer.lr, **optimizer.settings())  # the same update, so the same loops
-    make_step(twin, rule, checked=False)(
-        np.zeros((batch_size, model.n_inputs), model.dtype), np.zeros(batch_size, np.int64)
-    )
+    x, labels = np.zeros((batch_size, model.n_inputs), model.dtype), np.zeros(batch_size, np.int64)
+    make_step(twin, rule, checked=False)(x, labels)
+    numba_loops.take_rows_loop_(x, labels, np.empty_like(x))  # and the batch gather (data.Minibatches)
 
 
 _SAID: set[str] = set()  # notices already given by this process

@@ -299,7 +299,12 @@ def _kernels() -> Any:
             numba.config.THREADING_LAYER = "omp" if blas_pool.available() else "workqueue"
         options = {"fastmath": False, "cache": True, "nogil": True}
         k = types.SimpleNamespace()
-        for name, fn in (("momentum_flushed", _momentum_flushed), ("plain", _plain), ("adam", _adam), ("take_rows", _take_rows)):
+        for name, fn in (
+            ("momentum_flushed", _momentum_flushed),
+            ("plain", _plain),
+            ("adam", _adam),
+            ("take_rows", _take_rows),
+        ):
             setattr(k, name, numba.njit(parallel=True, **options)(fn))
             setattr(k, name + "_serial", numba.njit(**options)(_renamed(fn, "_serial")))
         k.output_layer = _output_rows = numba.njit(**options)(_output_layer)
