@@ -8,20 +8,22 @@ ran on one thread between two-thread products, and at two threads the step lost
 to XLA, whose products and elementwise work share one pool.
 
 OpenBLAS (0.3.28 and later) lets a program run its parallel jobs itself
-(``openblas_set_threads_callback_function``). ``share()`` installs a callback
-compiled by Numba that runs those jobs in a ``prange`` on Numba's OpenMP pool:
-the products, the output-layer loop and the update then take turns on the same
-threads, and OpenBLAS's own workers stay asleep. The products are OpenBLAS's own,
-split the same way: their results are bit for bit the same.
+(``openblas_set_threads_callback_function``). ``share()`` installs a callback,
+compiled by Numba, that runs the ``n`` jobs of a product on a team of ``n``
+OpenMP threads (``GOMP_parallel``, what ``#pragma omp parallel`` compiles to),
+taken from the pool Numba's ``omp`` layer runs its loops on: the products, the
+output-layer loop, the update and the batch gather then take turns on the same
+threads, and OpenBLAS's own workers stay asleep. The products are OpenBLAS's
+own, split the same way: their results are bit for bit the same.
 
-Three conditions, else nothing changes (``share()`` returns False): Numba's
-``omp`` threading layer (its workers wait for the next loop in microseconds,
-where the ``workqueue`` layer's sleep, about 17 µs a launch), NumPy's BLAS is an
-OpenBLAS exporting that function (NumPy's own wheels do), and ``pthread``'s mutex
-functions (Linux, macOS). Once installed the callback stays for the life of the
-process: every threaded OpenBLAS call of NumPy's then runs on Numba's pool,
-one at a time (OpenBLAS's callback path gives each job a buffer by job number, so
-two calls at once would share buffers: the mutex keeps them apart).
+The conditions, else nothing changes (``share()`` returns False): Linux (GNU
+OpenMP's ``libgomp``, glibc's mutex), Numba's ``omp`` threading layer (its
+threads wait for the next loop in microseconds, where the ``workqueue`` layer's
+sleep: about 17 µs a launch), and NumPy's BLAS an OpenBLAS exporting that
+function (NumPy's own wheels do). Once installed the callback stays for the
+life of the process: every threaded OpenBLAS call of NumPy's then runs there,
+one at a time (on this path OpenBLAS gives each job the work buffer of its job
+number, so two calls at once would share buffers: a mutex keeps them apart).
 ``release()`` gives OpenBLAS its own threads back.
 
 GNU OpenMP is not fork-safe: a process forked (not spawned) after a parallel

@@ -11,7 +11,8 @@ doing what the textbook step does (``step.TextbookStep``), in fewer passes::
 
 Up to ``HIDDEN_MAJOR_MAX_BATCH`` rows the ReLU lines run with ``a1`` and ``δ1``
 stored hidden-major, ``(H, B)`` (``cpu/hidden_major.py``: the same products,
-faster on OpenBLAS, and the same loop for that layout). Other activations keep
+faster on OpenBLAS, and the same loop for that layout, split over the threads
+where NumPy's BLAS runs on them too: ``cpu/blas_pool.py``). Other activations keep
 the model's forward and backward lines and fuse the softmax and loss alone
 (``output_layer_loop_``). An optimizer without a loop
 here (``Nesterov``, or any class not in ``FUSED_UPDATES``) runs its own

@@ -7,6 +7,8 @@ OpenBLAS's single-thread kernels run 7-13% faster at 784-800-10, batch 128
 (bench/NOTES.md, issue 27), with the same bits. ``relu_output_layer_hm_loop_``
 is ``numba_loops.relu_output_layer_loop_`` for that layout: everything
 between the two products, one hidden unit (a row of ``B`` values) at a time.
+On more than one thread, where NumPy's BLAS shares them (``cpu/blas_pool.py``),
+the same loop runs split into blocks of hidden units, one per thread.
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ def cpu_step(info: dict[str, Any]) -> str:
         return "the plain NumPy path (no Numba, or BACKPROP_XP_FAST=0)"
     return (
         f"fused Numba {info.get('numba')} loops (backprop_xp.cpu.numba_loops; BACKPROP_XP_FAST=0 turns them off), "
-        f"{info.get('threads')} thread(s) for the parallel ones ({info.get('threading_layer')} layer)"
+        f"{info.get('threads')} thread(s) for the parallel ones ({info.get('threading_layer')} layer"
+        + ("; NumPy's OpenBLAS on the same threads, cpu/blas_pool.py)" if info.get("blas_on_these_threads") else ")")
     )
 
 

@@ -67,7 +67,7 @@ def cpu_step() -> dict[str, Any]:
     info = numba_loops.info()
     if info["enabled"]:
         return {"step": "fused", "threads": info["threads"], "numba": info["numba"],
-                "threading_layer": info["threading_layer"]}  # fmt: skip
+                "threading_layer": info["threading_layer"], "blas_on_these_threads": info["blas_on_these_threads"]}  # fmt: skip
     blas = [lib["num_threads"] for lib in blas_libraries() or [] if lib.get("user_api") == "blas"]
     return {"step": "numpy", "threads": max(blas) if blas else None, "numba": info.get("numba")}
 
