@@ -54,7 +54,7 @@ SKIPPED = {
     + " (18 runs, about 3 minutes; tests/test_sweep.py runs sweep small)",
     "python -m backprop_xp train --backend cupy --data-dir ../shared/mnist": "needs a GPU",
     "backprop-xp bench --data-dir ../shared/mnist --engines numpy,jax,jax-step,torch-cpu,torch-compile,sklearn "
-    "--hidden 128,800 --batch-size 128 --threads 1 --epochs 9 --budget-s 400 --out runs/bench-jax": (
+    "--hidden 128,800 --batch-size 128 --threads 2 --epochs 9 --budget-s 400 --out runs/bench-jax": (
         "times six engines for a minute and a half (CI runs a tiny bench with jax)"
     ),
     "python -m backprop_xp train --data-dir ../shared/mnist --hidden 800 --epochs 150 --augment --preprocess deskew "
