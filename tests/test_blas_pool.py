@@ -131,3 +131,32 @@ def test_numpy_own_openblas_is_found_and_not_another():
     import numpy as np
 
     assert os.path.dirname(lib._name).startswith(os.path.dirname(np.__file__))  # numpy.libs, not SciPy's copy
+
+
+def test_a_forked_child_gets_openblas_own_threads_back_and_trains():
+    """GNU OpenMP's pool does not survive fork(): the child's products and steps must not wait for it."""
+    out = run(
+        """
+        import os
+        import backprop_xp as bx
+        from threadpoolctl import threadpool_limits
+        from backprop_xp.cpu import blas_pool, numba_loops
+        numba_loops.set_threads(2)
+        threadpool_limits(2, user_api="blas")
+        want = [a @ b for a, b in pairs]
+        m = bx.MLP(784, 128, 10, seed=0)
+        step = bx.make_step(m, bx.SGD(m, lr=0.1, momentum=0.9))
+        x, y = np.random.default_rng(1).random((128, 784), dtype=np.float32), np.arange(128) % 10
+        step(x, y)
+        assert numba_loops.pool_shared()
+        pid = os.fork()
+        if pid == 0:
+            ok = not blas_pool.shared() and numba_loops.threads() == 1
+            ok = ok and all(np.array_equal(a @ b, w) for (a, b), w in zip(pairs, want))
+            step(x, y)
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), blas_pool.shared())
+        """
+    )
+    assert out.split() == ["0", "True"]

@@ -37,12 +37,14 @@ def kernel_mode(request, monkeypatch):
     """Run the kernels on the calling thread, and split over two threads even for small arrays."""
     if request.param == "parallel":
         monkeypatch.setattr(numba_loops, "PARALLEL_MIN", 1)
+        monkeypatch.setattr(numba_loops, "SHARED_PARALLEL_MIN", 1)
         previous = numba_loops._state["threads"]
         numba_loops.set_threads(2)
         yield request.param
         numba_loops._state["threads"] = previous
     else:
         monkeypatch.setattr(numba_loops, "PARALLEL_MIN", 1 << 62)
+        monkeypatch.setattr(numba_loops, "SHARED_PARALLEL_MIN", 1 << 62)
         yield request.param
 
 

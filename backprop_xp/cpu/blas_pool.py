@@ -27,14 +27,15 @@ number, so two calls at once would share buffers: a mutex keeps them apart).
 ``release()`` gives OpenBLAS its own threads back.
 
 GNU OpenMP is not fork-safe: a process forked (not spawned) after a parallel
-loop ran must not run one itself. The package's sweeps start their workers with
-``spawn``, and Dask does by default.
+loop ran must not start another. A forked child therefore gives OpenBLAS its own
+threads back, and ``numba_loops`` runs its loops there on the calling thread. The
+package's sweeps start their workers with ``spawn``, and Dask does by default.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
-import glob
 import os
 import sys
 from typing import Any
@@ -67,9 +68,7 @@ def numpy_openblas() -> ctypes.CDLL | None:
     own = [p for p in paths if p.startswith((numpy_dir + ".libs", os.path.join(numpy_dir, ".dylibs")))]
     if own:
         paths = own
-    elif not paths:
-        paths = glob.glob(os.path.join(numpy_dir + ".libs", "*openblas*"))
-    if len(paths) != 1:
+    if len(paths) != 1:  # none, or several and none of them in NumPy's wheel: which one NumPy calls is unknown
         return None
     return ctypes.CDLL(paths[0])
 
@@ -189,6 +188,8 @@ def share() -> bool:
         return False
     if _state["callback"] is None:
         _state["callback"] = _compile()
+        atexit.register(release)  # before the compiled callback is freed with the interpreter
+        os.register_at_fork(after_in_child=release)  # a forked child has no OpenMP pool: OpenBLAS's own threads
     _setter()(_state["callback"].address)
     _state["installed"] = True
     return True

@@ -350,8 +350,14 @@ def pool_shared() -> bool:
         one = np.zeros(1, np.float32)
         kernels.plain(one, one, one[0], one[0])  # a parallel launch: Numba starts its pool and fixes the layer
         _state["pool_started"] = True
+        os.register_at_fork(after_in_child=_forked)
         blas_pool.share()
     return blas_pool.shared()
+
+
+def _forked() -> None:
+    """In a forked child: the loops on the calling thread (GNU OpenMP's pool did not survive the fork)."""
+    _state["threads"] = 1
 
 
 _launch = threading.Lock()
