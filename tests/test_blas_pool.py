@@ -125,6 +125,23 @@ def test_nothing_is_shared_without_the_openmp_layer():
     assert out.split() == ["False", "False", "workqueue"]
 
 
+@pytest.mark.parametrize("setting", [{"OMP_THREAD_LIMIT": "1"}, {"OMP_DYNAMIC": "true"}])
+def test_nothing_is_shared_where_openmp_may_give_a_product_fewer_threads_than_jobs(setting):
+    """Two of OpenBLAS's jobs on one thread wait for each other forever: then OpenBLAS keeps its own threads."""
+    out = run(
+        """
+        from threadpoolctl import threadpool_limits
+        from backprop_xp.cpu import blas_pool, numba_loops
+        numba_loops.set_threads(2)
+        threadpool_limits(2, user_api="blas")
+        a, b = pairs[3]
+        print(numba_loops.pool_shared(), np.allclose(a @ b, np.einsum("ij,jk->ik", a, b)))
+        """,
+        env=setting,
+    )
+    assert out.split() == ["False", "True"]
+
+
 def test_numpy_own_openblas_is_found_and_not_another():
     lib = blas_pool.numpy_openblas()
     assert lib is not None and any(hasattr(lib, name) for name in blas_pool.SETTER_NAMES)

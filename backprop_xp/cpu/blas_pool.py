@@ -19,8 +19,9 @@ own, split the same way: their results are bit for bit the same.
 The conditions, else nothing changes (``share()`` returns False): Linux (GNU
 OpenMP's ``libgomp``, glibc's mutex), Numba's ``omp`` threading layer (its
 threads wait for the next loop in microseconds, where the ``workqueue`` layer's
-sleep: about 17 µs a launch), and NumPy's BLAS an OpenBLAS exporting that
-function (NumPy's own wheels do). Once installed the callback stays for the
+sleep: about 17 µs a launch), NumPy's BLAS an OpenBLAS exporting that function
+(NumPy's own wheels do), and OpenMP free to give every job a thread (neither
+``OMP_THREAD_LIMIT`` below ``MAX_JOBS`` nor ``OMP_DYNAMIC`` set). Once installed the callback stays for the
 life of the process: every threaded OpenBLAS call of NumPy's then runs there,
 one at a time (on this path OpenBLAS gives each job the work buffer of its job
 number, so two calls at once would share buffers: a mutex keeps them apart).
@@ -50,7 +51,7 @@ SETTER_NAMES = (
     "openblas_set_threads_callback_function",
 )
 
-_state: dict[str, Any] = {"setter": None, "callback": None, "installed": False, "mutex": None}
+_state: dict[str, Any] = {"setter": None, "callback": None, "installed": False, "mutex": None, "keep": None}
 
 
 def numpy_openblas() -> ctypes.CDLL | None:
@@ -99,7 +100,9 @@ def _c_functions() -> dict[str, Any] | None:
     try:
         libc, gomp = ctypes.CDLL(None), ctypes.CDLL("libgomp.so.1")
         found = {name: getattr(libc, name) for name in ("pthread_mutex_lock", "pthread_mutex_unlock")}
-        found.update({name: getattr(gomp, name) for name in ("GOMP_parallel", "omp_get_thread_num")})
+        found.update(
+            {name: getattr(gomp, name) for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")}
+        )
     except (OSError, AttributeError):
         return None
     for name in ("pthread_mutex_lock", "pthread_mutex_unlock"):
@@ -107,13 +110,24 @@ def _c_functions() -> dict[str, Any] | None:
     # void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags): `omp parallel`
     found["GOMP_parallel"].argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint, ctypes.c_uint]
     found["GOMP_parallel"].restype = None
-    found["omp_get_thread_num"].argtypes, found["omp_get_thread_num"].restype = [], ctypes.c_int
+    for name in ("omp_get_thread_num", "omp_get_num_threads"):
+        found[name].argtypes, found[name].restype = [], ctypes.c_int
     return found
 
 
+# Every job needs a thread of its own (see _compile): OpenBLAS makes up to this many (MAX_THREADS of NumPy's
+# wheel), or one per core. A team as large must be possible: no OMP_THREAD_LIMIT below it, no OMP_DYNAMIC.
+MAX_JOBS = max(64, os.cpu_count() or 1)
+
+
 def available() -> bool:
-    """Whether ``share()`` can work here: Linux, Numba's OpenMP layer, and an OpenBLAS with the setter."""
-    return _c_functions() is not None and _setter() is not None
+    """Whether ``share()`` can work here: Linux, Numba's OpenMP layer, an OpenBLAS with the setter, full teams."""
+    c = _c_functions()
+    if c is None or _setter() is None:
+        return False
+    gomp = ctypes.CDLL("libgomp.so.1")
+    gomp.omp_get_thread_limit.restype = gomp.omp_get_dynamic.restype = ctypes.c_int
+    return gomp.omp_get_thread_limit() >= MAX_JOBS and not gomp.omp_get_dynamic()
 
 
 def _compile() -> Any:
@@ -127,9 +141,8 @@ def _compile() -> Any:
     from numba.extending import intrinsic
 
     c = _c_functions()
-    lock, unlock, gomp_parallel, thread_num = (
-        c["pthread_mutex_lock"], c["pthread_mutex_unlock"], c["GOMP_parallel"], c["omp_get_thread_num"]
-    )  # fmt: skip
+    lock, unlock, gomp_parallel = c["pthread_mutex_lock"], c["pthread_mutex_unlock"], c["GOMP_parallel"]
+    thread_num, team_size = c["omp_get_thread_num"], c["omp_get_num_threads"]
 
     @intrinsic
     def call_job(typingctx, job, index, data, arg):  # pragma: no cover - runs compiled
@@ -145,24 +158,26 @@ def _compile() -> Any:
 
         return sig, codegen
 
-    # One thread of the team: job number omp_get_thread_num(). `task` holds the job's function, the size of a
-    # job's record, the address of the first record, and the argument OpenBLAS passes along.
+    # One thread of the team: job number omp_get_thread_num() (and, in a team smaller than asked for, with
+    # OMP_THREAD_LIMIT set, every team-size-th job after it). `task` holds the jobs' function, the size of a
+    # job's record, the address of the first record, the argument OpenBLAS passes along, the number of jobs.
     @cfunc(types.void(types.voidptr))
     def one_job(task):  # pragma: no cover - runs compiled
-        t = carray(task, 4, np.uint64)
-        i = thread_num()
-        call_job(t[0], np.int32(i), t[2] + np.uint64(i) * t[1], np.int32(t[3]))
+        t = carray(task, 5, np.uint64)
+        for i in range(thread_num(), np.int64(t[4]), team_size()):
+            call_job(t[0], np.int32(i), t[2] + np.uint64(i) * t[1], np.int32(t[3]))
 
     one_job_address = one_job.address
     _state["keep"] = one_job  # the compiled function must outlive every call of the callback
     _state["mutex"] = mutex = np.zeros(64, np.uint8)  # glibc's PTHREAD_MUTEX_INITIALIZER is all zeros
     mutex_address = mutex.ctypes.data
 
-    # void callback(int sync, void (*job)(int, void *, int), int n_jobs, size_t size, void *jobs, int arg)
+    # void callback(int sync, void (*job)(int, void *, int), int n_jobs, size_t size, void *jobs, int arg);
+    # OpenBLAS calls it with sync 1 (exec_blas): the jobs are done when it returns, as GOMP_parallel's team is.
     @cfunc(types.void(types.int32, types.uint64, types.int32, types.uint64, types.uint64, types.int32))
     def callback(sync, job, n_jobs, size, jobs, arg):  # pragma: no cover - runs compiled
-        task = np.empty(4, np.uint64)
-        task[0], task[1], task[2], task[3] = job, size, jobs, arg
+        task = np.empty(5, np.uint64)
+        task[0], task[1], task[2], task[3], task[4] = job, size, jobs, arg, n_jobs
         lock(mutex_address)  # OpenBLAS numbers the work buffers by job: one call at a time
         gomp_parallel(one_job_address, task.ctypes.data, n_jobs, 0)
         unlock(mutex_address)

@@ -8,8 +8,8 @@ Numba, so the data is read once, and loops over large arrays run on
 ``threads()`` cores: from 16k elements where NumPy's OpenBLAS runs its jobs on
 the same threads (``cpu/blas_pool.py``: the update, the batch gather and, in
 ``cpu/hidden_major.py``, the output layer), else only from 1M (the update at a
-wide hidden layer; two pools would take the cores from each other). With ReLU, everything between the
-two large matrix products (``x W1ᵀ`` and ``δ1ᵀ x``, which stay with NumPy's
+wide hidden layer: two pools take the cores from each other). With ReLU,
+everything between the two large matrix products (``x W1ᵀ`` and ``δ1ᵀ x``, which stay with NumPy's
 BLAS) is one loop over blocks of rows, the output layer's three small products
 included: the CPU twin of the GPU's fused output-layer kernel.
 
