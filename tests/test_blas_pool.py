@@ -8,6 +8,7 @@ one thread wait for each other forever) must fail the test, not stop the suite.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -38,12 +39,19 @@ pairs = [
 
 
 def run(script: str, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", PRODUCTS + textwrap.dedent(script)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+    """The script's output; a hang (the script or a child it forked) fails after 120 s, and nothing is left running."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", PRODUCTS + textwrap.dedent(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, **(env or {})}, start_new_session=True,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # its whole session: a forked child may hang too
+        process.communicate()
+        pytest.fail("the script hung for 120 s")
+    assert process.returncode == 0, err[-3000:]
+    return out
 
 
 def test_products_on_the_shared_pool_are_bit_identical_to_openblas_own_threads():
