@@ -83,11 +83,11 @@ def test_products_from_several_threads_at_once_stay_right():
         """
         import threading
         from threadpoolctl import threadpool_limits
-        from backprop_xp.cpu import numba_loops
+        from backprop_xp.cpu import blas_pool, numba_loops
         numba_loops.set_threads(2)
         threadpool_limits(2, user_api="blas")
         want = [a @ b for a, b in pairs]
-        assert numba_loops.pool_shared()
+        assert numba_loops.pool_shared() and blas_pool.share()
         wrong = []
         def work():
             for _ in range(40):
@@ -109,11 +109,11 @@ def test_release_gives_openblas_its_threads_back():
         numba_loops.set_threads(2)
         threadpool_limits(2, user_api="blas")
         want = [a @ b for a, b in pairs]
-        assert numba_loops.pool_shared()
+        assert numba_loops.pool_shared() and blas_pool.share()
         blas_pool.release()
-        assert not blas_pool.shared() and not numba_loops.pool_shared()  # the loops go back to their own threshold
+        assert not blas_pool.shared()
         assert all(np.array_equal(a @ b, w) for (a, b), w in zip(pairs, want))
-        assert blas_pool.share() and numba_loops.pool_shared()
+        assert blas_pool.share() and blas_pool.shared()
         print("ok")
         """
     )
@@ -131,6 +131,58 @@ def test_nothing_is_shared_without_the_openmp_layer():
         env={"NUMBA_THREADING_LAYER": "workqueue"},
     )
     assert out.split() == ["False", "False", "workqueue"]
+
+
+def test_a_fused_step_and_a_training_run_share_the_blas_only_while_they_run():
+    """Outside them NumPy keeps OpenBLAS's own threads: its LAPACK hands jobs to those directly (bench/NOTES.md)."""
+    out = run(
+        """
+        import backprop_xp as bx
+        from threadpoolctl import threadpool_limits
+        from backprop_xp.cpu import blas_pool, numba_loops
+        from backprop_xp.cpu.fused_cpu_step import FusedCpuStep
+        numba_loops.set_threads(2)
+        threadpool_limits(2, user_api="blas")
+        m = bx.MLP(784, 64, 10, seed=0)
+        step = FusedCpuStep(m, bx.SGD(m, lr=0.1, momentum=0.9))
+        seen = []
+        update = step.update
+        step.update = lambda: (seen.append(blas_pool.shared()), update())
+        x, y = np.random.default_rng(1).random((128, 784), dtype=np.float32), np.arange(128) % 10
+        step(x, y)
+        print(seen, blas_pool.shared())
+        with blas_pool.sharing(True) as outer:  # a training run's epochs: the steps inside leave it installed
+            step(x, y)
+            with blas_pool.sharing(True) as inner:
+                pass
+            print(outer, inner, seen[-1], blas_pool.shared())
+        print(blas_pool.shared())
+        blas_pool.share()  # installed outside any block: a block leaves it so
+        with blas_pool.sharing(True):
+            pass
+        print(blas_pool.shared())
+        """
+    )
+    assert out.split("\n")[:4] == ["[True] False", "True True True True", "False", "True"]
+
+
+def test_the_first_use_from_several_threads_at_once_compiles_one_callback():
+    out = run(
+        """
+        import threading
+        from backprop_xp.cpu import blas_pool, numba_loops
+        numba_loops.set_threads(2)
+        compiled = []
+        compile_ = blas_pool._compile
+        blas_pool._compile = lambda: (compiled.append(1), compile_())[1]
+        threads = [threading.Thread(target=numba_loops.pool_shared) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        with blas_pool.sharing(True) as on:
+            print(len(compiled), on)
+        """
+    )
+    assert out.split() == ["1", "True"]
 
 
 @pytest.mark.parametrize("setting", [{"OMP_THREAD_LIMIT": "1"}, {"OMP_DYNAMIC": "true"}])
@@ -173,7 +225,7 @@ def test_a_forked_child_gets_openblas_own_threads_back_and_trains():
         step = bx.make_step(m, bx.SGD(m, lr=0.1, momentum=0.9))
         x, y = np.random.default_rng(1).random((128, 784), dtype=np.float32), np.arange(128) % 10
         step(x, y)
-        assert numba_loops.pool_shared()
+        assert numba_loops.pool_shared() and blas_pool.share()  # installed for good, as a fork would find it
         pid = os.fork()
         if pid == 0:
             ok = not blas_pool.shared() and numba_loops.threads() == 1

@@ -16,16 +16,26 @@ output-layer loop, the update and the batch gather then take turns on the same
 threads, and OpenBLAS's own workers stay asleep. The products are OpenBLAS's
 own, split the same way: their results are bit for bit the same.
 
+The fused step installs it for the length of each step, and ``train`` for its
+epochs (their evaluations too: a product on OpenBLAS's own threads would wake its
+workers, which then spin against the next steps for 0.1 s); ``sharing()`` removes
+it after. Everything else in the process keeps OpenBLAS's own threads.
+That matters for more than manners: OpenBLAS's LAPACK (``np.linalg.solve``,
+``inv``, ``det``) hands its jobs to OpenBLAS's own workers directly, and with the
+callback installed a 400 x 400 ``solve`` on two threads took 46-57 ms instead of
+1.7 (its products came here, its other jobs went there: two pools again).
+
 The conditions, else nothing changes (``share()`` returns False): Linux (GNU
 OpenMP's ``libgomp``, glibc's mutex), Numba's ``omp`` threading layer (its
 threads wait for the next loop in microseconds, where the ``workqueue`` layer's
 sleep: about 17 µs a launch), NumPy's BLAS an OpenBLAS exporting that function
 (NumPy's own wheels do), and OpenMP free to give every job a thread (neither
-``OMP_THREAD_LIMIT`` below ``MAX_JOBS`` nor ``OMP_DYNAMIC`` set). Once installed the callback stays for the
-life of the process: every threaded OpenBLAS call of NumPy's then runs there,
-one at a time (on this path OpenBLAS gives each job the work buffer of its job
-number, so two calls at once would share buffers: a mutex keeps them apart).
-``release()`` gives OpenBLAS its own threads back.
+``OMP_THREAD_LIMIT`` below ``MAX_JOBS`` nor ``OMP_DYNAMIC`` set). While it is
+installed, every threaded product of NumPy's runs there, one at a time (on this
+path OpenBLAS gives each job the work buffer of its job number, so two calls at
+once would share buffers: a mutex keeps them apart). Those are also the buffers
+of OpenBLAS's own workers: a threaded LAPACK call made by another Python thread
+during a step could share them, and is not supported.
 
 GNU OpenMP is not fork-safe: a process forked (not spawned) after a parallel
 loop ran must not start another. A forked child therefore gives OpenBLAS its own
@@ -36,9 +46,12 @@ package's sweeps start their workers with ``spawn``, and Dask does by default.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -51,7 +64,10 @@ SETTER_NAMES = (
     "openblas_set_threads_callback_function",
 )
 
-_state: dict[str, Any] = {"setter": None, "callback": None, "installed": False, "mutex": None, "keep": None}
+_state: dict[str, Any] = {
+    "setter": None, "callback": None, "installed": False, "mutex": None, "keep": None, "blocks": 0, "by_blocks": False
+}  # fmt: skip
+_lock = threading.RLock()  # the callback's compile, installing it, and the count of blocks sharing it
 
 
 def numpy_openblas() -> ctypes.CDLL | None:
@@ -158,8 +174,9 @@ def _compile() -> Any:
 
         return sig, codegen
 
-    # One thread of the team: job number omp_get_thread_num() (and, in a team smaller than asked for, with
-    # OMP_THREAD_LIMIT set, every team-size-th job after it). `task` holds the jobs' function, the size of a
+    # One thread of the team: job number omp_get_thread_num() (and, in a team smaller than asked for, every
+    # team-size-th job after it: right for independent jobs, while a product's jobs would wait for each other,
+    # which is why available() wants full teams). `task` holds the jobs' function, the size of a
     # job's record, the address of the first record, the argument OpenBLAS passes along, the number of jobs.
     @cfunc(types.void(types.voidptr))
     def one_job(task):  # pragma: no cover - runs compiled
@@ -185,29 +202,35 @@ def _compile() -> Any:
     return callback
 
 
-def share() -> bool:
-    """Run NumPy's OpenBLAS jobs on Numba's pool from now on; returns whether they do.
+def prepare() -> bool:
+    """Make the callback ready (compiled once per process); returns whether ``share()`` can install it.
 
     Only once Numba's threading layer is ``omp`` (``numba_loops`` chooses it where
     ``available()``) and after a parallel loop has started the pool.
     """
-    if _state["installed"]:
-        return True
-    import numba
+    with _lock:
+        if _state["callback"] is None:
+            import numba
 
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel loop ran yet: the layer is not chosen
-        return False
-    if layer != "omp" or not available():
-        return False
-    if _state["callback"] is None:
-        _state["callback"] = _compile()
-        atexit.register(release)  # before the compiled callback is freed with the interpreter
-        os.register_at_fork(after_in_child=release)  # a forked child has no OpenMP pool: OpenBLAS's own threads
-    _setter()(_state["callback"].address)
-    _state["installed"] = True
-    return True
+            try:
+                layer = numba.threading_layer()
+            except ValueError:  # no parallel loop ran yet: the layer is not chosen
+                return False
+            if layer != "omp" or not available():
+                return False
+            _state["callback"] = _compile()
+            atexit.register(release)  # before the compiled callback is freed with the interpreter
+            os.register_at_fork(after_in_child=release)  # a forked child has no OpenMP pool: OpenBLAS's own threads
+        return True
+
+
+def share() -> bool:
+    """Run NumPy's OpenBLAS jobs on Numba's pool from now on (until ``release()``); returns whether they do."""
+    with _lock:
+        if not _state["installed"] and prepare():
+            _setter()(_state["callback"].address)
+            _state["installed"] = True
+        return _state["installed"]
 
 
 def shared() -> bool:
@@ -216,7 +239,31 @@ def shared() -> bool:
 
 
 def release() -> None:
-    """Give OpenBLAS its own threads back (the default; ``share()`` takes them again)."""
-    if _state["installed"]:
-        _setter()(None)
-        _state["installed"] = False
+    """Give OpenBLAS its own threads back (the default)."""
+    with _lock:
+        if _state["installed"]:
+            _setter()(None)
+            _state["installed"] = False
+            _state["by_blocks"] = False
+
+
+@contextlib.contextmanager
+def sharing(wanted: bool) -> Iterator[bool]:
+    """Inside the block, NumPy's OpenBLAS runs its jobs on Numba's pool if ``wanted`` and it can; after it, as before.
+
+    Yields whether it does. Blocks nest and may overlap on several Python threads:
+    the first installs the callback, the last to end removes it (one that ``share()``
+    installed outside any block stays).
+    """
+    with _lock:
+        if wanted and not _state["installed"] and share():
+            _state["by_blocks"] = True
+        joined = bool(wanted and _state["installed"])
+        _state["blocks"] += joined
+    try:
+        yield joined
+    finally:
+        with _lock:
+            _state["blocks"] -= joined
+            if _state["blocks"] == 0 and _state["by_blocks"]:
+                release()

@@ -85,8 +85,9 @@ class FusedCpuStep:
         if x.ndim != 2 or labels.shape != (x.shape[0],):  # the loops would read past the labels
             raise ValueError(f"step needs x (batch, {model.n_inputs}) and labels (batch,), got "
                              f"{tuple(x.shape)} and {tuple(labels.shape)}")  # fmt: skip
-        loss, n_correct = self.backprop(x, labels)
-        self.update()
+        with numba_loops.sharing_blas(np):  # NumPy's OpenBLAS on the loops' threads for this step (cpu/blas_pool.py)
+            loss, n_correct = self.backprop(x, labels)
+            self.update()
         return loss, n_correct
 
     def backprop(self, x: Any, labels: Any) -> tuple[Any, Any]:

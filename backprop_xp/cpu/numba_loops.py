@@ -37,7 +37,13 @@ import numpy as np
 
 from . import blas_pool
 
-_state: dict[str, Any] = {"enabled": None, "threads": None, "kernels": None, "pool_started": False}
+_state: dict[str, Any] = {
+    "enabled": None,
+    "threads": None,
+    "kernels": None,
+    "pool_started": False,
+    "pool_shared": False,
+}
 
 
 def available() -> bool:
@@ -126,7 +132,7 @@ def info() -> dict[str, Any]:
         except ValueError:  # no parallel kernel has run yet: the layer the first one will use
             default = "omp" if blas_pool.available() else "workqueue"
             out["threading_layer"] = os.environ.get("NUMBA_THREADING_LAYER", default)
-        out["blas_on_these_threads"] = blas_pool.shared()
+        out["blas_on_these_threads"] = _state["pool_shared"]  # during each step
     return out
 
 
@@ -339,20 +345,28 @@ def active(xp: Any) -> bool:
 
 
 def pool_shared() -> bool:
-    """Whether NumPy's OpenBLAS runs its jobs on these loops' threads (``cpu/blas_pool.py``).
+    """Whether NumPy's OpenBLAS can run its jobs on these loops' threads (``cpu/blas_pool.py``).
 
+    The fused step has it do so for the length of each step; its loops then split
+    from ``SHARED_PARALLEL_MIN`` elements, as no other pool spins against them.
     Asked only with ``threads()`` above 1; the first time, it starts Numba's pool
-    (the threading layer is chosen then) and shares it where it can
-    (``blas_pool.release()`` takes that back, and the loops then split as before).
+    (the threading layer is chosen then) and makes the callback ready where it can.
     """
     if not _state["pool_started"]:
-        kernels = _kernels()
-        one = np.zeros(1, np.float32)
-        kernels.plain(one, one, one[0], one[0])  # a parallel launch: Numba starts its pool and fixes the layer
-        _state["pool_started"] = True
-        os.register_at_fork(after_in_child=_forked)
-        blas_pool.share()
-    return blas_pool.shared()
+        with _starting:
+            if not _state["pool_started"]:  # not started by another thread meanwhile
+                kernels = _kernels()
+                one = np.zeros(1, np.float32)
+                kernels.plain(one, one, one[0], one[0])  # a parallel launch: Numba starts its pool, fixes the layer
+                os.register_at_fork(after_in_child=_forked)
+                _state["pool_shared"] = blas_pool.prepare()
+                _state["pool_started"] = True
+    return _state["pool_shared"]
+
+
+def sharing_blas(xp: Any) -> Any:
+    """``blas_pool.sharing()`` where the fused loops run on several threads (NumPy arrays, ``threads()`` above 1)."""
+    return blas_pool.sharing(active(xp) and threads() > 1 and pool_shared())
 
 
 def _forked() -> None:
@@ -361,6 +375,7 @@ def _forked() -> None:
 
 
 _launch = threading.Lock()
+_starting = threading.Lock()
 
 
 def launch(parallel: Any, serial: Any, size: int, *args: Any) -> Any:
@@ -441,10 +456,11 @@ def relu_output_layer_loop_(params: dict[str, Any], grads: dict[str, Any], label
 def take_rows_loop_(x: Any, rows: Any, out: Any) -> Any:
     """``np.take(x, rows, axis=0, out=out)`` for a 2-D ``x`` and ``rows`` in range (not checked); returns ``out``.
 
-    Split over the threads where the BLAS shares them: each thread's rows then
+    Split over ``threads()`` threads where ``launch`` finds it worth it (from 16k
+    elements where the BLAS shares them, else from 1M): each thread's rows then
     sit in its own core's cache when the next product reads them (a 784-128-10
     epoch at batch 128 took 54 ms instead of 60 on two threads, bench/NOTES.md).
-    Elsewhere it is NumPy's ``take``.
+    Otherwise it is NumPy's ``take``.
     """
     launch(_kernels().take_rows, lambda *args: np.take(x, rows, axis=0, out=out, mode="clip"), out.size, x, rows, out)
     return out

@@ -103,8 +103,8 @@ class Minibatches:
         # has no mode (and never checks).
         self._take = {"mode": "clip"} if xp is np else {}
         self._take_rows = lambda x, rows, out: xp.take(x, rows, axis=0, out=out, **self._take)
-        if xp is np and numba_loops.active(np) and self.x.ndim == 2:  # split over the fused step's threads
-            self._take_rows = numba_loops.take_rows_loop_
+        if xp is np and numba_loops.active(np) and self.x.ndim == 2 and self.x.dtype in (np.float32, np.float64):
+            self._take_rows = numba_loops.take_rows_loop_  # split over the fused step's threads
         if self.shuffle:
             size = min(self.batch_size, self.n_samples)
             self._x_buffers = [xp.empty((size, *self.x.shape[1:]), self.x.dtype) for _ in range(2)]

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..backend import Backend, get_backend, synchronize
+from ..cpu import numba_loops
 from ..data import Minibatches, load_dataset, train_val_split
 from ..data.augment import distort
 from ..data.datasets import class_names, data_folder
@@ -256,7 +257,8 @@ def train(
         show_progress = sys.stderr.isatty() if progress is None else progress
         epochs = EpochLoop(config, out, model, optimizer, data, metrics, say, show_progress)
         try:
-            stopped_early = epochs.run(epochs_done, last_epoch)
+            with numba_loops.sharing_blas(model.xp):  # the epochs' products on the fused loops' threads, if they split
+                stopped_early = epochs.run(epochs_done, last_epoch)
             # --- the end: stopped (to be resumed), or finished with the model kept and the pictures
             if last_epoch < config.epochs and stopped_early is None:
                 metrics["status"] = "stopped"
