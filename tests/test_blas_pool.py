@@ -169,12 +169,12 @@ def test_a_fused_step_and_a_training_run_share_the_blas_only_while_they_run():
 def test_the_first_use_from_several_threads_at_once_compiles_one_callback():
     out = run(
         """
-        import threading
+        import threading, time
         from backprop_xp.cpu import blas_pool, numba_loops
         numba_loops.set_threads(2)
         compiled = []
         compile_ = blas_pool._compile
-        blas_pool._compile = lambda: (compiled.append(1), compile_())[1]
+        blas_pool._compile = lambda: (compiled.append(1), time.sleep(0.3), compile_())[2]  # a wide window
         threads = [threading.Thread(target=numba_loops.pool_shared) for _ in range(4)]
         [t.start() for t in threads]
         [t.join() for t in threads]
