@@ -551,8 +551,12 @@ def test_minibatches_property(n, batch_size, seed, epoch):
     np.testing.assert_array_equal(xs[:, 1], ys)
 
 
-def test_minibatches_gathered_on_two_threads_are_numpys_take(monkeypatch):
-    """With the fused step's two threads (``numba_loops.take_rows_loop_``): the same rows, bit for bit."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_minibatches_gathered_on_two_threads_are_numpys_take(monkeypatch, dtype):
+    """With the fused step's two threads (``numba_loops.take_rows_loop_``): the same rows, bit for bit.
+
+    float16, which Numba cannot compile, keeps NumPy's ``take``.
+    """
     from backprop_xp.cpu import numba_loops
 
     if not numba_loops.active(np):
@@ -564,9 +568,9 @@ def test_minibatches_gathered_on_two_threads_are_numpys_take(monkeypatch):
             pytest.skip("no two threads shared with the BLAS here: NumPy's take gathers")
         monkeypatch.setattr(numba_loops, "SHARED_PARALLEL_MIN", 1)  # split even these small batches
         rng = np.random.default_rng(0)
-        x, y = rng.standard_normal((203, 37), dtype=np.float32), rng.integers(0, 10, 203)
-        batches = Minibatches(x, y, 64, seed=5)
-        assert batches._take_rows is numba_loops.take_rows_loop_
+        x, y = rng.standard_normal((203, 37), dtype=np.float32).astype(dtype), rng.integers(0, 10, 203)
+        batches = Minibatches(x, y, 64, seed=5, dtype=dtype)
+        assert (batches._take_rows is numba_loops.take_rows_loop_) == (dtype == np.float32)
         order = epoch_permutation(5, 4, 203)
         for i, (xb, yb) in enumerate(batches.epoch(4)):
             rows = order[i * 64 : (i + 1) * 64]
