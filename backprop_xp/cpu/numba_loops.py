@@ -268,8 +268,10 @@ def _relu_output_layer(
 
 
 def _take_rows(x, rows, out):  # pragma: no cover
-    for i in _prange(rows.shape[0]):
-        out[i] = x[rows[i]]  # np.take(x, rows, axis=0, out=out): the batch gather
+    for i in _prange(rows.shape[0]):  # np.take(x, rows, axis=0, out=out): the batch gather
+        row, to = x[rows[i]], out[i]
+        for j in range(row.shape[0]):  # element by element: `out[i] = row` measured 5x slower (57 against 11 µs)
+            to[j] = row[j]
 
 
 _prange = range  # numba.prange once Numba is imported (Numba reads globals when it compiles)
