@@ -23,6 +23,35 @@ _state: dict[str, Any] = {"kernel": None, "split": None}
 _output_rows = None  # numba_loops' compiled output_layer once compiled (Numba reads globals when it compiles)
 
 
+def _hidden_unit_backward(j, a1, W2, d2t, d1, gW2, gb1, zero):  # pragma: no cover
+    # Hidden unit j, all B rows of the batch: its δ1 row, ∂L/∂b1 entry and ∂L/∂W2 column (d2t is δ2ᵀ, (K, B)).
+    n_rows = a1.shape[1]
+    n_classes = W2.shape[0]
+    a = a1[j]
+    out = d1[j]
+    w = W2[0, j]
+    d = d2t[0]
+    for i in range(n_rows):
+        out[i] = d[i] * w
+    for k in range(1, n_classes):
+        w = W2[k, j]
+        d = d2t[k]
+        for i in range(n_rows):
+            out[i] += d[i] * w  # δ2 W2
+    s = zero
+    for i in range(n_rows):
+        v = out[i] * (a[i] > 0)  # δ1 = δ2 W2 ⊙ f'(z1)
+        out[i] = v
+        s += v
+    gb1[j] = s  # ∂L/∂b1 = Σ_b δ1
+    for k in range(n_classes):
+        d = d2t[k]
+        s = zero
+        for i in range(n_rows):
+            s += d[i] * a[i]
+        gW2[k, j] = s  # ∂L/∂W2 = δ2ᵀ a1
+
+
 def _relu_output_layer_hm(
     a1, b1, W2, b2, labels, z2t, d2t, d1, gW2, gb1, gb2, row_loss, inv_batch, batch
 ):  # pragma: no cover
@@ -55,29 +84,7 @@ def _relu_output_layer_hm(
             s += d[i]
         gb2[k] = s  # ∂L/∂b2 = Σ_b δ2
     for j in range(n_hidden):
-        a = a1[j]
-        out = d1[j]
-        w = W2[0, j]
-        d = d2t[0]
-        for i in range(n_rows):
-            out[i] = d[i] * w
-        for k in range(1, n_classes):
-            w = W2[k, j]
-            d = d2t[k]
-            for i in range(n_rows):
-                out[i] += d[i] * w  # δ2 W2
-        s = zero
-        for i in range(n_rows):
-            v = out[i] * (a[i] > 0)  # δ1 = δ2 W2 ⊙ f'(z1)
-            out[i] = v
-            s += v
-        gb1[j] = s  # ∂L/∂b1 = Σ_b δ1
-        for k in range(n_classes):
-            d = d2t[k]
-            s = zero
-            for i in range(n_rows):
-                s += d[i] * a[i]
-            gW2[k, j] = s  # ∂L/∂W2 = δ2ᵀ a1
+        _unit_backward(j, a1, W2, d2t, d1, gW2, gb1, zero)
     return n_correct
 
 
@@ -122,33 +129,12 @@ def _relu_output_layer_hm_split(
         gb2[k] = s  # ∂L/∂b2 = Σ_b δ2
     for part in _prange(n_parts):
         for j in range(part * n_hidden // n_parts, (part + 1) * n_hidden // n_parts):
-            a = a1[j]
-            out = d1[j]
-            w = W2[0, j]
-            d = d2t[0]
-            for i in range(n_rows):
-                out[i] = d[i] * w
-            for k in range(1, n_classes):
-                w = W2[k, j]
-                d = d2t[k]
-                for i in range(n_rows):
-                    out[i] += d[i] * w  # δ2 W2
-            s = zero
-            for i in range(n_rows):
-                v = out[i] * (a[i] > 0)  # δ1 = δ2 W2 ⊙ f'(z1)
-                out[i] = v
-                s += v
-            gb1[j] = s  # ∂L/∂b1 = Σ_b δ1
-            for k in range(n_classes):
-                d = d2t[k]
-                s = zero
-                for i in range(n_rows):
-                    s += d[i] * a[i]
-                gW2[k, j] = s  # ∂L/∂W2 = δ2ᵀ a1
+            _unit_backward(j, a1, W2, d2t, d1, gW2, gb1, zero)
     return n_correct
 
 
 _prange = range  # numba.prange once compiled (Numba reads globals when it compiles)
+_unit_backward = _hidden_unit_backward  # its compiled form once compiled
 
 
 def _kernels() -> Any:
@@ -156,11 +142,12 @@ def _kernels() -> Any:
     if _state["kernel"] is None:
         import numba
 
-        global _output_rows, _prange
+        global _output_rows, _prange, _unit_backward
         _output_rows = numba_loops._kernels().output_layer
         _prange = numba.prange
         # The small products' sums in an order of LLVM's choosing, as relu_output_layer_loop_'s.
         options = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}}
+        _unit_backward = numba.njit(inline="always", **options)(_hidden_unit_backward)  # as if written in place
         _state["kernel"] = numba.njit(**options)(_relu_output_layer_hm)
         _state["split"] = numba.njit(parallel=True, **options)(_relu_output_layer_hm_split)
     return _state["kernel"], _state["split"]
