@@ -25,9 +25,14 @@ pytest.importorskip("threadpoolctl")
 if not blas_pool.available():
     pytest.skip("no OpenMP layer or no OpenBLAS callback here: nothing is shared", allow_module_level=True)
 
-# The products of the step (hidden-major, batch 128, hidden 800: W1 xᵀ and δ1ᵀ x), a transposed one, float64.
-PRODUCTS = """
+# What every script starts with: the fused loops and NumPy's OpenBLAS on two threads each, and the products
+# of the step (hidden-major, batch 128, hidden 800: W1 xᵀ and δ1ᵀ x), a transposed one, float64.
+PRELUDE = """
 import numpy as np
+from threadpoolctl import threadpool_limits
+from backprop_xp.cpu import blas_pool, numba_loops
+numba_loops.set_threads(2)
+threadpool_limits(2, user_api="blas")
 rng = np.random.default_rng(0)
 pairs = [
     (rng.random((800, 784), dtype=np.float32), rng.random((128, 784), dtype=np.float32).T),
@@ -41,7 +46,7 @@ pairs = [
 def run(script: str, env: dict[str, str] | None = None) -> str:
     """The script's output; a hang (the script or a child it forked) fails after 120 s, and nothing is left running."""
     process = subprocess.Popen(
-        [sys.executable, "-c", PRODUCTS + textwrap.dedent(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, **(env or {})}, start_new_session=True,
     )  # fmt: skip
     try:
@@ -58,15 +63,12 @@ def test_products_on_the_shared_pool_are_bit_identical_to_openblas_own_threads()
     """1, 2 and 5 BLAS threads on a pool of 2: the jobs' count above the pool's must not hang either."""
     out = run(
         """
-        from threadpoolctl import threadpool_limits
-        from backprop_xp.cpu import blas_pool, numba_loops
-        numba_loops.set_threads(2)
-        assert numba_loops.pool_shared()  # the first parallel loop starts the pool, and the BLAS joins it
+        assert numba_loops.can_share_pool()  # the first parallel loop starts the pool, and the BLAS joins it
         for n in (1, 2, 5):
             with threadpool_limits(n, user_api="blas"):
                 blas_pool.release()
                 own = [a @ b for a, b in pairs]
-                assert blas_pool.share() and numba_loops.pool_shared()
+                assert blas_pool.share() and numba_loops.can_share_pool()
                 shared = [a @ b for a, b in pairs]
                 assert all(np.array_equal(x, y) for x, y in zip(own, shared)), n
                 assert all(np.allclose(x, a.astype(np.float64) @ b, rtol=1e-5) for x, (a, b) in zip(own, pairs))
@@ -82,12 +84,8 @@ def test_products_from_several_threads_at_once_stay_right():
     out = run(
         """
         import threading
-        from threadpoolctl import threadpool_limits
-        from backprop_xp.cpu import blas_pool, numba_loops
-        numba_loops.set_threads(2)
-        threadpool_limits(2, user_api="blas")
         want = [a @ b for a, b in pairs]
-        assert numba_loops.pool_shared() and blas_pool.share()
+        assert numba_loops.can_share_pool() and blas_pool.share()
         wrong = []
         def work():
             for _ in range(40):
@@ -104,12 +102,8 @@ def test_products_from_several_threads_at_once_stay_right():
 def test_release_gives_openblas_its_threads_back():
     out = run(
         """
-        from threadpoolctl import threadpool_limits
-        from backprop_xp.cpu import blas_pool, numba_loops
-        numba_loops.set_threads(2)
-        threadpool_limits(2, user_api="blas")
         want = [a @ b for a, b in pairs]
-        assert numba_loops.pool_shared() and blas_pool.share()
+        assert numba_loops.can_share_pool() and blas_pool.share()
         blas_pool.release()
         assert not blas_pool.shared()
         assert all(np.array_equal(a @ b, w) for (a, b), w in zip(pairs, want))
@@ -124,9 +118,7 @@ def test_nothing_is_shared_without_the_openmp_layer():
     """With Numba's own pool (``workqueue``) the callback is not installed and the loops keep their old threshold."""
     out = run(
         """
-        from backprop_xp.cpu import blas_pool, numba_loops
-        numba_loops.set_threads(2)
-        print(numba_loops.pool_shared(), blas_pool.shared(), numba_loops.info()["threading_layer"])
+        print(numba_loops.can_share_pool(), blas_pool.shared(), numba_loops.info()["threading_layer"])
         """,
         env={"NUMBA_THREADING_LAYER": "workqueue"},
     )
@@ -138,11 +130,7 @@ def test_a_fused_step_and_a_training_run_share_the_blas_only_while_they_run():
     out = run(
         """
         import backprop_xp as bx
-        from threadpoolctl import threadpool_limits
-        from backprop_xp.cpu import blas_pool, numba_loops
         from backprop_xp.cpu.fused_cpu_step import FusedCpuStep
-        numba_loops.set_threads(2)
-        threadpool_limits(2, user_api="blas")
         m = bx.MLP(784, 64, 10, seed=0)
         step = FusedCpuStep(m, bx.SGD(m, lr=0.1, momentum=0.9))
         seen = []
@@ -170,12 +158,10 @@ def test_the_first_use_from_several_threads_at_once_compiles_one_callback():
     out = run(
         """
         import threading, time
-        from backprop_xp.cpu import blas_pool, numba_loops
-        numba_loops.set_threads(2)
         compiled = []
         compile_ = blas_pool._compile
         blas_pool._compile = lambda: (compiled.append(1), time.sleep(0.3), compile_())[2]  # a wide window
-        threads = [threading.Thread(target=numba_loops.pool_shared) for _ in range(4)]
+        threads = [threading.Thread(target=numba_loops.can_share_pool) for _ in range(4)]
         [t.start() for t in threads]
         [t.join() for t in threads]
         with blas_pool.sharing(True) as on:
@@ -190,12 +176,8 @@ def test_nothing_is_shared_where_openmp_may_give_a_product_fewer_threads_than_jo
     """Two of OpenBLAS's jobs on one thread wait for each other forever: then OpenBLAS keeps its own threads."""
     out = run(
         """
-        from threadpoolctl import threadpool_limits
-        from backprop_xp.cpu import blas_pool, numba_loops
-        numba_loops.set_threads(2)
-        threadpool_limits(2, user_api="blas")
         a, b = pairs[3]
-        print(numba_loops.pool_shared(), np.allclose(a @ b, np.einsum("ij,jk->ik", a, b)))
+        print(numba_loops.can_share_pool(), np.allclose(a @ b, np.einsum("ij,jk->ik", a, b)))
         """,
         env=setting,
     )
@@ -216,16 +198,12 @@ def test_a_forked_child_gets_openblas_own_threads_back_and_trains():
         """
         import os
         import backprop_xp as bx
-        from threadpoolctl import threadpool_limits
-        from backprop_xp.cpu import blas_pool, numba_loops
-        numba_loops.set_threads(2)
-        threadpool_limits(2, user_api="blas")
         want = [a @ b for a, b in pairs]
         m = bx.MLP(784, 128, 10, seed=0)
         step = bx.make_step(m, bx.SGD(m, lr=0.1, momentum=0.9))
         x, y = np.random.default_rng(1).random((128, 784), dtype=np.float32), np.arange(128) % 10
         step(x, y)
-        assert numba_loops.pool_shared() and blas_pool.share()  # installed for good, as a fork would find it
+        assert numba_loops.can_share_pool() and blas_pool.share()  # installed for good, as a fork would find it
         pid = os.fork()
         if pid == 0:
             ok = not blas_pool.shared() and numba_loops.threads() == 1

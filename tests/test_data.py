@@ -564,7 +564,7 @@ def test_minibatches_gathered_on_two_threads_are_numpys_take(monkeypatch, dtype)
     previous = numba_loops._state["threads"]
     numba_loops.set_threads(2)
     try:
-        if numba_loops.threads() < 2 or not numba_loops.pool_shared():
+        if numba_loops.threads() < 2 or not numba_loops.can_share_pool():
             pytest.skip("no two threads shared with the BLAS here: NumPy's take gathers")
         monkeypatch.setattr(numba_loops, "SHARED_PARALLEL_MIN", 1)  # split even these small batches
         rng = np.random.default_rng(0)

@@ -56,7 +56,7 @@ def loop_threads(request, monkeypatch):
     """
     previous = numba_loops._state["threads"]
     numba_loops.set_threads(1 if request.param == "one thread" else 2)
-    if request.param == "split" and (numba_loops.threads() < 2 or not numba_loops.pool_shared()):
+    if request.param == "split" and (numba_loops.threads() < 2 or not numba_loops.can_share_pool()):
         numba_loops._state["threads"] = previous
         pytest.skip("no two threads shared with the BLAS here (one core, or no OpenMP layer or OpenBLAS callback)")
     monkeypatch.setattr(numba_loops, "SHARED_PARALLEL_MIN", 1)
@@ -200,7 +200,7 @@ def _fused_step(m: bx.MLP, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray
     loss, n_correct = FusedCpuStep(m, bx.SGD(m, lr=0.1)).backprop(x, y)
     split = getattr(m.workspace(x.shape[0]).scratch, "z2_parts", None) is not None
     hidden_major = x.shape[0] <= fused_cpu_step.HIDDEN_MAJOR_MAX_BATCH and m.activation == "relu"
-    assert split == (hidden_major and numba_loops.threads() > 1 and numba_loops.pool_shared())
+    assert split == (hidden_major and numba_loops.threads() > 1 and numba_loops.can_share_pool())
     out = {name: getattr(ws, name).copy() for name in ("a1", "z2", "delta2", "delta1")}
     out.update({name: m.grads[name].copy() for name in ("W2", "b2", "b1", "W1")})
     out.update(loss=np.asarray(loss), n_correct=np.asarray(n_correct))

@@ -23,6 +23,20 @@ _state: dict[str, Any] = {"kernel": None, "split": None}
 _output_rows = None  # numba_loops' compiled output_layer once compiled (Numba reads globals when it compiles)
 
 
+def _hidden_unit_forward(j, a1, b1, W2, z2t):  # pragma: no cover
+    # Hidden unit j, all B rows of the batch: a1 = relu(z1 + b1) in place, and its terms of z2ᵀ added to z2t.
+    a = a1[j]
+    bj = b1[j]
+    for i in range(a.shape[0]):
+        zb = a[i] + bj  # z1 = x W1ᵀ + b1
+        a[i] = zb * (zb > 0)  # a1 = relu(z1)
+    for k in range(W2.shape[0]):
+        w = W2[k, j]
+        z = z2t[k]
+        for i in range(a.shape[0]):
+            z[i] += a[i] * w  # z2 = a1 W2ᵀ
+
+
 def _hidden_unit_backward(j, a1, W2, d2t, d1, gW2, gb1, zero):  # pragma: no cover
     # Hidden unit j, all B rows of the batch: its δ1 row, ∂L/∂b1 entry and ∂L/∂W2 column (d2t is δ2ᵀ, (K, B)).
     n_rows = a1.shape[1]
@@ -61,16 +75,7 @@ def _relu_output_layer_hm(
     zero = inv_batch - inv_batch  # 0 in the arrays' dtype
     z2t[:, :] = zero
     for j in range(n_hidden):
-        a = a1[j]
-        bj = b1[j]
-        for i in range(n_rows):
-            zb = a[i] + bj  # z1 = x W1ᵀ + b1
-            a[i] = zb * (zb > 0)  # a1 = relu(z1)
-        for k in range(n_classes):
-            w = W2[k, j]
-            z = z2t[k]
-            for i in range(n_rows):
-                z[i] += a[i] * w  # z2 = a1 W2ᵀ, one hidden unit at a time
+        _unit_forward(j, a1, b1, W2, z2t)  # z2 = a1 W2ᵀ, one hidden unit at a time
     for k in range(n_classes):
         z = z2t[k]
         for i in range(n_rows):
@@ -103,16 +108,7 @@ def _relu_output_layer_hm_split(
         z = z2_parts[part]
         z[:, :] = zero
         for j in range(part * n_hidden // n_parts, (part + 1) * n_hidden // n_parts):
-            a = a1[j]
-            bj = b1[j]
-            for i in range(n_rows):
-                zb = a[i] + bj  # z1 = x W1ᵀ + b1
-                a[i] = zb * (zb > 0)  # a1 = relu(z1)
-            for k in range(n_classes):
-                w = W2[k, j]
-                zk = z[k]
-                for i in range(n_rows):
-                    zk[i] += a[i] * w  # this block's share of z2 = a1 W2ᵀ
+            _unit_forward(j, a1, b1, W2, z)  # this block's share of z2 = a1 W2ᵀ
     for i in range(n_rows):
         for k in range(n_classes):
             s = b2[k]
@@ -134,7 +130,7 @@ def _relu_output_layer_hm_split(
 
 
 _prange = range  # numba.prange once compiled (Numba reads globals when it compiles)
-_unit_backward = _hidden_unit_backward  # its compiled form once compiled
+_unit_forward, _unit_backward = _hidden_unit_forward, _hidden_unit_backward  # their compiled forms once compiled
 
 
 def _kernels() -> Any:
@@ -142,12 +138,14 @@ def _kernels() -> Any:
     if _state["kernel"] is None:
         import numba
 
-        global _output_rows, _prange, _unit_backward
+        global _output_rows, _prange, _unit_forward, _unit_backward
         _output_rows = numba_loops._kernels().output_layer
         _prange = numba.prange
         # The small products' sums in an order of LLVM's choosing, as relu_output_layer_loop_'s.
         options = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}}
-        _unit_backward = numba.njit(inline="always", **options)(_hidden_unit_backward)  # as if written in place
+        # Both per-unit helpers inlined by Numba, as if written in place in each loop.
+        _unit_forward = numba.njit(inline="always", **options)(_hidden_unit_forward)
+        _unit_backward = numba.njit(inline="always", **options)(_hidden_unit_backward)
         _state["kernel"] = numba.njit(**options)(_relu_output_layer_hm)
         _state["split"] = numba.njit(parallel=True, **options)(_relu_output_layer_hm_split)
     return _state["kernel"], _state["split"]
@@ -170,7 +168,7 @@ def relu_output_layer_hm_loop_(
     grad = (grads["W2"], grads["b1"], grads["b2"], ws.row_loss)
     scale = (dtype(1.0 / batch), dtype(batch))
     n_threads = numba_loops.threads()
-    if n_threads > 1 and numba_loops.pool_shared():
+    if n_threads > 1 and numba_loops.can_share_pool():
         hm = ws.scratch
         if hm.z2_parts is None or hm.z2_parts.shape[0] != n_threads:
             hm.z2_parts = np.empty((n_threads, *hm.delta2t.shape), a1.dtype)

@@ -42,7 +42,7 @@ _state: dict[str, Any] = {
     "threads": None,
     "kernels": None,
     "pool_started": False,
-    "pool_shared": False,
+    "can_share": False,
 }
 
 
@@ -132,7 +132,7 @@ def info() -> dict[str, Any]:
         except ValueError:  # no parallel kernel has run yet: the layer the first one will use
             default = "omp" if blas_pool.available() else "workqueue"
             out["threading_layer"] = os.environ.get("NUMBA_THREADING_LAYER", default)
-        out["blas_on_these_threads"] = _state["pool_shared"]  # during each step
+        out["blas_on_these_threads"] = _state["can_share"]  # during each step
     return out
 
 
@@ -335,7 +335,7 @@ def _kernels() -> Any:
 # update of hidden 800's 636k parameters lost more than it gained, and at
 # hidden 1600 (1.27M) it only tied (bench/NOTES.md): only such arrays are split.
 PARALLEL_MIN = 1 << 20
-# The same where NumPy's BLAS runs on the loops' threads (``pool_shared()``): no pool spins against them,
+# The same where NumPy's BLAS runs on the loops' threads (``can_share_pool()``): no pool spins against them,
 # a launch costs about 2 µs, and the update of 784-128-10's 102k parameters took 23 µs on two threads
 # against 83 on one beside OpenBLAS's spinning worker (bench/NOTES.md, issue 27).
 SHARED_PARALLEL_MIN = 1 << 14
@@ -346,7 +346,7 @@ def active(xp: Any) -> bool:
     return xp is np and enabled()
 
 
-def pool_shared() -> bool:
+def can_share_pool() -> bool:
     """Whether NumPy's OpenBLAS can run its jobs on these loops' threads (``cpu/blas_pool.py``).
 
     The fused step has it do so for the length of each step; its loops then split
@@ -361,14 +361,14 @@ def pool_shared() -> bool:
                 one = np.zeros(1, np.float32)
                 kernels.plain(one, one, one[0], one[0])  # a parallel launch: Numba starts its pool, fixes the layer
                 os.register_at_fork(after_in_child=_forked)
-                _state["pool_shared"] = blas_pool.prepare()
+                _state["can_share"] = blas_pool.prepare()
                 _state["pool_started"] = True
-    return _state["pool_shared"]
+    return _state["can_share"]
 
 
 def sharing_blas(xp: Any) -> Any:
     """``blas_pool.sharing()`` where the fused loops run on several threads (NumPy arrays, ``threads()`` above 1)."""
-    return blas_pool.sharing(active(xp) and threads() > 1 and pool_shared())
+    return blas_pool.sharing(active(xp) and threads() > 1 and can_share_pool())
 
 
 def _forked() -> None:
@@ -388,7 +388,7 @@ def launch(parallel: Any, serial: Any, size: int, *args: Any) -> Any:
     thread arriving meanwhile (a threaded sweep, say) runs the serial twin instead of waiting.
     """
     n = threads()
-    if n > 1 and size >= (SHARED_PARALLEL_MIN if pool_shared() else PARALLEL_MIN) and _launch.acquire(blocking=False):
+    if n > 1 and size >= (SHARED_PARALLEL_MIN if can_share_pool() else PARALLEL_MIN) and _launch.acquire(blocking=False):
         try:
             import numba
 

@@ -187,7 +187,7 @@ def _engine_info(engine: str, threads: int) -> dict[str, Any]:
         from ..cpu import numba_loops
 
         if numba_loops.enabled() and numba_loops.threads() > 1:
-            numba_loops.pool_shared()  # as the step's first parallel loop would: the report says if the BLAS joined
+            numba_loops.can_share_pool()  # as the step's first parallel loop would: the report says if the BLAS joined
         info["cpu_step"] = numba_loops.info()  # the [fast] extra's fused loops, or the plain NumPy path
     if engine == "sklearn":
         import sklearn
