@@ -388,7 +388,11 @@ def launch(parallel: Any, serial: Any, size: int, *args: Any) -> Any:
     thread arriving meanwhile (a threaded sweep, say) runs the serial twin instead of waiting.
     """
     n = threads()
-    if n > 1 and size >= (SHARED_PARALLEL_MIN if can_share_pool() else PARALLEL_MIN) and _launch.acquire(blocking=False):
+    if (
+        n > 1
+        and size >= (SHARED_PARALLEL_MIN if can_share_pool() else PARALLEL_MIN)
+        and _launch.acquire(blocking=False)
+    ):
         try:
             import numba
 
